@@ -1,0 +1,58 @@
+"""Stable-SAM (Fan et al., ICLR 2025) on top of ``segment_anything``: SAM kept frozen, a deformable
+sampling plugin (DSP) and a dynamic routing plugin (DRP) in its mask decoder."""
+
+from . import metrics, prompts
+from .build import (
+    MODEL_TYPES,
+    build_default_model,
+    build_sam,
+    build_stable_sam,
+    default_model_paths,
+    file_sha256,
+)
+from .cache import EmbeddingCache, ImageEmbedding
+from .checkpoint import (
+    PluginMismatchError,
+    load_plugins,
+    read_plugin_metadata,
+    read_plugins,
+    save_plugins,
+)
+from .device import autocast_context, pick_device
+from .modeling import (
+    DeformableSamplingPlugin,
+    DynamicRoutingPlugin,
+    PluginConfig,
+    StableSam,
+    StableSamPlugins,
+)
+from .predictor import BatchPrediction, Prediction, StableSamPredictor, image_content_key
+
+__all__ = [
+    "MODEL_TYPES",
+    "BatchPrediction",
+    "DeformableSamplingPlugin",
+    "DynamicRoutingPlugin",
+    "EmbeddingCache",
+    "ImageEmbedding",
+    "PluginConfig",
+    "PluginMismatchError",
+    "Prediction",
+    "StableSam",
+    "StableSamPlugins",
+    "StableSamPredictor",
+    "autocast_context",
+    "build_default_model",
+    "build_sam",
+    "build_stable_sam",
+    "default_model_paths",
+    "file_sha256",
+    "image_content_key",
+    "load_plugins",
+    "metrics",
+    "pick_device",
+    "prompts",
+    "read_plugin_metadata",
+    "read_plugins",
+    "save_plugins",
+]

@@ -1,0 +1,215 @@
+"""Builders for the SAM bases Stable-SAM plugs into.
+
+``build_sam(model_type, checkpoint)`` mirrors ``segment_anything.sam_model_registry`` and adds
+the project's small ``mini`` SAM (the embedded default base, see ``docs/MODEL.md``). Official
+checkpoints (``.pth`` state_dicts) load strictly through the same code, with
+``torch.load(weights_only=True)`` so that no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .modeling import PluginConfig, StableSam
+
+logger = logging.getLogger(__name__)
+
+PROMPT_EMBED_DIM = 256  # the mask decoder width; the plugins are built for it
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The image encoder dimensions of one SAM size."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    image_size: int = 1024
+    window_size: int = 14
+
+
+# Official sizes (segment_anything/build_sam.py) and the project's mini SAM: ViT embed 192,
+# depth 6, 256 px input, 16x16 embedding, the standard 256-wide decoder (DESIGN §5).
+ENCODER_SPECS: dict[str, EncoderSpec] = {
+    "vit_h": EncoderSpec(1280, 32, 16, (7, 15, 23, 31)),
+    "vit_l": EncoderSpec(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_b": EncoderSpec(768, 12, 12, (2, 5, 8, 11)),
+    "mini": EncoderSpec(192, 6, 3, (1, 3, 5), image_size=256, window_size=8),
+}
+
+
+HQ_PREFIX = "hq_"
+MODEL_TYPES = tuple(ENCODER_SPECS) + tuple(HQ_PREFIX + t for t in ENCODER_SPECS)
+
+
+def build_sam(model_type: str, checkpoint: str | Path | None = None) -> nn.Module:
+    """Build a SAM of ``model_type``; load ``checkpoint`` strictly if given.
+
+    ``model_type`` is one of ``vit_b``, ``vit_l``, ``vit_h``, ``mini``, or the same with an
+    ``hq_`` prefix for HQ-SAM (``segment_anything_hq``'s classes). ``checkpoint`` may be an
+    official ``.pth`` state_dict or a ``.safetensors`` file (the format the project ships its mini
+    SAM in, stored in fp16). ``None`` leaves random weights.
+    """
+    hq = model_type.startswith(HQ_PREFIX)
+    base_type = model_type.removeprefix(HQ_PREFIX)
+    if base_type not in ENCODER_SPECS:
+        raise ValueError(
+            f"unknown SAM model type {model_type!r}; expected one of {list(MODEL_TYPES)}"
+        )
+    spec = ENCODER_SPECS[base_type]
+    if hq:
+        with warnings.catch_warnings():  # timm deprecation noise from segment_anything_hq
+            warnings.simplefilter("ignore")
+            from segment_anything_hq import modeling as classes
+    else:
+        from segment_anything import modeling as classes
+    embedding_size = spec.image_size // 16
+    transformer = classes.TwoWayTransformer(
+        depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8
+    )
+    decoder_args = dict(
+        num_multimask_outputs=3,
+        transformer=transformer,
+        transformer_dim=PROMPT_EMBED_DIM,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    if hq:
+        mask_decoder = classes.MaskDecoderHQ(vit_dim=spec.embed_dim, **decoder_args)
+    else:
+        mask_decoder = classes.MaskDecoder(**decoder_args)
+    sam = classes.Sam(
+        image_encoder=classes.ImageEncoderViT(
+            depth=spec.depth,
+            embed_dim=spec.embed_dim,
+            img_size=spec.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=spec.num_heads,
+            patch_size=16,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=spec.global_attn_indexes,
+            window_size=spec.window_size,
+            out_chans=PROMPT_EMBED_DIM,
+        ),
+        prompt_encoder=classes.PromptEncoder(
+            embed_dim=PROMPT_EMBED_DIM,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(spec.image_size, spec.image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=mask_decoder,
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    sam.eval()
+    if checkpoint is not None:
+        sam.load_state_dict(load_state_dict(checkpoint), strict=True)
+    return sam
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``.safetensors`` or ``.pth`` without unpickling code; as float32."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def build_stable_sam(
+    model_type: str,
+    checkpoint: str | Path | None = None,
+    plugins: bool = True,
+    plugin_config: PluginConfig | None = None,
+    plugin_checkpoint: str | Path | None = None,
+    device: str | torch.device | None = None,
+) -> StableSam:
+    """Build Stable-SAM (or, with ``plugins=False``, plain SAM) on a frozen SAM base.
+
+    ``plugin_checkpoint`` loads trained plugins (its own config wins over ``plugin_config``) and
+    is checked against the base: a plugin file trained on another base raises
+    ``PluginMismatchError``. ``device`` defaults to CUDA when available, else CPU.
+    """
+    from .checkpoint import load_plugins
+    from .device import pick_device
+
+    sam = build_sam(model_type, checkpoint)
+    base_hash = file_sha256(checkpoint) if checkpoint is not None else "random-init"
+    config = (plugin_config or PluginConfig()) if plugins else None
+    model = StableSam(sam, model_type, base_hash, config)
+    model.to(pick_device(device))
+    if plugin_checkpoint is not None:
+        if not plugins:
+            raise ValueError("plugin_checkpoint given for a plain SAM (plugins=False)")
+        load_plugins(model, plugin_checkpoint)
+    return model
+
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_BASE_FILE = "sam_mini.safetensors"
+DEFAULT_PLUGIN_FILE = "stable_sam_mini_plugins.safetensors"
+
+
+@dataclass(frozen=True)
+class DefaultModelPaths:
+    """Where the embedded default model lives in the repository."""
+
+    model_type: str
+    base_checkpoint: Path
+    plugin_checkpoint: Path
+
+
+def default_model_paths() -> DefaultModelPaths:
+    """The shipped mini SAM and its RTS-trained plugins (``stable_sam/weights/``)."""
+    return DefaultModelPaths(
+        "mini", WEIGHTS_DIR / DEFAULT_BASE_FILE, WEIGHTS_DIR / DEFAULT_PLUGIN_FILE
+    )
+
+
+def build_default_model(
+    plugins: bool = True, device: str | torch.device | None = None
+) -> StableSam:
+    """The embedded default: shipped mini SAM, with the shipped plugins unless ``plugins=False``."""
+    paths = default_model_paths()
+    if not paths.base_checkpoint.is_file():
+        raise FileNotFoundError(f"embedded default base missing: {paths.base_checkpoint}")
+    plugin_file = paths.plugin_checkpoint if plugins and paths.plugin_checkpoint.is_file() else None
+    if plugins and plugin_file is None:
+        logger.warning(
+            "embedded plugin file %s missing: plugins start untrained (identical to SAM)",
+            paths.plugin_checkpoint,
+        )
+    return build_stable_sam(
+        paths.model_type,
+        paths.base_checkpoint,
+        plugins=plugins,
+        plugin_checkpoint=plugin_file,
+        device=device,
+    )
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file: identifies a base checkpoint in plugin metadata and caches."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,166 @@
+"""``StableSam``: a frozen SAM (or HQ-SAM) with the Stable-SAM plugins in its mask decoder."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .plugins import PluginConfig, StableSamPlugins
+from .stable_block import StableTwoWayAttentionBlock
+
+PLUGIN_LAYER = 1  # decoder layer 2 of the two-way transformer (0-based index 1)
+
+
+class StableSam(nn.Module):
+    """SAM kept frozen, plus DSP and DRP in decoder layer 2; only ``plugins`` train.
+
+    ``sam`` is a ``segment_anything`` (or ``segment_anything_hq``) ``Sam``; its state_dict keys are
+    unchanged. With ``plugin_config=None`` the model is plain SAM (for side-by-side comparison).
+    One base can serve several plugin sets (per-project versions): ``use_plugins`` swaps them for
+    the duration of a call.
+    """
+
+    def __init__(
+        self,
+        sam: nn.Module,
+        model_type: str,
+        base_checkpoint_sha256: str,
+        plugin_config: PluginConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.sam = sam
+        self.model_type = model_type
+        self.base_checkpoint_sha256 = base_checkpoint_sha256
+        self.is_hq = hasattr(sam.mask_decoder, "hf_token")
+        for p in self.sam.parameters():
+            p.requires_grad_(False)
+        self.sam.eval()
+        self._swap_lock = threading.RLock()
+        self.plugins: StableSamPlugins | None = None
+        self._block: StableTwoWayAttentionBlock | None = None
+        if plugin_config is not None:
+            self.install_plugins(StableSamPlugins(plugin_config))
+
+    # -- plugins -----------------------------------------------------------------------------
+    def install_plugins(self, plugins: StableSamPlugins) -> None:
+        """Insert ``plugins`` into decoder layer 2 (or replace the ones already there)."""
+        layers = self.sam.mask_decoder.transformer.layers
+        if self._block is None:
+            self._block = StableTwoWayAttentionBlock(layers[PLUGIN_LAYER], plugins)
+            layers[PLUGIN_LAYER] = self._block
+            # The block sees flattened keys; record H x W from the transformer's input.
+            self.sam.mask_decoder.transformer.register_forward_pre_hook(self._record_hw)
+        else:
+            self._block.set_plugins(plugins)
+        self.plugins = plugins.to(self.device)
+
+    def _record_hw(self, module: nn.Module, args: tuple) -> None:
+        if self._block is not None and args:
+            self._block.feature_hw = tuple(args[0].shape[-2:])
+
+    @contextmanager
+    def use_plugins(self, plugins: StableSamPlugins | None) -> Iterator[None]:
+        """Run with ``plugins`` in place of the model's own; ``None`` keeps the current ones."""
+        with self._swap_lock:
+            if plugins is None or self._block is None:
+                yield
+                return
+            own = self._block.plugins
+            self._block.set_plugins(plugins)
+            try:
+                yield
+            finally:
+                self._block.set_plugins(own)
+
+    @property
+    def has_plugins(self) -> bool:
+        return self._block is not None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [] if self.plugins is None else list(self.plugins.parameters())
+
+    @property
+    def last_alpha(self) -> Tensor | None:
+        """α (B, 2) of the last decoder call; ``None`` for plain SAM."""
+        return None if self._block is None else self._block.last_alpha
+
+    # -- geometry ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.sam.pixel_mean.device
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square encoder input (1024 for official SAM, 256 for the mini)."""
+        return self.sam.image_encoder.img_size
+
+    # -- forward pieces ----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Image embeddings for preprocessed images (B, 3, S, S).
+
+        Returns (B, 256, S/16, S/16) embeddings and, for HQ-SAM, its per-image HQ features
+        (B, 32, S/4, S/4) — computed once here so the decoder does not recompute them per prompt.
+        """
+        if not self.is_hq:
+            return self.sam.image_encoder(images), None
+        embeddings, interm = self.sam.image_encoder(images)
+        decoder = self.sam.mask_decoder
+        vit_features = interm[0].permute(0, 3, 1, 2)
+        hq = decoder.embedding_encoder(embeddings) + decoder.compress_vit_feat(vit_features)
+        return embeddings, hq
+
+    def decode(
+        self,
+        image_embeddings: Tensor,
+        sparse: Tensor,
+        dense: Tensor,
+        multimask_output: bool,
+        hq_features: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Mask decoder for one image's embedding (1, C, h, w) and B prompts.
+
+        Returns low-res mask logits (B, K, 4h, 4w) and predicted IoUs (B, K), K = 3 with
+        multimask output, else 1 — exactly SAM's ``MaskDecoder.forward`` selection.
+        """
+        decoder = self.sam.mask_decoder
+        pe = self.sam.prompt_encoder.get_dense_pe()
+        if not self.is_hq:
+            return decoder(
+                image_embeddings=image_embeddings,
+                image_pe=pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+        if hq_features is None:
+            raise ValueError("HQ-SAM decoding needs the image's HQ features from encode()")
+        masks, iou = decoder.predict_masks(
+            image_embeddings=image_embeddings,
+            image_pe=pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            hq_features=hq_features,
+        )
+        # HQ-SAM's selection (hq_token_only=False): the chosen SAM mask plus the HQ mask.
+        n = decoder.num_mask_tokens
+        if multimask_output:
+            iou_multi, best = iou[:, 1 : n - 1].max(dim=1)
+            sam_mask = masks[:, 1 : n - 1][torch.arange(masks.shape[0]), best].unsqueeze(1)
+            iou = iou_multi.unsqueeze(1)
+        else:
+            sam_mask, iou = masks[:, 0:1], iou[:, 0:1]
+        return sam_mask + masks[:, n - 1 : n], iou
+
+    def encode_prompts(
+        self,
+        points: tuple[Tensor, Tensor] | None,
+        boxes: Tensor | None,
+        masks: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """SAM's prompt encoder (inputs in the resized-input frame)."""
+        return self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
