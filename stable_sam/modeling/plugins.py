@@ -87,7 +87,7 @@ class DeformableSamplingPlugin(nn.Module):
           x*_{p+Δp}: (B, H*W, C) resampled amplitude-modulated features, contiguous.
           offsets: (B, H*W, 2) Δp as (dx, dy) in feature cells.
         """
-        b, n, c = x_p.shape
+        b, _, c = x_p.shape
         h, w = hw
         x_star = self.amplitude(x_p)  # (B, HW, C)
         spatial = x_star.transpose(1, 2).reshape(b, c, h, w)
