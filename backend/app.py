@@ -1,0 +1,190 @@
+"""The HTTP service Label Studio talks to (FastAPI).
+
+Label Studio 1.23 calls ``GET /health`` (1 s timeout), ``POST /setup`` (3 s, called
+constantly: cheap, never loads a model), ``POST /predict`` (100 s), ``POST /webhook`` and
+``GET /versions``; the last two come from the training router (``backend.training_api``).
+Every error is a JSON ``{"error": code, "detail": message}`` with a 4xx/5xx status; one bad
+request never affects another.
+
+Run: ``uvicorn backend.app:create_app --factory --host 0.0.0.0 --port 9090`` (``scripts/serve.sh``
+does it all).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from backend.errors import BackendError
+from backend.model import StableSamBackend
+from backend.security import install_auth, install_log_redaction
+from backend.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+class SetupRequest(BaseModel):
+    """``POST /setup`` as Label Studio sends it."""
+
+    model_config = ConfigDict(extra="allow")
+    project: str | int | None = None  # "<id>.<created_ts>"
+    schema_: str | None = Field(default=None, alias="schema")  # the label config XML
+    hostname: str | None = None
+    access_token: str | None = None
+    extra_params: dict[str, Any] | str | None = None
+
+
+class SetupResponse(BaseModel):
+    model_version: str
+
+
+class Task(BaseModel):
+    """One Label Studio task; ``data`` holds the image URL under the Image tag's value key."""
+
+    model_config = ConfigDict(extra="allow")
+    id: int | None = None
+    data: dict[str, Any]
+
+
+class PredictParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    login: str | None = None
+    password: str | None = None
+    context: dict[str, Any] | None = None
+
+
+class PredictRequest(BaseModel):
+    """``POST /predict``: tasks, project, label_config and ``params.context`` (interactive)."""
+
+    model_config = ConfigDict(extra="allow")
+    tasks: list[Task]
+    project: str | int | None = None
+    label_config: str | None = None
+    params: PredictParams | None = None
+    context: dict[str, Any] | None = None  # older clients send it at the top level
+
+
+class PredictionEntry(BaseModel):
+    result: list[dict[str, Any]]
+    score: float
+    model_version: str
+
+
+class PredictResponse(BaseModel):
+    results: list[PredictionEntry]
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
+    errors = exc.errors()
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return "malformed_json", "the request body is not valid JSON"
+    parts = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg')}")
+    return "invalid_request", "; ".join(parts)
+
+
+def create_app(
+    settings: Settings | None = None, backend: StableSamBackend | None = None
+) -> FastAPI:
+    """The FastAPI app serving ``backend`` (built from ``settings`` when not given)."""
+    settings = settings or get_settings()
+    backend = backend or StableSamBackend(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_log_redaction()
+        if settings.preload_model:
+            threading.Thread(target=_preload, args=(backend,), daemon=True).start()
+        yield
+        backend.close()
+
+    app = FastAPI(
+        title="Stable-SAM Label Studio ML backend",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.backend = backend
+    app.state.settings = settings
+    install_auth(app, settings)
+
+    @app.exception_handler(BackendError)
+    async def _backend_error(request: Request, exc: BackendError) -> JSONResponse:
+        logger.warning("%s %s -> %d %s: %s", request.method, request.url.path,
+                       exc.status_code, exc.code, exc.detail)  # fmt: skip
+        return JSONResponse(exc.to_json(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        code, detail = _validation_message(exc)
+        logger.warning("%s %s -> %s: %s", request.method, request.url.path, code, detail)
+        status = 400 if code == "malformed_json" else 422
+        return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            {"error": "internal_error", "detail": f"{type(exc).__name__}: see the backend log"},
+            status_code=500,
+        )
+
+    @app.get("/health")
+    @app.get("/")
+    def health() -> dict[str, Any]:
+        """Liveness for Label Studio (1 s timeout): never waits for the model."""
+        return {
+            "status": "UP",
+            "model_class": type(backend).__name__,
+            "model_version": backend.models.default_model_version,
+            "model_loaded": backend.models.loaded,
+        }
+
+    @app.post("/setup", response_model=SetupResponse)
+    def setup(request: SetupRequest) -> SetupResponse:
+        """Cheap: remembers the config and Label Studio's address/token; never loads a model."""
+        version = backend.setup(
+            request.project, request.schema_, request.hostname, request.access_token
+        )
+        return SetupResponse(model_version=version)
+
+    @app.post("/predict", response_model=PredictResponse)
+    async def predict(request: PredictRequest) -> PredictResponse:
+        """Interactive (``params.context``) masks, or the task-open warm-up (no context)."""
+        context = request.params.context if request.params else None
+        context = context if context is not None else request.context
+        tasks = [task.model_dump() for task in request.tasks]
+        results = await run_in_threadpool(
+            backend.predict, tasks, context, request.project, request.label_config
+        )
+        return PredictResponse(results=[PredictionEntry(**r) for r in results])
+
+    _include_training_router(app, settings)
+    return app
+
+
+def _preload(backend: StableSamBackend) -> None:
+    try:
+        backend.models.predictor()
+    except BackendError as exc:
+        logger.error("model preload failed: %s", exc.detail)
+
+
+def _include_training_router(app: FastAPI, settings: Settings) -> None:
+    """``/webhook``, ``/versions``, ``/status`` come from the training router when present."""
+    try:
+        from backend.training_api import build_training_router
+    except ImportError as exc:
+        logger.warning("training API not available (%s): /webhook and /versions are off", exc)
+        return
+    app.include_router(build_training_router(settings))

@@ -1,0 +1,74 @@
+"""Errors the backend answers with: each maps to an HTTP status and a JSON body naming the problem.
+
+The JSON body is ``{"error": <code>, "detail": <human-readable message>}``. Raising one of these
+anywhere below the HTTP layer fails only the request that caused it.
+"""
+
+from __future__ import annotations
+
+
+class BackendError(Exception):
+    """Base class: ``status_code`` and a short machine-readable ``code``."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str, *, code: str | None = None, status_code: int | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+
+    def to_json(self) -> dict[str, str]:
+        """The response body."""
+        return {"error": self.code, "detail": self.detail}
+
+
+class InvalidRequestError(BackendError):
+    """The request is well-formed JSON but its content is unusable (400)."""
+
+    status_code = 400
+    code = "invalid_request"
+
+
+class InvalidRegionError(InvalidRequestError):
+    """A context region is malformed, outside the image, or of an unsupported type (422)."""
+
+    status_code = 422
+    code = "invalid_region"
+
+
+class LabelConfigError(InvalidRequestError):
+    """The project's labeling config cannot serve brush masks (400)."""
+
+    code = "label_config"
+
+
+class ImageFetchError(BackendError):
+    """The task's image could not be downloaded (502 upstream error, 504 timeout, 404)."""
+
+    status_code = 502
+    code = "image_fetch_failed"
+
+
+class ImageDecodeError(BackendError):
+    """The downloaded bytes are not a readable image (corrupt or truncated) (422)."""
+
+    status_code = 422
+    code = "image_unreadable"
+
+
+class ImageTooLargeError(BackendError):
+    """The image exceeds IMAGE_MAX_PIXELS or IMAGE_MAX_BYTES (413)."""
+
+    status_code = 413
+    code = "image_too_large"
+
+
+class ModelUnavailableError(BackendError):
+    """The model could not be built or loaded (503)."""
+
+    status_code = 503
+    code = "model_unavailable"

@@ -1,0 +1,107 @@
+"""What the backend needs from a project's labeling config (Label Studio XML).
+
+Tags are found by type, never by name: the ``BrushLabels`` control that writes masks onto the
+same ``Image`` as the smart tool the annotator clicked with, and the task-data key of each
+``Image`` (``value="$image"`` -> ``"image"``). The XML is parsed with ``defusedxml`` because
+the config comes over the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from xml.etree.ElementTree import Element
+
+from defusedxml import ElementTree as SafeET
+
+from backend.errors import LabelConfigError
+
+PROMPT_TAGS = ("keypointlabels", "rectanglelabels", "keypoint", "rectangle")
+
+
+@dataclass(frozen=True)
+class ControlTag:
+    """One control tag of the config: ``<BrushLabels name=.. toName=..>`` and its labels."""
+
+    tag: str  # lower-case tag type, e.g. "brushlabels"
+    name: str
+    to_name: tuple[str, ...]
+    labels: tuple[str, ...]
+    smart: bool
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """The parsed config: control tags and the data key of every object (``Image``) tag."""
+
+    controls: tuple[ControlTag, ...]
+    image_values: dict[str, str]  # Image tag name -> task data key (without "$")
+
+    def brush_for(self, to_name: str, label: str | None = None) -> ControlTag:
+        """The ``BrushLabels`` control attached to the ``Image`` named ``to_name``.
+
+        With several on that image, prefer one that offers ``label``. Raises
+        ``LabelConfigError`` when there is none.
+        """
+        brushes = [c for c in self.controls if c.tag == "brushlabels" and to_name in c.to_name]
+        if not brushes:
+            raise LabelConfigError(
+                f'the labeling config has no <BrushLabels> with toName="{to_name}"; add one next '
+                "to the smart KeyPointLabels/RectangleLabels so the backend can return masks"
+            )
+        if label is not None:
+            for brush in brushes:
+                if label in brush.labels:
+                    return brush
+        return brushes[0]
+
+    def image_key(self, to_name: str) -> str:
+        """The task data key holding the URL of the ``Image`` named ``to_name``."""
+        if to_name not in self.image_values:
+            raise LabelConfigError(f'the labeling config has no <Image name="{to_name}">')
+        return self.image_values[to_name]
+
+    def default_image_name(self) -> str | None:
+        """The ``Image`` to segment when no region names one: one with BrushLabels, or the first."""
+        for name in self.image_values:
+            if any(c.tag == "brushlabels" and name in c.to_name for c in self.controls):
+                return name
+        return next(iter(self.image_values), None)
+
+
+def _labels_of(element: Element) -> tuple[str, ...]:
+    return tuple(
+        child.attrib["value"]
+        for child in element.iter()
+        if child.tag.lower() == "label" and "value" in child.attrib
+    )
+
+
+@lru_cache(maxsize=64)
+def parse_label_config(xml: str) -> LabelConfig:
+    """Parse a labeling config; raises ``LabelConfigError`` for XML that does not parse."""
+    if not xml or not xml.strip():
+        raise LabelConfigError("the labeling config is empty")
+    try:
+        root = SafeET.fromstring(xml)
+    except Exception as exc:  # defusedxml raises ParseError or its own DefusedXmlException
+        raise LabelConfigError(f"the labeling config is not valid XML: {exc}") from exc
+    controls = []
+    images: dict[str, str] = {}
+    for element in root.iter():
+        tag = element.tag.lower()
+        attrib = element.attrib
+        if tag == "image" and "name" in attrib:
+            images[attrib["name"]] = attrib.get("value", "").lstrip("$")
+        elif "toName" in attrib and "name" in attrib:
+            controls.append(
+                ControlTag(
+                    tag=tag,
+                    name=attrib["name"],
+                    to_name=tuple(n.strip() for n in attrib["toName"].split(",") if n.strip()),
+                    labels=_labels_of(element),
+                    smart=attrib.get("smart", "").lower() == "true"
+                    or attrib.get("smartOnly", "").lower() == "true",
+                )
+            )
+    return LabelConfig(controls=tuple(controls), image_values=images)

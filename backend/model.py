@@ -1,0 +1,417 @@
+"""``StableSamBackend``: the familiar Label Studio ML backend shape over Stable-SAM.
+
+``predict(tasks, context, ...)`` answers ``/predict``: with a context (regions the annotator
+placed with the smart tools) it returns one ``brushlabels`` region per label; without one (a
+task was opened) it returns empty results and starts computing the task's image embedding in
+the background, so the first click is fast. ``fit(event, data)`` hands training to the queue.
+
+The model is built lazily (or in the background at start-up), never in ``/setup``. One frozen
+SAM base serves every project; a project's newest promoted plugin version (``VersionStore``) is
+swapped in per call, so new versions are served without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backend.brush import mask_to_rle
+from backend.errors import (
+    BackendError,
+    InvalidRequestError,
+    LabelConfigError,
+    ModelUnavailableError,
+)
+from backend.images import ImageLoader, LabelStudioAuth, LoadedImage
+from backend.label_config import LabelConfig, parse_label_config
+from backend.regions import RegionGroup, brush_region, group_to_prompt, parse_context
+from backend.settings import Settings
+
+try:  # the queue teammate's module; the backend still serves predictions without it
+    from backend.versions import PluginVersion, VersionStore
+except ImportError:  # pragma: no cover - only while backend/versions.py does not exist
+    PluginVersion = VersionStore = None  # type: ignore[assignment,misc]
+
+logger = logging.getLogger(__name__)
+
+MAX_PENDING_PREFETCH = 16  # background embeddings queued at most; more task opens are skipped
+
+
+def project_key(project: Any) -> str | None:
+    """Label Studio's project reference as our key: "7.1700000000" or {"id": 7} -> "7"."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if project is None or project == "":
+        return None
+    key = str(project).split(".", 1)[0].strip()
+    return key if key.isdigit() else None
+
+
+@dataclass(frozen=True)
+class PluginChoice:
+    """The plugin set to use for one call and the ``model_version`` it is served as."""
+
+    plugins: Any  # stable_sam.StableSamPlugins, or None for the model's own
+    model_version: str
+
+
+class ModelServer:
+    """Builds the model once (thread-safe) and picks the plugin set per project."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._predictor: Any = None
+        self._error: str | None = None
+        self._plugin_cache: dict[tuple[Path, int], Any] = {}
+        self._versions = (
+            VersionStore(settings.versions_dir, keep=settings.versions_keep)
+            if VersionStore is not None
+            else None
+        )
+        self.base_tag = self._base_tag()
+        self.default_plugin_tag = self._default_plugin_tag()
+
+    # -- naming (cheap: used by /setup) ------------------------------------------------------
+    def _base_tag(self) -> str:
+        s = self.settings
+        if s.sam_checkpoint is not None:
+            return f"{s.sam_model_type}-{s.sam_checkpoint.stem}"
+        if s.sam_model_type == "mini" and self._default_paths().base_checkpoint.is_file():
+            return "mini"
+        return f"{s.sam_model_type}-random"
+
+    def _default_plugin_tag(self) -> str:
+        s = self.settings
+        choice = s.sam_plugins.strip()
+        if not s.plugins_enabled:
+            return "plain"
+        if choice.lower() != "default":
+            return Path(choice).stem
+        if self._uses_embedded_base() and self._default_paths().plugin_checkpoint.is_file():
+            return "default"
+        return "untrained"
+
+    @property
+    def default_model_version(self) -> str:
+        if not self.settings.plugins_enabled:
+            return f"sam-{self.base_tag}"
+        return f"stable-sam-{self.base_tag}-{self.default_plugin_tag}"
+
+    @staticmethod
+    def _default_paths() -> Any:
+        from stable_sam import default_model_paths
+
+        return default_model_paths()
+
+    def _uses_embedded_base(self) -> bool:
+        return self.settings.sam_model_type == "mini" and self.settings.sam_checkpoint is None
+
+    def current_version(self, project: str | None) -> PluginVersion | None:
+        """The project's served plugin version, if plugins are on and it has one."""
+        if self._versions is None or project is None or not self.settings.plugins_enabled:
+            return None
+        try:
+            return self._versions.current(project)
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot read plugin versions of project %s: %s", project, exc)
+            return None
+
+    def model_version(self, project: str | None) -> str:
+        """What ``/setup`` and every prediction report as ``model_version`` (no model load)."""
+        version = self.current_version(project)
+        return version.name if version is not None else self.default_model_version
+
+    # -- the model ---------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self._predictor is not None
+
+    def predictor(self) -> Any:
+        """The ``StableSamPredictor``, built on first use; ``ModelUnavailableError`` if it cannot be."""
+        if self._predictor is not None:
+            return self._predictor
+        with self._lock:
+            if self._predictor is None:
+                try:
+                    self._predictor = self._build()
+                except BackendError:
+                    raise
+                except (OSError, ValueError, RuntimeError) as exc:
+                    self._error = f"{type(exc).__name__}: {exc}"
+                    logger.exception("building the model failed")
+                    raise ModelUnavailableError(f"the model cannot be built: {exc}") from exc
+        return self._predictor
+
+    def _build(self) -> Any:
+        from stable_sam import EmbeddingCache, StableSamPredictor, build_stable_sam
+
+        s = self.settings
+        started = time.perf_counter()
+        plugins_on = s.plugins_enabled
+        plugin_file: Path | None = None
+        choice = s.sam_plugins.strip()
+        if plugins_on and choice.lower() != "default":
+            plugin_file = Path(choice)
+            if not plugin_file.is_file():
+                raise ModelUnavailableError(f"SAM_PLUGINS file not found: {plugin_file}")
+        checkpoint = s.sam_checkpoint
+        if checkpoint is None and self._uses_embedded_base():
+            paths = self._default_paths()
+            if paths.base_checkpoint.is_file():
+                checkpoint = paths.base_checkpoint
+                if plugins_on and plugin_file is None and paths.plugin_checkpoint.is_file():
+                    plugin_file = paths.plugin_checkpoint
+        if checkpoint is None:
+            if not s.sam_allow_random_weights:
+                raise ModelUnavailableError(
+                    f"no weights for SAM_MODEL_TYPE={s.sam_model_type}: set SAM_CHECKPOINT "
+                    "(or SAM_ALLOW_RANDOM_WEIGHTS=true for benchmarks and tests)"
+                )
+            logger.warning("serving %s with RANDOM weights (benchmark/test)", s.sam_model_type)
+        elif not Path(checkpoint).is_file():
+            raise ModelUnavailableError(f"SAM_CHECKPOINT not found: {checkpoint}")
+        device = None if s.device == "auto" else s.device
+        model = build_stable_sam(
+            s.sam_model_type,
+            checkpoint,
+            plugins=plugins_on,
+            plugin_checkpoint=plugin_file,
+            device=device,
+        )
+        cache = EmbeddingCache(max_bytes=s.embedding_cache_mb * 1024 * 1024)
+        predictor = StableSamPredictor(model, cache=cache)
+        logger.info(
+            "model %s ready on %s in %.1f s",
+            self.default_model_version,
+            model.device,
+            time.perf_counter() - started,
+        )
+        return predictor
+
+    def plugins_for(self, project: str | None) -> PluginChoice:
+        """The project's newest promoted plugins (cached by file), else the default ones."""
+        version = self.current_version(project)
+        if version is None:
+            return PluginChoice(None, self.default_model_version)
+        from stable_sam import read_plugins
+
+        try:
+            stamp = version.path.stat().st_mtime_ns
+            key = (version.path, stamp)
+            plugins = self._plugin_cache.get(key)
+            if plugins is None:
+                plugins, _ = read_plugins(self.predictor().model, version.path)
+                with self._lock:
+                    self._plugin_cache = {
+                        k: v for k, v in self._plugin_cache.items() if k[0] != version.path
+                    }
+                    self._plugin_cache[key] = plugins
+                logger.info("project %s: serving plugin version %s", project, version.name)
+            return PluginChoice(plugins, version.name)
+        except (OSError, ValueError, KeyError) as exc:  # PluginMismatchError is a ValueError
+            logger.error(
+                "project %s: plugin version %s unusable (%s); serving the default plugins",
+                project,
+                version.name,
+                exc,
+            )
+            return PluginChoice(None, self.default_model_version)
+
+
+class StableSamBackend:
+    """The Label Studio ML backend: ``predict(tasks, context)`` and ``fit(event, data)``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.auth = LabelStudioAuth(settings)
+        self.images = ImageLoader(settings, self.auth)
+        self.models = ModelServer(settings)
+        self._schemas: dict[str, str] = {}  # project -> label config from /setup
+        self._prefetch = (
+            ThreadPoolExecutor(settings.prefetch_workers, thread_name_prefix="prefetch")
+            if settings.prefetch_workers > 0
+            else None
+        )
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.shutdown(wait=False, cancel_futures=True)
+        self.images.close()
+
+    # -- /setup ------------------------------------------------------------------------------
+    def setup(
+        self,
+        project: Any,
+        schema: str | None,
+        hostname: str | None = None,
+        access_token: str | None = None,
+    ) -> str:
+        """Remember the project's config and LS's address/token; return the model version."""
+        key = project_key(project)
+        if key is not None and schema:
+            self._schemas[key] = schema
+        self.auth.update_from_setup(hostname, access_token)
+        return self.models.model_version(key)
+
+    # -- /predict ----------------------------------------------------------------------------
+    def predict(
+        self,
+        tasks: list[dict[str, Any]],
+        context: dict[str, Any] | None = None,
+        project: Any = None,
+        label_config: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """One ``{result, score, model_version}`` per task, in order."""
+        key = project_key(project)
+        result = (context or {}).get("result") if isinstance(context, dict) else None
+        if context is not None and not isinstance(context, dict):
+            raise InvalidRequestError("params.context must be an object")
+        if result:
+            groups = parse_context(result)  # fail fast on bad regions, before any download
+            config = self._config(key, label_config)
+            return [self._predict_interactive(task, groups, config, key) for task in tasks]
+        self._start_prefetch(tasks, key, label_config)
+        version = self.models.model_version(key)
+        return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
+
+    def _config(self, project: str | None, label_config: str | None) -> LabelConfig:
+        xml = label_config or (self._schemas.get(project) if project else None)
+        if not xml:
+            raise LabelConfigError(
+                "no labeling config: /predict carried no label_config and /setup was not called "
+                "for this project"
+            )
+        return parse_label_config(xml)
+
+    def _image_of(self, task: dict[str, Any], config: LabelConfig, to_name: str) -> LoadedImage:
+        data_key = config.image_key(to_name)
+        data = task.get("data") or {}
+        if data_key not in data:
+            raise InvalidRequestError(
+                f"task {task.get('id')} has no data field {data_key!r} "
+                f'(the <Image name="{to_name}" value="${data_key}"> of the config)'
+            )
+        return self.images.load(data[data_key], task.get("id"))
+
+    def _predict_interactive(
+        self,
+        task: dict[str, Any],
+        groups: list[RegionGroup],
+        config: LabelConfig,
+        project: str | None,
+    ) -> dict[str, Any]:
+        brushes = [config.brush_for(g.to_name, g.label) for g in groups]  # config errors first
+        choice = self.models.plugins_for(project)
+        predictor = self.models.predictor()
+        images: dict[str, LoadedImage] = {}
+        regions, scores = [], []
+        for group, brush in zip(groups, brushes, strict=True):
+            if group.to_name not in images:
+                images[group.to_name] = self._image_of(task, config, group.to_name)
+            image = images[group.to_name]
+            if group.original_size and group.original_size != (image.width, image.height):
+                logger.warning(
+                    "task %s: LS reports the image as %dx%d, decoded %dx%d (EXIF?)",
+                    task.get("id"),
+                    *group.original_size,
+                    image.width,
+                    image.height,
+                )
+            prompt = group_to_prompt(group, image.width, image.height)
+            started = time.perf_counter()
+            prediction = predictor.predict(
+                image.rgb,
+                point_coords=prompt.points_xy,
+                point_labels=prompt.point_labels,
+                box_xyxy=prompt.box_xyxy,
+                image_key=image.sha256,
+                plugins=choice.plugins,
+            )
+            mask = np.asarray(prediction.masks[0])
+            score = float(prediction.scores[0])
+            rle = mask_to_rle(mask)
+            logger.info(
+                "task %s label %r: %d points, box=%s -> mask %.1f%% in %.0f ms (%s)",
+                task.get("id"),
+                group.label,
+                0 if prompt.points_xy is None else len(prompt.points_xy),
+                prompt.box_xyxy is not None,
+                100.0 * mask.mean(),
+                (time.perf_counter() - started) * 1000,
+                choice.model_version,
+            )
+            region = brush_region(
+                rle, group.label, brush.name, group.to_name, image.width, image.height, score
+            )
+            regions.append(region)
+            scores.append(score)
+        return {
+            "result": regions,
+            "score": float(np.mean(scores)) if scores else 0.0,
+            "model_version": choice.model_version,
+        }
+
+    def _start_prefetch(
+        self, tasks: list[dict[str, Any]], project: str | None, label_config: str | None
+    ) -> None:
+        """Compute the tasks' image embeddings in the background (task-open warm-up)."""
+        if self._prefetch is None:
+            return
+        try:
+            config = self._config(project, label_config)
+        except LabelConfigError as exc:
+            logger.info("no warm-up: %s", exc.detail)
+            return
+        to_name = config.default_image_name()
+        if to_name is None:
+            return
+        for task in tasks:
+            with self._pending_lock:
+                if self._pending >= MAX_PENDING_PREFETCH:
+                    logger.info("warm-up queue full; skipping the remaining tasks")
+                    return
+                self._pending += 1
+            self._prefetch.submit(self._prefetch_one, task, config, to_name)
+
+    def _prefetch_one(self, task: dict[str, Any], config: LabelConfig, to_name: str) -> None:
+        try:
+            started = time.perf_counter()
+            image = self._image_of(task, config, to_name)
+            self.models.predictor().prefetch(image.rgb, image_key=image.sha256)
+            logger.info(
+                "warm-up: task %s embedded in %.0f ms",
+                task.get("id"),
+                (time.perf_counter() - started) * 1000,
+            )
+        except BackendError as exc:
+            logger.warning("warm-up of task %s failed: %s", task.get("id"), exc.detail)
+        except Exception:  # a background job must never die silently
+            logger.exception("warm-up of task %s failed", task.get("id"))
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    def wait_for_prefetch(self, timeout_s: float = 60.0) -> bool:
+        """Block until the background warm-ups are done (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._pending_lock:
+                if self._pending == 0:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    # -- training ----------------------------------------------------------------------------
+    def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Hand a training event to the queue (the webhook router calls the same code)."""
+        raise NotImplementedError("filled in when backend/queue.py lands")

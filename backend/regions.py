@@ -1,0 +1,256 @@
+"""Label Studio regions <-> SAM prompts.
+
+Interactive ``/predict`` calls carry ``params.context.result``: the regions the annotator placed
+with the smart tools so far. Keypoints (``keypointlabels``, ``is_positive`` may be absent =
+positive) and rectangles (``rectanglelabels``, rotated about their top-left corner) give their
+position in **percent** of the original image. Regions are grouped by (label, image): each
+group is one object to segment and becomes one ``brushlabels`` region in the answer.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from backend.errors import InvalidRegionError
+
+# Percent coordinates may carry float noise from the browser; beyond this they are outside.
+PERCENT_TOLERANCE = 1e-3
+
+
+class _KeypointValue(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    x: float
+    y: float
+    width: float | None = None  # the keypoint's drawn size in percent, unused
+    keypointlabels: list[str] = []
+
+
+class _RectangleValue(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    x: float
+    y: float
+    width: float
+    height: float
+    rotation: float = 0.0  # degrees, clockwise, about the top-left corner (x, y)
+    rectanglelabels: list[str] = []
+
+
+class ContextRegion(BaseModel):
+    """One region of ``params.context.result`` as Label Studio sends it."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    value: dict[str, Any]
+    from_name: str | None = None
+    to_name: str | None = None
+    is_positive: bool | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+
+
+@dataclass
+class Keypoint:
+    """A click: ``x``, ``y`` in percent of the original image."""
+
+    x: float
+    y: float
+    positive: bool
+
+
+@dataclass
+class Rectangle:
+    """A box: top-left ``x``, ``y`` and size in percent; ``rotation`` in degrees."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    rotation: float = 0.0
+
+
+@dataclass
+class RegionGroup:
+    """All prompting regions of one label on one image: one object to segment."""
+
+    label: str
+    to_name: str
+    from_names: list[str] = field(default_factory=list)
+    keypoints: list[Keypoint] = field(default_factory=list)
+    rectangles: list[Rectangle] = field(default_factory=list)
+    original_size: tuple[int, int] | None = None  # (width, height) as the browser reported it
+
+
+@dataclass
+class Prompt:
+    """A SAM prompt in pixels of the original image (as the browser shows it)."""
+
+    points_xy: np.ndarray | None  # (N, 2) float32, x then y
+    point_labels: np.ndarray | None  # (N,) int64, 1 positive / 0 negative
+    box_xyxy: np.ndarray | None  # (4,) float32: x0, y0, x1, y1
+
+
+def _field_errors(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def _check_percent(name: str, value: float, index: int) -> None:
+    if not math.isfinite(value) or value < -PERCENT_TOLERANCE or value > 100 + PERCENT_TOLERANCE:
+        raise InvalidRegionError(
+            f"region {index}: {name}={value} is outside the image (percent must be in [0, 100])"
+        )
+
+
+def _parse_keypoint(region: ContextRegion, index: int) -> tuple[str | None, Keypoint]:
+    try:
+        value = _KeypointValue.model_validate(region.value)
+    except ValidationError as exc:
+        raise InvalidRegionError(f"region {index} (keypointlabels): {_field_errors(exc)}") from exc
+    _check_percent("x", value.x, index)
+    _check_percent("y", value.y, index)
+    positive = True if region.is_positive is None else region.is_positive
+    label = value.keypointlabels[0] if value.keypointlabels else None
+    return label, Keypoint(x=value.x, y=value.y, positive=positive)
+
+
+def _parse_rectangle(region: ContextRegion, index: int) -> tuple[str | None, Rectangle]:
+    try:
+        value = _RectangleValue.model_validate(region.value)
+    except ValidationError as exc:
+        raise InvalidRegionError(f"region {index} (rectanglelabels): {_field_errors(exc)}") from exc
+    for name in ("x", "y", "width", "height", "rotation"):
+        if not math.isfinite(getattr(value, name)):
+            raise InvalidRegionError(f"region {index}: {name} is not a finite number")
+    if value.width <= 0 or value.height <= 0:
+        raise InvalidRegionError(
+            f"region {index}: rectangle has zero or negative size "
+            f"(width={value.width}, height={value.height}); draw it from corner to corner"
+        )
+    _check_percent("x", value.x, index)
+    _check_percent("y", value.y, index)
+    if value.rotation % 360 == 0:
+        _check_percent("x + width", value.x + value.width, index)
+        _check_percent("y + height", value.y + value.height, index)
+    label = value.rectanglelabels[0] if value.rectanglelabels else None
+    rect = Rectangle(value.x, value.y, value.width, value.height, value.rotation % 360)
+    return label, rect
+
+
+def parse_context(result: Any) -> list[RegionGroup]:
+    """Group ``params.context.result`` by (label, to_name), in order of first appearance.
+
+    Raises ``InvalidRegionError`` naming the region and the problem for malformed regions,
+    coordinates outside the image, zero-area rectangles, unknown region types and regions
+    without a label.
+    """
+    if not isinstance(result, list):
+        raise InvalidRegionError("params.context.result must be a list of regions")
+    if not result:
+        raise InvalidRegionError("params.context.result is empty: place a keypoint or a rectangle")
+    groups: dict[tuple[str, str], RegionGroup] = {}
+    for index, raw in enumerate(result):
+        try:
+            region = ContextRegion.model_validate(raw)
+        except ValidationError as exc:
+            raise InvalidRegionError(f"region {index}: {_field_errors(exc)}") from exc
+        kind = region.type.lower()
+        if kind == "keypointlabels":
+            label, prompt = _parse_keypoint(region, index)
+        elif kind == "rectanglelabels":
+            label, prompt = _parse_rectangle(region, index)
+        else:
+            raise InvalidRegionError(
+                f"region {index}: unsupported region type {region.type!r}; "
+                "the backend takes keypointlabels and rectanglelabels"
+            )
+        if label is None:
+            raise InvalidRegionError(f"region {index} ({kind}): no label selected")
+        if not region.to_name:
+            raise InvalidRegionError(f"region {index} ({kind}): to_name is missing")
+        key = (label, region.to_name)
+        group = groups.setdefault(key, RegionGroup(label=label, to_name=region.to_name))
+        if region.from_name and region.from_name not in group.from_names:
+            group.from_names.append(region.from_name)
+        if region.original_width and region.original_height:
+            group.original_size = (region.original_width, region.original_height)
+        if isinstance(prompt, Keypoint):
+            group.keypoints.append(prompt)
+        else:
+            group.rectangles.append(prompt)
+    for group in groups.values():
+        if not group.rectangles and not any(k.positive for k in group.keypoints):
+            raise InvalidRegionError(
+                f"label {group.label!r}: only negative keypoints; add a positive one or a rectangle"
+            )
+    return list(groups.values())
+
+
+def rectangle_to_xyxy(rect: Rectangle, width: int, height: int) -> np.ndarray:
+    """Axis-aligned box (4,) in pixels enclosing a (possibly rotated) LS rectangle, clipped."""
+    x0 = rect.x / 100.0 * width
+    y0 = rect.y / 100.0 * height
+    w = rect.width / 100.0 * width
+    h = rect.height / 100.0 * height
+    theta = math.radians(rect.rotation)
+    cos, sin = math.cos(theta), math.sin(theta)
+    # Rotation about the top-left corner, clockwise on screen (y points down).
+    offsets = ((0, 0), (w, 0), (0, h), (w, h))
+    xs = [x0 + dx * cos - dy * sin for dx, dy in offsets]
+    ys = [y0 + dx * sin + dy * cos for dx, dy in offsets]
+    left, top = max(0.0, min(xs)), max(0.0, min(ys))
+    right, bottom = min(float(width), max(xs)), min(float(height), max(ys))
+    box = np.array([left, top, right, bottom], dtype=np.float32)
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise InvalidRegionError("rectangle lies outside the image")
+    return box
+
+
+def group_to_prompt(group: RegionGroup, width: int, height: int) -> Prompt:
+    """SAM prompt in pixels for an image of ``width`` x ``height`` (as the browser shows it).
+
+    SAM takes one box: with several rectangles for one label, the last one drawn wins.
+    """
+    points = labels = box = None
+    if group.keypoints:
+        points = np.array(
+            [[k.x / 100.0 * width, k.y / 100.0 * height] for k in group.keypoints], dtype=np.float32
+        )
+        points[:, 0] = points[:, 0].clip(0, width)
+        points[:, 1] = points[:, 1].clip(0, height)
+        labels = np.array([1 if k.positive else 0 for k in group.keypoints], dtype=np.int64)
+    if group.rectangles:
+        box = rectangle_to_xyxy(group.rectangles[-1], width, height)
+    return Prompt(points_xy=points, point_labels=labels, box_xyxy=box)
+
+
+def brush_region(
+    rle: list[int],
+    label: str,
+    from_name: str,
+    to_name: str,
+    width: int,
+    height: int,
+    score: float | None = None,
+) -> dict[str, Any]:
+    """A ``brushlabels`` result region as Label Studio stores it."""
+    region: dict[str, Any] = {
+        "id": uuid.uuid4().hex[:10],
+        "type": "brushlabels",
+        "from_name": from_name,
+        "to_name": to_name,
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
+        "readonly": False,
+    }
+    if score is not None:
+        region["score"] = float(score)
+    return region

@@ -1,0 +1,108 @@
+"""The one settings object of the backend, read from the environment in one place.
+
+Every field maps to an upper-case environment variable of the same name (no prefix), e.g.
+``label_studio_url`` <- ``LABEL_STUDIO_URL``. Every variable is documented in the README.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ModelType = Literal["mini", "vit_b", "vit_l", "vit_h", "hq_vit_b", "hq_vit_l", "hq_vit_h"]
+
+
+class Settings(BaseSettings):
+    """Backend configuration. Defaults run the embedded default model with no configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- Label Studio connection (images of tasks are fetched from it) ---
+    # Base URL of Label Studio; relative task URLs (/data/upload/...) resolve against it.
+    # Empty: use the `hostname` Label Studio sends in /setup.
+    label_studio_url: str = ""
+    # Personal access token (LS >= 1.17, a JWT refresh token) or a legacy API token.
+    label_studio_api_key: SecretStr | None = None
+
+    # --- Model selection ---
+    # SAM base: "mini" (the embedded default), vit_b/vit_l/vit_h, or HQ-SAM hq_vit_*.
+    sam_model_type: ModelType = "mini"
+    # Official-format SAM checkpoint (.pth) or our .safetensors; empty with "mini" = shipped one.
+    sam_checkpoint: Path | None = None
+    # Stable-SAM plugins: "default" (the shipped plugins for the embedded default base, none
+    # for other bases until a project trains some), "none" (plain SAM, for side-by-side
+    # comparison) or a path to a plugin .safetensors file.
+    sam_plugins: str = "default"
+    # Allow a SAM base without a checkpoint (random weights): benchmarks and tests only.
+    sam_allow_random_weights: bool = False
+    # torch device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    # Build the model when the app starts (in the background) rather than on the first click.
+    preload_model: bool = True
+
+    # --- Images ---
+    # Largest accepted image in pixels (W*H), checked from the header before decoding.
+    image_max_pixels: int = Field(default=50_000_000, gt=0)
+    # Largest accepted image download in bytes.
+    image_max_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    # Timeout of one image download, seconds.
+    image_fetch_timeout_s: float = Field(default=30.0, gt=0)
+    # Decoded-image cache size, MB (RGB bytes), keyed by content hash.
+    image_cache_mb: int = Field(default=512, ge=0)
+    # How long a URL is trusted to keep its content (skips re-downloading while clicking), s.
+    image_url_ttl_s: float = Field(default=300.0, ge=0)
+    # Image-embedding cache size, MB (the predictor's cache).
+    embedding_cache_mb: int = Field(default=1024, ge=0)
+    # Threads computing embeddings in the background when a task opens (batch /predict).
+    prefetch_workers: int = Field(default=1, ge=0)
+
+    # --- Security ---
+    # Optional HTTP basic auth on every endpoint (Label Studio supports it for ML backends).
+    basic_auth_user: str | None = None
+    basic_auth_pass: SecretStr | None = None
+    # Optional shared secret for /webhook, sent in the header named by webhook_secret_header
+    # (an alternative to basic auth for Label Studio webhooks, which can set custom headers).
+    webhook_secret: SecretStr | None = None
+    webhook_secret_header: str = "X-Webhook-Secret"
+
+    # --- Training queue and model versions ---
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # RQ queue the training worker listens on.
+    training_queue: str = "stable-sam-training"
+    # Where per-project plugin versions live (backend.versions.VersionStore root).
+    versions_dir: Path = Path("data/versions")
+    # Plugin versions kept per project.
+    versions_keep: int = Field(default=5, ge=1)
+
+    # --- Logging ---
+    log_level: str = "INFO"
+
+    @field_validator("label_studio_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.strip().rstrip("/")
+
+    @field_validator("sam_checkpoint", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        """True when both BASIC_AUTH_USER and BASIC_AUTH_PASS are set."""
+        return bool(self.basic_auth_user) and self.basic_auth_pass is not None
+
+    @property
+    def plugins_enabled(self) -> bool:
+        """False for plain SAM (SAM_PLUGINS=none)."""
+        return self.sam_plugins.strip().lower() != "none"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
