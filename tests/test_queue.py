@@ -1,0 +1,228 @@
+"""backend.queue: per-project coalescing of training triggers on a real Redis + RQ queue.
+
+These tests drive the queue's decisions directly (the job's start is played by calling
+``mark_started`` the way ``training.jobs`` does); tests/integration/ runs the same flows with a
+real ``rq worker`` process.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+from rq import Queue
+from rq.job import Job, JobStatus
+
+from backend.queue import JobOptions, TrainingPolicy, TrainingQueue, redis_connection
+
+pytestmark = pytest.mark.integration
+
+QUEUE = "test-training"
+
+
+@pytest.fixture
+def conn(redis_url: str) -> Iterator[redis.Redis]:
+    connection = redis_connection(redis_url)
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+
+
+def make_queue(conn: redis.Redis, **policy: object) -> TrainingQueue:
+    return TrainingQueue(
+        conn,
+        QUEUE,
+        policy=TrainingPolicy(**policy),  # type: ignore[arg-type]
+        job_options=JobOptions(retries=1, retry_intervals_s=()),
+    )
+
+
+def start(tq: TrainingQueue, job_id: str, project: str = "7") -> Job:
+    """Play an RQ worker taking ``job_id`` off the queue and the job marking itself started."""
+    job = Job.fetch(job_id, connection=tq.connection)
+    tq.queue.remove(job)
+    job.set_status(JobStatus.STARTED)
+    tq.mark_started(job, project)
+    return job
+
+
+def test_first_trigger_enqueues_one_job(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    result = tq.trigger("7")
+    assert result.outcome == "enqueued"
+    assert tq.queue.job_ids == [result.job_id]
+    job = Job.fetch(result.job_id, connection=conn)
+    assert job.func_name == "training.jobs.train_project"
+    assert job.kwargs == {"project": "7"}
+    assert job.meta["triggers"] == 1
+    assert job.retries_left == 1
+    assert job.timeout == 3600
+
+
+def test_trigger_while_queued_merges_into_the_queued_job(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    first = tq.trigger("7", "START_TRAINING")
+    second = tq.handle_event("7", "START_TRAINING")
+    assert second.outcome == "merged"
+    assert second.job_id == first.job_id
+    assert second.triggers == 2
+    assert len(tq.queue) == 1
+    meta = Job.fetch(first.job_id, connection=conn).get_meta()
+    assert meta["triggers"] == 2
+    assert meta["reasons"] == {"START_TRAINING": 2}
+
+
+def test_trigger_while_running_creates_exactly_one_deferred_follow_up(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    running = start(tq, tq.trigger("7").job_id)
+    follow = tq.trigger("7")
+    assert follow.outcome == "follow_up"
+    assert follow.job_id != running.id
+    more = [tq.trigger("7") for _ in range(5)]
+    assert {r.outcome for r in more} == {"merged"}
+    assert {r.job_id for r in more} == {follow.job_id}
+    job = Job.fetch(follow.job_id, connection=conn)
+    assert job.get_status() == JobStatus.DEFERRED
+    assert job.dependency_ids == [running.id]
+    assert job.allow_dependency_failures
+    assert job.get_meta()["triggers"] == 6
+    assert len(tq.queue) == 0  # deferred until the running job ends
+
+
+def test_follow_up_is_enqueued_when_the_running_job_fails(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    running = start(tq, tq.trigger("7").job_id)
+    follow = tq.trigger("7")
+    running.set_status(JobStatus.FAILED)
+    tq.queue.enqueue_dependents(running)
+    assert tq.queue.job_ids == [follow.job_id]
+
+
+def test_a_failed_running_job_does_not_block_the_next_trigger(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    running = start(tq, tq.trigger("7").job_id)
+    running.set_status(JobStatus.FAILED)  # e.g. RQ cleaned up a SIGKILLed worker's job
+    result = tq.trigger("7")
+    assert result.outcome == "enqueued"
+    assert tq.queue.job_ids == [result.job_id]
+    assert Job.fetch(result.job_id, connection=conn).dependency_ids == []
+
+
+def test_a_vanished_queued_job_is_replaced_not_merged_into(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    first = tq.trigger("7")
+    Job.fetch(first.job_id, connection=conn).delete()
+    second = tq.trigger("7")
+    assert second.outcome == "enqueued"
+    assert second.job_id != first.job_id
+    assert tq.queue.job_ids == [second.job_id]
+
+
+def test_job_moves_from_queued_to_running_when_it_starts(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    job_id = tq.trigger("7").job_id
+    tq.trigger("7")
+    job = start(tq, job_id)
+    state = conn.hgetall(tq.state_key("7"))
+    assert b"queued" not in state
+    assert state[b"running"].decode() == job_id
+    assert job.get_meta()["triggers"] == 2
+    assert job.get_meta()["attempt"] == 1
+    tq.mark_finished(job, "7")
+    assert b"running" not in conn.hgetall(tq.state_key("7"))
+
+
+def test_projects_coalesce_independently(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    a, b = tq.trigger("7"), tq.trigger("8")
+    assert a.outcome == b.outcome == "enqueued"
+    assert a.job_id != b.job_id
+    assert len(tq.queue) == 2
+    assert tq.projects() == ["7", "8"]
+
+
+def test_annotation_events_are_ignored_when_training_on_start_training_only(
+    conn: redis.Redis,
+) -> None:
+    tq = make_queue(conn, train_on="start_training")
+    for action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"):
+        assert tq.handle_event("7", action).outcome == "ignored"
+    assert len(tq.queue) == 0
+
+
+def test_annotation_events_train_after_min_new_annotations(conn: redis.Redis) -> None:
+    tq = make_queue(conn, train_on="annotations", min_new_annotations=3)
+    outcomes = [tq.handle_event("7", "ANNOTATION_CREATED").outcome for _ in range(3)]
+    assert outcomes == ["counted", "counted", "enqueued"]
+    assert len(tq.queue) == 1
+    # The counter restarts after an enqueue.
+    assert tq.handle_event("7", "ANNOTATION_UPDATED").new_annotations == 1
+
+
+def test_other_actions_are_acknowledged_and_ignored(conn: redis.Redis) -> None:
+    tq = make_queue(conn, train_on="annotations")
+    for action in ("TASKS_CREATED", "PROJECT_UPDATED", "SOMETHING_NEW"):
+        assert tq.handle_event("7", action).outcome == "ignored"
+    assert len(tq.queue) == 0
+
+
+def test_concurrent_triggers_give_one_job_and_count_every_trigger(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    results = []
+    barrier = threading.Barrier(20)
+
+    def fire() -> None:
+        barrier.wait()
+        for _ in range(5):
+            results.append(tq.trigger("7"))
+
+    threads = [threading.Thread(target=fire) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 100
+    assert len({r.job_id for r in results}) == 1
+    assert sorted(r.outcome for r in results).count("enqueued") == 1
+    assert Job.fetch(results[0].job_id, connection=conn).get_meta()["triggers"] == 100
+    assert len(tq.queue) == 1
+
+
+def test_status_reports_queued_running_and_recorded_failure(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    running = start(tq, tq.trigger("7").job_id)
+    follow = tq.trigger("7")
+    tq.record_failure(running, "7", "RuntimeError: no annotated tasks")
+    status = tq.status("7")
+    assert status["running"]["job_id"] == running.id
+    assert status["queued"]["job_id"] == follow.job_id
+    assert status["queued"]["status"] == "deferred"
+    assert status["last_failure"]["error"] == "RuntimeError: no annotated tasks"
+    assert tq.status("99") == {
+        "project": "99",
+        "queued": None,
+        "running": None,
+        "pending_annotations": 0,
+        "last_run": None,
+        "last_failure": None,
+    }
+
+
+def test_label_studio_token_is_kept_out_of_the_job(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    tq.store_label_studio_access("7", "http://ls:8080", "secret-token-123")
+    job_id = tq.trigger("7").job_id
+    raw_job = conn.hgetall(Job.key_for(job_id))
+    assert b"secret-token-123" not in b"".join(raw_job.values())
+    assert "secret-token-123" not in repr(pickle.loads(raw_job[b"meta"]))
+    assert tq.label_studio_access("7") == ("http://ls:8080", "secret-token-123")
+
+
+def test_unreachable_redis_fails_fast(redis_url: str) -> None:
+    tq = TrainingQueue(redis_connection("redis://127.0.0.1:1/0"), QUEUE)
+    with pytest.raises(redis.ConnectionError):
+        tq.trigger("7")
+    assert Queue(QUEUE, connection=redis_connection(redis_url)).count == 0
