@@ -77,6 +77,19 @@ class Settings(BaseSettings):
     versions_dir: Path = Path("data/versions")
     # Plugin versions kept per project.
     versions_keep: int = Field(default=5, ge=1)
+    # What trains: "start_training" (LS's Start Training / train-on-submit only) or
+    # "annotations" (also ANNOTATION_CREATED/UPDATED/ANNOTATIONS_DELETED events).
+    train_on: Literal["start_training", "annotations"] = "start_training"
+    # With TRAIN_ON=annotations: annotation events needed since the last run to start one.
+    min_new_annotations: int = Field(default=1, ge=1)
+    # RQ timeout of one training job, seconds.
+    train_job_timeout_s: int = Field(default=3600, gt=0)
+    # RQ retries of a failed/abandoned training job, and the waits before them (seconds,
+    # JSON list; non-zero waits need `rq worker --with-scheduler`).
+    train_retries: int = Field(default=2, ge=0)
+    train_retry_intervals_s: list[int] = Field(default_factory=lambda: [30, 120])
+    # Share of a project's annotated tasks held out to decide promotion (deterministic split).
+    train_val_fraction: float = Field(default=0.2, gt=0, lt=1)
 
     # --- Logging ---
     log_level: str = "INFO"

@@ -1,0 +1,173 @@
+"""``POST /webhook``, ``GET /versions``, ``GET /status``: the training side of the HTTP API.
+
+``backend.app.create_app`` includes ``build_training_router(settings)``. The webhook only records
+the trigger in Redis (``backend.queue``) and answers within milliseconds: Label Studio gives event
+webhooks 1 s and never retries them (DESIGN §3). With Redis down the webhook answers 503 at once
+(short socket timeouts, no retries) and ``/predict`` is unaffected, since nothing here runs on
+its path. Webhook bodies carry the project's token: they are never logged, and errors name the
+offending field, never its value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from backend.queue import (
+    ANNOTATION_ACTIONS,
+    START_TRAINING,
+    JobOptions,
+    TrainingPolicy,
+    TrainingQueue,
+    redis_connection,
+)
+from backend.settings import Settings
+from backend.versions import PluginVersion, VersionStore
+
+logger = logging.getLogger(__name__)
+
+TRAINING_ACTIONS = ANNOTATION_ACTIONS | {START_TRAINING}
+
+
+def training_queue_from_settings(settings: Settings) -> TrainingQueue:
+    """The ``TrainingQueue`` described by ``settings`` (Redis URL, queue, policy, job options)."""
+    return TrainingQueue(
+        redis_connection(settings.redis_url),
+        settings.training_queue,
+        policy=TrainingPolicy(settings.train_on, settings.min_new_annotations),
+        job_options=JobOptions(
+            timeout_s=settings.train_job_timeout_s,
+            retries=settings.train_retries,
+            retry_intervals_s=tuple(settings.train_retry_intervals_s),
+        ),
+    )
+
+
+def _error(status_code: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status_code)
+
+
+def project_id(value: Any) -> str | None:
+    """The numeric project id as a string from an LS ``project`` field, or ``None``.
+
+    Accepts the webhook's project dict (``{"id": 7, ...}``), an int, ``"7"`` or ``/setup``'s
+    ``"7.1700000000"``.
+    """
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value) if value >= 0 else None
+    if isinstance(value, str):
+        head = value.split(".", 1)[0].strip()
+        return head if head.isdigit() else None
+    return None
+
+
+def _redis_down(settings: Settings, exc: Exception) -> JSONResponse:
+    where = _redis_location(settings.redis_url)
+    logger.error("training queue unreachable at %s: %s", where, type(exc).__name__)
+    return _error(
+        503,
+        "queue_unavailable",
+        f"the training queue (Redis at {where}) is unreachable ({type(exc).__name__}); "
+        "the training request was not recorded, send it again when Redis is back",
+    )
+
+
+def _redis_location(url: str) -> str:
+    """host:port/db of a Redis URL, without credentials."""
+    kwargs = redis.connection.parse_url(url)
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+
+def _version_view(version: PluginVersion | None) -> dict[str, Any] | None:
+    if version is None:
+        return None
+    return {
+        "name": version.name,
+        "created": version.created,
+        "metrics": version.metrics,
+        "reason": version.reason,
+    }
+
+
+def build_training_router(settings: Settings) -> APIRouter:
+    """The router with ``/webhook``, ``/versions``, ``/status`` and ``/status/{project}``."""
+    router = APIRouter()
+    queue = training_queue_from_settings(settings)
+    store = VersionStore(settings.versions_dir, keep=settings.versions_keep)
+
+    @router.post("/webhook")
+    async def webhook(request: Request) -> JSONResponse:
+        """Record a Label Studio training trigger; training runs in the RQ worker."""
+        body = await request.body()
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "malformed_json", "the request body is not valid JSON")
+        if not isinstance(data, dict):
+            return _error(400, "invalid_request", "the body must be a JSON object")
+        action = data.get("action")
+        if not isinstance(action, str) or not action:
+            return _error(400, "invalid_request", "action: a non-empty string is required")
+        if action not in TRAINING_ACTIONS:
+            return JSONResponse({"status": "ignored", "action": action})
+        if "project" not in data:
+            return _error(400, "invalid_request", f"project: required for {action}")
+        project = project_id(data["project"])
+        if project is None:
+            return _error(
+                400, "invalid_request", "project.id: must be a non-negative integer project id"
+            )
+        try:
+            result = await run_in_threadpool(queue.handle_event, project, action)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            return _redis_down(settings, exc)
+        return JSONResponse({**result.to_dict(), "action": action})
+
+    @router.get("/versions")
+    def versions(project: str | None = None) -> JSONResponse:
+        """``{"versions": [...]}``: plugin version names of ``project`` (or of all), oldest first."""
+        if project is not None and project_id(project) is None:
+            return _error(400, "invalid_request", "project: must be a numeric project id")
+        key = project_id(project) if project is not None else None
+        return JSONResponse({"versions": [v.name for v in store.list(key)]})
+
+    @router.get("/status")
+    def status_all() -> JSONResponse:
+        """Training status of every project that had a trigger or has versions."""
+        try:
+            projects = sorted(set(queue.projects()) | set(store.projects()), key=int)
+            statuses = [_project_status(queue, store, p) for p in projects]
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            return _redis_down(settings, exc)
+        return JSONResponse({"projects": statuses})
+
+    @router.get("/status/{project}")
+    def status_one(project: str) -> JSONResponse:
+        """Queued/running job, progress, last run, last failure, current version of one project."""
+        key = project_id(project)
+        if key is None:
+            return _error(400, "invalid_request", "project: must be a numeric project id")
+        try:
+            return JSONResponse(_project_status(queue, store, key))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            return _redis_down(settings, exc)
+
+    return router
+
+
+def _project_status(queue: TrainingQueue, store: VersionStore, project: str) -> dict[str, Any]:
+    status = queue.status(project)
+    status["current_version"] = _version_view(store.current(project))
+    return status
