@@ -1,0 +1,119 @@
+"""The models a user study compares, built from names on the command line.
+
+- ``sam``: the embedded default base (``stable_sam.default_model_paths()``) without plugins;
+- ``stable-sam``: the same base with the shipped plugins;
+- ``hq-sam``: HQ-SAM, only with ``hq_checkpoint`` (an official HQ-SAM ``.pth``);
+- ``project:<path>``: the base with a plugin file, e.g. a project-trained version from
+  ``backend.versions`` (``<root>/<project>/<version>.safetensors``).
+
+``base_type`` / ``base_checkpoint`` replace the embedded default base (e.g. an official
+``vit_l`` checkpoint); the shipped plugins only fit the base they were trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+BATCH = 16  # prompts per decoder call: bounds memory for studies with many annotators
+
+
+@dataclass
+class PredictorSegmenter:
+    """``BoxSegmenter`` over a ``stable_sam.StableSamPredictor``; ``description`` for reports."""
+
+    predictor: object
+    description: str
+
+    def segment_boxes(self, image_rgb: np.ndarray, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """``image_rgb`` (H, W, 3) uint8, ``boxes_xyxy`` (B, 4) px -> masks (B, H, W) bool."""
+        h, w = image_rgb.shape[:2]
+        if len(boxes_xyxy) == 0:
+            return np.zeros((0, h, w), dtype=bool)
+        out = []
+        for start in range(0, len(boxes_xyxy), BATCH):
+            chunk = np.asarray(boxes_xyxy[start : start + BATCH], dtype=np.float32)
+            prediction = self.predictor.predict_batch(image_rgb, boxes_xyxy=chunk)
+            masks = np.asarray(prediction.masks)
+            out.append(masks.reshape(len(chunk), h, w).astype(bool))
+        return np.concatenate(out)
+
+
+def build_segmenters(
+    names: list[str],
+    *,
+    base_type: str | None = None,
+    base_checkpoint: str | Path | None = None,
+    hq_checkpoint: str | Path | None = None,
+    hq_model_type: str = "hq_vit_l",
+    device: str | None = None,
+    allow_random_base: bool = False,
+) -> dict[str, PredictorSegmenter]:
+    """Build one segmenter per name (see the module docstring); raises on an unknown name.
+
+    Without ``base_type`` the embedded default (``stable_sam.default_model_paths()``) is the
+    base; if its files are missing this raises ``FileNotFoundError``, unless
+    ``allow_random_base`` (the demo), which builds a randomly initialised base (or untrained
+    plugins) instead and says so in every description.
+    """
+    from stable_sam import StableSamPredictor, build_stable_sam, default_model_paths
+
+    defaults = default_model_paths()
+    shipped_plugins: Path | None = defaults.plugin_checkpoint
+    if base_type is None:
+        base_type = defaults.model_type
+        if base_checkpoint is None:
+            base_checkpoint = defaults.base_checkpoint
+            if not Path(base_checkpoint).is_file():
+                if not allow_random_base:
+                    raise FileNotFoundError(f"embedded default base missing: {base_checkpoint}")
+                logger.warning("embedded default base missing: RANDOM weights, numbers meaningless")
+                base_checkpoint, shipped_plugins = None, None
+    out: dict[str, PredictorSegmenter] = {}
+    for name in names:
+        if name == "sam":
+            model = build_stable_sam(base_type, base_checkpoint, plugins=False, device=device)
+            description = f"SAM {base_type} ({_name(base_checkpoint)}), no plugins"
+        elif name == "stable-sam":
+            if shipped_plugins is not None and not shipped_plugins.is_file():
+                if not allow_random_base:
+                    raise FileNotFoundError(f"shipped plugin file missing: {shipped_plugins}")
+                logger.warning("shipped plugin file missing: UNTRAINED plugins (equal to SAM)")
+                shipped_plugins = None
+            model = build_stable_sam(
+                base_type,
+                base_checkpoint,
+                plugins=True,
+                plugin_checkpoint=shipped_plugins,
+                device=device,
+            )
+            description = f"Stable-SAM: {base_type} ({_name(base_checkpoint)}) + plugins ({_name(shipped_plugins)})"
+        elif name == "hq-sam":
+            if hq_checkpoint is None:
+                raise ValueError("model 'hq-sam' needs --hq-checkpoint (an HQ-SAM .pth)")
+            model = build_stable_sam(hq_model_type, hq_checkpoint, plugins=False, device=device)
+            description = f"HQ-SAM {hq_model_type} ({_name(hq_checkpoint)})"
+        elif name.startswith("project:"):
+            path = Path(name.split(":", 1)[1])
+            model = build_stable_sam(
+                base_type, base_checkpoint, plugins=True, plugin_checkpoint=path, device=device
+            )
+            description = (
+                f"Stable-SAM: {base_type} ({_name(base_checkpoint)}) + project plugins {path}"
+            )
+        else:
+            raise ValueError(
+                f"unknown model {name!r}; expected sam, stable-sam, hq-sam or project:<plugin file>"
+            )
+        logger.info("user study model %s: %s", name, description)
+        out[name] = PredictorSegmenter(StableSamPredictor(model), description)
+    return out
+
+
+def _name(path: str | Path | None) -> str:
+    return Path(path).name if path else "RANDOM / untrained weights"
