@@ -242,6 +242,9 @@ class StableSamBackend:
         )
         self._pending = 0
         self._pending_lock = threading.Lock()
+        self._queue: Any = None
+        self._stored_access: dict[str, tuple[str, str]] = {}
+        self._redis_retry_at = 0.0
 
     def close(self) -> None:
         if self._prefetch is not None:
@@ -261,7 +264,25 @@ class StableSamBackend:
         if key is not None and schema:
             self._schemas[key] = schema
         self.auth.update_from_setup(hostname, access_token)
+        if key is not None and hostname and access_token:
+            self._share_access_with_training(key, hostname, access_token)
         return self.models.model_version(key)
+
+    def _share_access_with_training(self, project: str, hostname: str, token: str) -> None:
+        """Let training jobs reach LS with /setup's token (once per change; Redis may be down)."""
+        import redis
+
+        if self._stored_access.get(project) == (hostname, token):
+            return
+        if time.monotonic() < self._redis_retry_at:
+            return  # Redis was down a moment ago: keep /setup fast
+        try:
+            self.training_queue().store_label_studio_access(project, hostname, token)
+            self._stored_access[project] = (hostname, token)
+        except (redis.RedisError, OSError) as exc:  # must not fail /setup (LS gives it 3 s)
+            self._redis_retry_at = time.monotonic() + 30.0
+            logger.warning("cannot share LS access of project %s with training: %s",
+                           project, type(exc).__name__)  # fmt: skip
 
     # -- /predict ----------------------------------------------------------------------------
     def predict(
@@ -412,6 +433,23 @@ class StableSamBackend:
         return False
 
     # -- training ----------------------------------------------------------------------------
+    def training_queue(self) -> Any:
+        """The ``backend.queue.TrainingQueue`` on REDIS_URL / TRAINING_QUEUE (built once)."""
+        if self._queue is None:
+            from backend.queue import TrainingQueue, redis_connection
+
+            self._queue = TrainingQueue(
+                redis_connection(self.settings.redis_url), self.settings.training_queue
+            )
+        return self._queue
+
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
-        """Hand a training event to the queue (the webhook router calls the same code)."""
-        raise NotImplementedError("filled in when backend/queue.py lands")
+        """Hand a Label Studio training event to the queue; returns what the queue did.
+
+        ``data`` is the webhook body (``{"action": ..., "project": {"id": ...}, ...}``). Training
+        itself runs in the RQ worker (``training.jobs.train_project``), never here.
+        """
+        project = project_key(data.get("project"))
+        if project is None:
+            raise InvalidRequestError("the training event names no project id")
+        return self.training_queue().handle_event(project, event).to_dict()

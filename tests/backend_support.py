@@ -1,0 +1,124 @@
+"""A real loopback HTTP server standing in for Label Studio's file and token endpoints.
+
+Used by the backend tests (``test_backend_*.py``). Routes:
+
+- ``GET /public/<name>``           a file, no auth
+- ``GET /data/upload/<pid>/<name>`` a file, needs ``Authorization: Token <legacy>`` or
+                                    ``Bearer <access>`` (an access token it issued)
+- ``POST /api/token/refresh/``     ``{"refresh": <PAT>}`` -> ``{"access": <JWT>}``
+- ``GET /slow/<name>``             answers after ``slow_s`` seconds
+- anything else                    404
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from PIL import Image
+
+
+def fake_jwt(payload: dict) -> str:
+    """A JWT-shaped token (unsigned: only its shape and ``exp`` matter to the backend)."""
+
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(payload)}.c2lnbmF0dXJl"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def scene(height: int = 120, width: int = 160) -> tuple[np.ndarray, np.ndarray]:
+    """A bright rectangle on a dark background: (image (H, W, 3) uint8, object mask (H, W))."""
+    image = np.full((height, width, 3), 30, np.uint8)
+    mask = np.zeros((height, width), bool)
+    mask[height // 4 : height * 3 // 4, width // 4 : width * 3 // 4] = True
+    image[mask] = (220, 200, 60)
+    return image, mask
+
+
+class FakeLabelStudio:
+    """The server; ``files`` maps a name to bytes; ``requests`` counts requests per path."""
+
+    def __init__(self, legacy_token: str = "legacy0123456789", pat: str | None = None) -> None:
+        self.files: dict[str, bytes] = {}
+        self.legacy_token = legacy_token
+        self.pat = pat or fake_jwt({"token_type": "refresh", "exp": time.time() + 3600})
+        self.access_tokens: set[str] = set()
+        self.refreshes = 0
+        self.slow_s = 3.0
+        self.requests: Counter[str] = Counter()
+        self.auth_headers: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                server.requests[self.path] += 1
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if self.path == "/api/token/refresh/" and body.get("refresh") == server.pat:
+                    server.refreshes += 1
+                    access = fake_jwt({"exp": time.time() + 300, "n": server.refreshes})
+                    server.access_tokens.add(access)
+                    self._send(200, json.dumps({"access": access}).encode())
+                else:
+                    self._send(401, b'{"detail": "bad token"}')
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                server.requests[path] += 1
+                auth = self.headers.get("Authorization", "")
+                server.auth_headers.append(auth)
+                name = path.rsplit("/", 1)[-1]
+                if path.startswith("/slow/"):
+                    time.sleep(server.slow_s)
+                if path.startswith("/data/upload/"):
+                    scheme, _, token = auth.partition(" ")
+                    ok = (scheme == "Token" and token == server.legacy_token) or (
+                        scheme == "Bearer" and token in server.access_tokens
+                    )
+                    if not ok:
+                        self._send(
+                            401, b'{"detail": "Authentication credentials were not provided."}'
+                        )
+                        return
+                if name in server.files and not path.startswith("/nowhere/"):
+                    self._send(200, server.files[name], "image/png")
+                else:
+                    self._send(404, b'{"detail": "Not found."}')
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeLabelStudio:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,215 @@
+"""Fetching task images from a real loopback server: auth, errors, EXIF, size limits, caching."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+
+import numpy as np
+import pytest
+from backend_support import FakeLabelStudio, fake_jwt, png_bytes, scene
+from PIL import Image
+from pydantic import SecretStr
+
+from backend.errors import (
+    ImageDecodeError,
+    ImageFetchError,
+    ImageTooLargeError,
+    InvalidRequestError,
+)
+from backend.images import ImageLoader, LabelStudioAuth, decode_image, resolve_image_url
+from backend.security import redact
+from backend.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def ls():
+    with FakeLabelStudio() as server:
+        image, _ = scene(60, 80)
+        server.files["scene.png"] = png_bytes(image)
+        yield server
+
+
+def loader_for(ls: FakeLabelStudio, **overrides) -> ImageLoader:
+    settings = Settings(label_studio_url=ls.url, **overrides)
+    return ImageLoader(settings, LabelStudioAuth(settings))
+
+
+# --- URL resolution ---------------------------------------------------------------------------
+
+
+def test_relative_urls_resolve_against_label_studio_with_credentials():
+    url, auth = resolve_image_url("/data/upload/3/a.png", 7, "http://ls:8080")
+    assert (url, auth) == ("http://ls:8080/data/upload/3/a.png", True)
+    url, auth = resolve_image_url("/data/local-files/?d=imgs/a.jpg", 7, "http://ls:8080")
+    assert url == "http://ls:8080/data/local-files/?d=imgs/a.jpg" and auth
+
+
+def test_cloud_uris_go_through_the_tasks_presign_endpoint():
+    url, auth = resolve_image_url("s3://bucket/a.jpg", 12, "http://ls:8080")
+    assert url == "http://ls:8080/tasks/12/presign/?fileuri=czM6Ly9idWNrZXQvYS5qcGc=" and auth
+
+
+def test_plain_urls_get_credentials_only_on_the_label_studio_origin():
+    assert resolve_image_url("https://cdn.example/a.png", 1, "http://ls:8080") == (
+        "https://cdn.example/a.png",
+        False,
+    )
+    assert resolve_image_url("http://ls:8080/data/upload/1/a.png", 1, "http://ls:8080")[1]
+
+
+@pytest.mark.parametrize(
+    ("value", "base", "message"),
+    [
+        ("/data/upload/1/a.png", "", "LABEL_STUDIO_URL"),
+        ("s3://b/a.png", "http://ls", None),
+        ("ftp://host/a.png", "http://ls", "unsupported"),
+        ("", "http://ls", "empty"),
+    ],
+)
+def test_unusable_urls_are_request_errors(value, base, message):
+    task_id = None if value.startswith("s3") else 1
+    with pytest.raises(InvalidRequestError, match=message or "task id"):
+        resolve_image_url(value, task_id, base)
+
+
+# --- fetching ---------------------------------------------------------------------------------
+
+
+def test_public_image_is_fetched_and_decoded(ls):
+    image = loader_for(ls).load(f"{ls.url}/public/scene.png")
+    assert image.rgb.shape == (60, 80, 3) and image.rgb.dtype == np.uint8
+    assert (image.width, image.height) == (80, 60)
+
+
+def test_legacy_token_from_setup_is_sent_as_token_header(ls):
+    loader = loader_for(ls)
+    with pytest.raises(ImageFetchError) as info:
+        loader.load("/data/upload/1/scene.png")
+    assert info.value.code == "image_fetch_unauthorized" and info.value.status_code == 502
+    assert "LABEL_STUDIO_API_KEY" in info.value.detail
+    loader.auth.update_from_setup(None, ls.legacy_token)
+    assert loader.load("/data/upload/1/scene.png").rgb.shape == (60, 80, 3)
+    assert ls.auth_headers[-1] == f"Token {ls.legacy_token}"
+
+
+def test_legacy_api_key_from_settings_is_sent_as_token_header(ls):
+    loader = loader_for(ls, label_studio_api_key=SecretStr(ls.legacy_token))
+    assert loader.load("/data/upload/2/scene.png").height == 60
+
+
+def test_personal_access_token_is_exchanged_once_and_cached(ls):
+    loader = loader_for(ls, label_studio_api_key=SecretStr(ls.pat), image_url_ttl_s=0)
+    before = ls.refreshes
+    loader.load("/data/upload/1/scene.png")
+    loader.load("/data/upload/1/scene.png")
+    assert ls.refreshes == before + 1
+    assert ls.auth_headers[-1].startswith("Bearer ") and ls.auth_headers[-1] != f"Bearer {ls.pat}"
+
+
+def test_expired_access_token_is_refreshed_after_a_401(ls):
+    loader = loader_for(ls, label_studio_api_key=SecretStr(ls.pat), image_url_ttl_s=0)
+    loader.load("/data/upload/1/scene.png")
+    ls.access_tokens.clear()  # the server forgets it, as after 5 minutes
+    before = ls.refreshes
+    assert loader.load("/data/upload/1/scene.png").width == 80
+    assert ls.refreshes == before + 1
+
+
+def test_a_rejected_personal_access_token_is_a_clear_error(ls):
+    bad = fake_jwt({"token_type": "refresh", "exp": time.time() + 60, "x": "wrong"})
+    loader = loader_for(ls, label_studio_api_key=SecretStr(bad))
+    with pytest.raises(ImageFetchError, match="refused the personal access token"):
+        loader.load("/data/upload/1/scene.png")
+
+
+def test_missing_image_is_404_naming_the_url(ls):
+    with pytest.raises(ImageFetchError) as info:
+        loader_for(ls).load(f"{ls.url}/public/missing.png")
+    assert info.value.status_code == 404 and "missing.png" in info.value.detail
+
+
+def test_slow_server_times_out_with_504(ls):
+    ls.slow_s = 2.0
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError) as info:
+        loader_for(ls, image_fetch_timeout_s=0.3).load(f"{ls.url}/slow/scene.png")
+    assert info.value.status_code == 504 and "timed out" in info.value.detail
+    assert time.monotonic() - started < 1.5
+
+
+def test_unreachable_server_is_502():
+    settings = Settings(label_studio_url="http://127.0.0.1:9", image_fetch_timeout_s=1)
+    with pytest.raises(ImageFetchError) as info:
+        ImageLoader(settings, LabelStudioAuth(settings)).load("http://127.0.0.1:9/a.png")
+    assert info.value.status_code == 502
+
+
+def test_download_over_the_byte_limit_is_413(ls):
+    with pytest.raises(ImageTooLargeError, match="IMAGE_MAX_BYTES"):
+        loader_for(ls, image_max_bytes=100).load(f"{ls.url}/public/scene.png")
+
+
+def test_images_are_cached_by_url_and_by_content(ls):
+    ls.files["copy.png"] = ls.files["scene.png"]
+    loader = loader_for(ls)
+    first = loader.load(f"{ls.url}/public/scene.png")
+    count = ls.requests["/public/scene.png"]
+    again = loader.load(f"{ls.url}/public/scene.png")
+    assert again is first and ls.requests["/public/scene.png"] == count  # no new download
+    copy = loader.load(f"{ls.url}/public/copy.png")
+    assert copy is first  # same bytes, decoded once
+
+
+def test_tokens_never_reach_the_log(ls, caplog):
+    caplog.set_level(logging.DEBUG)
+    loader = loader_for(ls, label_studio_api_key=SecretStr(ls.pat), image_url_ttl_s=0)
+    loader.load("/data/upload/1/scene.png")
+    with pytest.raises(ImageFetchError):
+        loader.load(f"{ls.url}/public/missing.png")
+    assert ls.pat not in caplog.text
+    assert not any(token in caplog.text for token in ls.access_tokens)
+
+
+def test_redact_scrubs_token_looking_strings():
+    jwt = fake_jwt({"exp": 1})
+    text = redact(f"Authorization: Token abcdef0123456789 and {jwt} and access_token=s3cr3tvalue")
+    assert "abcdef0123456789" not in text and jwt not in text and "s3cr3tvalue" not in text
+    assert redact("GET /data/upload/1/a.png 200") == "GET /data/upload/1/a.png 200"
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied_like_the_browser():
+    stored = np.zeros((20, 40, 3), np.uint8)  # landscape as stored
+    stored[:, :10] = 255  # left strip bright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", exif=exif, quality=95)
+    shown = decode_image(buffer.getvalue(), max_pixels=10_000)
+    assert shown.shape == (40, 20, 3)  # portrait, as the browser shows it
+    assert shown[:10].mean() > 200 and shown[-10:].mean() < 50  # the strip is now on top
+
+
+def test_corrupt_bytes_are_unreadable():
+    with pytest.raises(ImageDecodeError, match="not a readable image"):
+        decode_image(b"<html>login page</html>", 1_000_000)
+
+
+def test_truncated_image_is_unreadable():
+    data = png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(data[: len(data) // 2], 1_000_000)
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding():
+    big = png_bytes(np.zeros((1200, 1000), np.uint8))
+    with pytest.raises(ImageTooLargeError, match="1000x1200"):
+        decode_image(big, max_pixels=1_000_000)
+    # Only the header is there: a 413, not a decode error, proves nothing was decoded.
+    with pytest.raises(ImageTooLargeError):
+        decode_image(big[:200], max_pixels=1_000_000)
+    assert decode_image(big, max_pixels=1_200_000).shape == (1200, 1000, 3)

@@ -1,0 +1,85 @@
+"""Finding the BrushLabels attached to the smart tool's Image, for any tag names."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.errors import LabelConfigError
+from backend.label_config import parse_label_config
+
+SAM_CONFIG = """
+<View>
+  <Image name="photo" value="$picture" zoom="true"/>
+  <BrushLabels name="segmentation" toName="photo">
+    <Label value="Dog" background="#FF0000"/>
+    <Label value="Cat" background="#0000FF"/>
+  </BrushLabels>
+  <KeyPointLabels name="clicks" toName="photo" smart="true">
+    <Label value="Dog" smart="true"/><Label value="Cat" smart="true"/>
+  </KeyPointLabels>
+  <RectangleLabels name="boxes" toName="photo" smart="true">
+    <Label value="Dog"/><Label value="Cat"/>
+  </RectangleLabels>
+</View>
+"""
+
+
+def test_finds_the_brush_and_image_key_by_type_not_name():
+    config = parse_label_config(SAM_CONFIG)
+    brush = config.brush_for("photo", "Dog")
+    assert brush.name == "segmentation" and brush.labels == ("Dog", "Cat")
+    assert config.image_key("photo") == "picture"
+    assert config.default_image_name() == "photo"
+    smart = [c.name for c in config.controls if c.smart]
+    assert smart == ["clicks", "boxes"]
+
+
+def test_two_images_each_get_their_own_brush():
+    config = parse_label_config(
+        """<View><Image name="a" value="$left"/><Image name="b" value="$right"/>
+        <BrushLabels name="mask_b" toName="b"><Label value="X"/></BrushLabels>
+        <BrushLabels name="mask_a" toName="a"><Label value="X"/></BrushLabels>
+        <KeyPointLabels name="kp" toName="a,b" smart="true"><Label value="X"/></KeyPointLabels>
+        </View>"""
+    )
+    assert config.brush_for("a").name == "mask_a"
+    assert config.brush_for("b").name == "mask_b"
+    assert config.default_image_name() == "a"
+
+
+def test_prefers_the_brush_that_offers_the_label():
+    config = parse_label_config(
+        """<View><Image name="img" value="$image"/>
+        <BrushLabels name="animals" toName="img"><Label value="Dog"/></BrushLabels>
+        <BrushLabels name="vehicles" toName="img"><Label value="Car"/></BrushLabels></View>"""
+    )
+    assert config.brush_for("img", "Car").name == "vehicles"
+    assert config.brush_for("img", "Unknown").name == "animals"
+
+
+def test_no_brush_on_that_image_is_a_clear_error():
+    config = parse_label_config(
+        """<View><Image name="img" value="$image"/><Image name="other" value="$o"/>
+        <BrushLabels name="m" toName="other"><Label value="A"/></BrushLabels>
+        <KeyPointLabels name="kp" toName="img" smart="true"><Label value="A"/></KeyPointLabels>
+        </View>"""
+    )
+    with pytest.raises(LabelConfigError, match='BrushLabels> with toName="img"'):
+        config.brush_for("img", "A")
+
+
+@pytest.mark.parametrize("xml", ["", "   ", "<View><Image", "not xml at all"])
+def test_invalid_configs_raise(xml):
+    with pytest.raises(LabelConfigError):
+        parse_label_config(xml)
+
+
+def test_entity_expansion_is_refused():
+    bomb = '<?xml version="1.0"?><!DOCTYPE v [<!ENTITY a "aaaa">]><View>&a;</View>'
+    with pytest.raises(LabelConfigError):
+        parse_label_config(bomb)
+
+
+def test_unknown_image_name_is_an_error():
+    with pytest.raises(LabelConfigError, match="no <Image"):
+        parse_label_config(SAM_CONFIG).image_key("nope")
