@@ -1,0 +1,276 @@
+"""training.ls_dataset: Label Studio tasks + annotations -> Samples with instance masks.
+
+A small in-process stand-in for Label Studio's REST API (httpx.MockTransport) serves tasks in
+exactly the JSON shape LS 1.23 returns, with brush RLE made by the sdk's own encoder.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import mask2rle
+from PIL import Image
+
+import training.ls_dataset as ls
+from training.data import Sample
+
+LS_URL = "http://ls.test:8080"
+CONFIG = """<View>
+  <Image name="img" value="$image"/>
+  <BrushLabels name="tag" toName="img"><Label value="Object"/></BrushLabels>
+  <PolygonLabels name="poly" toName="img"><Label value="Object"/></PolygonLabels>
+</View>"""
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def brush_result(mask: np.ndarray, region_id: str = "b1") -> dict[str, Any]:
+    h, w = mask.shape
+    return {
+        "id": region_id,
+        "type": "brushlabels",
+        "from_name": "tag",
+        "to_name": "img",
+        "original_width": w,
+        "original_height": h,
+        "value": {
+            "format": "rle",
+            "rle": mask2rle(mask.astype(np.uint8) * 255),
+            "brushlabels": ["Object"],
+        },
+    }
+
+
+def polygon_result(points_pct: list[list[float]], w: int, h: int) -> dict[str, Any]:
+    return {
+        "id": "p1",
+        "type": "polygonlabels",
+        "from_name": "poly",
+        "to_name": "img",
+        "original_width": w,
+        "original_height": h,
+        "value": {"points": points_pct, "closed": True, "polygonlabels": ["Object"]},
+    }
+
+
+def make_jwt(claims: dict[str, Any]) -> str:
+    def part(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+class FakeLabelStudio:
+    """Routes for /api/projects/<id>/, /api/tasks/, /api/token/refresh/ and /data/upload/."""
+
+    def __init__(self, tasks: list[dict[str, Any]], images: dict[str, bytes], token: str) -> None:
+        self.tasks, self.images, self.token = tasks, images, token
+        self.access = make_jwt({"token_type": "access", "exp": time.time() + 300})
+        self.seen_auth: list[str] = []
+
+    def authorized(self, request: httpx.Request) -> bool:
+        header = request.headers.get("authorization", "")
+        self.seen_auth.append(header.split(" ")[0])
+        return header in (f"Token {self.token}", f"Bearer {self.access}")
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/api/token/refresh/":
+            if json.loads(request.content)["refresh"] != self.token:
+                return httpx.Response(401, json={"detail": "bad token"})
+            return httpx.Response(200, json={"access": self.access})
+        if not self.authorized(request):
+            return httpx.Response(
+                401, json={"detail": "Authentication credentials were not provided."}
+            )
+        if path == "/api/projects/7/":
+            return httpx.Response(200, json={"id": 7, "label_config": CONFIG})
+        if path == "/api/tasks/":
+            page, size = int(request.url.params["page"]), int(request.url.params["page_size"])
+            chunk = self.tasks[(page - 1) * size : page * size]
+            if not chunk and page > 1:
+                return httpx.Response(404, json={"detail": "Invalid page."})
+            return httpx.Response(200, json={"tasks": chunk, "total": len(self.tasks)})
+        if path in self.images:
+            return httpx.Response(200, content=self.images[path])
+        return httpx.Response(404, json={"detail": "Not found."})
+
+
+def task(
+    task_id: int, image_path: str, results: list[dict[str, Any]], **annotation: Any
+) -> dict[str, Any]:
+    return {
+        "id": task_id,
+        "data": {"image": image_path},
+        "annotations": [
+            {"id": task_id * 10, "result": results, "was_cancelled": False, **annotation}
+        ],
+    }
+
+
+@pytest.fixture
+def scene() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    a = np.zeros((40, 60), bool)
+    a[5:20, 10:30] = True
+    b = np.zeros((40, 60), bool)
+    b[25:35, 40:55] = True
+    return image, a, b
+
+
+def client_for(fake: FakeLabelStudio) -> ls.LabelStudioClient:
+    return ls.LabelStudioClient(LS_URL, fake.token, transport=httpx.MockTransport(fake))
+
+
+def test_brush_regions_become_instance_masks_with_a_legacy_token(scene) -> None:
+    image, a, b = scene
+    fake = FakeLabelStudio(
+        [task(1, "/data/upload/7/a.png", [brush_result(a), brush_result(b, "b2")])],
+        {"/data/upload/7/a.png": png_bytes(image)},
+        token="0123456789abcdef0123456789abcdef01234567",
+    )
+    samples = ls.load_project_samples(client_for(fake), "7")
+    assert len(samples) == 1
+    sample = samples[0]
+    assert sample.name == "task1"
+    np.testing.assert_array_equal(sample.image, image)
+    np.testing.assert_array_equal(sample.masks, np.stack([a, b]))
+    assert set(fake.seen_auth) == {"Token"}
+
+
+def test_personal_access_token_is_exchanged_for_a_bearer_access_token(scene) -> None:
+    image, a, _ = scene
+    pat = make_jwt({"token_type": "refresh", "exp": time.time() + 3600})
+    fake = FakeLabelStudio(
+        [task(1, "/data/upload/7/a.png", [brush_result(a)])],
+        {"/data/upload/7/a.png": png_bytes(image)},
+        token=pat,
+    )
+    samples = ls.load_project_samples(client_for(fake), "7")
+    assert len(samples) == 1
+    assert set(fake.seen_auth) == {"Bearer"}
+
+
+def test_wrong_token_is_a_clear_error_without_the_token(scene) -> None:
+    fake = FakeLabelStudio([], {}, token="right-token-0000")
+    client = ls.LabelStudioClient(LS_URL, "wrong-token-1111", transport=httpx.MockTransport(fake))
+    with pytest.raises(ls.LabelStudioError, match="HTTP 401") as info:
+        ls.load_project_samples(client, "7")
+    assert "wrong-token-1111" not in str(info.value)
+
+
+def test_polygon_is_rasterised_from_percent_points() -> None:
+    result = polygon_result([[10, 10], [50, 10], [50, 60], [10, 60]], w=100, h=50)
+    mask = ls.polygon_mask(result)
+    assert mask.shape == (50, 100)
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 50, 5, 30)
+
+
+def test_brush_rle_of_the_wrong_size_is_refused(scene) -> None:
+    _, a, _ = scene
+    result = brush_result(a)
+    result["original_width"] = 61
+    with pytest.raises(ValueError, match="expected 40x61x4"):
+        ls.brush_mask(result)
+
+
+def test_tasks_are_paged_and_unannotated_or_cancelled_ones_skipped(monkeypatch, scene) -> None:
+    monkeypatch.setattr(ls, "PAGE_SIZE", 2)
+    image, a, _ = scene
+    images = {f"/data/upload/7/{i}.png": png_bytes(image) for i in range(5)}
+    tasks = [task(i, f"/data/upload/7/{i}.png", [brush_result(a)]) for i in range(3)]
+    tasks.append({"id": 3, "data": {"image": "/data/upload/7/3.png"}, "annotations": []})
+    tasks.append(task(4, "/data/upload/7/4.png", [brush_result(a)], was_cancelled=True))
+    fake = FakeLabelStudio(tasks, images, token="legacy-token-000000")
+    names = [s.name for s in ls.load_project_samples(client_for(fake), "7")]
+    assert names == ["task0", "task1", "task2"]
+
+
+def test_newest_annotation_of_a_task_is_used(scene) -> None:
+    image, a, b = scene
+    t = task(1, "/data/upload/7/a.png", [brush_result(a)], updated_at="2026-01-01T00:00:00Z")
+    t["annotations"].append(
+        {
+            "id": 11,
+            "result": [brush_result(b)],
+            "was_cancelled": False,
+            "updated_at": "2026-02-01T00:00:00Z",
+        }
+    )
+    fake = FakeLabelStudio(
+        [t], {"/data/upload/7/a.png": png_bytes(image)}, token="legacy-token-0000"
+    )
+    (sample,) = ls.load_project_samples(client_for(fake), "7")
+    np.testing.assert_array_equal(sample.masks, b[None])
+
+
+def test_missing_image_skips_the_task_not_the_project(scene) -> None:
+    image, a, _ = scene
+    tasks = [
+        task(1, "/data/upload/7/gone.png", [brush_result(a)]),
+        task(2, "/data/upload/7/b.png", [brush_result(a)]),
+    ]
+    fake = FakeLabelStudio(
+        tasks, {"/data/upload/7/b.png": png_bytes(image)}, token="legacy-token-0000"
+    )
+    assert [s.name for s in ls.load_project_samples(client_for(fake), "7")] == ["task2"]
+
+
+def test_exif_orientation_is_applied_like_the_browser() -> None:
+    image = np.zeros((20, 30, 3), np.uint8)
+    image[:, :10] = 255
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    Image.fromarray(image).save(buffer, format="JPEG", exif=exif, quality=100)
+    decoded = ls.decode_image(buffer.getvalue())
+    assert decoded.shape == (30, 20, 3)
+
+
+def test_images_over_the_pixel_limit_are_refused() -> None:
+    with pytest.raises(ls.LabelStudioError, match="exceeds"):
+        ls.decode_image(png_bytes(np.zeros((100, 100, 3), np.uint8)), max_pixels=5000)
+
+
+def _samples(n: int) -> list[Sample]:
+    return [
+        Sample(np.zeros((4, 4, 3), np.uint8), np.ones((1, 4, 4), bool), f"task{i}")
+        for i in range(n)
+    ]
+
+
+def test_split_is_deterministic_disjoint_and_stable_as_the_project_grows() -> None:
+    train, val = ls.split_train_val(_samples(50), 0.2)
+    assert {s.name for s in train}.isdisjoint({s.name for s in val})
+    assert len(train) + len(val) == 50
+    assert 4 <= len(val) <= 18
+    _, again_val = ls.split_train_val(list(reversed(_samples(50))), 0.2)
+    assert [s.name for s in again_val] == [s.name for s in val]
+    _, bigger_val = ls.split_train_val(_samples(80), 0.2)
+    assert {s.name for s in val} <= {s.name for s in bigger_val}
+
+
+def test_split_keeps_both_sides_non_empty_for_tiny_projects() -> None:
+    train, val = ls.split_train_val(_samples(2), 0.2)
+    assert len(train) == 1 and len(val) == 1
+    train, val = ls.split_train_val(_samples(1), 0.2)
+    assert len(train) + len(val) == 1
+
+
+def test_image_tag_names_map_to_task_data_keys() -> None:
+    assert ls.image_data_keys(CONFIG) == {"img": "image"}
+    with pytest.raises(ls.LabelStudioError):
+        ls.image_data_keys("<View><Image")
