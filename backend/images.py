@@ -203,6 +203,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("the downloaded file is not a readable image") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # a recognised format, broken header
+        raise ImageDecodeError(
+            f"the image is not a readable image (corrupt header: {exc})"
+        ) from exc
     with image:
         width, height = image.size
         if width * height > max_pixels:
