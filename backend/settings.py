@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     train_retry_intervals_s: list[int] = Field(default_factory=lambda: [30, 120])
     # Share of a project's annotated tasks held out to decide promotion (deterministic split).
     train_val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    # Promote a new version when its validation robust mIoU (percent) is at least the served
+    # one's minus this many points (0: "not worse").
+    train_promote_tolerance: float = 0.0
 
     # --- Logging ---
     log_level: str = "INFO"

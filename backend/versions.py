@@ -168,6 +168,10 @@ class VersionStore:
             versions.extend(self._load(name).versions)
         return versions
 
+    def next_name(self, project: str) -> str:
+        """The name the next ``write`` of ``project`` will get (one writer per project)."""
+        return version_name(project, self._load(project).next_sequence)
+
     def projects(self) -> list[str]:
         """Projects that have a manifest, in numeric order."""
         if not self.root.is_dir():
