@@ -20,13 +20,13 @@ def command_line(argv: list[str]) -> str:
     skip = False
     for arg in argv:
         if skip:
-            shown.append("***")
+            shown.append("REDACTED")
             skip = False
             continue
         if arg == "--api-key":
             skip = True
         elif arg.startswith("--api-key="):
-            arg = "--api-key=***"
+            arg = "--api-key=REDACTED"
         shown.append(arg)
     return "python -m training.user_study " + " ".join(shlex.quote(a) for a in shown)
 

@@ -1,0 +1,340 @@
+"""User-study evaluator: export parsing, matching and metrics on hand-computed tiny cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.user_study.box_quality import (
+    equivalent_noise_scale,
+    iou_histogram,
+    simulated_mean_iou,
+    summarize,
+)
+from training.user_study.ground_truth import GtImage, GtObject, from_brush_masks
+from training.user_study.ls_export import (
+    annotator_name,
+    clip_box,
+    image_key_for,
+    parse_export,
+    rectangle_to_xyxy,
+)
+from training.user_study.matching import match_boxes
+from training.user_study.segmentation import (
+    ObjectPrompts,
+    aggregate,
+    evaluate_segmentation,
+)
+
+
+def square_mask(h: int, w: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """(h, w) bool, True on columns x0..x1-1 and rows y0..y1-1."""
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def rect(x0: float, y0: float, x1: float, y1: float, width: int, height: int, **extra) -> dict:
+    """A Label Studio rectangle region for pixel box ``xyxy`` on a ``width`` x ``height`` image."""
+    value = {
+        "x": 100 * x0 / width,
+        "y": 100 * y0 / height,
+        "width": 100 * (x1 - x0) / width,
+        "height": 100 * (y1 - y0) / height,
+        "rotation": 0,
+        "rectanglelabels": ["target"],
+    }
+    value.update(extra)
+    return {
+        "type": "rectanglelabels",
+        "original_width": width,
+        "original_height": height,
+        "value": value,
+    }
+
+
+def task(tid: int, annotations: list, target: str | None = "1", name: str = "img") -> dict:
+    data = {"image": f"/data/upload/3/0a1b2c3d-{name}_t.png", "image_name": f"{name}.jpg"}
+    if target is not None:
+        data["target_id"] = target
+    return {"id": tid, "data": data, "annotations": annotations}
+
+
+def ann(aid: int, who: str, result: list, **extra) -> dict:
+    return {"id": aid, "completed_by": {"id": aid, "email": who}, "result": result, **extra}
+
+
+# --- Label Studio rectangles ------------------------------------------------------------------
+
+
+def test_percent_rectangle_converts_to_pixels_of_the_original_image():
+    box, rotated = rectangle_to_xyxy({"x": 10, "y": 20, "width": 30, "height": 40}, 200, 100)
+    np.testing.assert_allclose(box, [20, 20, 80, 60])
+    assert not rotated
+
+
+def test_rotated_rectangle_becomes_axis_aligned_bounds_of_its_corners():
+    # rotation 90 deg clockwise about the top-left corner (50, 10): the 20x10 box swings down-left
+    value = {"x": 50, "y": 10, "width": 20, "height": 10, "rotation": 90}
+    box, rotated = rectangle_to_xyxy(value, 100, 100)
+    np.testing.assert_allclose(box, [40, 10, 50, 30], atol=1e-9)
+    assert rotated
+
+
+def test_rotation_is_applied_in_pixels_not_percent_on_a_non_square_image():
+    # 10% x 10% of a 200x100 image is a 20x10 px box; rotated by 90 deg it is 10 wide, 20 tall
+    value = {"x": 50, "y": 10, "width": 10, "height": 10, "rotation": 90}
+    box, _ = rectangle_to_xyxy(value, 200, 100)
+    np.testing.assert_allclose(box, [90, 10, 100, 30], atol=1e-9)
+
+
+def test_box_reaching_outside_is_clipped_and_one_fully_outside_is_dropped():
+    box, clipped = clip_box(np.array([-10.0, 5, 50, 120]), height=100, width=100)
+    np.testing.assert_allclose(box, [0, 5, 50, 100])
+    assert clipped
+    assert clip_box(np.array([110.0, 0, 120, 10]), height=100, width=100) == (None, True)
+    box, clipped = clip_box(np.array([1.0, 2, 3, 4]), height=100, width=100)
+    assert not clipped
+
+
+def test_image_key_is_the_original_name_or_the_upload_name_without_prefix():
+    assert (
+        image_key_for({"image": "/data/upload/3/0a1b2c3d-cat.jpg", "image_name": "dog.png"})
+        == "dog"
+    )
+    assert image_key_for({"image": "/data/upload/3/0a1b2c3d-cat.jpg"}) == "cat"
+    assert image_key_for({"image": "/data/local-files/?d=photos/bird.jpeg"}) == "bird"
+
+
+def test_annotators_are_named_by_email_or_id():
+    assert annotator_name({"id": 4, "email": "a@x"}) == "a@x"
+    assert annotator_name(4) == "user4"
+    assert annotator_name(4, {4: "b@x"}) == "b@x"
+
+
+# --- export edge cases ------------------------------------------------------------------------
+
+
+def test_export_edge_cases_are_counted_not_raised():
+    W = H = 100
+    tasks = [
+        task(1, [ann(1, "a", [rect(10, 10, 30, 30, W, H)], lead_time=3.5)]),
+        task(2, [ann(2, "a", [], was_cancelled=True)]),  # skipped
+        task(3, [ann(3, "a", [])]),  # submitted with no box
+        task(
+            4,
+            [  # duplicate: the newer annotation wins
+                ann(4, "a", [rect(0, 0, 5, 5, W, H)], updated_at="2026-01-01T00:00:00Z"),
+                ann(5, "a", [rect(10, 10, 20, 20, W, H)], updated_at="2026-01-02T00:00:00Z"),
+            ],
+        ),
+        task(5, [ann(6, "a", [rect(0, 0, 5, 5, W, H), rect(40, 40, 60, 60, W, H)])]),  # 2 boxes
+        task(6, [ann(7, "a", [rect(120, 10, 130, 20, W, H)])]),  # outside
+        task(7, [ann(8, "a", [rect(-10, 10, 20, 20, W, H)])]),  # clipped
+        task(8, []),
+    ]
+    region = rect(10, 10, 20, 20, W, H)
+    del region["original_width"], region["original_height"]
+    tasks.append(task(9, [ann(9, "a", [region])], name="nosize"))
+    export = parse_export(tasks)
+    c = export.counts
+    assert (c.tasks, c.annotations, c.tasks_without_annotations) == (9, 9, 1)
+    assert (c.skipped, c.empty, c.duplicates, c.extra_boxes) == (1, 1, 1, 1)
+    assert (c.outside, c.clipped, c.unknown_size, c.with_lead_time) == (1, 1, 1, 1)
+    assert c.boxes == 4 == len(export.boxes)
+    by_task = {b.task_id: b for b in export.boxes}
+    np.testing.assert_allclose(by_task[4].box_xyxy, [10, 10, 20, 20])  # the newer one
+    np.testing.assert_allclose(by_task[5].box_xyxy, [40, 40, 60, 60])  # the last one drawn
+    np.testing.assert_allclose(by_task[7].box_xyxy, [0, 10, 20, 20])
+    assert by_task[1].lead_time_s == 3.5 and by_task[1].target_id == "1"
+    # the image size of the ground truth fills in a missing original_width/height
+    export = parse_export(tasks, image_sizes={"nosize": (H, W)})
+    assert export.counts.unknown_size == 0 and export.counts.boxes == 5
+
+
+def test_brush_ground_truth_is_read_from_the_export_and_not_taken_as_a_user_box():
+    from label_studio_sdk.converter.brush import mask2rle
+
+    mask = square_mask(6, 8, 2, 1, 5, 4)
+    brush = {
+        "type": "brushlabels",
+        "original_width": 8,
+        "original_height": 6,
+        "value": {
+            "format": "rle",
+            "rle": mask2rle(mask.astype(np.uint8) * 255),
+            "brushlabels": ["cat"],
+        },
+    }
+    tasks = [task(1, [ann(1, "gt@x", [brush]), ann(2, "u@x", [rect(2, 1, 5, 4, 8, 6)])])]
+    export = parse_export(tasks, read_brush_gt=True)
+    assert export.counts.ground_truth_annotations == 1 and export.counts.boxes == 1
+    gt = from_brush_masks(export.brush_masks)
+    np.testing.assert_array_equal(gt["img"].objects["1"].mask, mask)
+    assert gt["img"].objects["1"].label == "cat"
+    matching = match_boxes(export.boxes, gt)
+    assert matching.matched[0].box_iou == pytest.approx(1.0)
+    # restricted to another annotator, the brush annotation is ignored (it has no box)
+    export = parse_export(tasks, read_brush_gt=True, gt_annotator="someone@else")
+    assert export.counts.ground_truth_annotations == 0 and export.counts.empty == 1
+
+
+# --- matching ---------------------------------------------------------------------------------
+
+
+def gt_two_objects() -> dict[str, GtImage]:
+    """A 40x40 image: object '1' on [0,10)x[0,10), object '2' on [20,30)x[20,40)."""
+    objects = {
+        "1": GtObject("1", square_mask(40, 40, 0, 0, 10, 10)),
+        "2": GtObject("2", square_mask(40, 40, 20, 20, 30, 40)),
+    }
+    return {"img": GtImage("img", 40, 40, objects)}
+
+
+def test_box_of_a_named_target_belongs_to_it_whatever_it_overlaps():
+    tasks = [task(1, [ann(1, "a", [rect(20, 20, 30, 40, 40, 40)])], target="1")]
+    matching = match_boxes(parse_export(tasks).boxes, gt_two_objects())
+    (m,) = matching.matched
+    assert (m.object_id, m.by_target, m.box_iou) == ("1", True, 0.0)
+
+
+def test_box_iou_of_known_boxes():
+    # GT box of object 1 is [0, 0, 10, 10]; the user box [5, 0, 15, 10] overlaps half: 50 / 150
+    tasks = [task(1, [ann(1, "a", [rect(5, 0, 15, 10, 40, 40)])], target="1")]
+    (m,) = match_boxes(parse_export(tasks).boxes, gt_two_objects()).matched
+    assert m.box_iou == pytest.approx(1 / 3)
+
+
+def test_unnamed_targets_match_greedily_by_iou_one_to_one():
+    # A and B both overlap object 1 (IoU 0.81 and 0.64): greedy gives it to A, and B, which
+    # overlaps nothing else, stays unmatched; C takes object 2; the far box matches nothing.
+    a = rect(0, 0, 9, 9, 40, 40)  # IoU with object 1: 81/100
+    b = rect(2, 2, 10, 10, 40, 40)  # IoU with object 1: 64/100; with object 2: 0
+    c = rect(20, 22, 30, 40, 40, 40)  # IoU with object 2: 180/200 = 0.9
+    far = rect(35, 0, 40, 5, 40, 40)  # overlaps nothing
+    tasks = [task(1, [ann(1, "a", [a, b, c, far])], target=None)]
+    matching = match_boxes(parse_export(tasks).boxes, gt_two_objects())
+    pairs = sorted((m.object_id, round(m.box_iou, 4)) for m in matching.matched)
+    assert pairs == [("1", 0.81), ("2", 0.9)]
+    assert len(matching.unmatched) == 2
+    assert all("no free ground-truth box" in u.reason for u in matching.unmatched)
+
+
+def test_each_annotator_is_matched_independently():
+    a = rect(0, 0, 10, 10, 40, 40)
+    tasks = [task(1, [ann(1, "a", [a]), ann(2, "b", [a])], target=None)]
+    matching = match_boxes(parse_export(tasks).boxes, gt_two_objects())
+    assert sorted(m.box.annotator for m in matching.matched) == ["a", "b"]
+    assert all(m.object_id == "1" for m in matching.matched)
+
+
+def test_unknown_image_or_target_is_listed_as_unmatched():
+    tasks = [
+        task(1, [ann(1, "a", [rect(0, 0, 10, 10, 40, 40)])], target="9"),
+        task(2, [ann(2, "a", [rect(0, 0, 10, 10, 40, 40)])], name="other"),
+        task(3, [ann(3, "a", [rect(0, 0, 10, 10, 50, 40)])]),  # wrong image size
+    ]
+    matching = match_boxes(parse_export(tasks).boxes, gt_two_objects())
+    reasons = sorted(u.reason for u in matching.unmatched)
+    assert not matching.matched and len(reasons) == 3
+    assert "image 'other' not in the ground truth" in reasons
+    assert "target '9' not in the ground truth" in reasons
+    assert any("differs from the ground truth" in r for r in reasons)
+
+
+# --- box quality ------------------------------------------------------------------------------
+
+
+def test_histogram_bins_are_tenths_with_the_last_bin_closed():
+    hist = iou_histogram([0.05, 0.1, 0.55, 0.99, 1.0, 0.0])
+    assert hist["counts"] == [2, 1, 0, 0, 0, 1, 0, 0, 0, 2]
+    assert hist["edges"][0] == 0.0 and hist["edges"][-1] == 1.0 and len(hist["edges"]) == 11
+
+
+def test_summary_statistics():
+    s = summarize([0.2, 0.4, 0.9])
+    assert s["n"] == 3
+    assert s["mean"] == pytest.approx(0.5) and s["median"] == pytest.approx(0.4)
+    assert summarize([])["mean"] is None
+    assert summarize([None, 1.0])["n"] == 1
+
+
+def test_equivalent_noise_scale_recovers_the_scale_that_made_the_iou():
+    boxes = [np.array([10.0, 10, 50, 40]), np.array([0.0, 0, 30, 60])]
+    sizes = [(100, 100), (100, 100)]
+    target = simulated_mean_iou(boxes, sizes, 0.3, samples_per_box=256, seed=1)
+    assert 0.5 < target < 0.9
+    found = equivalent_noise_scale(target, boxes, sizes, samples_per_box=256, seed=1)
+    assert found["bound"] is None
+    assert found["scale"] == pytest.approx(0.3, abs=0.01)
+    assert simulated_mean_iou(boxes, sizes, 0.0) == pytest.approx(1.0)
+
+
+def test_equivalent_noise_scale_reports_a_bound_when_out_of_reach():
+    boxes, sizes = [np.array([10.0, 10, 50, 40])], [(100, 100)]
+    found = equivalent_noise_scale(0.01, boxes, sizes, samples_per_box=64, max_scale=1.0)
+    assert found["bound"] == ">max" and found["scale"] == 1.0
+    assert equivalent_noise_scale(1.0, boxes, sizes)["scale"] == 0.0
+
+
+# --- segmentation aggregation -----------------------------------------------------------------
+
+
+class BoxFiller:
+    """A 'model' whose mask is exactly the (rounded) prompt box: IoUs are computable by hand."""
+
+    def segment_boxes(self, image_rgb: np.ndarray, boxes_xyxy: np.ndarray) -> np.ndarray:
+        h, w = image_rgb.shape[:2]
+        out = np.zeros((len(boxes_xyxy), h, w), bool)
+        for i, (x0, y0, x1, y1) in enumerate(np.round(boxes_xyxy).astype(int)):
+            out[i, y0:y1, x0:x1] = True
+        return out
+
+
+def test_miou_mbiou_and_st_of_known_masks():
+    # GT: [0,10)x[0,10) in a 20x20 image. User boxes: A = the GT box (IoU 1), B = twice as tall
+    # (IoU 0.5). ST = (IoU(A, A∪B) + IoU(B, A∪B)) / 2 = (0.5 + 1) / 2 = 0.75.
+    gt_mask = square_mask(20, 20, 0, 0, 10, 10)
+    gt = {"img": GtImage("img", 20, 20, {"1": GtObject("1", gt_mask)})}
+    obj = ObjectPrompts(
+        "img",
+        "1",
+        gt_box=np.array([0.0, 0, 10, 10]),
+        user_boxes=np.array([[0.0, 0, 10, 10], [0.0, 0, 10, 20]]),
+        annotators=["a", "b"],
+        noisy_boxes=np.array([[0.0, 0, 20, 10]]),  # IoU 0.5, a single prompt: no ST
+    )
+    image = np.zeros((20, 20, 3), np.uint8)
+    result = evaluate_segmentation({"box": BoxFiller()}, [obj], gt, lambda key: image)
+    scores = result["box"][("img", "1")]
+    assert scores["gt_box"]["iou"] == pytest.approx(1.0) and scores["gt_box"]["st"] is None
+    assert scores["user"]["ious"] == pytest.approx([1.0, 0.5])
+    assert scores["user"]["iou"] == pytest.approx(0.75)
+    assert scores["user"]["st"] == pytest.approx(0.75)
+    assert scores["noisy"]["iou"] == pytest.approx(0.5) and scores["noisy"]["st"] is None
+    # boundary IoU: 20x20 image, d = max(1, round(0.02 * 28.3)) = 1, so the band is the mask
+    # minus its 1-px erosion. A's band equals the GT band (1.0); B's band (rows 0..19 outline
+    # of [0,10)x[0,20)) shares the top row and the left/right columns of rows 0..9 with it.
+    gt_band = 10 + 10 + 8 + 8  # 36 px
+    b_band = 10 + 10 + 18 + 18  # 56 px
+    shared = 10 + 9 + 9  # top row, left and right columns of rows 1..9
+    expected_b = shared / (gt_band + b_band - shared)
+    assert scores["user"]["biou"] == pytest.approx((1.0 + expected_b) / 2)
+    table = aggregate(result["box"])
+    assert table["user"]["miou"] == pytest.approx(0.75) and table["user"]["st"] == pytest.approx(
+        0.75
+    )
+    assert table["gt_box"]["st"] is None and table["user"]["prompts"] == 2
+
+
+def test_aggregate_weighs_every_object_equally():
+    per_object = {
+        ("i", "1"): {"user": {"n": 3, "iou": 0.9, "biou": 0.8, "st": 0.7}},
+        ("i", "2"): {"user": {"n": 1, "iou": 0.5, "biou": 0.4, "st": None}},
+    }
+    table = aggregate(per_object)
+    assert table["user"]["miou"] == pytest.approx(0.7)
+    assert table["user"]["mbiou"] == pytest.approx(0.6)
+    assert table["user"]["st"] == pytest.approx(0.7)  # only objects with >= 2 boxes
+    assert table["user"]["objects"] == 2 and table["user"]["prompts"] == 4
+    assert table["noisy"]["miou"] is None

@@ -1,0 +1,217 @@
+"""User-study evaluator: ground-truth loaders, the report files, the CLI, models, demo, collect."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from training.user_study.cli import command_line, main
+from training.user_study.collect import highlight, plan_targets
+from training.user_study.ground_truth import load_coco, load_mask_folder
+
+
+def write_png(path, array) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    assert cv2.imwrite(str(path), arr)
+
+
+def tiny_study(tmp_path):
+    """A 32x48 image with two square objects, a mask folder, and an export with 2 annotators."""
+    image = np.zeros((32, 48, 3), np.uint8)
+    image[4:14, 4:14] = (200, 30, 30)
+    image[16:28, 24:44] = (30, 200, 30)
+    write_png(tmp_path / "gt/images/pic.png", image)
+    m0 = np.zeros((32, 48), np.uint8)
+    m0[4:14, 4:14] = 255
+    m1 = np.zeros((32, 48), np.uint8)
+    m1[16:28, 24:44] = 255
+    write_png(tmp_path / "gt/masks/pic_0.png", m0)
+    write_png(tmp_path / "gt/masks/pic_1.png", m1)
+
+    def region(x0, y0, x1, y1):
+        return {
+            "type": "rectanglelabels",
+            "original_width": 48,
+            "original_height": 32,
+            "value": {
+                "x": 100 * x0 / 48,
+                "y": 100 * y0 / 32,
+                "width": 100 * (x1 - x0) / 48,
+                "height": 100 * (y1 - y0) / 32,
+                "rotation": 0,
+                "rectanglelabels": ["target"],
+            },
+        }
+
+    def t(tid, target, anns):
+        data = {"image": f"/data/upload/1/abcdef12-pic__target_{target}.png"}
+        data.update({"image_name": "pic.png", "target_id": target})
+        return {"id": tid, "data": data, "annotations": anns}
+
+    tasks = [
+        t(
+            1,
+            "0",
+            [  # GT box [4, 4, 14, 14]
+                {"id": 1, "completed_by": 1, "result": [region(4, 4, 14, 14)], "lead_time": 2.0},
+                {"id": 2, "completed_by": 2, "result": [region(9, 4, 19, 14)], "lead_time": 4.0},
+            ],
+        ),
+        t(
+            2,
+            "1",
+            [  # GT box [24, 16, 44, 28]
+                {"id": 3, "completed_by": 1, "result": [region(24, 16, 44, 28)]},
+                {"id": 4, "completed_by": 2, "result": [], "was_cancelled": True},
+            ],
+        ),
+    ]
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(tasks))
+    return export, tmp_path / "gt"
+
+
+def test_mask_folder_with_one_png_per_instance(tmp_path):
+    _, gt_dir = tiny_study(tmp_path)
+    gt = load_mask_folder(gt_dir)
+    assert list(gt) == ["pic"] and sorted(gt["pic"].objects) == ["0", "1"]
+    np.testing.assert_allclose(gt["pic"].objects["1"].box_xyxy, [24, 16, 44, 28])
+    assert gt["pic"].image_path.name == "pic.png"
+
+
+def test_mask_folder_with_instance_label_pngs(tmp_path):
+    labels = np.zeros((10, 12), np.uint8)
+    labels[1:3, 2:5] = 3
+    labels[6:9, 0:2] = 7
+    write_png(tmp_path / "masks/photo.png", labels)
+    gt = load_mask_folder(tmp_path)
+    assert sorted(gt["photo"].objects) == ["3", "7"]
+    np.testing.assert_allclose(gt["photo"].objects["3"].box_xyxy, [2, 1, 5, 3])
+
+
+def test_coco_ground_truth(tmp_path):
+    coco = {
+        "images": [{"id": 5, "file_name": "sub/cat.jpg", "height": 10, "width": 12}],
+        "categories": [{"id": 1, "name": "cat"}],
+        "annotations": [
+            {
+                "id": 42,
+                "image_id": 5,
+                "category_id": 1,
+                "segmentation": [[2, 1, 6, 1, 6, 5, 2, 5]],
+                "area": 16,
+                "bbox": [2, 1, 4, 4],
+                "iscrowd": 0,
+            }
+        ],
+    }
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(coco))
+    gt = load_coco(path)
+    obj = gt["cat"].objects["42"]
+    assert obj.label == "cat" and gt["cat"].height == 10
+    assert obj.mask[3, 4] and not obj.mask[8, 10]
+
+
+def test_evaluate_cli_box_quality_only_writes_every_file(tmp_path):
+    export, gt_dir = tiny_study(tmp_path)
+    out = tmp_path / "out"
+    argv = ["evaluate", "--export", str(export), "--gt", str(gt_dir), "--models", "none"]
+    assert main([*argv, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # IoUs: user1 1.0 and 1.0, user2 [9,4,19,14] vs [4,4,14,14] = 50/150; the skip is counted
+    assert summary["counts"]["skipped"] == 1 and summary["counts"]["matched"] == 3
+    assert summary["box_quality"]["overall"]["mean"] == pytest.approx((2 + 1 / 3) / 3)
+    assert summary["box_quality"]["overall"]["median"] == pytest.approx(1.0)
+    assert summary["box_quality"]["per_annotator"]["user2"]["mean"] == pytest.approx(1 / 3)
+    assert summary["box_quality"]["lead_time_s"]["mean"] == pytest.approx(3.0)
+    assert summary["box_quality"]["histogram"]["counts"][3] == 1
+    assert summary["box_quality"]["histogram"]["counts"][9] == 2
+    assert summary["simulated"] is None
+    report = (out / "report.md").read_text()
+    assert command_line([*argv, "--out", str(out)]) in report
+    assert "SIMULATED" not in report
+    rows = (out / "per_object.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("pic,0,,2,user1;user2,0.6667")
+    assert (out / "box_iou_histogram.png").stat().st_size > 1000
+
+
+def test_command_line_in_the_report_never_shows_the_api_key():
+    shown = command_line(["evaluate", "--api-key", "s3cret", "--project", "3", "--api-key=x"])
+    assert "s3cret" not in shown and "--api-key=REDACTED" in shown and "--api-key REDACTED" in shown
+
+
+@pytest.mark.slow  # builds a randomly initialised mini SAM (~2-5 s on a busy 2-core CPU)
+def test_evaluate_with_real_models_fills_the_table(tmp_path):
+    from stable_sam import StableSamPredictor, build_stable_sam
+    from training.user_study.evaluate import EvaluationConfig, evaluate_study
+    from training.user_study.ground_truth import load_mask_folder
+    from training.user_study.images import ImageLoader
+    from training.user_study.ls_export import parse_export, read_export_file
+    from training.user_study.models import PredictorSegmenter
+    from training.user_study.report import write_report
+
+    export_path, gt_dir = tiny_study(tmp_path)
+    gt = load_mask_folder(gt_dir)
+    export = parse_export(read_export_file(export_path))
+    model = build_stable_sam("mini", None, plugins=True, device="cpu")  # random weights
+    segmenter = PredictorSegmenter(StableSamPredictor(model), "mini, random weights")
+    masks = segmenter.segment_boxes(np.zeros((32, 48, 3), np.uint8), np.zeros((3, 4)) + 4)
+    assert masks.shape == (3, 32, 48) and masks.dtype == bool
+    config = EvaluationConfig(noisy_per_object=2)
+    result = evaluate_study(export, gt, {"random": segmenter}, ImageLoader(gt), config)
+    row = result.table["random"]
+    assert row["gt_box"]["objects"] == 2 and row["gt_box"]["prompts"] == 2
+    assert row["user"]["prompts"] == 3 and row["noisy"]["prompts"] == 4
+    assert 0.0 <= row["user"]["miou"] <= 1.0 and row["user"]["st"] is not None
+    report = write_report(result, tmp_path / "out", "cmd")
+    assert "| random |" in report.read_text()
+    assert (tmp_path / "out" / "miou_by_model.png").is_file()
+
+
+def test_unknown_model_name_is_refused():
+    from training.user_study.models import build_segmenters
+
+    with pytest.raises(ValueError, match="unknown model"):
+        build_segmenters(["sam2"], base_type="mini")
+    with pytest.raises(ValueError, match="hq-checkpoint"):
+        build_segmenters(["hq-sam"], base_type="mini")
+
+
+def test_demo_report_says_it_is_simulated(tmp_path):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--images", "2", "--size", "128", "--models", "none"]
+    assert main(argv) == 0
+    report = (out / "report.md").read_text()
+    assert "SIMULATED STUDY" in report and "careful@demo 0.1" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["simulated"] and summary["counts"]["skipped"] == 1
+    assert summary["counts"]["duplicates"] == 1
+    per = summary["box_quality"]["per_annotator"]
+    assert per["careful@demo"]["mean"] > per["sloppy@demo"]["mean"]
+    assert (out / "demo_data" / "export.json").is_file()
+
+
+def test_highlight_outlines_the_target_only():
+    image = np.full((40, 40, 3), 100, np.uint8)
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:30] = True
+    out = highlight(image, mask, "outline")
+    red = (out == (255, 40, 40)).all(axis=2)
+    assert red[10, 20] and red[20, 10] and not red[20, 20] and not red[2, 2]
+    tinted = highlight(image, mask, "tint")
+    assert tinted[20, 20, 0] > 100 and (tinted[2, 2] == 100).all()
+    assert (highlight(image, mask, "none") == image).all()
+
+
+def test_plan_targets_renders_the_largest_targets_first(tmp_path):
+    _, gt_dir = tiny_study(tmp_path)
+    gt = load_mask_folder(gt_dir)
+    targets = plan_targets(gt, tmp_path / "work", max_targets=1)
+    assert [(t.image_key, t.object_id, t.image_name) for t in targets] == [("pic", "1", "pic.png")]
+    assert targets[0].highlighted_path.name == "pic__target_1.png"
+    assert targets[0].highlighted_path.is_file()
