@@ -102,10 +102,18 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.strip().rstrip("/")
 
-    @field_validator("sam_checkpoint", mode="before")
+    @field_validator(
+        "sam_checkpoint",
+        "label_studio_api_key",
+        "basic_auth_user",
+        "basic_auth_pass",
+        "webhook_secret",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
-        return None if value in ("", None) else value
+        # docker-compose passes unset variables as "": treat them as not configured.
+        return None if value is None or (isinstance(value, str) and not value.strip()) else value
 
     @property
     def basic_auth_enabled(self) -> bool:

@@ -1,0 +1,81 @@
+"""Model selection by environment, model_version naming, and project keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backend.errors import ModelUnavailableError
+from backend.model import ModelServer, project_key
+from backend.settings import Settings
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SAM_MODEL_TYPE", "vit_l")
+    monkeypatch.setenv("SAM_PLUGINS", "none")
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://ls:8080/")
+    monkeypatch.setenv("WEBHOOK_SECRET", "")
+    monkeypatch.setenv("IMAGE_MAX_PIXELS", "1234")
+    settings = Settings()
+    assert settings.sam_model_type == "vit_l" and not settings.plugins_enabled
+    assert settings.label_studio_url == "http://ls:8080"
+    assert settings.webhook_secret is None  # empty = not configured
+    assert settings.image_max_pixels == 1234
+
+
+def test_unknown_model_type_is_refused():
+    with pytest.raises(ValueError):
+        Settings(sam_model_type="vit_x")
+
+
+@pytest.mark.parametrize(
+    ("project", "key"),
+    [("7.1700000000", "7"), ("12", "12"), (7, "7"), ({"id": 3, "token": "x"}, "3"),
+     (None, None), ("", None), ("../etc", None)],
+)  # fmt: skip
+def test_project_key_is_the_numeric_id(project, key):
+    assert project_key(project) == key
+
+
+def test_model_version_names_base_and_plugins_without_building(tmp_path):
+    plain = ModelServer(Settings(sam_plugins="none", versions_dir=tmp_path))
+    assert plain.model_version("1").startswith("sam-")
+    stable = ModelServer(Settings(versions_dir=tmp_path))
+    assert stable.model_version("1").startswith("stable-sam-mini")
+    assert not stable.loaded
+
+
+def test_official_size_without_checkpoint_is_a_clear_503(tmp_path):
+    server = ModelServer(Settings(sam_model_type="vit_b", versions_dir=tmp_path))
+    with pytest.raises(ModelUnavailableError, match="SAM_CHECKPOINT") as info:
+        server.predictor()
+    assert info.value.status_code == 503
+
+
+def test_missing_checkpoint_or_plugin_file_is_a_clear_503(tmp_path):
+    missing = ModelServer(Settings(sam_checkpoint=tmp_path / "nope.pth", versions_dir=tmp_path))
+    with pytest.raises(ModelUnavailableError, match="not found"):
+        missing.predictor()
+    plugins = ModelServer(
+        Settings(sam_allow_random_weights=True, sam_plugins=str(tmp_path / "p.safetensors"))
+    )
+    with pytest.raises(ModelUnavailableError, match="SAM_PLUGINS"):
+        plugins.predictor()
+
+
+def test_official_format_checkpoint_loads_as_plain_sam(tmp_path):
+    from stable_sam import build_sam
+
+    path = tmp_path / "sam_mini_official.pth"
+    torch.save(build_sam("mini").state_dict(), path)
+    server = ModelServer(
+        Settings(sam_checkpoint=path, sam_plugins="none", device="cpu", versions_dir=tmp_path)
+    )
+    assert server.default_model_version == "sam-mini-sam_mini_official"
+    predictor = server.predictor()
+    assert not predictor.model.has_plugins
+    image = np.zeros((40, 50, 3), np.uint8)
+    masks = predictor.predict(image, point_coords=np.array([[10.0, 10.0]]),
+                              point_labels=np.array([1])).masks  # fmt: skip
+    assert masks.shape[-2:] == (40, 50)
