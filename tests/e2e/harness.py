@@ -294,30 +294,22 @@ class LabelStudioServer:
         return server
 
     def _create_personal_access_token(self) -> str:
-        """Log in through the web form (a session, as a browser would) and create a PAT.
+        """Log in through the web form and create a PAT for the admin.
 
-        Label Studio 1.23 disables legacy tokens for new organisations, so the session is the
-        only credential a fresh install accepts besides PATs.
+        Label Studio 1.23 disables legacy tokens for new organisations, so a browser session is
+        the only credential a fresh install accepts besides PATs.
         """
-        with httpx.Client(base_url=self.url, timeout=30.0) as web:
-            web.get("/user/login/").raise_for_status()
-            csrf = web.cookies.get("csrftoken")
-            if not csrf:
-                raise HarnessError("label-studio login page set no csrftoken cookie")
-            form = {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD, "csrfmiddlewaretoken": csrf}
-            login = web.post(
-                "/user/login/", data=form, headers={"Referer": f"{self.url}/user/login/"}
-            )
-            if "sessionid" not in web.cookies:
-                raise HarnessError(f"label-studio login failed (HTTP {login.status_code})")
-            headers = {"X-CSRFToken": web.cookies.get("csrftoken") or csrf, "Referer": self.url}
-            created = web.post("/api/token/", headers=headers)
-            if created.status_code != 201:
-                raise HarnessError(
-                    f"creating a personal access token failed: HTTP {created.status_code} "
-                    f"{created.text[:300]}"
-                )
-            return created.json()["token"]
+        return _personal_access_token_via_session(self.url, ADMIN_EMAIL, ADMIN_PASSWORD)
+
+    def add_user(self, email: str, password: str = ADMIN_PASSWORD) -> LabelStudioClient:
+        """Sign a new member up through the organisation's invite link (as an invited
+        annotator would) and return a client acting as that user (its own PAT)."""
+        with self.client() as admin:
+            invite = admin._check(admin.http.get("/api/invite"), "invite link")
+        token = _personal_access_token_via_session(
+            self.url, email, password, signup_token=invite["token"]
+        )
+        return LabelStudioClient(self.url, token)
 
     def client(self) -> LabelStudioClient:
         """A REST client authenticated with the personal access token."""
@@ -330,6 +322,32 @@ class LabelStudioServer:
 
 def _rounded(timings: Mapping[str, float]) -> dict[str, float]:
     return {key: round(value, 1) for key, value in timings.items()}
+
+
+def _personal_access_token_via_session(
+    url: str, email: str, password: str, signup_token: str | None = None
+) -> str:
+    """Log in (or sign up with the organisation's invite ``signup_token``) through the web form,
+    as a browser does, and create a personal access token with that session."""
+    page = "/user/signup/" if signup_token else "/user/login/"
+    params = {"token": signup_token} if signup_token else {}
+    with httpx.Client(base_url=url, timeout=30.0) as web:
+        web.get(page, params=params).raise_for_status()
+        csrf = web.cookies.get("csrftoken")
+        if not csrf:
+            raise HarnessError(f"label-studio {page} set no csrftoken cookie")
+        form = {"email": email, "password": password, "csrfmiddlewaretoken": csrf}
+        answer = web.post(page, params=params, data=form, headers={"Referer": f"{url}{page}"})
+        if "sessionid" not in web.cookies:
+            raise HarnessError(f"label-studio {page} as {email} failed (HTTP {answer.status_code})")
+        headers = {"X-CSRFToken": web.cookies.get("csrftoken") or csrf, "Referer": url}
+        created = web.post("/api/token/", headers=headers)
+        if created.status_code != 201:
+            raise HarnessError(
+                f"creating a personal access token failed: HTTP {created.status_code} "
+                f"{created.text[:300]}"
+            )
+        return created.json()["token"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,6 +407,12 @@ class LabelStudioClient:
     def close(self) -> None:
         self.http.close()
 
+    def __enter__(self) -> LabelStudioClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _check(self, response: httpx.Response, what: str) -> Any:
         if response.status_code >= 400:
             raise HarnessError(f"{what}: HTTP {response.status_code} {response.text[:500]}")
@@ -441,6 +465,26 @@ class LabelStudioClient:
         """
         body = {"url": url, "project": project_id, "title": title, "is_interactive": True}
         return self._check(self.http.post("/api/ml", json=body), "connect ML backend")
+
+    def ml_backend(self, ml_backend_id: int) -> dict:
+        """The ML backend's record (``state``, ``model_version``, ``error_message``, ...)."""
+        return self._check(self.http.get(f"/api/ml/{ml_backend_id}"), "get ML backend")
+
+    def train(self, ml_backend_id: int) -> dict | None:
+        """Press "Start Training" (LS sends ``START_TRAINING`` to the backend's /webhook)."""
+        return self._check(self.http.post(f"/api/ml/{ml_backend_id}/train"), "train")
+
+    def create_annotation(self, task_id: int, result: list[dict]) -> dict:
+        """Submit an annotation of ``task_id`` as this client's user."""
+        body = {"result": result}
+        path = f"/api/tasks/{task_id}/annotations/"
+        return self._check(self.http.post(path, json=body), "create annotation")
+
+    def export(self, project_id: int) -> list[dict]:
+        """The project's tasks with their annotations, as Label Studio's JSON export."""
+        params = {"exportType": "JSON", "download_all_tasks": "true"}
+        path = f"/api/projects/{project_id}/export"
+        return self._check(self.http.get(path, params=params), "export")
 
     def interactive_annotating(self, ml_backend_id: int, task_id: int, regions: list[dict]) -> dict:
         """POST what the browser posts after a smart-tool region is drawn; returns LS's answer.
