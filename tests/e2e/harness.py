@@ -619,3 +619,27 @@ def rectangle_region(
         "rectanglelabels": [label],
     }
     return region
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.e2e.harness prepare``: install Label Studio and build the migrated
+    template ahead of the tests (a separate, cacheable CI step)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("command", choices=["prepare"])
+    parser.add_argument("--version", default=LS_VERSION, help="label-studio version")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.monotonic()
+    executable = ensure_label_studio(args.version)
+    t1 = time.monotonic()
+    template = migrated_template(executable, args.version)
+    t2 = time.monotonic()
+    print(f"label-studio {args.version}: {executable} ({t1 - t0:.1f} s)")
+    print(f"migrated template: {template} ({t2 - t1:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
