@@ -1,0 +1,304 @@
+"""Real processes for the training integration tests: an RQ worker, the HTTP app, a stand-in LS.
+
+- ``LabelStudioAPI``: a loopback HTTP server answering the three Label Studio API calls the
+  training job makes (``/api/projects/<id>/``, paged ``/api/tasks/``, ``/data/upload/...``) in
+  LS 1.23's JSON shapes, with synthetic scenes annotated as brush RLE (the sdk's encoder) and a
+  legacy token. (tests/e2e/test_training_e2e.py runs against a real Label Studio.)
+- ``RQWorker``: ``rq worker`` as a subprocess (the command ``scripts/serve.sh`` runs), with its
+  log kept for failure messages; ``kill_horse`` / ``kill`` SIGKILL the work horse or everything.
+- ``AppServer``: ``backend.app.create_app`` under uvicorn on a free port, in a thread.
+- ``tiny_mini_checkpoint``: a seeded random ``mini`` SAM saved as an official-format ``.pth``,
+  so that the worker and the app build the very same base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import uvicorn
+from label_studio_sdk.converter.brush import mask2rle
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LEGACY_TOKEN = "integration0legacy0token0000000000000000"
+LABEL_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="tag" toName="image"><Label value="Object"/></BrushLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="Object"/></KeyPointLabels>
+</View>"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.1
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def brush_region(mask: np.ndarray, index: int) -> dict[str, Any]:
+    """One ``brushlabels`` result region as Label Studio stores it."""
+    h, w = mask.shape
+    return {
+        "id": f"r{index}",
+        "type": "brushlabels",
+        "from_name": "tag",
+        "to_name": "image",
+        "origin": "manual",
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "value": {
+            "format": "rle",
+            "rle": mask2rle(mask.astype(np.uint8) * 255),
+            "brushlabels": ["Object"],
+        },
+    }
+
+
+class LabelStudioAPI:
+    """A stand-in Label Studio API for project ``project_id`` with ``n_tasks`` annotated scenes."""
+
+    def __init__(
+        self, project_id: int = 7, n_tasks: int = 6, size: int = 96, seed: int = 100
+    ) -> None:
+        from training.scenes import make_scene
+
+        self.project_id = project_id
+        self.files: dict[str, bytes] = {}
+        self.tasks: list[dict[str, Any]] = []
+        self.requests = 0
+        for i in range(n_tasks):
+            scene = make_scene(seed + i, size=size)
+            path = f"/data/upload/{project_id}/scene{i}.png"
+            self.files[path] = png_bytes(scene.image)
+            regions = [brush_region(m, k) for k, m in enumerate(scene.masks) if m.any()]
+            self.tasks.append(
+                {
+                    "id": 1000 + i,
+                    "data": {"image": path},
+                    "annotations": [
+                        {
+                            "id": 5000 + i,
+                            "result": regions,
+                            "was_cancelled": False,
+                            "updated_at": "2026-11-25T20:00:00Z",
+                        }
+                    ],
+                }
+            )
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(body)
+
+            def _json(self, status: int, obj: Any) -> None:
+                self._send(status, json.dumps(obj).encode())
+
+            def do_GET(self) -> None:
+                api.requests += 1
+                if self.headers.get("Authorization") != f"Token {LEGACY_TOKEN}":
+                    self._json(401, {"detail": "Authentication credentials were not provided."})
+                    return
+                url = urlparse(self.path)
+                query = parse_qs(url.query)
+                if url.path == f"/api/projects/{api.project_id}/":
+                    self._json(200, {"id": api.project_id, "label_config": LABEL_CONFIG})
+                elif url.path == "/api/tasks/":
+                    page, size = int(query["page"][0]), int(query["page_size"][0])
+                    chunk = api.tasks[(page - 1) * size : page * size]
+                    if not chunk and page > 1:
+                        self._json(404, {"detail": "Invalid page."})
+                    else:
+                        self._json(200, {"tasks": chunk, "total": len(api.tasks)})
+                elif url.path in api.files:
+                    self._send(200, api.files[url.path], "image/png")
+                else:
+                    self._json(404, {"detail": "Not found."})
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> LabelStudioAPI:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def settings_env(settings: Any) -> dict[str, str]:
+    """The environment that makes ``backend.settings.Settings()`` equal ``settings``.
+
+    The worker reads its settings from the environment (it is a separate process); deriving
+    that environment from the test's Settings object keeps app and worker in agreement.
+    """
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        elif isinstance(value, list | dict):
+            value = json.dumps(value)
+        env[name.upper()] = str(value)
+    return env
+
+
+def tiny_mini_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A seeded random ``mini`` SAM state_dict saved as ``.pth`` (the official format)."""
+    import torch
+
+    from stable_sam import build_sam
+
+    torch.manual_seed(seed)
+    torch.save(build_sam("mini").state_dict(), path)
+    return path
+
+
+class RQWorker:
+    """``rq worker`` on ``queue`` as a subprocess with ``env`` added to a clean environment."""
+
+    def __init__(self, redis_url: str, queue: str, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self.redis_url = redis_url
+        command = [
+            str(Path(sys.executable).with_name("rq")),
+            "worker",
+            "--url",
+            redis_url,
+            "--with-scheduler",
+            "--maintenance-interval",
+            "5",
+            "--job-monitoring-interval",
+            "5",
+            "--name",
+            f"test-worker-{os.getpid()}-{time.monotonic_ns()}",
+            queue,
+        ]
+        base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env={**base, "PYTHONPATH": str(REPO_ROOT), **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def horse_pid(self) -> int | None:
+        """The work horse (the forked child running a job), if there is one now."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        with contextlib.suppress(OSError):
+            pids = children.read_text().split()
+            return int(pids[0]) if pids else None
+        return None
+
+    def kill_horse(self) -> int:
+        pid = wait_until(self.horse_pid, 30, "the work horse to exist")
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its work horse (a machine/OOM kill: nothing runs after)."""
+        horse = self.horse_pid()
+        if horse is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(horse, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # warm shutdown
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+class AppServer:
+    """``backend.app.create_app(settings)`` served by uvicorn on 127.0.0.1 in a thread."""
+
+    def __init__(self, settings: Any) -> None:
+        from backend.app import create_app
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> AppServer:
+        self._thread.start()
+        wait_until(lambda: self.server.started, 30, "uvicorn to start", poll_s=0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def running_worker(
+    redis_url: str, queue: str, env: dict[str, str], log_path: Path
+) -> Iterator[RQWorker]:
+    worker = RQWorker(redis_url, queue, env, log_path)
+    try:
+        yield worker
+    finally:
+        worker.stop()

@@ -1,0 +1,176 @@
+"""``POST /webhook`` through the real HTTP app: validation, tokens kept out, Redis down -> 503.
+
+No worker here (tests/integration/test_training_worker.py has those); the Redis-down test
+points the app at a closed port and checks that ``/predict`` keeps working.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from backend.app import create_app
+from backend.settings import Settings
+
+from .support import LABEL_CONFIG, LEGACY_TOKEN, LabelStudioAPI, free_port, tiny_mini_checkpoint
+
+pytestmark = pytest.mark.integration
+
+SECRET = "project-token-that-must-never-be-logged-0123"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_mini_checkpoint(tmp_path_factory.mktemp("ckpt") / "mini.pth")
+
+
+@pytest.fixture
+def client(redis_url: str, tmp_path: Path, checkpoint: Path) -> Iterator[TestClient]:
+    redis.Redis.from_url(redis_url).flushdb()
+    settings = Settings(
+        redis_url=redis_url,
+        training_queue="webhook-http-test",
+        versions_dir=tmp_path / "versions",
+        sam_model_type="mini",
+        sam_checkpoint=checkpoint,
+        preload_model=False,
+        device="cpu",
+    )
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def post_raw(client: TestClient, content: bytes) -> httpx.Response:
+    return client.post("/webhook", content=content, headers={"Content-Type": "application/json"})
+
+
+def test_malformed_json_is_a_400_naming_the_problem(client: TestClient) -> None:
+    answer = post_raw(client, b'{"action": "START_TRAINING", ')
+    assert answer.status_code == 400
+    assert answer.json() == {
+        "error": "malformed_json",
+        "detail": "the request body is not valid JSON",
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ([1, 2], "JSON object"),
+        ({"project": {"id": 7}}, "action"),
+        ({"action": 5, "project": {"id": 7}}, "action"),
+        ({"action": "START_TRAINING"}, "project"),
+        ({"action": "START_TRAINING", "project": {"title": "no id"}}, "project.id"),
+        ({"action": "ANNOTATION_CREATED", "project": {"id": "seven"}}, "project.id"),
+        ({"action": "START_TRAINING", "project": {"id": -3}}, "project.id"),
+    ],
+)
+def test_invalid_bodies_get_a_400_naming_the_field(
+    client: TestClient, body: object, field: str
+) -> None:
+    answer = client.post("/webhook", json=body)
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "invalid_request"
+    assert field in answer.json()["detail"]
+
+
+def test_the_project_token_is_never_echoed_or_logged(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    bad = client.post(
+        "/webhook", json={"action": "START_TRAINING", "project": {"id": "x", "token": SECRET}}
+    )
+    good = client.post(
+        "/webhook", json={"action": "START_TRAINING", "project": {"id": 7, "token": SECRET}}
+    )
+    assert bad.status_code == 400 and good.status_code == 200
+    assert SECRET not in bad.text and SECRET not in good.text
+    assert SECRET not in caplog.text
+
+
+def test_other_actions_are_acknowledged_and_ignored(client: TestClient) -> None:
+    answer = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 7}})
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "ignored", "action": "TASKS_CREATED"}
+
+
+def test_start_training_answers_with_the_job_that_covers_it(client: TestClient) -> None:
+    first = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+    second = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+    assert first.status_code == second.status_code == 200
+    assert first.json()["status"] == "enqueued"
+    assert second.json()["status"] == "merged"
+    assert second.json()["job_id"] == first.json()["job_id"]
+    status = client.get("/status/7").json()
+    assert status["queued"]["job_id"] == first.json()["job_id"]
+    assert status["queued"]["triggers"] == 2
+    assert status["current_version"] is None
+    assert client.get("/versions", params={"project": "7"}).json() == {"versions": []}
+
+
+def test_redis_down_gives_503_fast_and_predict_keeps_working(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    with LabelStudioAPI(n_tasks=1, size=96) as ls:
+        settings = Settings(
+            redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+            versions_dir=tmp_path / "versions",
+            label_studio_url=ls.url,
+            label_studio_api_key=LEGACY_TOKEN,
+            sam_model_type="mini",
+            sam_checkpoint=checkpoint,
+            preload_model=False,
+            device="cpu",
+        )
+        with TestClient(create_app(settings)) as client:
+            started = time.perf_counter()
+            answer = client.post(
+                "/webhook", json={"action": "START_TRAINING", "project": {"id": 7}}
+            )
+            elapsed = time.perf_counter() - started
+            assert answer.status_code == 503
+            assert answer.json()["error"] == "queue_unavailable"
+            assert "Redis" in answer.json()["detail"] and "unreachable" in answer.json()["detail"]
+            assert elapsed < 0.5
+            assert client.get("/status/7").status_code == 503
+            assert client.get("/versions").json() == {"versions": []}
+
+            image_path = ls.tasks[0]["data"]["image"]
+            body = {
+                "tasks": [{"id": 1, "data": {"image": image_path}}],
+                "project": "7.1700000000",
+                "label_config": LABEL_CONFIG,
+                "params": {
+                    "context": {
+                        "result": [
+                            {
+                                "type": "keypointlabels",
+                                "from_name": "kp",
+                                "to_name": "image",
+                                "original_width": 96,
+                                "original_height": 96,
+                                "is_positive": True,
+                                "value": {
+                                    "x": 50,
+                                    "y": 50,
+                                    "width": 1,
+                                    "keypointlabels": ["Object"],
+                                },
+                            }
+                        ]
+                    }
+                },
+            }
+            predicted = client.post("/predict", json=body)
+            assert predicted.status_code == 200, predicted.text
+            result = predicted.json()["results"][0]
+            assert result["result"][0]["type"] == "brushlabels"
+            assert result["model_version"]

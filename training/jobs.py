@@ -1,0 +1,428 @@
+"""The RQ job that retrains a project's Stable-SAM plugins: ``training.jobs.train_project``.
+
+Enqueued by ``backend.queue`` (never called in the web process), run by ``rq worker`` in a
+forked work horse. Nothing here touches CUDA at import time, so the worker's parent never
+initialises it; the device is chosen inside the job (CUDA when available, else CPU, or
+``DEVICE``).
+
+One run, top to bottom:
+
+1. ``mark_started``: the job leaves the project's "queued" slot *before* reading any data, so
+   a trigger arriving from now on causes a follow-up run instead of being lost.
+2. Fetch the project's annotated tasks and images from Label Studio (``training.ls_dataset``:
+   brush and polygon regions -> instance masks); split off a deterministic validation part.
+3. Build the served base (same model settings as the backend) with the plugins the project is
+   served now (its current version, else the default plugins).
+4. Evaluate those plugins on the validation part; train with RTS
+   (``training.train.train_plugins``), reporting ``(step, total, loss)`` in ``job.meta``;
+   evaluate the new plugins on the same prompts.
+5. Write a new version (``backend.versions.VersionStore``: atomic, manifest last), promoted
+   only when its validation score is not worse; the report says why.
+
+A worker killed at any point leaves no partial version (the store's writes are atomic) and the
+served version unchanged; RQ retries or fails the job (its ``Retry`` and timeout are set at
+enqueue time, ``backend.queue.JobOptions``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from rq import get_current_job
+from rq.job import Job
+
+from backend.queue import TrainingQueue
+from backend.settings import Settings
+from backend.versions import VersionStore
+from training.data import Sample
+from training.ls_dataset import (
+    LabelStudioClient,
+    LabelStudioError,
+    load_project_samples,
+    split_train_val,
+)
+
+if TYPE_CHECKING:
+    from stable_sam import StableSam, StableSamPlugins, StableSamPredictor
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRAINER = "training.train:train_plugins"
+EVAL_SEED = 0
+MIN_SAMPLES = 2  # one to train on, one to validate
+PROGRESS_INTERVAL_S = 1.0
+
+# Validation prompts per object (DESIGN §2's prompt types, one draw each, fixed seed).
+EVAL_PROMPTS = ("gt_box", "noisy_box", "1_point", "3_points")
+
+
+class JobProgress:
+    """Writes ``{"phase", "step", "total", "loss"}`` to ``job.meta["progress"]``.
+
+    Saves at most every ``interval_s`` seconds, and always on a phase change or the last step,
+    so a fast training loop does not flood Redis. ``job=None`` only logs.
+    """
+
+    def __init__(self, job: Job | None, interval_s: float = PROGRESS_INTERVAL_S) -> None:
+        self.job = job
+        self.interval_s = interval_s
+        self._saved_at = 0.0
+        self._phase = ""
+
+    def __call__(
+        self, phase: str, step: int = 0, total: int = 0, loss: float | None = None
+    ) -> None:
+        now = time.monotonic()
+        changed = phase != self._phase
+        if not changed and step < total and now - self._saved_at < self.interval_s:
+            return
+        self._phase, self._saved_at = phase, now
+        progress = {"phase": phase, "step": int(step), "total": int(total)}
+        if loss is not None:
+            progress["loss"] = round(float(loss), 6)
+        if changed:
+            logger.info("phase %s (%d/%d)", phase, step, total)
+        if self.job is not None:
+            self.job.meta["progress"] = progress
+            self.job.save_meta()
+
+
+@dataclass
+class BaseModelSpec:
+    """The SAM base and starting plugins the backend serves, resolved from the settings."""
+
+    model_type: str
+    checkpoint: Path | None
+    default_plugins: Path | None
+
+
+def resolve_base(settings: Settings) -> BaseModelSpec:
+    """The base the backend serves (``backend.model`` resolves it the same way).
+
+    SAM_CHECKPOINT if set; else, for the embedded ``mini``, the shipped checkpoint; else random
+    weights if SAM_ALLOW_RANDOM_WEIGHTS (tests, benchmarks). Default plugins: SAM_PLUGINS when it
+    names a file, the shipped plugins for the embedded base, else freshly initialised ones.
+    """
+    from stable_sam import default_model_paths
+
+    checkpoint = settings.sam_checkpoint
+    default_plugins: Path | None = None
+    choice = settings.sam_plugins.strip()
+    if choice.lower() not in ("default", "none"):
+        default_plugins = Path(choice)
+    if checkpoint is None and settings.sam_model_type == "mini":
+        paths = default_model_paths()
+        if paths.base_checkpoint.is_file():
+            checkpoint = paths.base_checkpoint
+            if default_plugins is None and paths.plugin_checkpoint.is_file():
+                default_plugins = paths.plugin_checkpoint
+    if checkpoint is None and not settings.sam_allow_random_weights:
+        raise ValueError(
+            f"no weights for SAM_MODEL_TYPE={settings.sam_model_type}: set SAM_CHECKPOINT"
+        )
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"SAM_CHECKPOINT not found: {checkpoint}")
+    return BaseModelSpec(settings.sam_model_type, checkpoint, default_plugins)
+
+
+def label_studio_client(
+    settings: Settings, queue: TrainingQueue, project: str
+) -> LabelStudioClient:
+    """A client from LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY, else what /setup shared for
+    ``project`` (hostname + token, kept in Redis by the web process)."""
+    url = settings.label_studio_url
+    key = settings.label_studio_api_key
+    token = key.get_secret_value().strip() if key is not None else ""
+    if not (url and token):
+        stored = queue.label_studio_access(project)
+        if stored is not None:
+            url, token = url or stored[0], token or stored[1]
+    if not (url and token):
+        raise LabelStudioError(
+            f"no Label Studio access for project {project}: set LABEL_STUDIO_URL and "
+            "LABEL_STUDIO_API_KEY, or connect the backend in Label Studio (its /setup shares them)"
+        )
+    return LabelStudioClient(
+        url,
+        token,
+        timeout_s=settings.image_fetch_timeout_s,
+        max_image_pixels=settings.image_max_pixels,
+    )
+
+
+def load_trainer(path: str | None) -> Callable[..., Any]:
+    """``"module:function"`` -> the function (default: ``training.train:train_plugins``)."""
+    module_name, _, name = (path or DEFAULT_TRAINER).partition(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+
+def _prompts(sample: Sample, rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
+    """One prompt of each ``EVAL_PROMPTS`` type for every object of ``sample`` (batched)."""
+    from stable_sam import prompts
+
+    boxes = np.stack([prompts.gt_box(m) for m in sample.masks])
+    noisy = []
+    for box in boxes:
+        try:
+            noisy.append(prompts.noisy_box(box, rng, 0.4, image_size=sample.image.shape[:2]))
+        except ValueError:  # a box too small to jitter within IoU >= 0.5
+            noisy.append(box)
+    one = np.stack([prompts.sample_points(m, 1, rng) for m in sample.masks])
+    three = np.stack([prompts.sample_points(m, 3, rng) for m in sample.masks])
+    return {
+        "gt_box": {"boxes_xyxy": boxes},
+        "noisy_box": {"boxes_xyxy": np.stack(noisy)},
+        "1_point": {"point_coords": one, "point_labels": np.ones(one.shape[:2], np.int64)},
+        "3_points": {"point_coords": three, "point_labels": np.ones(three.shape[:2], np.int64)},
+    }
+
+
+def evaluate_plugins(
+    predictor: StableSamPredictor,
+    samples: Sequence[Sample],
+    plugins: StableSamPlugins | None,
+    seed: int = EVAL_SEED,
+) -> dict[str, float]:
+    """Mask mIoU (percent) per prompt type on ``samples``, and their mean ``robust_miou``.
+
+    Prompts are drawn from ``seed`` in sample order, so two plugin sets evaluated with the same
+    seed see exactly the same prompts. Image embeddings come from the predictor's cache.
+    """
+    from stable_sam import metrics
+
+    rng = np.random.default_rng(seed)
+    ious: dict[str, list[float]] = {name: [] for name in EVAL_PROMPTS}
+    for sample in samples:
+        if sample.num_instances == 0:
+            continue
+        embedding = predictor.embed(sample.image)
+        for name, prompt in _prompts(sample, rng).items():
+            masks = predictor.predict_batch(embedding=embedding, plugins=plugins, **prompt).masks
+            assert masks is not None
+            ious[name].extend(
+                metrics.mask_iou(pred[0], gt) for pred, gt in zip(masks, sample.masks, strict=True)
+            )
+    result = {f"miou_{name}": 100.0 * float(np.mean(v)) for name, v in ious.items() if v}
+    result["robust_miou"] = float(np.mean(list(result.values()))) if result else 0.0
+    result["objects"] = float(len(ious[EVAL_PROMPTS[0]]))
+    return {k: round(v, 3) for k, v in result.items()}
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def _build_model(
+    spec: BaseModelSpec, store: VersionStore, project: str, device: str | None
+) -> tuple[StableSam, str]:
+    """The base with the plugins ``project`` is served now; returns (model, their name)."""
+    from stable_sam import PluginMismatchError, build_stable_sam, load_plugins
+
+    model = build_stable_sam(spec.model_type, spec.checkpoint, plugins=True, device=device)
+    current = store.current(project)
+    if current is not None:
+        try:
+            load_plugins(model, current.path)
+            return model, current.name
+        except (PluginMismatchError, OSError) as exc:
+            logger.warning(
+                "project %s: current version %s unusable (%s)", project, current.name, exc
+            )
+    if spec.default_plugins is not None:
+        load_plugins(model, spec.default_plugins)
+        return model, f"default ({spec.default_plugins.name})"
+    return model, "untrained plugins"
+
+
+def _train_config(trainer_module: str, device: Any) -> Any:
+    """``TrainConfig`` with its defaults (the paper's: one epoch, Adam 1e-3) on ``device``."""
+    module = importlib.import_module(trainer_module)
+    config = module.TrainConfig()
+    if hasattr(config, "device"):
+        config.device = str(device)
+    return config
+
+
+def run_training(
+    project: str,
+    settings: Settings,
+    client: LabelStudioClient,
+    store: VersionStore,
+    progress: JobProgress,
+    trainer: str | None = None,
+    job_id: str = "",
+) -> dict[str, Any]:
+    """Fetch, train, evaluate and write a version of ``project``'s plugins; return the report."""
+    from stable_sam import EmbeddingCache, StableSamPredictor, save_plugins
+
+    started = time.perf_counter()
+    report: dict[str, Any] = {"project": project, "job_id": job_id, "version": None}
+    report["promoted"] = False
+
+    progress("fetching")
+    samples = load_project_samples(
+        client, project, progress=lambda done, total: progress("fetching", done, total)
+    )
+    fetched = time.perf_counter()
+    report["samples"] = len(samples)
+    report["instances"] = sum(s.num_instances for s in samples)
+    if len(samples) < MIN_SAMPLES:
+        report["reason"] = (
+            f"not trained: {len(samples)} annotated image(s) with brush/polygon masks, "
+            f"need at least {MIN_SAMPLES} (one to train on, one to validate)"
+        )
+        logger.info("project %s: %s", project, report["reason"])
+        return report
+    train, val = split_train_val(samples, settings.train_val_fraction)
+    report.update(train_samples=len(train), val_samples=len(val))
+
+    spec = resolve_base(settings)
+    device = None if settings.device == "auto" else settings.device
+    model, start_name = _build_model(spec, store, project, device)
+    report["device"] = str(model.device)
+    report["started_from"] = start_name
+    predictor = StableSamPredictor(model, cache=EmbeddingCache(max_bytes=512 * 1024 * 1024))
+
+    progress("evaluating current", 0, len(val))
+    current_plugins = copy.deepcopy(model.plugins)
+    current_metrics = evaluate_plugins(predictor, val, current_plugins)
+
+    trainer_fn = load_trainer(trainer)
+    config = _train_config(trainer_fn.__module__, model.device)
+    progress("training", 0, 0)
+    train_started = time.perf_counter()
+    model.plugins.train()
+    result = trainer_fn(
+        model, train, config, progress=lambda s, t, loss: progress("training", s, t, loss)
+    )
+    model.plugins.eval()
+    train_seconds = time.perf_counter() - train_started
+
+    progress("evaluating new", 0, len(val))
+    new_metrics = evaluate_plugins(predictor, val, model.plugins)
+    tolerance = settings.train_promote_tolerance
+    bar = current_metrics["robust_miou"] - tolerance
+    promote = new_metrics["robust_miou"] >= bar
+    reason = (
+        f"{'promoted' if promote else 'not promoted'}: validation robust mIoU "
+        f"{new_metrics['robust_miou']:.2f} {'>=' if promote else '<'} {bar:.2f} (served plugins "
+        f"{start_name}: {current_metrics['robust_miou']:.2f}, tolerance {tolerance:g}) on "
+        f"{len(val)} image(s), {int(new_metrics['objects'])} object(s)"
+    )
+
+    progress("saving")
+    summary = _summary(result)
+    metadata = {
+        "job_id": job_id,
+        "base_model_type": spec.model_type,
+        "base_checkpoint": str(spec.checkpoint) if spec.checkpoint else "random-init",
+        "started_from": start_name,
+        "train_samples": len(train),
+        "val_samples": len(val),
+        "val_names": [s.name for s in val],
+        "device": str(model.device),
+        "train_seconds": round(train_seconds, 2),
+        "training_summary": summary,
+    }
+    with tempfile.TemporaryDirectory(prefix="stable-sam-train-") as tmp:
+        plugin_file = Path(tmp) / "plugins.safetensors"
+        save_plugins(
+            model,
+            plugin_file,
+            {"version": store.next_name(project), "training_summary": summary},
+        )
+        version = store.write(
+            project,
+            plugin_file,
+            metadata,
+            {"new": new_metrics, "current": current_metrics},
+            promote=promote,
+            reason=reason,
+        )
+    images_seen = _images_seen(result, len(train))
+    report.update(
+        version=version.name,
+        promoted=promote,
+        reason=reason,
+        metrics={"new": new_metrics, "current": current_metrics},
+        seconds={
+            "fetch": round(fetched - started, 2),
+            "train": round(train_seconds, 2),
+            "total": round(time.perf_counter() - started, 2),
+        },
+        images_per_s=round(images_seen / train_seconds, 3) if train_seconds > 0 else None,
+        training_summary=summary,
+    )
+    logger.info("project %s: %s -> %s", project, version.name, reason)
+    return report
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    """A JSON-able summary of a ``TrainResult`` (its dataclass fields that are plain values)."""
+    if result is None:
+        return {}
+    fields = getattr(result, "__dataclass_fields__", None)
+    items = {name: getattr(result, name) for name in fields} if fields else dict(vars(result))
+    plain = (int, float, str, bool, type(None))
+    summary: dict[str, Any] = {}
+    for key, value in items.items():
+        if isinstance(value, plain):
+            summary[key] = value
+        elif (
+            isinstance(value, list | tuple)
+            and len(value) <= 50
+            and all(isinstance(v, plain) for v in value)
+        ):
+            summary[key] = list(value)
+    return summary
+
+
+def _images_seen(result: Any, n_train: int) -> int:
+    """Training images processed (the result's own count when it reports one)."""
+    for name in ("images_seen", "num_images", "images"):
+        value = getattr(result, name, None)
+        if isinstance(value, int):
+            return value
+    return n_train
+
+
+def train_project(project: str, trainer: str | None = None) -> dict[str, Any]:
+    """The RQ job: retrain ``project``'s plugins from its Label Studio annotations.
+
+    ``project`` is the numeric project id as a string. ``trainer`` is an optional
+    ``"module:function"`` with ``train_plugins``'s signature (default: the RTS trainer). Returns
+    the run's report (also in ``job.meta["report"]``); raises on failure so that RQ records it
+    and applies the job's retry policy.
+    """
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("train_project runs as an RQ job (use backend.queue to enqueue it)")
+    settings = Settings()
+    queue = TrainingQueue(job.connection, settings.training_queue)
+    queue.mark_started(job, project)
+    progress = JobProgress(job)
+    store = VersionStore(settings.versions_dir, keep=settings.versions_keep)
+    try:
+        with label_studio_client(settings, queue, project) as client:
+            report = run_training(project, settings, client, store, progress, trainer, job.id)
+    except Exception as exc:
+        queue.record_failure(job, project, f"{type(exc).__name__}: {exc}")
+        logger.exception("project %s: training job %s failed", project, job.id)
+        raise
+    report["triggers"] = job.meta.get("triggers", 1)
+    job.meta["report"] = report
+    job.meta["progress"] = {"phase": "done", "step": 1, "total": 1}
+    job.save_meta()
+    queue.mark_finished(job, project)
+    return report
