@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     train_retry_intervals_s: list[int] = Field(default_factory=lambda: [30, 120])
     # Share of a project's annotated tasks held out to decide promotion (deterministic split).
     train_val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    # RTS epochs over a project's training part per run (the paper's fast adaptation: 1).
+    train_epochs: int = Field(default=1, ge=1)
     # Promote a new version when its validation robust mIoU (percent) is at least the served
     # one's minus this many points (0: "not worse").
     train_promote_tolerance: float = 0.0
