@@ -12,6 +12,7 @@ does it all).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -20,13 +21,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from backend.errors import BackendError
 from backend.model import StableSamBackend
-from backend.security import install_auth, install_log_redaction
+from backend.security import configure_logging, install_auth
 from backend.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        install_log_redaction()
+        configure_logging(settings.log_level)
         if settings.preload_model:
             threading.Thread(target=_preload, args=(backend,), daemon=True).start()
         yield
@@ -159,7 +160,7 @@ def create_app(
         return SetupResponse(model_version=version)
 
     @app.post("/predict", response_model=PredictResponse)
-    async def predict(request: PredictRequest) -> PredictResponse:
+    async def predict(request: PredictRequest) -> Response:
         """Interactive (``params.context``) masks, or the task-open warm-up (no context)."""
         context = request.params.context if request.params else None
         context = context if context is not None else request.context
@@ -167,7 +168,10 @@ def create_app(
         results = await run_in_threadpool(
             backend.predict, tasks, context, request.project, request.label_config
         )
-        return PredictResponse(results=[PredictionEntry(**r) for r in results])
+        # Serialised directly: a brush RLE is a long list of ints, and re-validating it through
+        # the response model costs more than the JSON encoding itself.
+        body = json.dumps({"results": results}, separators=(",", ":"))
+        return Response(body, media_type="application/json")
 
     _include_training_router(app, settings)
     return app

@@ -47,6 +47,18 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def configure_logging(level: str) -> None:
+    """Log to stderr at ``level`` unless logging is configured already; redact tokens."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(level.upper())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per image download
+    install_log_redaction()
+
+
 def install_log_redaction() -> None:
     """Attach ``RedactingFilter`` to every handler of the root and uvicorn loggers (idempotent)."""
     for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):

@@ -213,3 +213,13 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
     with pytest.raises(ImageTooLargeError):
         decode_image(big[:200], max_pixels=1_000_000)
     assert decode_image(big, max_pixels=1_200_000).shape == (1200, 1000, 3)
+
+
+def test_the_logging_filter_scrubs_records_before_any_handler():
+    from backend.security import RedactingFilter
+
+    record = logging.LogRecord(
+        "backend", logging.INFO, __file__, 1, "got %s", ("Bearer abcdefabcdef1234",), None
+    )
+    assert RedactingFilter().filter(record)
+    assert "abcdefabcdef1234" not in record.getMessage()

@@ -1,0 +1,259 @@
+"""Interactive speed of the backend over real HTTP, as Label Studio experiences it.
+
+Starts the backend (uvicorn, a subprocess per model) and a loopback image server, then times
+``POST /predict`` calls exactly as Label Studio sends them:
+
+- embedded default, 1024x1024, embedding cached: click p50 / p95   (targets <= 60 / <= 120 ms)
+- ViT-B-sized SAM (random weights), 1024x1024, cached: click p50    (target <= 200 ms)
+- 4000x3000 image, embedded default, cached: click p50              (target <= 300 ms)
+- cold first click (nothing cached) and the first click after the task-open warm-up
+  (a batch ``/predict`` without context), i.e. how much the warm-up saves.
+
+A "click" is one positive keypoint; every click of a series uses another point, so nothing but
+the image embedding (and the decoded image) is reused. The embedded default uses the shipped
+weights when ``stable_sam/weights/`` has them, else random mini weights (same timing).
+
+    .venv/bin/python bench/bench_predict_http.py            # everything (~2-4 min on 2 cores)
+    .venv/bin/python bench/bench_predict_http.py --skip-vit-b --clicks 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
+  <KeyPointLabels name="point" toName="image" smart="true"><Label value="Object"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="Object"/></RectangleLabels>
+</View>"""
+TARGETS_MS = {
+    "default_1024_cached_p50": 60.0,
+    "default_1024_cached_p95": 120.0,
+    "vit_b_1024_cached_p50": 200.0,
+    "default_4000x3000_cached_p50": 300.0,
+}
+
+
+def synthetic_jpeg(width: int, height: int, seed: int) -> bytes:
+    """A textured photo-like image with a few bright ellipses, as JPEG bytes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width].astype(np.float32)
+    image = np.empty((height, width, 3), np.float32)
+    for c in range(3):
+        image[..., c] = 80 + 40 * np.sin(xx / (37 + 11 * c) + seed) * np.cos(yy / (53 + 7 * c))
+    for _ in range(4):
+        cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
+        rx, ry = rng.uniform(0.05, 0.2) * width, rng.uniform(0.05, 0.2) * height
+        inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
+        image[inside] = rng.uniform(150, 250, 3)
+    image += rng.normal(0, 6, image.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class ImageServer:
+    """Serves ``files`` on a loopback port (stands in for Label Studio's /data/upload)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        files = self.files
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = files.get(self.path.rsplit("/", 1)[-1])
+                self.send_response(200 if body else 404)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_port}"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def add(self, name: str, data: bytes) -> str:
+        self.files[name] = data
+        return f"{self.url}/data/upload/1/{name}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Backend:
+    """The backend in a uvicorn subprocess with the given environment."""
+
+    def __init__(self, env: dict[str, str], startup_timeout_s: float = 300.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING", **env}
+        command = [sys.executable, "-m", "uvicorn", "backend.app:create_app", "--factory",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+        self.process = subprocess.Popen(command, cwd=ROOT, env=full_env)
+        self.client = httpx.Client(base_url=self.url, timeout=600.0)
+        deadline = time.monotonic() + startup_timeout_s
+        while time.monotonic() < deadline:  # up, and the model preloaded
+            try:
+                if self.client.get("/health").json().get("model_loaded"):
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError("backend exited during start-up")
+            time.sleep(0.2)
+        raise RuntimeError("backend did not load its model in time")
+
+    def health(self) -> dict:
+        return self.client.get("/health").json()
+
+    def click(self, image_url: str, x: float, y: float, task_id: int = 1) -> float:
+        """One interactive keypoint /predict; returns the wall time in ms."""
+        region = {"type": "keypointlabels", "from_name": "point", "to_name": "image",
+                  "is_positive": True,
+                  "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": ["Object"]}}  # fmt: skip
+        body = {"tasks": [{"id": task_id, "data": {"image": image_url}}], "project": "1.1",
+                "label_config": CONFIG, "params": {"context": {"result": [region]}}}  # fmt: skip
+        started = time.perf_counter()
+        answer = self.client.post("/predict", json=body)
+        elapsed = (time.perf_counter() - started) * 1000
+        answer.raise_for_status()
+        assert answer.json()["results"][0]["result"][0]["type"] == "brushlabels"
+        return elapsed
+
+    def open_task(self, image_url: str, task_id: int = 1) -> float:
+        """The batch /predict Label Studio sends when a task opens (starts the warm-up)."""
+        body = {"tasks": [{"id": task_id, "data": {"image": image_url}}], "project": "1.1",
+                "label_config": CONFIG, "params": {}}  # fmt: skip
+        started = time.perf_counter()
+        self.client.post("/predict", json=body).raise_for_status()
+        return (time.perf_counter() - started) * 1000
+
+    def close(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def clicks(backend: Backend, image_url: str, n: int, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return [backend.click(image_url, *rng.uniform(10, 90, 2)) for _ in range(n)]
+
+
+def p(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def measure_model(name: str, env: dict[str, str], images: ImageServer, sizes: list[tuple[int, int]],
+                  n_clicks: int, warmup_wait_s: float) -> dict:  # fmt: skip
+    """Cold click, warm-up saving and cached click latency for one model configuration."""
+    results: dict = {}
+    started = time.perf_counter()
+    backend = Backend(env)
+    results["startup_s"] = round(time.perf_counter() - started, 1)
+    results["model_version"] = backend.health()["model_version"]
+    try:
+        for width, height in sizes:
+            tag = f"{width}x{height}" if width != height else str(width)
+            cold_url = images.add(f"{name}-{tag}-cold.jpg", synthetic_jpeg(width, height, 1))
+            cold_ms = backend.click(cold_url, 50, 50)
+            # Task-open warm-up: batch /predict, the annotator looks at the image, then clicks.
+            warm_url = images.add(f"{name}-{tag}-warm.jpg", synthetic_jpeg(width, height, 2))
+            open_ms = backend.open_task(warm_url)
+            wait_s = max(warmup_wait_s, 1.5 * cold_ms / 1000)
+            time.sleep(wait_s)
+            warmed_ms = backend.click(warm_url, 50, 50)
+            series = clicks(backend, cold_url, n_clicks, seed=width)
+            results[tag] = {
+                "cold_first_click_ms": round(cold_ms, 1),
+                "task_open_ms": round(open_ms, 1),
+                "first_click_after_warmup_ms": round(warmed_ms, 1),
+                "warmup_saves_ms": round(cold_ms - warmed_ms, 1),
+                "warmup_wait_s": round(wait_s, 1),
+                "cached_click_p50_ms": round(p(series, 50), 1),
+                "cached_click_p95_ms": round(p(series, 95), 1),
+                "cached_click_mean_ms": round(statistics.fmean(series), 1),
+                "clicks": n_clicks,
+            }
+            print(f"  {name} {tag}: {json.dumps(results[tag])}", flush=True)
+    finally:
+        backend.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clicks", type=int, default=30, help="cached clicks per series")
+    parser.add_argument("--skip-vit-b", action="store_true", help="skip the ViT-B-sized model")
+    parser.add_argument("--warmup-wait", type=float, default=2.0,
+                        help="seconds between opening a task and the first click (at least)")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    images = ImageServer()
+    common = {"PREFETCH_WORKERS": "1", "IMAGE_URL_TTL_S": "600", "DEVICE": "cpu",
+              "SAM_ALLOW_RANDOM_WEIGHTS": "true", "VERSIONS_DIR": str(ROOT / "var" / "bench")}  # fmt: skip
+    report: dict = {"cpu_count": os.cpu_count()}
+    print("embedded default (mini):", flush=True)
+    report["default"] = measure_model(
+        "default", {**common, "SAM_MODEL_TYPE": "mini"}, images,
+        [(1024, 1024), (4000, 3000)], args.clicks, args.warmup_wait,
+    )  # fmt: skip
+    if not args.skip_vit_b:
+        print("ViT-B-sized SAM, random weights:", flush=True)
+        report["vit_b"] = measure_model(
+            "vit_b", {**common, "SAM_MODEL_TYPE": "vit_b"}, images,
+            [(1024, 1024)], max(10, args.clicks // 3), args.warmup_wait,
+        )  # fmt: skip
+
+    measured = {
+        "default_1024_cached_p50": report["default"]["1024"]["cached_click_p50_ms"],
+        "default_1024_cached_p95": report["default"]["1024"]["cached_click_p95_ms"],
+        "default_4000x3000_cached_p50": report["default"]["4000x3000"]["cached_click_p50_ms"],
+    }
+    if "vit_b" in report:
+        measured["vit_b_1024_cached_p50"] = report["vit_b"]["1024"]["cached_click_p50_ms"]
+    print("\nresult                               measured   target   ratio", flush=True)
+    for key, value in measured.items():
+        target = TARGETS_MS[key]
+        verdict = "ok" if value <= target else "MISSED"
+        print(f"{key:<36} {value:8.1f} {target:8.1f} {value / target:7.2f}  {verdict}")
+    for name in ("default", "vit_b"):
+        for tag, row in report.get(name, {}).items():
+            if isinstance(row, dict):
+                print(f"{name} {tag}: cold first click {row['cold_first_click_ms']:.0f} ms, after "
+                      f"warm-up {row['first_click_after_warmup_ms']:.0f} ms "
+                      f"(saves {row['warmup_saves_ms']:.0f} ms)")  # fmt: skip
+    report["measured_ms"] = measured
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
