@@ -215,3 +215,43 @@ def test_plan_targets_renders_the_largest_targets_first(tmp_path):
     assert [(t.image_key, t.object_id, t.image_name) for t in targets] == [("pic", "1", "pic.png")]
     assert targets[0].highlighted_path.name == "pic__target_1.png"
     assert targets[0].highlighted_path.is_file()
+
+
+def test_ground_truth_loads_only_the_study_images(tmp_path):
+    _, gt_dir = tiny_study(tmp_path)
+    write_png(gt_dir / "images/unused.png", np.zeros((8, 8, 3), np.uint8))
+    write_png(gt_dir / "masks/unused_0.png", np.full((8, 8), 255, np.uint8))
+    assert sorted(load_mask_folder(gt_dir)) == ["pic", "unused"]
+    assert sorted(load_mask_folder(gt_dir, only={"pic"})) == ["pic"]
+
+
+def test_images_are_fetched_from_label_studio_when_not_on_disk():
+    from training.user_study.ground_truth import GtImage
+    from training.user_study.images import ImageLoader
+
+    image = np.zeros((6, 9, 3), np.uint8)
+    image[1, 2] = (250, 10, 10)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok
+
+    class FakeClient:
+        def __init__(self) -> None:
+            self.urls: list[str] = []
+
+        def download(self, url: str) -> bytes:
+            self.urls.append(url)
+            return png.tobytes()
+
+    client = FakeClient()
+    data = {
+        1: {
+            "image": "/data/upload/1/aa-x__target_1.png",
+            "original_image": "/data/upload/1/bb-x.png",
+            "image_name": "x.png",
+        }
+    }
+    loader = ImageLoader({"x": GtImage("x", 6, 9)}, None, client, data)
+    np.testing.assert_array_equal(loader("x"), image)
+    assert client.urls == ["/data/upload/1/bb-x.png"]  # the original, not the highlighted copy
+    with pytest.raises(FileNotFoundError):
+        loader("missing")

@@ -111,7 +111,7 @@ def run_evaluate(args: argparse.Namespace, command: str) -> Path:
     from training.user_study.images import ImageLoader
     from training.user_study.loaders import load_ground_truth, load_tasks
     from training.user_study.ls_client import LabelStudioClient
-    from training.user_study.ls_export import parse_export
+    from training.user_study.ls_export import image_key_for, parse_export
     from training.user_study.report import write_report
 
     client = None
@@ -121,7 +121,8 @@ def run_evaluate(args: argparse.Namespace, command: str) -> Path:
         raise SystemExit("--project needs --ls-url")
     tasks, users = load_tasks(args.export, client, args.project)
     brush = args.gt == "brush"
-    gt = None if brush else load_ground_truth(args.gt, args.images)
+    study_images = {image_key_for(t.get("data") or {}) for t in tasks}
+    gt = None if brush else load_ground_truth(args.gt, args.images, only=study_images)
     sizes = None if gt is None else {k: (g.height, g.width) for k, g in gt.items()}
     export = parse_export(
         tasks, image_sizes=sizes, users=users, read_brush_gt=brush, gt_annotator=args.gt_annotator

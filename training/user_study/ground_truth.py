@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,8 +79,8 @@ def _add(gt: dict[str, GtImage], key: str, obj: GtObject, image_path: Path | Non
     image.objects[obj.object_id] = obj
 
 
-def load_mask_folder(root: str | Path) -> dict[str, GtImage]:
-    """Load a mask folder (see the module docstring)."""
+def load_mask_folder(root: str | Path, only: Collection[str] | None = None) -> dict[str, GtImage]:
+    """Load a mask folder (see the module docstring); ``only``: these image keys, if given."""
     root = Path(root)
     mask_dir = root / "masks" if (root / "masks").is_dir() else root
     image_dir = root / "images"
@@ -94,7 +94,10 @@ def load_mask_folder(root: str | Path) -> dict[str, GtImage]:
         match = _INSTANCE_FILE.match(path.stem)
         if path.stem not in images and match and (not images or match["name"] in images):
             name = match["name"]
-            _add(gt, name, GtObject(match["k"], read_mask(path)), images.get(name))
+            if only is None or name in only:
+                _add(gt, name, GtObject(match["k"], read_mask(path)), images.get(name))
+            continue
+        if only is not None and path.stem not in only:
             continue
         labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if labels is None:
@@ -106,16 +109,21 @@ def load_mask_folder(root: str | Path) -> dict[str, GtImage]:
                 _add(
                     gt, path.stem, GtObject(str(int(value)), labels == value), images.get(path.stem)
                 )
-    for key, path in images.items():
-        if key in gt:
-            continue
-        logger.info("ground truth: image %s has no masks", path.name)
+    without = [k for k in images if k not in gt and (only is None or k in only)]
+    if without:
+        logger.info("ground truth: %d images without masks, e.g. %s", len(without), without[0])
     logger.info("mask folder %s: %d images, %d objects", root, len(gt), _count(gt))
     return gt
 
 
-def load_coco(path: str | Path, images_dir: str | Path | None = None) -> dict[str, GtImage]:
-    """Load a COCO instances file; images are looked up in ``images_dir`` (or next to the file)."""
+def load_coco(
+    path: str | Path, images_dir: str | Path | None = None, only: Collection[str] | None = None
+) -> dict[str, GtImage]:
+    """Load a COCO instances file; images are looked up in ``images_dir`` (or next to the file).
+
+    ``only``: load just these image keys (a study uses a few images of a large set; every
+    object's mask is decoded at full size).
+    """
     from pycocotools.coco import COCO
 
     path = Path(path)
@@ -126,10 +134,11 @@ def load_coco(path: str | Path, images_dir: str | Path | None = None) -> dict[st
     for image_id in sorted(coco.getImgIds()):
         info = coco.loadImgs(image_id)[0]
         file_name = Path(info["file_name"])
-        image_path = next(
-            (d / file_name.name for d in search if (d / file_name.name).is_file()), None
-        )
         key = file_name.stem
+        if only is not None and key not in only:
+            continue
+        candidates = [d / name for d in search for name in (file_name, Path(file_name.name))]
+        image_path = next((c for c in candidates if c.is_file()), None)
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None)):
             if ann.get("iscrowd"):
                 continue

@@ -2,8 +2,10 @@
 
 Models are prompted on the **original** image, never on the highlighted copy the annotators
 saw. Lookup order for an image key (file stem): ``images_dir/<key>.<ext>``; the path the ground
-truth recorded; the task's ``original_image`` URL (``collect`` uploads it), else its ``image``
-URL, fetched through the Label Studio client (a highlighted image is used only with a warning).
+truth recorded; the task's ``original_image`` URL where its data has one (for tasks imported
+by hand), else its ``image`` URL, fetched through the Label Studio client. ``collect`` uploads
+only the highlighted copies, so its studies need the original images on disk (``--images`` or
+the ground truth's ``images/``); a highlighted copy is used only with a warning.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,13 @@ def load_tasks(
     return client.export(project), users
 
 
-def load_ground_truth(spec: str | Path, images_dir: str | Path | None = None) -> dict[str, GtImage]:
-    """A mask folder (a directory) or a COCO instances file (``.json``)."""
+def load_ground_truth(
+    spec: str | Path, images_dir: str | Path | None = None, only: Collection[str] | None = None
+) -> dict[str, GtImage]:
+    """A mask folder (a directory) or a COCO instances file (``.json``); ``only``: image keys."""
     path = Path(spec)
     if path.is_dir():
-        return load_mask_folder(path)
+        return load_mask_folder(path, only)
     if path.suffix.lower() == ".json" and path.is_file():
-        return load_coco(path, images_dir)
+        return load_coco(path, images_dir, only)
     raise FileNotFoundError(f"--gt {spec}: not a mask folder, a COCO .json file, or 'brush'")
