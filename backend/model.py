@@ -434,13 +434,11 @@ class StableSamBackend:
 
     # -- training ----------------------------------------------------------------------------
     def training_queue(self) -> Any:
-        """The ``backend.queue.TrainingQueue`` on REDIS_URL / TRAINING_QUEUE (built once)."""
+        """The ``backend.queue.TrainingQueue`` the settings describe (built once; no I/O)."""
         if self._queue is None:
-            from backend.queue import TrainingQueue, redis_connection
+            from backend.training_api import training_queue_from_settings
 
-            self._queue = TrainingQueue(
-                redis_connection(self.settings.redis_url), self.settings.training_queue
-            )
+            self._queue = training_queue_from_settings(self.settings)
         return self._queue
 
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
