@@ -61,13 +61,22 @@ class LoadedImage:
         return int(self.rgb.shape[0])
 
 
-def _jwt_expiry(token: str) -> float | None:
-    """The ``exp`` claim of a JWT (unverified: only used to schedule a refresh)."""
+def _jwt_claims(token: str) -> dict:
+    """The claims of a JWT, unverified (only used to schedule refreshes); {} if unreadable."""
     try:
         payload = token.split(".")[1]
         payload += "=" * (-len(payload) % 4)
-        return float(json.loads(base64.urlsafe_b64decode(payload))["exp"])
-    except (IndexError, KeyError, ValueError, TypeError, binascii.Error):
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (IndexError, ValueError, TypeError, binascii.Error):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def _jwt_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT, or ``None``."""
+    try:
+        return float(_jwt_claims(token)["exp"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -123,6 +132,8 @@ class LabelStudioAuth:
             return {}
         if not looks_like_jwt(token):
             return {"Authorization": f"Token {token}"}
+        if _jwt_claims(token).get("token_type") == "access":
+            return {"Authorization": f"Bearer {token}"}  # already an access token: use as is
         return {"Authorization": f"Bearer {self._access_token(client, token)}"}
 
     def _access_token(self, client: httpx.Client, refresh: str) -> str:

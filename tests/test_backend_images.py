@@ -223,3 +223,13 @@ def test_the_logging_filter_scrubs_records_before_any_handler():
     )
     assert RedactingFilter().filter(record)
     assert "abcdefabcdef1234" not in record.getMessage()
+
+
+def test_an_access_token_jwt_is_sent_as_bearer_without_exchange(ls):
+    access = fake_jwt({"token_type": "access", "exp": time.time() + 300})
+    ls.access_tokens.add(access)
+    loader = loader_for(ls, image_url_ttl_s=0)
+    loader.auth.update_from_setup(None, access)
+    before = ls.refreshes
+    assert loader.load("/data/upload/1/scene.png").width == 80
+    assert ls.refreshes == before and ls.auth_headers[-1] == f"Bearer {access}"
