@@ -466,6 +466,12 @@ class LabelStudioClient:
         body = {"url": url, "project": project_id, "title": title, "is_interactive": True}
         return self._check(self.http.post("/api/ml", json=body), "connect ML backend")
 
+    def open_task(self, task_id: int) -> dict:
+        """GET the task as the labeling page does when an annotator opens it. With "use
+        predictions to pre-label" on (the default), Label Studio first asks the ML backend for
+        predictions of a task that has none (a batch ``/predict`` without context)."""
+        return self._check(self.http.get(f"/api/tasks/{task_id}"), "open task")
+
     def ml_backend(self, ml_backend_id: int) -> dict:
         """The ML backend's record (``state``, ``model_version``, ``error_message``, ...)."""
         return self._check(self.http.get(f"/api/ml/{ml_backend_id}"), "get ML backend")

@@ -217,6 +217,15 @@ def test_connecting_checks_health_and_setup(setup: Connected) -> None:
     assert setup.ml_backend["model_version"]
 
 
+def test_opening_a_task_stores_a_prediction_of_our_model_version(
+    setup: Connected, ls_client: LabelStudioClient
+) -> None:
+    # The batch /predict (no context) Label Studio sends when a task is opened.
+    task = ls_client.open_task(setup.tasks[-1].id)
+    versions = [prediction["model_version"] for prediction in task["predictions"]]
+    assert versions == [setup.ml_backend["model_version"]]
+
+
 def test_prediction_is_one_brush_region_with_the_prompting_label(
     setup: Connected, ls_client: LabelStudioClient, targets: list[Target]
 ) -> None:
