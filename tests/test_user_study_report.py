@@ -255,3 +255,35 @@ def test_images_are_fetched_from_label_studio_when_not_on_disk():
     assert client.urls == ["/data/upload/1/bb-x.png"]  # the original, not the highlighted copy
     with pytest.raises(FileNotFoundError):
         loader("missing")
+
+
+@pytest.mark.slow  # builds three randomly initialised mini models (~5-15 s on a busy CPU)
+def test_models_from_names_sam_hq_sam_and_a_project_plugin_file(tmp_path):
+    import torch
+
+    from stable_sam import build_sam, build_stable_sam, save_plugins
+    from training.user_study.models import build_segmenters
+
+    base = tmp_path / "mini.pth"
+    torch.save(build_sam("mini").state_dict(), base)
+    hq = tmp_path / "hq_mini.pth"
+    torch.save(build_sam("hq_mini").state_dict(), hq)
+    plugin_file = tmp_path / "v1.safetensors"
+    save_plugins(build_stable_sam("mini", base, plugins=True, device="cpu"), plugin_file)
+
+    names = ["sam", "hq-sam", f"project:{plugin_file}"]
+    models = build_segmenters(
+        names,
+        base_type="mini",
+        base_checkpoint=base,
+        hq_checkpoint=hq,
+        hq_model_type="hq_mini",
+        device="cpu",
+    )
+    assert list(models) == names
+    assert "HQ-SAM hq_mini" in models["hq-sam"].description
+    assert "v1.safetensors" in models[f"project:{plugin_file}"].description
+    image = np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    for segmenter in models.values():
+        masks = segmenter.segment_boxes(image, np.array([[2.0, 3, 20, 18], [0, 0, 40, 24]]))
+        assert masks.shape == (2, 24, 40) and masks.dtype == bool

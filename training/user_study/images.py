@@ -62,7 +62,7 @@ class ImageLoader:
             url = data.get(ORIGINAL_IMAGE_KEY)
             if not url:
                 url = data.get(IMAGE_KEY)
-                if data.get("highlight"):
+                if data.get("highlight") not in (None, "", "none"):
                     logger.warning(
                         "image %s: no original in the task, using the highlighted one", image_key
                     )
