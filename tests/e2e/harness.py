@@ -155,14 +155,19 @@ def ensure_label_studio(version: str = LS_VERSION) -> Path:
     start = time.monotonic()
     LS_CACHE.mkdir(parents=True, exist_ok=True)
     with _file_lock(LS_CACHE / "install.lock"):
-        result = subprocess.run(
-            ["bash", str(INSTALL_SCRIPT)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=INSTALL_TIMEOUT_S,
-            check=False,
-        )
+        try:
+            result = subprocess.run(
+                ["bash", str(INSTALL_SCRIPT)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=INSTALL_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as error:
+            raise HarnessError(
+                f"installing label-studio=={version} took over {error.timeout} s"
+            ) from error
     if result.returncode != 0 or not executable.exists():
         raise HarnessError(
             f"could not install label-studio=={version} with {INSTALL_SCRIPT} "
@@ -199,15 +204,19 @@ def migrated_template(executable: Path, version: str = LS_VERSION) -> Path:
         log_path = root / "migrate.log"
         start = time.monotonic()
         with open(log_path, "w") as log:
-            result = subprocess.run(
-                [str(executable), "version", "--data-dir", str(building)],
-                env=clean_env(LS_TEST_ENV),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=MIGRATE_TIMEOUT_S,
-                check=False,
-            )
-        if result.returncode != 0 or not (building / "label_studio.sqlite3").exists():
+            try:
+                result = subprocess.run(
+                    [str(executable), "version", "--data-dir", str(building)],
+                    env=clean_env(LS_TEST_ENV),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=MIGRATE_TIMEOUT_S,
+                    check=False,
+                )
+                failed = result.returncode != 0
+            except subprocess.TimeoutExpired:
+                failed = True
+        if failed or not (building / "label_studio.sqlite3").exists():
             shutil.rmtree(building, ignore_errors=True)
             raise HarnessError(f"label-studio migrations failed:\n{log_tail(log_path)}")
         building.rename(template)
