@@ -287,3 +287,54 @@ def test_models_from_names_sam_hq_sam_and_a_project_plugin_file(tmp_path):
     for segmenter in models.values():
         masks = segmenter.segment_boxes(image, np.array([[2.0, 3, 20, 18], [0, 0, 40, 24]]))
         assert masks.shape == (2, 24, 40) and masks.dtype == bool
+
+
+def test_evaluate_cli_with_brush_ground_truth_in_the_export(tmp_path):
+    from label_studio_sdk.converter.brush import mask2rle
+
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 10:20] = 255
+    brush = {
+        "type": "brushlabels",
+        "original_width": 30,
+        "original_height": 20,
+        "value": {"format": "rle", "rle": mask2rle(mask), "brushlabels": ["thing"]},
+    }
+
+    def box(x0, y0, x1, y1):
+        value = {"x": x0 / 0.3, "y": y0 / 0.2, "width": (x1 - x0) / 0.3, "height": (y1 - y0) / 0.2}
+        return {
+            "type": "rectanglelabels",
+            "original_width": 30,
+            "original_height": 20,
+            "value": value,
+        }
+
+    tasks = [
+        {
+            "id": 1,
+            "data": {"image": "/data/upload/1/12345678-shot.png"},  # no target named
+            "annotations": [
+                {"id": 1, "completed_by": 9, "result": [brush]},
+                {"id": 2, "completed_by": 1, "result": [box(10, 5, 20, 15)]},
+                {"id": 3, "completed_by": 2, "result": [box(10, 5, 20, 10)]},  # IoU 0.5
+                {
+                    "id": 4,
+                    "completed_by": 2,
+                    "result": [box(0, 0, 3, 3)],
+                },  # an older try, see below
+            ],
+        }
+    ]
+    tasks[0]["annotations"][2]["updated_at"] = "2026-01-02"
+    tasks[0]["annotations"][3]["updated_at"] = "2026-01-01"  # the older duplicate of user2
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(tasks))
+    out = tmp_path / "out"
+    argv = ["evaluate", "--export", str(export), "--gt", "brush", "--gt-annotator", "user9"]
+    assert main([*argv, "--models", "none", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["ground_truth_annotations"] == 1
+    assert summary["counts"]["duplicates"] == 1 and summary["counts"]["matched"] == 2
+    assert summary["box_quality"]["per_annotator"]["user1"]["mean"] == pytest.approx(1.0)
+    assert summary["box_quality"]["per_annotator"]["user2"]["mean"] == pytest.approx(0.5)
