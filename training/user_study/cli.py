@@ -8,6 +8,12 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from training.user_study.ls_client import LabelStudioClient
+
+if TYPE_CHECKING:
+    from training.user_study.evaluate import StudyResult
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +113,7 @@ def _models(spec: str) -> list[str]:
 
 
 def run_evaluate(args: argparse.Namespace, command: str) -> Path:
-    from training.user_study.evaluate import EvaluationConfig, evaluate_study
-    from training.user_study.images import ImageLoader
-    from training.user_study.loaders import load_ground_truth, load_tasks
-    from training.user_study.ls_client import LabelStudioClient
-    from training.user_study.ls_export import image_key_for, parse_export
+    """The ``evaluate`` command: inputs from the command line, outputs into ``--out``."""
     from training.user_study.report import write_report
 
     client = None
@@ -119,6 +121,21 @@ def run_evaluate(args: argparse.Namespace, command: str) -> Path:
         client = LabelStudioClient(args.ls_url, _api_key(args))
     elif args.project is not None:
         raise SystemExit("--project needs --ls-url")
+    try:
+        result = _evaluate(args, client)
+    finally:
+        if client is not None:
+            client.close()
+    return write_report(result, args.out, command)
+
+
+def _evaluate(args: argparse.Namespace, client: LabelStudioClient | None) -> StudyResult:
+    """Gather the inputs named on the command line and run the evaluation."""
+    from training.user_study.evaluate import EvaluationConfig, evaluate_study
+    from training.user_study.images import ImageLoader
+    from training.user_study.loaders import load_ground_truth, load_tasks
+    from training.user_study.ls_export import image_key_for, parse_export
+
     tasks, users = load_tasks(args.export, client, args.project)
     brush = args.gt == "brush"
     study_images = {image_key_for(t.get("data") or {}) for t in tasks}
@@ -154,10 +171,7 @@ def run_evaluate(args: argparse.Namespace, command: str) -> Path:
         min_match_iou=args.min_match_iou,
         seed=args.seed,
     )
-    result = evaluate_study(export, gt, segmenters, loader, config, descriptions, logger.info)
-    if client is not None:
-        client.close()
-    return write_report(result, args.out, command)
+    return evaluate_study(export, gt, segmenters, loader, config, descriptions, logger.info)
 
 
 def main(argv: list[str] | None = None) -> int:
