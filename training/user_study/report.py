@@ -258,6 +258,12 @@ def render_markdown(result: StudyResult, command: str, simulated: str | None) ->
             lines.append(line)
         lines += ["", "Models:", ""]
         lines += [f"- `{name}`: {text}" for name, text in result.models.items()]
+        if any("RANDOM" in text for text in result.models.values()):
+            lines += [
+                "",
+                "> **Warning:** some models above have RANDOM or untrained weights (the shipped "
+                "weights were not found); their numbers say nothing about SAM or Stable-SAM.",
+            ]
         lines += ["", f"![mIoU per model and prompt source]({MIOU_PNG})", ""]
     else:
         lines += ["No models were evaluated (box quality only).", ""]
