@@ -136,11 +136,19 @@ def test_export_edge_cases_are_counted_not_raised():
     region = rect(10, 10, 20, 20, W, H)
     del region["original_width"], region["original_height"]
     tasks.append(task(9, [ann(9, "a", [region])], name="nosize"))
+    broken = {
+        "type": "rectanglelabels",
+        "original_width": W,
+        "original_height": H,
+        "value": {"x": 1},
+    }
+    tasks.append(task(10, [ann(10, "a", [broken])]))
     export = parse_export(tasks)
     c = export.counts
-    assert (c.tasks, c.annotations, c.tasks_without_annotations) == (9, 9, 1)
+    assert (c.tasks, c.annotations, c.tasks_without_annotations) == (10, 10, 1)
     assert (c.skipped, c.empty, c.duplicates, c.extra_boxes) == (1, 1, 1, 1)
     assert (c.outside, c.clipped, c.unknown_size, c.with_lead_time) == (1, 1, 1, 1)
+    assert c.malformed == 1  # a rectangle without y/width/height
     assert c.boxes == 4 == len(export.boxes)
     by_task = {b.task_id: b for b in export.boxes}
     np.testing.assert_allclose(by_task[4].box_xyxy, [10, 10, 20, 20])  # the newer one

@@ -338,3 +338,12 @@ def test_evaluate_cli_with_brush_ground_truth_in_the_export(tmp_path):
     assert summary["counts"]["duplicates"] == 1 and summary["counts"]["matched"] == 2
     assert summary["box_quality"]["per_annotator"]["user1"]["mean"] == pytest.approx(1.0)
     assert summary["box_quality"]["per_annotator"]["user2"]["mean"] == pytest.approx(0.5)
+
+
+def test_an_export_without_annotations_lists_is_refused_with_a_hint(tmp_path):
+    from training.user_study.ls_export import read_export_file
+
+    path = tmp_path / "min.json"
+    path.write_text(json.dumps([{"image": "/data/upload/1/a.png", "box": []}]))
+    with pytest.raises(ValueError, match="JSON_MIN"):
+        read_export_file(path)

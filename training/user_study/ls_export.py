@@ -87,6 +87,7 @@ class ExportCounts:
     outside: int = 0  # entirely outside the image (or zero area after clipping), dropped
     rotated: int = 0  # rotation != 0, replaced by the axis-aligned bounds
     unknown_size: int = 0  # no original_width/height and no known image size, dropped
+    malformed: int = 0  # a rectangle without usable x/y/width/height, dropped
     ground_truth_annotations: int = 0  # brush annotations read as ground truth
     with_lead_time: int = 0
 
@@ -276,7 +277,12 @@ def _read_boxes(
         else:
             counts.unknown_size += 1
             continue
-        box, rotated = rectangle_to_xyxy(region["value"], width=size[1], height=size[0])
+        try:
+            box, rotated = rectangle_to_xyxy(region["value"], width=size[1], height=size[0])
+        except (KeyError, TypeError, ValueError):
+            counts.malformed += 1
+            logger.warning("task %s: malformed rectangle region, skipped", task_id)
+            continue
         counts.rotated += int(rotated)
         box, was_clipped = clip_box(box, height=size[0], width=size[1])
         if box is None:
@@ -309,4 +315,8 @@ def read_export_file(path: str | Path) -> list[dict[str, Any]]:
         tasks = [tasks]
     if not isinstance(tasks, list):
         raise ValueError(f"{path}: expected a JSON list of tasks")
+    if tasks and not any(isinstance(t, dict) and "annotations" in t for t in tasks):
+        raise ValueError(
+            f"{path}: no task has an 'annotations' list; export the project as JSON (not JSON_MIN)"
+        )
     return tasks

@@ -186,6 +186,7 @@ def render_markdown(result: StudyResult, command: str, simulated: str | None) ->
         "outside": "boxes entirely outside the image (dropped)",
         "rotated": "rotated boxes (axis-aligned bounds used)",
         "unknown_size": "boxes without a known image size (dropped)",
+        "malformed": "malformed rectangles (dropped)",
         "with_lead_time": "annotations with a lead time",
         "matched": "boxes matched to a ground-truth object",
         "unmatched": "boxes not matched (listed below)",
