@@ -346,3 +346,22 @@ def test_aggregate_weighs_every_object_equally():
     assert table["user"]["st"] == pytest.approx(0.7)  # only objects with >= 2 boxes
     assert table["user"]["objects"] == 2 and table["user"]["prompts"] == 4
     assert table["noisy"]["miou"] is None
+
+
+def test_per_annotator_scores_follow_each_persons_boxes():
+    from training.user_study.segmentation import by_annotator
+
+    gt_mask = square_mask(20, 20, 0, 0, 10, 10)
+    gt = {"img": GtImage("img", 20, 20, {"1": GtObject("1", gt_mask)})}
+    obj = ObjectPrompts(
+        "img",
+        "1",
+        gt_box=np.array([0.0, 0, 10, 10]),
+        user_boxes=np.array([[0.0, 0, 10, 10], [0.0, 0, 10, 20]]),
+        annotators=["a", "b"],
+    )
+    image = np.zeros((20, 20, 3), np.uint8)
+    result = evaluate_segmentation({"box": BoxFiller()}, [obj], gt, lambda key: image)
+    rows = by_annotator([obj], result["box"])
+    assert rows["a"]["miou"] == pytest.approx(1.0) and rows["a"]["mbiou"] == pytest.approx(1.0)
+    assert rows["b"]["miou"] == pytest.approx(0.5) and rows["b"]["n"] == 1

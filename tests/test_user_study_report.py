@@ -129,6 +129,7 @@ def test_evaluate_cli_box_quality_only_writes_every_file(tmp_path):
     assert summary["box_quality"]["overall"]["median"] == pytest.approx(1.0)
     assert summary["box_quality"]["per_annotator"]["user2"]["mean"] == pytest.approx(1 / 3)
     assert summary["box_quality"]["lead_time_s"]["mean"] == pytest.approx(3.0)
+    assert summary["box_quality"]["lead_time_s"]["share_within_5s"] == pytest.approx(1.0)
     assert summary["box_quality"]["histogram"]["counts"][3] == 1
     assert summary["box_quality"]["histogram"]["counts"][9] == 2
     assert summary["simulated"] is None

@@ -163,6 +163,7 @@ def test_collect_annotate_export_evaluate(label_studio: LabelStudioServer, tmp_p
     assert per["ann2@study.test"]["mean"] == pytest.approx((1 / 3 + 1.0) / 2)
     assert summary["box_quality"]["overall"]["mean"] == pytest.approx((4 + 1 / 3) / 5)
     assert summary["box_quality"]["lead_time_s"]["mean"] == pytest.approx(4.0)
+    assert summary["box_quality"]["lead_time_s"]["share_within_5s"] == pytest.approx(4 / 5)
     table = summary["segmentation"]["sam"]
     assert table["user"]["prompts"] == 5 and table["gt_box"]["objects"] == 3
     assert table["noisy"]["prompts"] == 6

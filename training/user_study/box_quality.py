@@ -26,6 +26,7 @@ from training.user_study.matching import MatchedBox
 
 logger = logging.getLogger(__name__)
 
+QUICK_BOX_S = 5.0  # seconds; the paper's time budget per box
 HISTOGRAM_EDGES = np.linspace(0.0, 1.0, 11)  # ten bins of 0.1; IoU = 1.0 falls in the last
 
 
@@ -138,6 +139,11 @@ def box_quality(
     result.overall = summarize(ious)
     result.histogram = iou_histogram(ious)
     result.lead_time = summarize([m.box.lead_time_s for m in matched])
+    times = [m.box.lead_time_s for m in matched if m.box.lead_time_s is not None]
+    # the paper's participants drew each box in under 5 s
+    result.lead_time["share_within_5s"] = (
+        float(np.mean([t <= QUICK_BOX_S for t in times])) if times else None
+    )
 
     def noise_scale_for(group: Sequence[MatchedBox]) -> dict[str, Any]:
         if not group:

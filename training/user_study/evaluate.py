@@ -22,6 +22,7 @@ from training.user_study.segmentation import (
     BoxSegmenter,
     ObjectPrompts,
     aggregate,
+    by_annotator,
     evaluate_segmentation,
     make_noisy_boxes,
 )
@@ -56,6 +57,8 @@ class StudyResult:
         default_factory=dict
     )
     table: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # model -> annotator -> {miou, mbiou, n}: each model prompted with one person's boxes
+    by_annotator: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 def study_objects(matching: Matching, gt: Mapping[str, GtImage]) -> list[ObjectPrompts]:
@@ -123,4 +126,7 @@ def evaluate_study(
         )
         result.per_object = evaluate_segmentation(models, objects, gt, load_image, progress)
         result.table = {name: aggregate(rows) for name, rows in result.per_object.items()}
+        result.by_annotator = {
+            name: by_annotator(objects, rows) for name, rows in result.per_object.items()
+        }
     return result

@@ -56,6 +56,7 @@ def summary_dict(result: StudyResult, command: str, simulated: str | None) -> di
         },
         "models": result.models,
         "segmentation": result.table,
+        "segmentation_by_annotator": result.by_annotator,
         "unmatched": [
             {
                 "task": u.box.task_id,
@@ -214,7 +215,8 @@ def render_markdown(result: StudyResult, command: str, simulated: str | None) ->
     if lt.get("n"):
         lines += [
             f"Annotation time (Label Studio lead_time, s): mean {_fmt(lt['mean'], 1)}, median "
-            f"{_fmt(lt['median'], 1)}, n = {lt['n']}.",
+            f"{_fmt(lt['median'], 1)}, n = {lt['n']}; {_pct(lt.get('share_within_5s'))}% of the "
+            "boxes took at most 5 s (the paper's budget).",
             "",
         ]
     else:
@@ -257,6 +259,7 @@ def render_markdown(result: StudyResult, command: str, simulated: str | None) ->
                 s = row[source]
                 line += f" {_pct(s['miou'])} | {_pct(s['mbiou'])} | {_pct(s['st'])} |"
             lines.append(line)
+        lines += _by_annotator_table(result)
         lines += ["", "Models:", ""]
         lines += [f"- `{name}`: {text}" for name, text in result.models.items()]
         if any("RANDOM" in text for text in result.models.values()):
@@ -283,6 +286,21 @@ def render_markdown(result: StudyResult, command: str, simulated: str | None) ->
         lines.append("None.")
     lines += ["", "Files: summary.json, per_object.csv, unmatched.csv, the two PNG plots.", ""]
     return "\n".join(lines)
+
+
+def _by_annotator_table(result: StudyResult) -> list[str]:
+    """mIoU / mBIoU of every model from each annotator's boxes, next to their box IoU."""
+    models = list(result.by_annotator)
+    lines = ["", "Each model prompted with one annotator's boxes (percent):", ""]
+    header = "| annotator | box IoU |" + "".join(f" {m} mIoU | mBIoU |" for m in models)
+    lines += [header, "|---|---:|" + "---:|---:|" * len(models)]
+    for who, stats in result.box_quality.per_annotator.items():
+        line = f"| {who} | {_fmt(stats['mean'])} |"
+        for model in models:
+            row = result.by_annotator[model].get(who, {})
+            line += f" {_pct(row.get('miou'))} | {_pct(row.get('mbiou'))} |"
+        lines.append(line)
+    return lines
 
 
 def _noise(ens: dict[str, Any]) -> str:

@@ -69,6 +69,7 @@ def score_masks(masks: Sequence[np.ndarray], gt_mask: np.ndarray) -> dict[str, A
         "biou": float(np.mean(bious)) if bious else None,
         "st": st,
         "ious": ious,
+        "bious": bious,
     }
 
 
@@ -149,3 +150,29 @@ def aggregate(
             "prompts": int(sum(r["n"] for r in rows)),
         }
     return table
+
+
+def by_annotator(
+    objects: Sequence[ObjectPrompts],
+    per_object: Mapping[tuple[str, str], Mapping[str, Mapping[str, Any]]],
+) -> dict[str, dict[str, Any]]:
+    """One model's mask IoU / BIoU from each annotator's boxes: ``{annotator: {miou, mbiou, n}}``.
+
+    Shows how a model copes with each person's box quality (the paper's point: SAM degrades
+    with sloppier boxes, Stable-SAM much less).
+    """
+    ious: dict[str, list[float]] = {}
+    bious: dict[str, list[float]] = {}
+    for obj in objects:
+        scores = per_object[(obj.image_key, obj.object_id)]["user"]
+        for who, iou, biou in zip(obj.annotators, scores["ious"], scores["bious"], strict=True):
+            ious.setdefault(who, []).append(iou)
+            bious.setdefault(who, []).append(biou)
+    return {
+        who: {
+            "miou": float(np.mean(ious[who])),
+            "mbiou": float(np.mean(bious[who])),
+            "n": len(ious[who]),
+        }
+        for who in sorted(ious)
+    }
