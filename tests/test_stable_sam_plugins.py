@@ -14,7 +14,7 @@ from stable_sam import (
     build_sam,
     build_stable_sam,
 )
-from stable_sam.modeling import bilinear_sample_tokens
+from stable_sam.modeling import sample_at_offsets
 
 IMAGE = np.random.default_rng(0).integers(0, 255, size=(180, 240, 3), dtype=np.uint8)
 
@@ -125,7 +125,7 @@ def test_token_layout_sampling_equals_grid_sample_with_clamped_positions():
     x = torch.randn(b, c, h, w, generator=g)
     offsets = torch.randn(b, h * w, 2, generator=g) * 3
     tokens = x.flatten(2).transpose(1, 2)
-    ours = bilinear_sample_tokens(tokens, offsets, (h, w))
+    ours = sample_at_offsets(tokens, offsets, (h, w))
     ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
     px = (xs.reshape(1, -1) + offsets[..., 0]).clamp(0, w - 1)
     py = (ys.reshape(1, -1) + offsets[..., 1]).clamp(0, h - 1)
@@ -133,6 +133,34 @@ def test_token_layout_sampling_equals_grid_sample_with_clamped_positions():
     ref = F.grid_sample(x, grid, mode="bilinear", align_corners=True).flatten(2).transpose(1, 2)
     assert torch.allclose(ours, ref, atol=1e-5)
     assert ours.is_contiguous()
+
+
+def test_sampling_is_differentiable_in_features_and_offsets_like_grid_sample():
+    g = torch.Generator().manual_seed(1)
+    h, w = 5, 6
+    x = torch.randn(1, 4, h, w, generator=g, requires_grad=True)
+    offsets = (torch.rand(1, h * w, 2, generator=g) * 1.6 - 0.8).requires_grad_()
+    tokens = x.flatten(2).transpose(1, 2)
+    sample_at_offsets(tokens, offsets, (h, w)).pow(2).sum().backward()
+    ours = (x.grad.clone(), offsets.grad.clone())
+    x.grad, offsets.grad = None, None
+    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    px = (xs.reshape(1, -1) + offsets[..., 0]).clamp(0, w - 1)
+    py = (ys.reshape(1, -1) + offsets[..., 1]).clamp(0, h - 1)
+    grid = torch.stack([px / (w - 1) * 2 - 1, py / (h - 1) * 2 - 1], dim=-1).reshape(1, h, w, 2)
+    F.grid_sample(x, grid, align_corners=True).pow(2).sum().backward()
+    assert torch.allclose(ours[0], x.grad, atol=1e-4)
+    assert torch.allclose(ours[1], offsets.grad, atol=1e-3)
+
+
+def test_a_whole_cell_offset_reads_the_neighbouring_feature():
+    h, w = 3, 4
+    x = torch.arange(h * w, dtype=torch.float32).view(1, h * w, 1)
+    offsets = torch.zeros(1, h * w, 2)
+    offsets[..., 0] = 1.0  # one cell to the right; the last column is clamped
+    out = sample_at_offsets(x, offsets, (h, w)).view(h, w)
+    expected = torch.tensor([[1, 2, 3, 3], [5, 6, 7, 7], [9, 10, 11, 11]], dtype=torch.float32)
+    assert torch.equal(out, expected)
 
 
 def test_offsets_are_bounded_by_the_offset_scale():

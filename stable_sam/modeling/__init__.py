@@ -3,7 +3,7 @@ from .plugins import (
     DynamicRoutingPlugin,
     PluginConfig,
     StableSamPlugins,
-    bilinear_sample_tokens,
+    sample_at_offsets,
 )
 from .stable_block import StableTwoWayAttentionBlock
 from .stable_sam import StableSam
@@ -15,5 +15,5 @@ __all__ = [
     "StableSam",
     "StableSamPlugins",
     "StableTwoWayAttentionBlock",
-    "bilinear_sample_tokens",
+    "sample_at_offsets",
 ]

@@ -87,27 +87,29 @@ class DeformableSamplingPlugin(nn.Module):
           x*_{p+Δp}: (B, H*W, C) resampled amplitude-modulated features, contiguous.
           offsets: (B, H*W, 2) Δp as (dx, dy) in feature cells.
         """
-        b, _, c = x_p.shape
+        b, n, c = x_p.shape
         h, w = hw
-        x_star = self.amplitude(x_p)  # (B, HW, C)
-        spatial = x_star.transpose(1, 2).reshape(b, c, h, w)
-        feats = self.offset_dwconv(spatial).flatten(2).transpose(1, 2)  # (B, HW, C)
+        x_star = self.amplitude(x_p)  # (B, HW, C) = x*_p
+        # The token layout of x*_p is the channels-last layout of the (B, C, H, W) map: the
+        # depthwise conv reads and writes it without transposes, and LayerNorm runs in place.
+        spatial = x_star.view(b, h, w, c).permute(0, 3, 1, 2)
+        feats = self.offset_dwconv(spatial).permute(0, 2, 3, 1).reshape(b, n, c)
         feats = F.gelu(self.offset_norm(feats))
         s_p = self.offset_scale * max(h, w)
         offsets = s_p * torch.tanh(self.offset_proj(feats))  # (B, HW, 2)
-        return bilinear_sample_tokens(x_star, offsets, hw), offsets
+        return sample_at_offsets(x_star, offsets, hw), offsets
 
 
-def bilinear_sample_tokens(x: Tensor, offsets: Tensor, hw: tuple[int, int]) -> Tensor:
-    """Bilinear resampling of token-layout features at ``p + offsets``, clamped to the map.
-
-    Equivalent to ``F.grid_sample(..., align_corners=True)`` on the clamped positions, but gathers
-    rows of the (B, H*W, C) layout directly, which avoids two transposes of the feature map.
+def sample_at_offsets(x: Tensor, offsets: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Bilinear samples of token-layout features at ``p + Δp``, clamped to the map (Eq. 3).
 
     Arguments:
-      x: (B, H*W, C) features. offsets: (B, H*W, 2) as (dx, dy) in cells. hw: (H, W).
+      x: (B, H*W, C) features, row-major positions p. offsets: (B, H*W, 2) Δp as (dx, dy) in
+      cells. hw: (H, W).
     Returns:
-      (B, H*W, C) contiguous.
+      (B, H*W, C), contiguous. Equal to ``F.grid_sample(align_corners=True)`` at the clamped
+      positions; computed as a weighted sum of the four neighbouring rows with one
+      ``embedding_bag`` call, which is differentiable in both the features and the weights.
     """
     b, n, c = x.shape
     h, w = hw
@@ -118,21 +120,23 @@ def bilinear_sample_tokens(x: Tensor, offsets: Tensor, hw: tuple[int, int]) -> T
     )
     px = (xs.reshape(1, n) + offsets[..., 0]).clamp(0, w - 1)
     py = (ys.reshape(1, n) + offsets[..., 1]).clamp(0, h - 1)
-    x0 = px.floor().clamp(max=w - 2) if w > 1 else px.floor()
-    y0 = py.floor().clamp(max=h - 2) if h > 1 else py.floor()
-    fx = (px - x0).unsqueeze(-1).to(x.dtype)
-    fy = (py - y0).unsqueeze(-1).to(x.dtype)
-    x0l, y0l = x0.long(), y0.long()
-    x1l = (x0l + 1).clamp(max=w - 1)
-    y1l = (y0l + 1).clamp(max=h - 1)
-
-    def gather(yi: Tensor, xi: Tensor) -> Tensor:
-        idx = (yi * w + xi).unsqueeze(-1).expand(b, n, c)
-        return torch.gather(x, 1, idx)
-
-    top = gather(y0l, x0l) * (1 - fx) + gather(y0l, x1l) * fx
-    bottom = gather(y1l, x0l) * (1 - fx) + gather(y1l, x1l) * fx
-    return (top * (1 - fy) + bottom * fy).contiguous()
+    x0 = px.detach().floor().clamp(max=max(w - 2, 0))
+    y0 = py.detach().floor().clamp(max=max(h - 2, 0))
+    fx, fy = px - x0, py - y0  # in [0, 1]; gradients flow to the offsets through these
+    x0i, y0i = x0.long(), y0.long()
+    x1i, y1i = (x0i + 1).clamp(max=w - 1), (y0i + 1).clamp(max=h - 1)
+    base = (torch.arange(b, device=x.device) * n).view(b, 1)
+    index = torch.stack(
+        [base + y0i * w + x0i, base + y0i * w + x1i, base + y1i * w + x0i, base + y1i * w + x1i],
+        dim=-1,
+    ).view(b * n, 4)
+    weights = torch.stack(
+        [(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], dim=-1
+    ).view(b * n, 4)
+    out = F.embedding_bag(
+        index, x.reshape(b * n, c), per_sample_weights=weights.to(x.dtype), mode="sum"
+    )
+    return out.view(b, n, c)
 
 
 class DynamicRoutingPlugin(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .plugins import StableSamPlugins
@@ -52,8 +53,10 @@ class StableTwoWayAttentionBlock(nn.Module):
         # Dynamic routing from the output mask token, then deformable sampling of x_p.
         hw = self.feature_hw or _square_hw(keys.shape[1])
         alpha = self.plugins.route(queries[:, MASK_TOKEN_INDEX, :])  # (B, 2)
-        resampled, offsets = self.plugins.dsp(keys, hw)
-        mixed = alpha[:, 0, None, None] * resampled + alpha[:, 1, None, None] * keys
+        resampled, offsets = self.plugins.dsp(keys, hw)  # (B, HW, C), contiguous
+        # x_mix = α1 · x*_{p+Δp} + α2 · x_p. Contiguous operands keep the attention's matmuls
+        # (and so α = [0, 1]) bit-identical to vanilla SAM.
+        mixed = torch.addcmul(keys * alpha[:, 1, None, None], resampled, alpha[:, 0, None, None])
         self.last_alpha, self.last_offsets = alpha.detach(), offsets.detach()
 
         q = queries + query_pe

@@ -96,7 +96,7 @@ class StableSam(nn.Module):
     @property
     def image_size(self) -> int:
         """Side of the square encoder input (1024 for official SAM, 256 for the mini)."""
-        return self.sam.image_encoder.img_size
+        return self.sam.prompt_encoder.input_image_size[0]
 
     # -- forward pieces ----------------------------------------------------------------------
     @torch.no_grad()
