@@ -214,7 +214,7 @@ def test_plan_targets_renders_the_largest_targets_first(tmp_path):
     gt = load_mask_folder(gt_dir)
     targets = plan_targets(gt, tmp_path / "work", max_targets=1)
     assert [(t.image_key, t.object_id, t.image_name) for t in targets] == [("pic", "1", "pic.png")]
-    assert targets[0].highlighted_path.name == "pic__target_1.png"
+    assert targets[0].highlighted_path.name == "t00000__pic__1.png"
     assert targets[0].highlighted_path.is_file()
 
 
@@ -348,3 +348,16 @@ def test_an_export_without_annotations_lists_is_refused_with_a_hint(tmp_path):
     path.write_text(json.dumps([{"image": "/data/upload/1/a.png", "box": []}]))
     with pytest.raises(ValueError, match="JSON_MIN"):
         read_export_file(path)
+
+
+def test_highlighted_file_names_are_safe_and_unique(tmp_path):
+    from training.user_study.ground_truth import GtImage, GtObject
+
+    image_path = tmp_path / "my photo (1).png"
+    write_png(image_path, np.zeros((8, 8, 3), np.uint8))
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:5] = True
+    gt = {"my photo (1)": GtImage("my photo (1)", 8, 8, {"a/b": GtObject("a/b", mask)}, image_path)}
+    (target,) = plan_targets(gt, tmp_path / "work")
+    assert target.highlighted_path.name == "t00000__my_photo_1___a_b.png"
+    assert target.image_name == "my photo (1).png" and target.object_id == "a/b"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -118,13 +119,18 @@ def plan_targets(
             continue
         rgb = read_rgb(image.image_path)
         for obj in objects[:max_targets]:
-            path = work_dir / f"{key}__target_{obj.object_id}.png"
+            # a numbered, filesystem- and URL-safe name: Label Studio may rewrite others on upload
+            path = work_dir / f"t{len(targets):05d}__{_safe(key)}__{_safe(obj.object_id)}.png"
             picture = highlight(rgb, obj.mask, style)
             cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
             name = obj.label or f"object {obj.object_id}"
             targets.append(StudyTarget(key, image.image_path.name, obj.object_id, name, path))
     logger.info("user study: %d targets in %d images", len(targets), len(gt))
     return targets
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60]
 
 
 def create_study(
