@@ -149,6 +149,7 @@ def create_app(
             "model_class": type(backend).__name__,
             "model_version": backend.models.default_model_version,
             "model_loaded": backend.models.loaded,
+            "model_warm": backend.models.warm,
         }
 
     @app.post("/setup", response_model=SetupResponse)
@@ -179,7 +180,7 @@ def create_app(
 
 def _preload(backend: StableSamBackend) -> None:
     try:
-        backend.models.predictor()
+        backend.models.warm_up()
     except BackendError as exc:
         logger.error("model preload failed: %s", exc.detail)
 

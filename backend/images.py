@@ -228,7 +228,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         try:
             image.load()
             image = ImageOps.exif_transpose(image)
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = np.array(image.convert("RGB"))  # a writable copy (torch warns on read-only)
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageDecodeError(f"the image is corrupt or truncated: {exc}") from exc
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:

@@ -70,6 +70,7 @@ class ModelServer:
         self._lock = threading.Lock()
         self._predictor: Any = None
         self._error: str | None = None
+        self.warm = False  # True once warm_up ran
         self._plugin_cache: dict[tuple[Path, int], Any] = {}
         self._versions = (
             VersionStore(settings.versions_dir, keep=settings.versions_keep)
@@ -195,6 +196,23 @@ class ModelServer:
             time.perf_counter() - started,
         )
         return predictor
+
+    def warm_up(self) -> None:
+        """Build the model and run one tiny prediction, so the first real click pays neither.
+
+        The first forward pass of a torch model is several times slower than the next ones
+        (kernel selection, allocator growth); measured ~8 s vs ~0.8 s for a cold image on the
+        mini model on a busy 2-core CPU (bench/bench_predict_http.py).
+        """
+        started = time.perf_counter()
+        predictor = self.predictor()
+        image = np.zeros((64, 64, 3), np.uint8)
+        point = np.array([[32.0, 32.0]], np.float32)
+        predictor.predict(
+            image, point_coords=point, point_labels=np.array([1]), image_key="warm-up"
+        )
+        self.warm = True
+        logger.info("model warm-up done in %.1f s", time.perf_counter() - started)
 
     def plugins_for(self, project: str | None) -> PluginChoice:
         """The project's newest promoted plugins (cached by file), else the default ones."""

@@ -116,9 +116,9 @@ class Backend:
         self.process = subprocess.Popen(command, cwd=ROOT, env=full_env)
         self.client = httpx.Client(base_url=self.url, timeout=600.0)
         deadline = time.monotonic() + startup_timeout_s
-        while time.monotonic() < deadline:  # up, and the model preloaded
+        while time.monotonic() < deadline:  # up, and the model built and warmed up
             try:
-                if self.client.get("/health").json().get("model_loaded"):
+                if self.client.get("/health").json().get("model_warm"):
                     return
             except httpx.HTTPError:
                 pass

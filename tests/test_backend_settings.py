@@ -79,3 +79,13 @@ def test_official_format_checkpoint_loads_as_plain_sam(tmp_path):
     masks = predictor.predict(image, point_coords=np.array([[10.0, 10.0]]),
                               point_labels=np.array([1])).masks  # fmt: skip
     assert masks.shape[-2:] == (40, 50)
+
+
+def test_warm_up_builds_the_model_and_runs_one_prediction(tmp_path):
+    server = ModelServer(
+        Settings(sam_allow_random_weights=True, device="cpu", versions_dir=tmp_path)
+    )
+    assert not server.loaded and not server.warm
+    server.warm_up()
+    assert server.loaded and server.warm
+    assert server.predictor().cache.misses == 1  # the tiny warm-up image was embedded
