@@ -259,7 +259,7 @@ def test_images_are_fetched_from_label_studio_when_not_on_disk():
 
 
 @pytest.mark.slow  # builds three randomly initialised mini models (~5-15 s on a busy CPU)
-def test_models_from_names_sam_hq_sam_and_a_project_plugin_file(tmp_path):
+def test_models_from_names_sam_hq_sam_and_project_versions(tmp_path):
     import torch
 
     from stable_sam import build_sam, build_stable_sam, save_plugins
@@ -272,7 +272,12 @@ def test_models_from_names_sam_hq_sam_and_a_project_plugin_file(tmp_path):
     plugin_file = tmp_path / "v1.safetensors"
     save_plugins(build_stable_sam("mini", base, plugins=True, device="cpu"), plugin_file)
 
-    names = ["sam", "hq-sam", f"project:{plugin_file}"]
+    from backend.versions import VersionStore
+
+    store = VersionStore(tmp_path / "versions")
+    version = store.write("7", plugin_file, {}, {}, promote=True, reason="test")
+    project_dir = tmp_path / "versions" / "7"  # means: project 7's current version
+    names = ["sam", "hq-sam", f"project:{plugin_file}", f"project:{project_dir}"]
     models = build_segmenters(
         names,
         base_type="mini",
@@ -284,6 +289,9 @@ def test_models_from_names_sam_hq_sam_and_a_project_plugin_file(tmp_path):
     assert list(models) == names
     assert "HQ-SAM hq_mini" in models["hq-sam"].description
     assert "v1.safetensors" in models[f"project:{plugin_file}"].description
+    assert version.path.name in models[f"project:{project_dir}"].description
+    with pytest.raises(FileNotFoundError):
+        build_segmenters(["project:/no/such/file"], base_type="mini", base_checkpoint=base)
     image = np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8)
     for segmenter in models.values():
         masks = segmenter.segment_boxes(image, np.array([[2.0, 3, 20, 18], [0, 0, 40, 24]]))

@@ -3,8 +3,9 @@
 - ``sam``: the embedded default base (``stable_sam.default_model_paths()``) without plugins;
 - ``stable-sam``: the same base with the shipped plugins;
 - ``hq-sam``: HQ-SAM, only with ``hq_checkpoint`` (an official HQ-SAM ``.pth``);
-- ``project:<path>``: the base with a plugin file, e.g. a project-trained version from
-  ``backend.versions`` (``<root>/<project>/<version>.safetensors``).
+- ``project:<path>``: the base with a plugin file, e.g. a project-trained version
+  (``VERSIONS_DIR/<project>/<version>.safetensors``), or ``project:VERSIONS_DIR/<project>`` for
+  that project's current (newest promoted) version from ``backend.versions``.
 
 ``base_type`` / ``base_checkpoint`` replace the embedded default base (e.g. an official
 ``vit_l`` checkpoint); the shipped plugins only fit the base they were trained on.
@@ -99,7 +100,7 @@ def build_segmenters(
             model = build_stable_sam(hq_model_type, hq_checkpoint, plugins=False, device=device)
             description = f"HQ-SAM {hq_model_type} ({_name(hq_checkpoint)})"
         elif name.startswith("project:"):
-            path = Path(name.split(":", 1)[1])
+            path = project_plugin_file(name.split(":", 1)[1])
             model = build_stable_sam(
                 base_type, base_checkpoint, plugins=True, plugin_checkpoint=path, device=device
             )
@@ -113,6 +114,25 @@ def build_segmenters(
         logger.info("user study model %s: %s", name, description)
         out[name] = PredictorSegmenter(StableSamPredictor(model), description)
     return out
+
+
+def project_plugin_file(spec: str) -> Path:
+    """A plugin file, or a project's folder in the version store (``VERSIONS_DIR/<project>``),
+    which means that project's current (newest promoted) version."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        from backend.versions import VersionStore
+
+        version = VersionStore(path.parent).current(path.name)
+        if version is None:
+            raise FileNotFoundError(
+                f"project {path.name} has no promoted version under {path.parent}"
+            )
+        logger.info("project %s: current version %s", path.name, version.name)
+        return version.path
+    raise FileNotFoundError(f"plugin file or project version folder not found: {spec}")
 
 
 def _name(path: str | Path | None) -> str:
