@@ -369,3 +369,75 @@ def test_highlighted_file_names_are_safe_and_unique(tmp_path):
     (target,) = plan_targets(gt, tmp_path / "work")
     assert target.highlighted_path.name == "t00000__my_photo_1___a_b.png"
     assert target.image_name == "my photo (1).png" and target.object_id == "a/b"
+
+
+def test_evaluate_cli_with_coco_ground_truth_and_untargeted_tasks(tmp_path):
+    coco = {
+        "images": [{"id": 1, "file_name": "street.jpg", "height": 40, "width": 50}],
+        "categories": [{"id": 3, "name": "car"}],
+        "annotations": [
+            {
+                "id": 11,
+                "image_id": 1,
+                "category_id": 3,
+                "iscrowd": 0,
+                "area": 100,
+                "bbox": [0, 0, 10, 10],
+                "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]],
+            },
+            {
+                "id": 12,
+                "image_id": 1,
+                "category_id": 3,
+                "iscrowd": 0,
+                "area": 200,
+                "bbox": [30, 20, 20, 10],
+                "segmentation": [[30, 20, 50, 20, 50, 30, 30, 30]],
+            },
+        ],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+
+    def box(x0, y0, x1, y1):
+        value = {"x": x0 * 2, "y": y0 * 2.5, "width": (x1 - x0) * 2, "height": (y1 - y0) * 2.5}
+        return {
+            "type": "rectanglelabels",
+            "original_width": 50,
+            "original_height": 40,
+            "value": value,
+        }
+
+    # one rectangle project, no target named: boxes are matched by IoU
+    tasks = [
+        {
+            "id": 5,
+            "data": {"image": "/data/upload/2/0badf00d-street.jpg"},
+            "annotations": [
+                {
+                    "id": 1,
+                    "completed_by": 1,
+                    "result": [box(30, 20, 50, 30), box(0, 0, 10, 10), box(20, 0, 25, 5)],
+                }
+            ],
+        }
+    ]
+    (tmp_path / "export.json").write_text(json.dumps(tasks))
+    out = tmp_path / "out"
+    argv = [
+        "evaluate",
+        "--export",
+        str(tmp_path / "export.json"),
+        "--gt",
+        str(tmp_path / "coco.json"),
+    ]
+    assert main([*argv, "--models", "none", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["matched"] == 2 and summary["counts"]["unmatched"] == 1
+    assert summary["box_quality"]["overall"]["mean"] == pytest.approx(1.0)  # pixels 0..9 -> box 0..10
+    (unmatched,) = summary["unmatched"]
+    assert unmatched["box_xyxy"] == pytest.approx([20, 0, 25, 5])
+    rows = (out / "per_object.csv").read_text().splitlines()
+    assert [r.split(",")[:3] for r in rows[1:]] == [
+        ["street", "11", "car"],
+        ["street", "12", "car"],
+    ]
