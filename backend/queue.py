@@ -32,9 +32,9 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 from redis.backoff import NoBackoff
@@ -42,6 +42,9 @@ from redis.exceptions import WatchError
 from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
 from rq.job import Dependency, Job, JobStatus
+
+if TYPE_CHECKING:
+    from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +136,6 @@ class JobOptions:
     retry_intervals_s: Sequence[int] = (30, 120)
     result_ttl_s: int = 7 * 24 * 3600
     failure_ttl_s: int = 30 * 24 * 3600
-    job_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def retry(self) -> Retry | None:
         if self.retries <= 0:
@@ -159,6 +161,21 @@ class TrainingQueue:
         self.queue = Queue(queue_name, connection=connection)
         self.policy = policy or TrainingPolicy()
         self.job_options = job_options or JobOptions()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrainingQueue:
+        """The queue described by ``settings``: REDIS_URL (short timeouts), TRAINING_QUEUE,
+        TRAIN_ON / MIN_NEW_ANNOTATIONS and the job options (timeout, retries)."""
+        return cls(
+            redis_connection(settings.redis_url),
+            settings.training_queue,
+            policy=TrainingPolicy(settings.train_on, settings.min_new_annotations),
+            job_options=JobOptions(
+                timeout_s=settings.train_job_timeout_s,
+                retries=settings.train_retries,
+                retry_intervals_s=tuple(settings.train_retry_intervals_s),
+            ),
+        )
 
     # --- keys ------------------------------------------------------------------------------
 
@@ -255,7 +272,7 @@ class TrainingQueue:
         running_alive = bool(running_id) and self._status(pipe, running_id) in _RUNNING
         job = self.queue.create_job(
             JOB_FUNCTION,
-            kwargs={"project": project, **self.job_options.job_kwargs},
+            kwargs={"project": project},
             job_id=f"train-{project}-{uuid.uuid4().hex}",
             description=f"train Stable-SAM plugins of project {project}",
             timeout=self.job_options.timeout_s,
@@ -298,9 +315,11 @@ class TrainingQueue:
 
         Call this from the job before it reads any annotation: triggers that arrive after it
         create the follow-up run instead of merging into this one. Also counts the attempt in
-        ``job.meta["attempt"]`` (RQ retries re-run the same job id).
+        ``job.meta["attempt"]`` (RQ retries re-run the same job id). The count lives in its own
+        Redis key: RQ re-saves a retried job with the meta it had when it was dequeued.
         """
         state_key = self.state_key(project)
+        attempt_key = f"{KEY_PREFIX}:attempts:{job.id}"
         with self.connection.pipeline() as pipe:
             while True:
                 try:
@@ -321,14 +340,16 @@ class TrainingQueue:
                     if state.get("queued") == job.id:
                         pipe.hdel(state_key, "queued", "queued_triggers")
                     pipe.hset(state_key, mapping={"running": job.id, "running_triggers": triggers})
-                    pipe.execute()
+                    pipe.incr(attempt_key)
+                    pipe.expire(attempt_key, self.job_options.failure_ttl_s)
+                    attempt = int(pipe.execute()[-2])
                     break
                 except WatchError:
                     continue
         meta = job.get_meta(refresh=True)
         meta.update(
             triggers=triggers,
-            attempt=int(meta.get("attempt", 0)) + 1,
+            attempt=attempt,
             started_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         job.meta = meta
@@ -475,7 +496,7 @@ def _describe(job: Job) -> dict[str, Any]:
         "reasons": meta.get("reasons", {}),
         "attempt": meta.get("attempt", 0),
     }
-    for key in ("progress", "report"):
+    for key in ("progress", "training", "report"):
         if key in meta:
             info[key] = meta[key]
     return info

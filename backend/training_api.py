@@ -19,14 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from backend.queue import (
-    ANNOTATION_ACTIONS,
-    START_TRAINING,
-    JobOptions,
-    TrainingPolicy,
-    TrainingQueue,
-    redis_connection,
-)
+from backend.queue import ANNOTATION_ACTIONS, START_TRAINING, TrainingQueue
 from backend.settings import Settings
 from backend.versions import PluginVersion, VersionStore
 
@@ -36,17 +29,8 @@ TRAINING_ACTIONS = ANNOTATION_ACTIONS | {START_TRAINING}
 
 
 def training_queue_from_settings(settings: Settings) -> TrainingQueue:
-    """The ``TrainingQueue`` described by ``settings`` (Redis URL, queue, policy, job options)."""
-    return TrainingQueue(
-        redis_connection(settings.redis_url),
-        settings.training_queue,
-        policy=TrainingPolicy(settings.train_on, settings.min_new_annotations),
-        job_options=JobOptions(
-            timeout_s=settings.train_job_timeout_s,
-            retries=settings.train_retries,
-            retry_intervals_s=tuple(settings.train_retry_intervals_s),
-        ),
-    )
+    """The ``TrainingQueue`` described by ``settings`` (see ``TrainingQueue.from_settings``)."""
+    return TrainingQueue.from_settings(settings)
 
 
 def _error(status_code: int, code: str, detail: str) -> JSONResponse:

@@ -226,3 +226,13 @@ def test_unreachable_redis_fails_fast(redis_url: str) -> None:
     with pytest.raises(redis.ConnectionError):
         tq.trigger("7")
     assert Queue(QUEUE, connection=redis_connection(redis_url)).count == 0
+
+
+def test_attempts_are_counted_even_when_rq_resaves_the_dequeued_meta(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    job = start(tq, tq.trigger("7").job_id)
+    stale = Job.fetch(job.id, connection=conn)
+    stale.meta = {"project": "7", "triggers": 1}  # what RQ's retry writes back
+    stale.save()
+    tq.mark_started(stale, "7")
+    assert Job.fetch(job.id, connection=conn).get_meta()["attempt"] == 2

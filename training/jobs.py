@@ -27,11 +27,10 @@ enqueue time, ``backend.queue.JobOptions``).
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +55,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRAINER = "training.train:train_plugins"
 EVAL_SEED = 0
 MIN_SAMPLES = 2  # one to train on, one to validate
 PROGRESS_INTERVAL_S = 1.0
@@ -68,8 +66,10 @@ EVAL_PROMPTS = ("gt_box", "noisy_box", "1_point", "3_points")
 class JobProgress:
     """Writes ``{"phase", "step", "total", "loss"}`` to ``job.meta["progress"]``.
 
-    Saves at most every ``interval_s`` seconds, and always on a phase change or the last step,
-    so a fast training loop does not flood Redis. ``job=None`` only logs.
+    The training phase's latest ``{"step", "total", "loss"}`` also stays in
+    ``job.meta["training"]`` after the phase ends. Saves at most every ``interval_s`` seconds,
+    and always on a phase change or the last step, so a fast training loop does not flood
+    Redis. ``job=None`` only logs.
     """
 
     def __init__(self, job: Job | None, interval_s: float = PROGRESS_INTERVAL_S) -> None:
@@ -93,6 +93,8 @@ class JobProgress:
             logger.info("phase %s (%d/%d)", phase, step, total)
         if self.job is not None:
             self.job.meta["progress"] = progress
+            if phase == "training" and total > 0:
+                self.job.meta["training"] = {k: v for k, v in progress.items() if k != "phase"}
             self.job.save_meta()
 
 
@@ -157,12 +159,6 @@ def label_studio_client(
         timeout_s=settings.image_fetch_timeout_s,
         max_image_pixels=settings.image_max_pixels,
     )
-
-
-def load_trainer(path: str | None) -> Callable[..., Any]:
-    """``"module:function"`` -> the function (default: ``training.train:train_plugins``)."""
-    module_name, _, name = (path or DEFAULT_TRAINER).partition(":")
-    return getattr(importlib.import_module(module_name), name)
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -245,26 +241,17 @@ def _build_model(
     return model, "untrained plugins"
 
 
-def _train_config(trainer_module: str, device: Any) -> Any:
-    """``TrainConfig`` with its defaults (the paper's: one epoch, Adam 1e-3) on ``device``."""
-    module = importlib.import_module(trainer_module)
-    config = module.TrainConfig()
-    if hasattr(config, "device"):
-        config.device = str(device)
-    return config
-
-
 def run_training(
     project: str,
     settings: Settings,
     client: LabelStudioClient,
     store: VersionStore,
     progress: JobProgress,
-    trainer: str | None = None,
     job_id: str = "",
 ) -> dict[str, Any]:
     """Fetch, train, evaluate and write a version of ``project``'s plugins; return the report."""
     from stable_sam import EmbeddingCache, StableSamPredictor, save_plugins
+    from training.train import TrainConfig, train_plugins
 
     started = time.perf_counter()
     report: dict[str, Any] = {"project": project, "job_id": job_id, "version": None}
@@ -298,12 +285,10 @@ def run_training(
     current_plugins = copy.deepcopy(model.plugins)
     current_metrics = evaluate_plugins(predictor, val, current_plugins)
 
-    trainer_fn = load_trainer(trainer)
-    config = _train_config(trainer_fn.__module__, model.device)
+    config = TrainConfig(epochs=settings.train_epochs, device=str(model.device))
     progress("training", 0, 0)
     train_started = time.perf_counter()
-    model.plugins.train()
-    result = trainer_fn(
+    result = train_plugins(
         model, train, config, progress=lambda s, t, loss: progress("training", s, t, loss)
     )
     model.plugins.eval()
@@ -322,7 +307,7 @@ def run_training(
     )
 
     progress("saving")
-    summary = _summary(result)
+    summary = result.summary
     metadata = {
         "job_id": job_id,
         "base_model_type": spec.model_type,
@@ -350,7 +335,7 @@ def run_training(
             promote=promote,
             reason=reason,
         )
-    images_seen = _images_seen(result, len(train))
+    images_seen = int(summary.get("images", len(train)))
     report.update(
         version=version.name,
         promoted=promote,
@@ -368,54 +353,39 @@ def run_training(
     return report
 
 
-def _summary(result: Any) -> dict[str, Any]:
-    """A JSON-able summary of a ``TrainResult`` (its dataclass fields that are plain values)."""
-    if result is None:
-        return {}
-    fields = getattr(result, "__dataclass_fields__", None)
-    items = {name: getattr(result, name) for name in fields} if fields else dict(vars(result))
-    plain = (int, float, str, bool, type(None))
-    summary: dict[str, Any] = {}
-    for key, value in items.items():
-        if isinstance(value, plain):
-            summary[key] = value
-        elif (
-            isinstance(value, list | tuple)
-            and len(value) <= 50
-            and all(isinstance(v, plain) for v in value)
-        ):
-            summary[key] = list(value)
-    return summary
+def _configure_process(settings: Settings) -> None:
+    """Logging (rq configures only its own logger) and torch threads, in the work horse."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per image otherwise
+    if settings.train_torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.train_torch_threads)
 
 
-def _images_seen(result: Any, n_train: int) -> int:
-    """Training images processed (the result's own count when it reports one)."""
-    for name in ("images_seen", "num_images", "images"):
-        value = getattr(result, name, None)
-        if isinstance(value, int):
-            return value
-    return n_train
-
-
-def train_project(project: str, trainer: str | None = None) -> dict[str, Any]:
+def train_project(project: str) -> dict[str, Any]:
     """The RQ job: retrain ``project``'s plugins from its Label Studio annotations.
 
-    ``project`` is the numeric project id as a string. ``trainer`` is an optional
-    ``"module:function"`` with ``train_plugins``'s signature (default: the RTS trainer). Returns
-    the run's report (also in ``job.meta["report"]``); raises on failure so that RQ records it
-    and applies the job's retry policy.
+    ``project`` is the numeric project id as a string. Returns the run's report (also in
+    ``job.meta["report"]``); raises on failure so that RQ records it and applies the job's
+    retry policy.
     """
     job = get_current_job()
     if job is None:
         raise RuntimeError("train_project runs as an RQ job (use backend.queue to enqueue it)")
     settings = Settings()
+    _configure_process(settings)
     queue = TrainingQueue(job.connection, settings.training_queue)
     queue.mark_started(job, project)
     progress = JobProgress(job)
     store = VersionStore(settings.versions_dir, keep=settings.versions_keep)
     try:
         with label_studio_client(settings, queue, project) as client:
-            report = run_training(project, settings, client, store, progress, trainer, job.id)
+            report = run_training(project, settings, client, store, progress, job.id)
     except Exception as exc:
         queue.record_failure(job, project, f"{type(exc).__name__}: {exc}")
         logger.exception("project %s: training job %s failed", project, job.id)
