@@ -304,6 +304,16 @@ def train_step_loss(
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _full_res_ious(
+    sam: Sam, low_res: torch.Tensor, input_size: tuple[int, int], gt: torch.Tensor
+) -> list[float]:
+    """IoUs of (M,1,h,w) low-res logits, upsampled to the original size, with (M,H,W) masks."""
+    pred = sam.postprocess_masks(low_res.float(), input_size, tuple(gt.shape[1:]))[:, 0] > 0
+    inter = (pred & gt).flatten(1).sum(1).float()
+    union = (pred | gt).flatten(1).sum(1).float().clamp(min=1)
+    return (inter / union).tolist()
+
+
 @torch.no_grad()
 def evaluate(
     sam: Sam, dataset: SceneDataset | list[Sample], device: torch.device, seed: int = 0
@@ -332,21 +342,16 @@ def evaluate(
         labels = torch.ones(pts_t.shape[:2], device=device)
         gt = torch.from_numpy(sample.masks).to(device)
 
-        def full_res(low: torch.Tensor) -> torch.Tensor:
-            return sam.postprocess_masks(low.float(), input_size, (h, w)) > 0
-
-        def ious(pred: torch.Tensor) -> list[float]:
-            inter = (pred & gt).flatten(1).sum(1).float()
-            union = (pred | gt).flatten(1).sum(1).float().clamp(min=1)
-            return (inter / union).tolist()
+        def ious(low: torch.Tensor) -> list[float]:
+            return _full_res_ious(sam, low, input_size, gt)  # noqa: B023 (used in this iteration)
 
         low, _ = decode(sam, emb, None, boxes_t, None, multimask=False)
-        box_ious += ious(full_res(low)[:, 0])
+        box_ious += ious(low)
         low, score = decode(sam, emb, (pts_t, labels), None, None, multimask=True)
         best = score.argmax(dim=1)
-        p1_ious += ious(full_res(low[torch.arange(len(best)), best][:, None])[:, 0])
+        p1_ious += ious(low[torch.arange(len(best)), best][:, None])
         low, _ = decode(sam, emb, (pts_t, labels), None, None, multimask=False)
-        p1s_ious += ious(full_res(low)[:, 0])
+        p1s_ious += ious(low)
     return {
         "box_miou": 100 * float(np.mean(box_ious)),
         "point1_miou": 100 * float(np.mean(p1_ious)),
