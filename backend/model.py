@@ -180,6 +180,10 @@ class ModelServer:
         elif not Path(checkpoint).is_file():
             raise ModelUnavailableError(f"SAM_CHECKPOINT not found: {checkpoint}")
         device = None if s.device == "auto" else s.device
+        if s.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
         model = build_stable_sam(
             s.sam_model_type,
             checkpoint,

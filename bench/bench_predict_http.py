@@ -213,13 +213,17 @@ def main() -> None:
     parser.add_argument("--skip-vit-b", action="store_true", help="skip the ViT-B-sized model")
     parser.add_argument("--warmup-wait", type=float, default=2.0,
                         help="seconds between opening a task and the first click (at least)")  # fmt: skip
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="TORCH_THREADS for the backend (0: torch's default)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
     images = ImageServer()
     common = {"PREFETCH_WORKERS": "1", "IMAGE_URL_TTL_S": "600", "DEVICE": "cpu",
-              "SAM_ALLOW_RANDOM_WEIGHTS": "true", "VERSIONS_DIR": str(ROOT / "var" / "bench")}  # fmt: skip
-    report: dict = {"cpu_count": os.cpu_count()}
+              "SAM_ALLOW_RANDOM_WEIGHTS": "true", "VERSIONS_DIR": str(ROOT / "var" / "bench"),
+              "TORCH_THREADS": str(args.torch_threads)}  # fmt: skip
+    report: dict = {"cpu_count": os.cpu_count(), "torch_threads": args.torch_threads,
+                    "load_average_at_start": os.getloadavg()}  # fmt: skip
     print("embedded default (mini):", flush=True)
     report["default"] = measure_model(
         "default", {**common, "SAM_MODEL_TYPE": "mini"}, images,
@@ -250,6 +254,10 @@ def main() -> None:
                 print(f"{name} {tag}: cold first click {row['cold_first_click_ms']:.0f} ms, after "
                       f"warm-up {row['first_click_after_warmup_ms']:.0f} ms "
                       f"(saves {row['warmup_saves_ms']:.0f} ms)")  # fmt: skip
+    report["load_average_at_end"] = os.getloadavg()
+    print(f"torch threads {args.torch_threads or 'default'}; load average (1 min) at start "
+          f"{report['load_average_at_start'][0]:.1f}, at end {report['load_average_at_end'][0]:.1f} "
+          f"on {os.cpu_count()} cores")  # fmt: skip
     report["measured_ms"] = measured
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -89,3 +89,15 @@ def test_warm_up_builds_the_model_and_runs_one_prediction(tmp_path):
     server.warm_up()
     assert server.loaded and server.warm
     assert server.predictor().cache.misses == 1  # the tiny warm-up image was embedded
+
+
+def test_torch_threads_setting_is_applied_when_the_model_is_built(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        server = ModelServer(
+            Settings(sam_allow_random_weights=True, torch_threads=1, versions_dir=tmp_path)
+        )
+        server.predictor()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
