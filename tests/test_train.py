@@ -1,0 +1,173 @@
+"""RTS training of the plugins (and the DT-SAM baseline): smoke runs on tiny data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stable_sam import build_sam, build_stable_sam, read_plugin_metadata
+from training import rts
+from training.baselines import load_decoder, save_decoder, train_dt_sam
+from training.data import Sample, write_mask_folder
+from training.train import TrainConfig, TrainResult, main, step_loss, train_plugins
+
+
+def _tiny_dataset(n: int = 4, side: int = 96) -> list[Sample]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        image = rng.integers(0, 60, (side, side + 16, 3), dtype=np.uint8)
+        masks = np.zeros((2, side, side + 16), bool)
+        masks[0, 10:50, 10:60] = True
+        masks[1, 55:90, 40:100] = True
+        image[masks[0]] = (220, 40, 40)
+        image[masks[1]] = (40, 200, 60)
+        out.append(Sample(image, masks, f"tiny{i}"))
+    return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On a shared 2-core machine torch's 2-thread kernels were ~8x slower than 1 thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in build_sam("mini").state_dict().items()}, str(path))
+    return path
+
+
+def test_train_plugins_runs_and_only_touches_the_plugins(base_file):
+    model = build_stable_sam("mini", base_file, device="cpu")
+    sam_before = {k: v.clone() for k, v in model.sam.state_dict().items()}
+    plugins_before = {k: v.clone() for k, v in model.plugins.state_dict().items()}
+    calls = []
+    cfg = TrainConfig(batch_prompts=8, prompts_per_image=4, max_steps=2)
+    result = train_plugins(model, _tiny_dataset(), cfg, progress=lambda *a: calls.append(a))
+
+    assert isinstance(result, TrainResult)
+    assert result.steps == 2 and len(result.losses) == 2 and np.isfinite(result.final_loss)
+    assert result.wall_s > 0 and result.images_per_s > 0
+    assert [c[:2] for c in calls] == [(1, 2), (2, 2)]
+    assert result.summary["steps"] == 2 and result.summary["images"] == 4
+    json.dumps(result.summary)  # goes into the plugin file's metadata
+    for k, v in model.sam.state_dict().items():
+        assert torch.equal(v, sam_before[k]), k
+    changed = [
+        k for k, v in model.plugins.state_dict().items() if not torch.equal(v, plugins_before[k])
+    ]
+    assert changed
+
+
+def test_loss_goes_down_on_a_fixed_batch(base_file):
+    torch.manual_seed(0)
+    model = build_stable_sam("mini", base_file, device="cpu")
+    rng = np.random.default_rng(0)
+    cfg = rts.RTSConfig()
+    data = _tiny_dataset(2)
+    augmented = [rts.fit_to_frame(s.image, s.masks, model.image_size) for s in data]
+    prompt_lists = [rts.sample_prompts(a, 6, rng, cfg) for a in augmented]
+    params = model.trainable_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-2)  # a fast check of the mechanics
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss, n = step_loss(model, augmented, prompt_lists, 1 / 12)
+        opt.step()
+        losses.append(loss)
+    assert n == 12
+    # A random base limits what layer-2 plugins can fix; the trend must still be clearly down.
+    assert losses[-1] < 0.97 * losses[0], losses
+    assert max(losses[-3:]) < min(losses[:3]), losses
+
+
+def test_cli_writes_a_plugin_file_with_the_training_summary(base_file, tmp_path):
+    folder = write_mask_folder(_tiny_dataset(3), tmp_path / "data")
+    out = tmp_path / "plugins.safetensors"
+    result = main(
+        [
+            "--base",
+            str(base_file),
+            "--data",
+            str(folder),
+            "--n",
+            "3",
+            "--out",
+            str(out),
+            "--max-steps",
+            "1",
+            "--batch-prompts",
+            "8",
+            "--prompts-per-image",
+            "4",
+            "--no-progress",
+        ]
+    )
+    assert result.steps == 1
+    meta = read_plugin_metadata(out)
+    summary = json.loads(meta["training_summary"])
+    assert summary["steps"] == 1 and summary["variant"] == "stable"
+    assert summary["config"]["lr"] == 1e-3 and summary["config"]["weight_decay"] == 0.0
+    reloaded = build_stable_sam("mini", base_file, plugin_checkpoint=out, device="cpu")
+    assert reloaded.plugins is not None
+
+
+def test_dsp_variant_keeps_routing_fixed(base_file, tmp_path):
+    out = tmp_path / "dsp.safetensors"
+    main(
+        [
+            "--base",
+            str(base_file),
+            "--data",
+            str(write_mask_folder(_tiny_dataset(2), tmp_path / "d")),
+            "--n",
+            "2",
+            "--out",
+            str(out),
+            "--max-steps",
+            "1",
+            "--variant",
+            "dsp",
+            "--no-progress",
+        ]
+    )
+    model = build_stable_sam("mini", base_file, plugin_checkpoint=out, device="cpu")
+    assert model.plugins.config.fixed_alpha == (1.0, 0.0)
+
+
+def test_dt_sam_fine_tunes_the_decoder_and_round_trips(base_file, tmp_path):
+    model = build_stable_sam("mini", base_file, plugins=False, device="cpu")
+    encoder_before = {k: v.clone() for k, v in model.sam.image_encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in model.sam.mask_decoder.state_dict().items()}
+    cfg = TrainConfig(lr=1e-4, batch_prompts=8, prompts_per_image=4, max_steps=1)
+    result = train_dt_sam(model, _tiny_dataset(2), cfg)
+    assert result.steps == 1
+    for k, v in model.sam.image_encoder.state_dict().items():
+        assert torch.equal(v, encoder_before[k])
+    assert any(
+        not torch.equal(v, decoder_before[k])
+        for k, v in model.sam.mask_decoder.state_dict().items()
+    )
+    assert not any(p.requires_grad for p in model.sam.parameters())
+
+    path = save_decoder(model, tmp_path / "dt.safetensors", {"training_summary": result.summary})
+    fresh = build_stable_sam("mini", base_file, plugins=False, device="cpu")
+    load_decoder(fresh, path)
+    for k, v in fresh.sam.mask_decoder.state_dict().items():
+        assert torch.equal(v, model.sam.mask_decoder.state_dict()[k])
+
+
+def test_empty_dataset_is_refused(base_file):
+    model = build_stable_sam("mini", base_file, device="cpu")
+    with pytest.raises(ValueError, match="empty"):
+        train_plugins(model, [], TrainConfig())
