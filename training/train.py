@@ -25,6 +25,7 @@ import math
 import platform
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,38 +193,48 @@ def fit(
         config.rts.robust,
         model.device,
     )
+    # Step plan: one shuffled pass per epoch, cut into groups of ``per_step`` images.
+    plan = [
+        order[first : first + per_step]
+        for order in (rng.permutation(len(dataset)) for _ in range(config.epochs))
+        for first in range(0, len(order), per_step)
+    ][:total_steps]
+    # Samples are read (synthetic scenes rendered) one step ahead in a thread: numpy/OpenCV
+    # release the GIL, so this overlaps with the decoder passes. Augmentation stays here, so
+    # the random stream, and the run, are deterministic.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rts-prefetch")
+    pending = pool.submit(_load, dataset, plan[0]) if plan else None
     try:
-        for _epoch in range(config.epochs):
-            order = rng.permutation(len(dataset))
-            for first in range(0, len(order), per_step):
-                if step >= total_steps:
-                    break
-                samples = [dataset[int(i)] for i in order[first : first + per_step]]
-                augmented, prompt_lists = [], []
-                for j, sample in enumerate(samples):
-                    # Occluders come from another image of the step (itself when alone).
-                    donor = samples[(j + 1) % len(samples)]
-                    aug = rts.augment(sample, donor, side, rng, config.rts)
-                    augmented.append(aug)
-                    prompt_lists.append(
-                        rts.sample_prompts(aug, config.prompts_per_image, rng, config.rts)
-                    )
-                n_prompts = sum(len(p) for p in prompt_lists)
-                images_seen += len(samples)
-                step += 1
-                if n_prompts == 0:
-                    logger.debug("step %d: no promptable objects, skipped", step)
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                loss, _ = step_loss(model, augmented, prompt_lists, 1.0 / n_prompts)
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-                optimizer.step()
-                losses.append(loss)
-                prompts_seen += n_prompts
-                if progress is not None:
-                    progress(step, total_steps, loss)
+        for index in range(len(plan)):
+            samples = pending.result()
+            if index + 1 < len(plan):
+                pending = pool.submit(_load, dataset, plan[index + 1])
+            augmented, prompt_lists = [], []
+            for j, sample in enumerate(samples):
+                # Occluders come from another image of the step (itself when alone).
+                donor = samples[(j + 1) % len(samples)]
+                aug = rts.augment(sample, donor, side, rng, config.rts)
+                augmented.append(aug)
+                prompt_lists.append(
+                    rts.sample_prompts(aug, config.prompts_per_image, rng, config.rts)
+                )
+            n_prompts = sum(len(p) for p in prompt_lists)
+            images_seen += len(samples)
+            step += 1
+            if n_prompts == 0:
+                logger.debug("step %d: no promptable objects, skipped", step)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = step_loss(model, augmented, prompt_lists, 1.0 / n_prompts)
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+            optimizer.step()
+            losses.append(loss)
+            prompts_seen += n_prompts
+            if progress is not None:
+                progress(step, total_steps, loss)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         for m in modules_to_train:
             m.eval()
     wall = time.perf_counter() - start
@@ -257,6 +268,10 @@ def fit(
         result.images_per_s,
     )
     return result
+
+
+def _load(dataset: Sequence[Sample], indices: np.ndarray) -> list[Sample]:
+    return [dataset[int(i)] for i in indices]
 
 
 def train_plugins(
