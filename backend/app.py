@@ -150,6 +150,7 @@ def create_app(
             "model_version": backend.models.default_model_version,
             "model_loaded": backend.models.loaded,
             "model_warm": backend.models.warm,
+            "model_error": backend.models.error,
         }
 
     @app.post("/setup", response_model=SetupResponse)

@@ -69,7 +69,7 @@ class ModelServer:
         self.settings = settings
         self._lock = threading.Lock()
         self._predictor: Any = None
-        self._error: str | None = None
+        self.error: str | None = None  # why the model could not be built, for /health
         self.warm = False  # True once warm_up ran
         self._plugin_cache: dict[tuple[Path, int], Any] = {}
         self._versions = (
@@ -143,10 +143,11 @@ class ModelServer:
             if self._predictor is None:
                 try:
                     self._predictor = self._build()
-                except BackendError:
+                except BackendError as exc:
+                    self.error = exc.detail
                     raise
                 except (OSError, ValueError, RuntimeError) as exc:
-                    self._error = f"{type(exc).__name__}: {exc}"
+                    self.error = f"{type(exc).__name__}: {exc}"
                     logger.exception("building the model failed")
                     raise ModelUnavailableError(f"the model cannot be built: {exc}") from exc
         return self._predictor

@@ -51,6 +51,7 @@ def test_official_size_without_checkpoint_is_a_clear_503(tmp_path):
     with pytest.raises(ModelUnavailableError, match="SAM_CHECKPOINT") as info:
         server.predictor()
     assert info.value.status_code == 503
+    assert "SAM_CHECKPOINT" in server.error  # shown by /health
 
 
 def test_missing_checkpoint_or_plugin_file_is_a_clear_503(tmp_path):
