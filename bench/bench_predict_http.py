@@ -9,6 +9,8 @@ Starts the backend (uvicorn, a subprocess per model) and a loopback image server
 - cold first click (nothing cached) and the first click after the task-open warm-up
   (a batch ``/predict`` without context), i.e. how much the warm-up saves.
 
+Also: brush RLE of 4000x3000 masks, label-studio-sdk ``mask2rle`` vs ours (byte-identical).
+
 A "click" is one positive keypoint; every click of a series uses another point, so nothing but
 the image embedding (and the decoded image) is reused. The embedded default uses the shipped
 weights when ``stable_sam/weights/`` has them, else random mini weights (same timing).
@@ -207,6 +209,41 @@ def measure_model(name: str, env: dict[str, str], images: ImageServer, sizes: li
     return results
 
 
+def rle_benchmark(repeats: int = 5) -> dict:
+    """Brush RLE of 4000x3000 masks: label-studio-sdk ``mask2rle`` vs ``backend.brush``."""
+    from label_studio_sdk.converter.brush import mask2rle
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # run as a script: make the repo importable
+    from backend.brush import mask_to_rle
+
+    yy, xx = np.mgrid[:3000, :4000]
+    masks = {
+        "one_blob": ((yy - 1500) ** 2 + (xx - 2000) ** 2 < 900**2),
+        "200_blobs": (np.sin(xx / 61.0) * np.sin(yy / 47.0)) > 0.6,
+    }
+    results = {}
+    for name, mask in masks.items():
+        mask = mask.astype(np.uint8) * 255
+        ours, sdk = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            mine = mask_to_rle(mask)
+            ours.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            reference = mask2rle(mask)
+            sdk.append((time.perf_counter() - started) * 1000)
+        assert mine == reference, "RLE differs from the sdk"
+        results[name] = {
+            "rle_bytes": len(mine),
+            "ours_ms": round(statistics.median(ours), 1),
+            "sdk_ms": round(statistics.median(sdk), 1),
+            "speed_up": round(statistics.median(sdk) / statistics.median(ours), 1),
+        }
+        print(f"  RLE 4000x3000 {name}: {json.dumps(results[name])}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clicks", type=int, default=30, help="cached clicks per series")
@@ -225,6 +262,8 @@ def main() -> None:
               "TORCH_THREADS": str(args.torch_threads)}  # fmt: skip
     report: dict = {"cpu_count": os.cpu_count(), "torch_threads": args.torch_threads,
                     "load_average_at_start": os.getloadavg()}  # fmt: skip
+    print("brush RLE (byte-identical to the sdk):", flush=True)
+    report["rle"] = rle_benchmark()
     if not args.skip_default:
         print("embedded default (mini):", flush=True)
         report["default"] = measure_model(
