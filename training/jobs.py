@@ -355,11 +355,14 @@ def run_training(
 
 def _configure_process(settings: Settings) -> None:
     """Logging (rq configures only its own logger) and torch threads, in the work horse."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    # Our packages' loggers only: the root logger would duplicate rq's own lines.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("training", "backend", "stable_sam"):
+        package_logger = logging.getLogger(name)
+        if not package_logger.handlers:
+            package_logger.addHandler(handler)
+            package_logger.setLevel(settings.log_level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per image otherwise
     if settings.train_torch_threads > 0:
         import torch

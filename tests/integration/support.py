@@ -6,7 +6,7 @@
   legacy token. (tests/e2e/test_training_e2e.py runs against a real Label Studio.)
 - ``RQWorker``: ``rq worker`` as a subprocess (the command ``scripts/serve.sh`` runs), with its
   log kept for failure messages; ``kill_horse`` / ``kill`` SIGKILL the work horse or everything.
-- ``AppServer``: ``backend.app.create_app`` under uvicorn on a free port, in a thread.
+- ``AppServer``: the backend app under uvicorn on a free port, as a subprocess.
 - ``tiny_mini_checkpoint``: a seeded random ``mini`` SAM saved as an official-format ``.pth``,
   so that the worker and the app build the very same base.
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+import httpx
 import numpy as np
-import uvicorn
 from label_studio_sdk.converter.brush import mask2rle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -204,7 +204,14 @@ def tiny_mini_checkpoint(path: Path, seed: int = 0) -> Path:
 class RQWorker:
     """``rq worker`` on ``queue`` as a subprocess with ``env`` added to a clean environment."""
 
-    def __init__(self, redis_url: str, queue: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        queue: str,
+        env: dict[str, str],
+        log_path: Path,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.log_path = log_path
         self.redis_url = redis_url
         command = [
@@ -219,6 +226,7 @@ class RQWorker:
             "5",
             "--name",
             f"test-worker-{os.getpid()}-{time.monotonic_ns()}",
+            *extra_args,
             queue,
         ]
         base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
@@ -237,11 +245,17 @@ class RQWorker:
         return "\n".join(text.splitlines()[-lines:])
 
     def horse_pid(self) -> int | None:
-        """The work horse (the forked child running a job), if there is one now."""
+        """The work horse (the child forked to run a job), if there is one now.
+
+        The worker has another child with ``--with-scheduler``; the horse is the one that made
+        itself a process group leader (RQ's ``os.setpgrp()`` after the fork).
+        """
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         with contextlib.suppress(OSError):
-            pids = children.read_text().split()
-            return int(pids[0]) if pids else None
+            for pid in (int(p) for p in children.read_text().split()):
+                with contextlib.suppress(ProcessLookupError):
+                    if os.getpgid(pid) == pid:
+                        return pid
         return None
 
     def kill_horse(self) -> int:
@@ -270,34 +284,63 @@ class RQWorker:
 
 
 class AppServer:
-    """``backend.app.create_app(settings)`` served by uvicorn on 127.0.0.1 in a thread."""
+    """The backend app (``uvicorn backend.app:create_app --factory``) as a subprocess.
 
-    def __init__(self, settings: Any) -> None:
-        from backend.app import create_app
+    Its settings come from ``settings`` through the environment, exactly as in production.
+    """
 
+    def __init__(self, settings: Any, log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "uvicorn", "backend.app:create_app", "--factory"]
+        command += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in __exit__
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env={**base, "PYTHONPATH": str(REPO_ROOT), **settings_env(settings)},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the app exited:\n{self.log_tail()}")
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def __enter__(self) -> AppServer:
-        self._thread.start()
-        wait_until(lambda: self.server.started, 30, "uvicorn to start", poll_s=0.02)
+        wait_until(self._healthy, 120, "the app to answer /health", poll_s=0.1)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=10)
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
 
 
 @contextlib.contextmanager
 def running_worker(
-    redis_url: str, queue: str, env: dict[str, str], log_path: Path
+    redis_url: str,
+    queue: str,
+    env: dict[str, str],
+    log_path: Path,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[RQWorker]:
-    worker = RQWorker(redis_url, queue, env, log_path)
+    worker = RQWorker(redis_url, queue, env, log_path, extra_args)
     try:
         yield worker
     finally:
