@@ -117,6 +117,7 @@ class Backend:
                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
         self.process = subprocess.Popen(command, cwd=ROOT, env=full_env)
         self.client = httpx.Client(base_url=self.url, timeout=600.0)
+        self.response_bytes: list[int] = []  # of every click answer (the RLE dominates)
         deadline = time.monotonic() + startup_timeout_s
         while time.monotonic() < deadline:  # up, and the model built and warmed up
             try:
@@ -144,6 +145,7 @@ class Backend:
         elapsed = (time.perf_counter() - started) * 1000
         answer.raise_for_status()
         assert answer.json()["results"][0]["result"][0]["type"] == "brushlabels"
+        self.response_bytes.append(len(answer.content))
         return elapsed
 
     def open_task(self, image_url: str, task_id: int = 1) -> float:
@@ -201,6 +203,10 @@ def measure_model(name: str, env: dict[str, str], images: ImageServer, sizes: li
                 "cached_click_p50_ms": round(p(series, 50), 1),
                 "cached_click_p95_ms": round(p(series, 95), 1),
                 "cached_click_mean_ms": round(statistics.fmean(series), 1),
+                # random weights give fragmented masks: long RLEs cost encoding and transfer
+                "answer_kb_median": round(
+                    statistics.median(backend.response_bytes[-n_clicks:]) / 1024, 1
+                ),
                 "clicks": n_clicks,
             }
             print(f"  {name} {tag}: {json.dumps(results[tag])}", flush=True)
