@@ -96,9 +96,10 @@ class Settings(BaseSettings):
     train_val_fraction: float = Field(default=0.2, gt=0, lt=1)
     # RTS epochs over a project's training part per run (the paper's fast adaptation: 1).
     train_epochs: int = Field(default=1, ge=1)
-    # torch CPU threads of a training job (0: torch's default, all cores). 1 is much faster on
-    # a CPU shared with the backend or other jobs (no thread oversubscription).
-    train_torch_threads: int = Field(default=0, ge=0)
+    # torch CPU threads of a training job (0: torch's default, all cores). Default 1: on a CPU
+    # shared with the backend, more threads oversubscribe the cores and run ~5-10x slower, and
+    # one core stays free for interactive predictions. Irrelevant on a GPU.
+    train_torch_threads: int = Field(default=1, ge=0)
     # Promote a new version when its validation robust mIoU (percent) is at least the served
     # one's minus this many points (0: "not worse").
     train_promote_tolerance: float = 0.0
