@@ -13,6 +13,7 @@ from training.pretrain import (
     dice_loss,
     export_fp16,
     focal_loss,
+    focal_weight_at,
     lr_at,
     lsj_sample,
     mask_box_xyxy,
@@ -56,6 +57,14 @@ def test_lr_warms_up_then_decays() -> None:
     lrs = [lr_at(cfg, s, 0.0) for s in range(100)]
     assert lrs[0] < lrs[9] == pytest.approx(1e-3)
     assert lrs[10] > lrs[50] > lrs[99] >= 1e-4
+
+
+def test_focal_weight_ramps_to_sams_twenty() -> None:
+    cfg = PretrainConfig(steps=100, minutes=None, focal_ramp=0.5)
+    assert focal_weight_at(cfg, 0, 0.0) == 0.0
+    assert focal_weight_at(cfg, 25, 0.0) == pytest.approx(10.0)
+    assert focal_weight_at(cfg, 50, 0.0) == focal_weight_at(cfg, 99, 0.0) == 20.0
+    assert focal_weight_at(PretrainConfig(focal_ramp=0.0), 0, 0.0) == 20.0
 
 
 def test_fp16_export_loads_back_strictly(tmp_path) -> None:
