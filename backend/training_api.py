@@ -61,7 +61,7 @@ def _redis_down(settings: Settings, exc: Exception) -> JSONResponse:
     return _error(
         503,
         "queue_unavailable",
-        f"the training queue (Redis at {where}) is unreachable ({type(exc).__name__}); "
+        f"the training queue (Redis at {where}) is unreachable or busy ({type(exc).__name__}); "
         "the training request was not recorded, send it again when Redis is back",
     )
 
@@ -115,7 +115,7 @@ def build_training_router(settings: Settings) -> APIRouter:
             )
         try:
             result = await run_in_threadpool(queue.handle_event, project, action)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
         return JSONResponse({**result.to_dict(), "action": action})
 
@@ -133,7 +133,7 @@ def build_training_router(settings: Settings) -> APIRouter:
         try:
             projects = sorted(set(queue.projects()) | set(store.projects()), key=int)
             statuses = [_project_status(queue, store, p) for p in projects]
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
         return JSONResponse({"projects": statuses})
 
@@ -145,7 +145,7 @@ def build_training_router(settings: Settings) -> APIRouter:
             return _error(400, "invalid_request", "project: must be a numeric project id")
         try:
             return JSONResponse(_project_status(queue, store, key))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
 
     return router
