@@ -20,6 +20,7 @@ from training.pretrain import (
     pretrain,
     sample_mask_points,
     train_step_loss,
+    write_provenance,
 )
 from training.scenes import SceneDataset, make_scene
 
@@ -120,6 +121,12 @@ def test_smoke_run_writes_a_strictly_loadable_checkpoint_and_resumes(tmp_path) -
     assert torch.load(state, weights_only=True)["step"] == 2
 
     cfg.steps = 3
-    summary = pretrain(cfg, out, state, resume=True, progress=False, device=torch.device("cpu"))
+    summary = pretrain(
+        cfg, out, state, resume=True, command="--resume", progress=False, device=torch.device("cpu")
+    )
     assert summary["steps"] == 3
     assert torch.load(state, weights_only=True)["step"] == 3
+    assert [(r["from_step"], r["to_step"]) for r in summary["history"]] == [(0, 2), (2, 3)]
+    write_provenance(tmp_path / "PROVENANCE.md", ["--resume"], cfg, summary, out, 1.0)
+    text = (tmp_path / "PROVENANCE.md").read_text()
+    assert "steps 2-3" in text and "| GT box |" in text

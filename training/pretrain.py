@@ -396,8 +396,15 @@ def export_fp16(sam: Sam, path: Path, metadata: dict[str, str] | None = None) ->
 
 
 def save_state(
-    path: Path, sam: Sam, opt: torch.optim.Optimizer, step: int, elapsed: float, cfg: PretrainConfig
+    path: Path,
+    sam: Sam,
+    opt: torch.optim.Optimizer,
+    step: int,
+    elapsed: float,
+    cfg: PretrainConfig,
+    history: list[dict] | None = None,
 ) -> None:
+    """The full training state (fp32 model, optimiser, progress, the runs so far)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(
@@ -407,6 +414,7 @@ def save_state(
             "step": step,
             "elapsed_s": elapsed,
             "config": asdict(cfg),
+            "history": history or [],
         },
         tmp,
     )
@@ -448,6 +456,19 @@ def lr_at(cfg: PretrainConfig, step: int, elapsed_s: float) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
 
 
+def hardware_name() -> str:
+    """The GPU name, or the CPU model name and core count."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def cpu_threads(requested: int) -> int:
     """Torch CPU threads for the next steps. ``requested`` > 0 is used as is; 0 adapts: two
     threads when the machine is idle enough, else one, because OpenMP threads that wait on
@@ -477,6 +498,7 @@ def pretrain(
     out: Path,
     state_path: Path,
     resume: bool = False,
+    command: str = "",
     device: torch.device | None = None,
     progress: bool = True,
 ) -> dict:
@@ -501,11 +523,13 @@ def pretrain(
         betas=(0.9, 0.999),
     )
     step, elapsed = 0, 0.0
+    history: list[dict] = []  # one entry per invocation (run, resumes)
     if resume:
         state = torch.load(state_path, map_location=device, weights_only=True)
         sam.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        history = list(state.get("history", []))
         logger.info("resumed from %s at step %d (%.1f min trained)", state_path, step, elapsed / 60)
 
     size = sam.image_encoder.img_size
@@ -529,6 +553,22 @@ def pretrain(
     last_ckpt = elapsed
     images_seen = 0
     run_start_elapsed = elapsed
+    history.append(
+        {
+            "command": command,
+            "commit": git_commit(),
+            "hardware": hardware_name(),
+            "from_step": step,
+            "to_step": step,
+            "train_min": 0.0,
+        }
+    )
+
+    def checkpoint() -> None:
+        history[-1].update(to_step=step, train_min=round((elapsed - run_start_elapsed) / 60, 1))
+        save_state(state_path, sam, opt, step, elapsed, cfg, history)
+        export_fp16(sam, out, {"step": str(step), "model_type": MODEL_TYPE})
+
     loss_ema = None
     sam.train()
     while not done():
@@ -582,16 +622,14 @@ def pretrain(
             )
         if elapsed - last_ckpt >= 60.0 * cfg.ckpt_minutes:
             last_ckpt = elapsed
-            save_state(state_path, sam, opt, step, elapsed, cfg)
-            export_fp16(sam, out, {"step": str(step)})
+            checkpoint()
             metrics = evaluate(sam, monitor, device)
             sam.train()
             logger.info(
                 "checkpoint step %d: monitor (%d held-out imgs) %s", step, cfg.monitor_n, metrics
             )
     bar.close()
-    save_state(state_path, sam, opt, step, elapsed, cfg)
-    export_fp16(sam, out, {"step": str(step), "model_type": MODEL_TYPE})
+    checkpoint()
     run_time = elapsed - run_start_elapsed
     summary = {
         "steps": step,
@@ -599,6 +637,7 @@ def pretrain(
         "train_wall_s": round(elapsed, 1),
         "images_per_s_this_run": round(images_seen / run_time, 2) if run_time > 0 else None,
         "final_loss_ema": loss_ema,
+        "history": history,
     }
     # Held-out metrics of the exported fp16 weights, exactly as shipped.
     shipped = build_sam(MODEL_TYPE, out).to(device)
@@ -613,26 +652,27 @@ def write_provenance(
     """The provenance record next to the shipped weights."""
     from stable_sam.build import file_sha256
 
-    device = (
-        torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else platform.processor() or platform.machine()
-    )
     h = summary["heldout"]
+    runs = "\n".join(
+        f"  {i + 1}. `python -m training.pretrain {r['command']}`: steps {r['from_step']}-"
+        f"{r['to_step']}, {r['train_min']} min, commit {r['commit'][:10]}, {r['hardware']}"
+        for i, r in enumerate(summary.get("history", []))
+    )
     text = f"""# Provenance of `{out.name}`
 
 The `mini` SAM (see `docs/MODEL.md`), pretrained from random initialisation by this repository's
 `training/pretrain.py` on synthetic scenes (`training/scenes.py`, train split). No external data
 or weights were used.
 
-- Command: `python -m training.pretrain {" ".join(argv)}`
+- Command (last invocation): `python -m training.pretrain {" ".join(argv)}`
+- Runs that produced the weights (a run and its `--resume`s):
+{runs}
 - Seed: {cfg.seed}
 - Data: synthetic train scenes (even seeds), sides {cfg.train_size_range[0]}-{cfg.train_size_range[1]} px,
   {summary["images"]} images seen ({summary["steps"]} steps x {cfg.batch_size}), rendered on the fly
 - Train wall time: {summary["train_wall_s"] / 60:.1f} min (this process: {wall_s / 60:.1f} min incl. evaluation);
   throughput of the last run: {summary["images_per_s_this_run"]} images/s
-- Hardware: {device}, {torch.get_num_threads()} torch threads, torch {torch.__version__}
-- Commit: {git_commit()}
+- Hardware: {hardware_name()}, torch {torch.__version__}
 - SHA-256: `{file_sha256(out)}`
 - Config: `{asdict(cfg)}`
 
@@ -697,7 +737,14 @@ def main(argv: list[str] | None = None) -> None:
         focal_ramp=args.focal_ramp,
     )
     t0 = time.time()
-    summary = pretrain(cfg, args.out, args.state, resume=args.resume, progress=not args.no_progress)
+    summary = pretrain(
+        cfg,
+        args.out,
+        args.state,
+        resume=args.resume,
+        command=" ".join(argv),
+        progress=not args.no_progress,
+    )
     wall = time.time() - t0
     provenance = args.provenance or args.out.parent / "PROVENANCE.md"
     write_provenance(provenance, argv, cfg, summary, args.out, wall)
