@@ -33,11 +33,7 @@ from backend.images import ImageLoader, LabelStudioAuth, LoadedImage
 from backend.label_config import LabelConfig, parse_label_config
 from backend.regions import RegionGroup, brush_region, group_to_prompt, parse_context
 from backend.settings import Settings
-
-try:  # the queue teammate's module; the backend still serves predictions without it
-    from backend.versions import PluginVersion, VersionStore
-except ImportError:  # pragma: no cover - only while backend/versions.py does not exist
-    PluginVersion = VersionStore = None  # type: ignore[assignment,misc]
+from backend.versions import PluginVersion, VersionStore
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +68,7 @@ class ModelServer:
         self.error: str | None = None  # why the model could not be built, for /health
         self.warm = False  # True once warm_up ran
         self._plugin_cache: dict[tuple[Path, int], Any] = {}
-        self._versions = (
-            VersionStore(settings.versions_dir, keep=settings.versions_keep)
-            if VersionStore is not None
-            else None
-        )
+        self._versions = VersionStore(settings.versions_dir, keep=settings.versions_keep)
         self.base_tag = self._base_tag()
         self.default_plugin_tag = self._default_plugin_tag()
 
@@ -117,7 +109,7 @@ class ModelServer:
 
     def current_version(self, project: str | None) -> PluginVersion | None:
         """The project's served plugin version, if plugins are on and it has one."""
-        if self._versions is None or project is None or not self.settings.plugins_enabled:
+        if project is None or not self.settings.plugins_enabled:
             return None
         try:
             return self._versions.current(project)
