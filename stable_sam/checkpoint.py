@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -48,15 +49,22 @@ def save_plugins(
         "training_summary": json.dumps(metadata.pop("training_summary", {}), sort_keys=True),
     }
     header.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    tensors = {
-        k: v.detach().float().cpu().contiguous() for k, v in model.plugins.state_dict().items()
-    }
+    return write_safetensors_atomic(model.plugins.state_dict(), path, header)
+
+
+def write_safetensors_atomic(
+    state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]
+) -> Path:
+    """Write float32 CPU copies of ``state_dict`` to ``path`` with string ``metadata``, via a
+    temp file in the same folder and ``os.replace``: a reader never sees a partial file."""
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; other processes (worker, backend) read it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

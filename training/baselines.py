@@ -12,17 +12,16 @@ The paper does not publish DT-SAM's learning rate; we use Adam 1e-4 by default (
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from stable_sam import PluginMismatchError, StableSam
+from stable_sam.checkpoint import write_safetensors_atomic
 from training.data import Sample
 from training.train import Progress, TrainConfig, TrainResult, fit
 
@@ -66,21 +65,7 @@ def save_decoder(
         "training_summary": json.dumps(metadata.pop("training_summary", {}), sort_keys=True),
     }
     header.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    tensors = {
-        k: v.detach().float().cpu().contiguous()
-        for k, v in model.sam.mask_decoder.state_dict().items()
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_safetensors_atomic(model.sam.mask_decoder.state_dict(), path, header)
 
 
 def load_decoder(model: StableSam, path: str | Path) -> dict[str, str]:
