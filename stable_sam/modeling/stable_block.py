@@ -56,7 +56,11 @@ class StableTwoWayAttentionBlock(nn.Module):
         resampled, offsets = self.plugins.dsp(keys, hw)  # (B, HW, C), contiguous
         # x_mix = α1 · x*_{p+Δp} + α2 · x_p. Contiguous operands keep the attention's matmuls
         # (and so α = [0, 1]) bit-identical to vanilla SAM.
-        mixed = torch.addcmul(keys * alpha[:, 1, None, None], resampled, alpha[:, 0, None, None])
+        a1, a2 = alpha[:, 0, None, None], alpha[:, 1, None, None]
+        if torch.is_grad_enabled():
+            mixed = torch.addcmul(keys * a2, resampled, a1)
+        else:  # inference: reuse the resampled buffer instead of allocating two more
+            mixed = resampled.mul_(a1).addcmul_(keys, a2)
         self.last_alpha, self.last_offsets = alpha.detach(), offsets.detach()
 
         q = queries + query_pe
