@@ -27,11 +27,11 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
@@ -96,28 +96,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` through a temp file in the same folder and ``os.replace``."""
+def _atomic_write(target: Path, fill: Callable[[BinaryIO], None]) -> None:
+    """Write ``target`` through a temp file in the same folder (filled by ``fill``, fsynced)
+    and ``os.replace``: a reader sees the old file or the whole new one, never a part."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _atomic_copy(source: Path, target: Path) -> None:
-    """Copy ``source`` to ``target`` through a temp file in the target folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out)
+        with os.fdopen(fd, "wb") as out:
+            fill(out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
@@ -126,6 +111,18 @@ def _atomic_copy(source: Path, target: Path) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(target.parent)
+
+
+def _atomic_write_bytes(target: Path, data: bytes) -> None:
+    _atomic_write(target, lambda out: out.write(data))
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    def fill(out: BinaryIO) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, out)
+
+    _atomic_write(target, fill)
 
 
 @dataclass
