@@ -10,6 +10,11 @@ from stable_sam.build import build_sam
 from training.data import Sample
 from training.pretrain import (
     PretrainConfig,
+    PretrainSamples,
+    batch_stream,
+    collate_batch,
+    decode,
+    decode_batched,
     dice_loss,
     export_fp16,
     focal_loss,
@@ -17,6 +22,7 @@ from training.pretrain import (
     lr_at,
     lsj_sample,
     mask_box_xyxy,
+    prepare_sample,
     pretrain,
     sample_mask_points,
     train_step_loss,
@@ -80,6 +86,53 @@ def test_fp16_export_loads_back_strictly(tmp_path) -> None:
     torch.testing.assert_close(a.half().float(), b)
 
 
+def test_prepared_prompts_lie_in_their_masks_and_batches_concatenate() -> None:
+    cfg = PretrainConfig(objects_per_image=4, max_points=3, train_size_range=(256, 320))
+    items = [PretrainSamples(cfg, 256)[i] for i in range(2)]
+    for it in items:
+        assert len(it.masks) <= 4 and it.images.shape == (1, 256, 256, 3)
+        for mask, box, pts, bpts in zip(it.masks, it.boxes, it.points, it.box_points, strict=True):
+            np.testing.assert_array_equal(box, mask_box_xyxy(mask))
+            xy = np.concatenate([pts, bpts]).astype(int)
+            assert pts.shape == (3, 2) and mask[xy[:, 1], xy[:, 0]].all()
+    batch = collate_batch(items)
+    n0, n1 = len(items[0].masks), len(items[1].masks)
+    assert batch.images.shape[0] == 2 and len(batch.masks) == n0 + n1
+    assert batch.image_index.tolist() == [0] * n0 + [1] * n1
+
+
+def test_the_data_of_a_step_does_not_depend_on_loader_processes_or_resume_point() -> None:
+    cfg = PretrainConfig(batch_size=2, train_size_range=(256, 256), workers=0)
+    in_process = next(batch_stream(cfg, 256, start_step=3))
+    cfg.workers = 2
+    by_workers = next(batch_stream(cfg, 256, start_step=3))
+    again = collate_batch([PretrainSamples(cfg, 256)[6], PretrainSamples(cfg, 256)[7]])
+    for got in (by_workers, again):
+        np.testing.assert_array_equal(got.images, in_process.images)
+        np.testing.assert_array_equal(got.masks, in_process.masks)
+        np.testing.assert_array_equal(got.points, in_process.points)
+
+
+def test_batched_decoding_equals_sams_per_image_decoding() -> None:
+    torch.manual_seed(0)
+    sam = build_sam("mini").eval()
+    emb = torch.randn(2, 256, 16, 16)
+    boxes = torch.tensor([[10.0, 20, 100, 120], [50, 60, 200, 210], [0, 0, 255, 255]])
+    points = (torch.rand(3, 2, 2) * 255, torch.tensor([[1.0, 0], [1, 1], [0, 1]]))
+    mask_in = torch.randn(3, 1, 64, 64)
+    index = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        for multimask in (False, True):
+            low, iou = decode_batched(sam, emb[index], points, boxes, mask_in, multimask)
+            for i in range(3):
+                pts_i = (points[0][i : i + 1], points[1][i : i + 1])
+                ref_low, ref_iou = decode(
+                    sam, emb[index[i]][None], pts_i, boxes[i : i + 1], mask_in[i : i + 1], multimask
+                )
+                torch.testing.assert_close(low[i : i + 1], ref_low, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(iou[i : i + 1], ref_iou, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_loss_decreases_when_fitting_one_scene() -> None:
     torch.manual_seed(0)
@@ -87,12 +140,12 @@ def test_loss_decreases_when_fitting_one_scene() -> None:
     sam.train()
     cfg = PretrainConfig(objects_per_image=3, correction_prob=0.0, box_points_prob=0.0)
     sample = SceneDataset("train", 1, (256, 256))[0]
-    image, masks, hw = lsj_sample(sample, np.random.default_rng(0), cfg, 256)
+    batch = prepare_sample(sample, np.random.default_rng(0), cfg, 256)
     opt = torch.optim.AdamW(sam.parameters(), lr=1e-3)
     losses = []
     for _ in range(6):
         rng = np.random.default_rng(1)  # the same prompts every step
-        loss = train_step_loss(sam, image[None], [masks], [hw], rng, cfg, torch.device("cpu"))
+        loss = train_step_loss(sam, batch, rng, cfg, torch.device("cpu"))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -80,6 +80,7 @@ class PretrainConfig:
     ckpt_minutes: float = 5.0
     monitor_n: int = 16  # held-out images scored at each checkpoint
     threads: int = 0  # torch CPU threads; 0 = adapt to the load average (see ``cpu_threads``)
+    workers: int = 0  # data-loader processes rendering scenes (0: render in the training process)
     extra: dict = field(default_factory=dict)
 
 
@@ -128,11 +129,19 @@ def lsj_sample(
     return out_img, out_masks[keep], (ch, cw)
 
 
-def normalize(sam: Sam, images_uint8: np.ndarray, valid_hw: list[tuple[int, int]]) -> torch.Tensor:
-    """(B,S,S,3) uint8 -> (B,3,S,S) float normalized with SAM's pixel mean/std; the padding
-    outside each image's valid (h, w) top-left region is 0 afterwards, as in ``Sam.preprocess``."""
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float()
-    x = (x - sam.pixel_mean.cpu()) / sam.pixel_std.cpu()
+def normalize(
+    sam: Sam,
+    images_uint8: np.ndarray,
+    valid_hw: list[tuple[int, int]],
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """(B,S,S,3) uint8 -> (B,3,S,S) float on ``device`` (default: the model's), normalized with
+    SAM's pixel mean/std; the padding outside each image's valid (h, w) top-left region is 0
+    afterwards, as in ``Sam.preprocess``."""
+    device = device or sam.pixel_mean.device
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
+    x = x.permute(0, 3, 1, 2).float()
+    x = (x - sam.pixel_mean.to(device)) / sam.pixel_std.to(device)
     for b, (h, w) in enumerate(valid_hw):
         x[b, :, h:] = 0
         x[b, :, :, w:] = 0
@@ -152,6 +161,105 @@ def sample_mask_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np
     ys, xs = np.nonzero(mask)
     idx = rng.choice(len(ys), size=k, replace=len(ys) < k)
     return np.stack([xs[idx], ys[idx]], axis=1).astype(np.float32)
+
+
+@dataclass
+class PretrainBatch:
+    """One step's data, prompts included except those that depend on the model's output.
+
+    ``images`` (B,S,S,3) uint8 with valid top-left regions ``valid_hw``; for the M prompted
+    objects of the whole batch: ``image_index`` (M,) the image each lies in, ``masks`` (M,S,S)
+    bool, ``boxes`` (M,4) xyxy, ``points`` (M,max_points,2) and ``box_points`` (M,2,2) xy
+    positive points drawn uniformly from the mask (a step uses the first k of them)."""
+
+    images: np.ndarray
+    valid_hw: list[tuple[int, int]]
+    image_index: np.ndarray
+    masks: np.ndarray
+    boxes: np.ndarray
+    points: np.ndarray
+    box_points: np.ndarray
+
+
+def prepare_sample(
+    sample: Sample, rng: np.random.Generator, cfg: PretrainConfig, size: int
+) -> PretrainBatch:
+    """Scale-jitter one scene and draw its clean prompts: a one-image ``PretrainBatch`` with at
+    most ``objects_per_image`` prompted objects."""
+    image, masks, hw = lsj_sample(sample, rng, cfg, size)
+    masks = masks[rng.permutation(len(masks))[: cfg.objects_per_image]]
+    m = len(masks)
+    boxes = np.zeros((m, 4), np.float32)
+    points = np.zeros((m, cfg.max_points, 2), np.float32)
+    box_points = np.zeros((m, 2, 2), np.float32)
+    for i, mask in enumerate(masks):
+        boxes[i] = mask_box_xyxy(mask)
+        pts = sample_mask_points(mask, cfg.max_points + 2, rng)
+        points[i], box_points[i] = pts[: cfg.max_points], pts[cfg.max_points :]
+    return PretrainBatch(
+        images=image[None],
+        valid_hw=[hw],
+        image_index=np.zeros(m, np.int64),
+        masks=masks,
+        boxes=boxes,
+        points=points,
+        box_points=box_points,
+    )
+
+
+def collate_batch(items: list[PretrainBatch]) -> PretrainBatch:
+    """Concatenate one-image batches (a DataLoader ``collate_fn``)."""
+    return PretrainBatch(
+        images=np.concatenate([it.images for it in items]),
+        valid_hw=[hw for it in items for hw in it.valid_hw],
+        image_index=np.concatenate(
+            [np.full(len(it.masks), b, np.int64) for b, it in enumerate(items)]
+        ),
+        masks=np.concatenate([it.masks for it in items]),
+        boxes=np.concatenate([it.boxes for it in items]),
+        points=np.concatenate([it.points for it in items]),
+        box_points=np.concatenate([it.box_points for it in items]),
+    )
+
+
+class PretrainSamples(torch.utils.data.Dataset):
+    """Training sample ``start + i`` of an endless stream: train scene ``start + i``, jittered
+    and prompted with the generator seeded by ``(seed, start + i)``, so the data of a run does
+    not depend on the number of loader processes or on where a resumed run starts."""
+
+    def __init__(self, cfg: PretrainConfig, size: int, start: int = 0) -> None:
+        self.cfg, self.size, self.start = cfg, size, start
+        self.scenes = SceneDataset("train", n=10**9, size_range=cfg.train_size_range)
+
+    def __len__(self) -> int:
+        return 10**9 - self.start
+
+    def __getitem__(self, i: int) -> PretrainBatch:
+        index = self.start + i
+        rng = np.random.default_rng((self.cfg.seed, index))
+        return prepare_sample(self.scenes[index], rng, self.cfg, self.size)
+
+
+def _loader_worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def batch_stream(cfg: PretrainConfig, size: int, start_step: int):
+    """An iterator of ``PretrainBatch`` for steps ``start_step, start_step + 1, ...``, rendered
+    by ``cfg.workers`` loader processes (or in this process when 0)."""
+    loader = torch.utils.data.DataLoader(
+        PretrainSamples(cfg, size, start=start_step * cfg.batch_size),
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.workers,
+        collate_fn=collate_batch,
+        worker_init_fn=_loader_worker_init if cfg.workers else None,
+        prefetch_factor=4 if cfg.workers else None,
+        # Forked children of a process that has run torch's OpenMP pool can deadlock.
+        multiprocessing_context="spawn" if cfg.workers else None,
+    )
+    return iter(loader)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -242,6 +350,30 @@ def decode(
     )
 
 
+def decode_batched(
+    sam: Sam,
+    embeddings: torch.Tensor,
+    points: tuple[torch.Tensor, torch.Tensor] | None,
+    boxes: torch.Tensor | None,
+    mask_input: torch.Tensor | None,
+    multimask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode`` for M prompts on M possibly different images in one decoder call:
+    ``embeddings`` (M,256,16,16) holds each prompt's image embedding.
+
+    SAM's decoder adds the dense prompt embedding to the image embedding it repeats once per
+    prompt; passing a zero image embedding and (embedding + dense) as the dense prompt gives
+    the same sum, so the official forward runs unchanged (tested against ``decode``)."""
+    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+    return sam.mask_decoder(
+        image_embeddings=embeddings.new_zeros((1, *embeddings.shape[1:])),
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=embeddings + dense,
+        multimask_output=multimask,
+    )
+
+
 def correction_points(
     pred: np.ndarray, target: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -262,60 +394,64 @@ def correction_points(
 
 def train_step_loss(
     sam: Sam,
-    images: np.ndarray,
-    targets: list[np.ndarray],
-    valid_hw: list[tuple[int, int]],
+    batch: PretrainBatch,
     rng: np.random.Generator,
     cfg: PretrainConfig,
     device: torch.device,
     focal_weight: float | None = None,
 ) -> torch.Tensor:
-    """Loss of one batch: images (B,S,S,3) uint8, targets[b] (N_b,S,S) bool, valid (h, w).
-    ``focal_weight`` None means SAM's 20."""
+    """Loss of one batch (``focal_weight`` None means SAM's 20). All prompts of a kind, over all
+    images of the batch, go through the decoder in one call: the GT box; 1..k positive points
+    (one k per step; a single point uses the multimask outputs); a correction round for a
+    ``correction_prob`` share of the objects; box + 1..2 points for a ``box_points_prob`` share."""
     fw = FOCAL_WEIGHT if focal_weight is None else focal_weight
-    size = images.shape[1]
-    x = normalize(sam, images, valid_hw).to(device)
-    embeddings = sam.image_encoder(x)
-    losses = []
-    for b, masks in enumerate(targets):
-        if len(masks) == 0:
-            continue
-        pick = rng.permutation(len(masks))[: cfg.objects_per_image]
-        m = masks[pick]
-        tgt = torch.from_numpy(m).to(device).float()
-        emb = embeddings[b : b + 1]
-        boxes = torch.from_numpy(np.stack([mask_box_xyxy(t) for t in m])).to(device)
-        # 1) GT box.
-        low, iou = decode(sam, emb, None, boxes, None, multimask=False)
-        losses.append(prompt_loss(low, iou, tgt, size, cfg.mask_loss, fw)[0])
-        # 2) 1..k positive points (one k per image); a single point uses the multimask outputs.
-        k = int(rng.integers(1, cfg.max_points + 1))
-        pts = np.stack([sample_mask_points(t, k, rng) for t in m])
-        coords = torch.from_numpy(pts).to(device)
-        labels = torch.ones(coords.shape[:2], device=device)
-        low, iou = decode(sam, emb, (coords, labels), None, None, multimask=k == 1)
-        loss, picked = prompt_loss(low, iou, tgt, size, cfg.mask_loss, fw)
-        losses.append(loss)
-        # 3) SAM-style correction round: previous logits as mask prompt + an error-region click.
-        if rng.random() < cfg.correction_prob:
-            pred = (picked > 0).cpu().numpy()
-            c2, l2 = correction_points(pred, m, rng)
-            coords2 = torch.cat([coords, torch.from_numpy(c2).to(device)], dim=1)
-            labels2 = torch.cat([labels, torch.from_numpy(l2).to(device)], dim=1)
-            mask_in = F.interpolate(picked[:, None], scale_factor=0.25, mode="bilinear")
-            low, iou = decode(sam, emb, (coords2, labels2), None, mask_in, multimask=False)
-            losses.append(prompt_loss(low, iou, tgt, size, cfg.mask_loss, fw)[0])
-        # 4) box + 1..2 positive points.
-        if rng.random() >= cfg.box_points_prob:
-            continue
-        kb = int(rng.integers(1, 3))
-        ptsb = torch.from_numpy(np.stack([sample_mask_points(t, kb, rng) for t in m])).to(device)
-        low, iou = decode(
-            sam, emb, (ptsb, torch.ones(ptsb.shape[:2], device=device)), boxes, None, False
-        )
-        losses.append(prompt_loss(low, iou, tgt, size, cfg.mask_loss, fw)[0])
-    if not losses:
+    size = batch.images.shape[1]
+    embeddings = sam.image_encoder(normalize(sam, batch.images, batch.valid_hw, device))
+    if len(batch.masks) == 0:
         return embeddings.sum() * 0.0
+    emb = embeddings[torch.from_numpy(batch.image_index).to(device)]
+    tgt = torch.from_numpy(batch.masks).to(device).float()
+    boxes = torch.from_numpy(batch.boxes).to(device)
+
+    def loss_of(
+        sel: torch.Tensor | slice,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        with_boxes: bool,
+        mask_input: torch.Tensor | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        low, iou = decode_batched(
+            sam, emb[sel], points, boxes[sel] if with_boxes else None, mask_input, multimask
+        )
+        return prompt_loss(low, iou, tgt[sel], size, cfg.mask_loss, fw)
+
+    everyone = slice(None)
+    # 1) GT box.
+    losses = [loss_of(everyone, None, True, None, False)[0]]
+    # 2) 1..k positive points.
+    k = int(rng.integers(1, cfg.max_points + 1))
+    coords = torch.from_numpy(np.ascontiguousarray(batch.points[:, :k])).to(device)
+    labels = torch.ones(coords.shape[:2], device=device)
+    loss, picked = loss_of(everyone, (coords, labels), False, None, k == 1)
+    losses.append(loss)
+    # 3) SAM-style correction round: previous logits as mask prompt + an error-region click.
+    sel = np.flatnonzero(rng.random(len(batch.masks)) < cfg.correction_prob)
+    if len(sel):
+        pred = (picked[torch.from_numpy(sel).to(device)] > 0).cpu().numpy()
+        c2, l2 = correction_points(pred, batch.masks[sel], rng)
+        sel_t = torch.from_numpy(sel).to(device)
+        coords2 = torch.cat([coords[sel_t], torch.from_numpy(c2).to(device)], dim=1)
+        labels2 = torch.cat([labels[sel_t], torch.from_numpy(l2).to(device)], dim=1)
+        mask_in = F.interpolate(picked[sel_t][:, None], scale_factor=0.25, mode="bilinear")
+        losses.append(loss_of(sel_t, (coords2, labels2), False, mask_in, False)[0])
+    # 4) box + 1..2 positive points.
+    sel = np.flatnonzero(rng.random(len(batch.masks)) < cfg.box_points_prob)
+    if len(sel):
+        kb = int(rng.integers(1, 3))
+        sel_t = torch.from_numpy(sel).to(device)
+        ptsb = torch.from_numpy(np.ascontiguousarray(batch.box_points[sel, :kb])).to(device)
+        labelsb = torch.ones(ptsb.shape[:2], device=device)
+        losses.append(loss_of(sel_t, (ptsb, labelsb), True, None, False)[0])
     return torch.stack(losses).mean()
 
 
@@ -533,7 +669,7 @@ def pretrain(
         logger.info("resumed from %s at step %d (%.1f min trained)", state_path, step, elapsed / 60)
 
     size = sam.image_encoder.img_size
-    train = SceneDataset("train", n=10**9, size_range=cfg.train_size_range)
+    batches = batch_stream(cfg, size, step)
     monitor = SceneDataset("heldout", n=cfg.monitor_n, size_range=cfg.heldout_size_range)
     use_amp = device.type == "cuda"
 
@@ -573,22 +709,13 @@ def pretrain(
     sam.train()
     while not done():
         t0 = time.perf_counter()
-        rng = np.random.default_rng((cfg.seed, step))
-        batch = [train[step * cfg.batch_size + j] for j in range(cfg.batch_size)]
-        pairs = [lsj_sample(s, rng, cfg, size) for s in batch]
-        images = np.stack([p[0] for p in pairs])
+        batch = next(batches)
+        rng = np.random.default_rng((cfg.seed, step, 1))  # the prompts that depend on the model
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step, elapsed)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = train_step_loss(
-                sam,
-                images,
-                [p[1] for p in pairs],
-                [p[2] for p in pairs],
-                rng,
-                cfg,
-                device,
-                focal_weight_at(cfg, step, elapsed),
+                sam, batch, rng, cfg, device, focal_weight_at(cfg, step, elapsed)
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -713,6 +840,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--focal-ramp", type=float, default=PretrainConfig.focal_ramp)
     p.add_argument("--threads", type=int, default=PretrainConfig.threads)
     p.add_argument(
+        "--workers", type=int, default=PretrainConfig.workers, help="scene-rendering processes"
+    )
+    p.add_argument(
         "--provenance", type=Path, default=None, help="default: PROVENANCE.md next to --out"
     )
     p.add_argument("--no-progress", action="store_true")
@@ -733,6 +863,7 @@ def main(argv: list[str] | None = None) -> None:
         monitor_n=args.monitor_n,
         ckpt_minutes=args.ckpt_minutes,
         threads=args.threads,
+        workers=args.workers,
         mask_loss=args.mask_loss,
         focal_ramp=args.focal_ramp,
     )
