@@ -183,3 +183,12 @@ def test_smoke_run_writes_a_strictly_loadable_checkpoint_and_resumes(tmp_path) -
     write_provenance(tmp_path / "PROVENANCE.md", ["--resume"], cfg, summary, out, 1.0)
     text = (tmp_path / "PROVENANCE.md").read_text()
     assert "steps 2-3" in text and "| GT box |" in text
+
+
+def test_resolution_ceiling_is_perfect_for_big_grids_and_lower_for_small_ones() -> None:
+    from training.resolution_ceiling import resolution_ceiling
+
+    small = resolution_ceiling(64, n=2)["all"]
+    large = resolution_ceiling(2048, n=2)["all"]
+    assert 0 < small["area"] < large["area"] and large["signed_distance"] > 97
+    assert small["objects"] == large["objects"] > 0

@@ -61,16 +61,6 @@ IMAGE_HW = (480, 640)  # not square, so x/y mix-ups show
 N_IMAGES = 2
 MIN_IOU = 0.8
 
-# The IoU >= 0.8 acceptance checks need an embedded base that segments these targets. The base
-# shipped now reaches held-out GT-box mIoU 25.3 (stable_sam/weights/PROVENANCE.md; issue 3's
-# target is 85), and measured IoU 0.11-0.42 on these targets. The checks keep their threshold
-# and run on every CI; they are expected to fail until a better-trained base lands. strict=True:
-# once they pass, CI fails until this marker is removed.
-NEEDS_TRAINED_BASE = pytest.mark.xfail(
-    strict=True,
-    reason="embedded mini SAM under-trained (GT-box mIoU 25.3 < 85): IoU >= 0.8 not reached yet",
-)
-
 PAT, LEGACY = "personal-access-token", "legacy-token"
 
 
@@ -260,7 +250,6 @@ def test_prediction_is_one_brush_region_with_the_prompting_label(
     assert isinstance(data["model_version"], str) and data["model_version"]
 
 
-@NEEDS_TRAINED_BASE
 @pytest.mark.parametrize("index", range(N_IMAGES))
 def test_one_keypoint_covers_the_object(
     setup: Connected, ls_client: LabelStudioClient, targets: list[Target], index: int
@@ -277,7 +266,6 @@ def test_one_keypoint_covers_the_object(
     assert data["model_version"]
 
 
-@NEEDS_TRAINED_BASE
 @pytest.mark.parametrize("index", range(N_IMAGES))
 def test_positive_and_negative_keypoints_cover_the_object(
     setup: Connected, ls_client: LabelStudioClient, targets: list[Target], index: int
@@ -304,7 +292,6 @@ def test_positive_and_negative_keypoints_cover_the_object(
     assert data["model_version"]
 
 
-@NEEDS_TRAINED_BASE
 @pytest.mark.parametrize("index", range(N_IMAGES))
 def test_rectangle_covers_the_object(
     setup: Connected, ls_client: LabelStudioClient, targets: list[Target], index: int
