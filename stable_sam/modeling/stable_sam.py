@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .fast_ops import use_patch_transposed_convs
 from .plugins import PluginConfig, StableSamPlugins
 from .stable_block import StableTwoWayAttentionBlock
 
@@ -39,6 +40,7 @@ class StableSam(nn.Module):
         for p in self.sam.parameters():
             p.requires_grad_(False)
         self.sam.eval()
+        use_patch_transposed_convs(self.sam.mask_decoder)  # same weights, faster on CPU
         self._swap_lock = threading.RLock()
         self.plugins: StableSamPlugins | None = None
         self._block: StableTwoWayAttentionBlock | None = None
