@@ -12,6 +12,8 @@ swapped in per call, so new versions are served without a restart.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import threading
 import time
@@ -38,6 +40,23 @@ from backend.versions import PluginVersion, VersionStore
 logger = logging.getLogger(__name__)
 
 MAX_PENDING_PREFETCH = 16  # background embeddings queued at most; more task opens are skipped
+
+
+@functools.lru_cache(maxsize=8)
+def _file_fingerprint(path: Path, mtime_ns: int, size: int) -> str:
+    """The first 8 hex digits of the file's SHA-256 (cached per path, mtime and size)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:8]
+
+
+def file_fingerprint(path: Path) -> str:
+    """A short content hash of a weights file, so that a model version names what it serves:
+    when the shipped weights change, so does the version Label Studio sees."""
+    stat = path.stat()
+    return _file_fingerprint(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
 def project_key(project: Any) -> str | None:
@@ -77,8 +96,10 @@ class ModelServer:
         s = self.settings
         if s.sam_checkpoint is not None:
             return f"{s.sam_model_type}-{s.sam_checkpoint.stem}"
-        if s.sam_model_type == "mini" and self._default_paths().base_checkpoint.is_file():
-            return "mini"
+        base = self._default_paths().base_checkpoint
+        if s.sam_model_type == "mini" and base.is_file():
+            # With plugins, the plugin tag's hash covers the base too (plugins name their base).
+            return "mini" if s.plugins_enabled else f"mini-{file_fingerprint(base)}"
         return f"{s.sam_model_type}-random"
 
     def _default_plugin_tag(self) -> str:
@@ -88,8 +109,9 @@ class ModelServer:
             return "plain"
         if choice.lower() != "default":
             return Path(choice).stem
-        if self._uses_embedded_base() and self._default_paths().plugin_checkpoint.is_file():
-            return "default"
+        plugins = self._default_paths().plugin_checkpoint
+        if self._uses_embedded_base() and plugins.is_file():
+            return f"default-{file_fingerprint(plugins)}"
         return "untrained"
 
     @property
