@@ -13,16 +13,14 @@ Used by the backend tests (``test_backend_*.py``). Routes:
 from __future__ import annotations
 
 import base64
-import contextlib
-import io
 import json
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-from PIL import Image
+from loopback import LoopbackServer, QuietHandler, png_bytes
+
+__all__ = ["FakeLabelStudio", "fake_jwt", "png_bytes", "scene"]
 
 
 def fake_jwt(payload: dict) -> str:
@@ -34,12 +32,6 @@ def fake_jwt(payload: dict) -> str:
     return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(payload)}.c2lnbmF0dXJl"
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def scene(height: int = 120, width: int = 160) -> tuple[np.ndarray, np.ndarray]:
     """A bright rectangle on a dark background: (image (H, W, 3) uint8, object mask (H, W))."""
     image = np.full((height, width, 3), 30, np.uint8)
@@ -49,7 +41,7 @@ def scene(height: int = 120, width: int = 160) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-class FakeLabelStudio:
+class FakeLabelStudio(LoopbackServer):
     """The server; ``files`` maps a name to bytes; ``requests`` counts requests per path."""
 
     def __init__(self, legacy_token: str = "legacy0123456789", pat: str | None = None) -> None:
@@ -63,19 +55,8 @@ class FakeLabelStudio:
         self.auth_headers: list[str] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    self.wfile.write(body)
-
-            def do_POST(self) -> None:
+        class Handler(QuietHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the http.server name)
                 server.requests[self.path] += 1
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
@@ -83,11 +64,11 @@ class FakeLabelStudio:
                     server.refreshes += 1
                     access = fake_jwt({"exp": time.time() + 300, "n": server.refreshes})
                     server.access_tokens.add(access)
-                    self._send(200, json.dumps({"access": access}).encode())
+                    self.send_body(200, json.dumps({"access": access}).encode())
                 else:
-                    self._send(401, b'{"detail": "bad token"}')
+                    self.send_body(401, b'{"detail": "bad token"}')
 
-            def do_GET(self) -> None:
+            def do_GET(self) -> None:  # noqa: N802 (the http.server name)
                 path = self.path.split("?")[0]
                 server.requests[path] += 1
                 auth = self.headers.get("Authorization", "")
@@ -101,24 +82,13 @@ class FakeLabelStudio:
                         scheme == "Bearer" and token in server.access_tokens
                     )
                     if not ok:
-                        self._send(
+                        self.send_body(
                             401, b'{"detail": "Authentication credentials were not provided."}'
                         )
                         return
                 if name in server.files and not path.startswith("/nowhere/"):
-                    self._send(200, server.files[name], "image/png")
+                    self.send_body(200, server.files[name], "image/png")
                 else:
-                    self._send(404, b'{"detail": "Not found."}')
+                    self.send_body(404, b'{"detail": "Not found."}')
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeLabelStudio:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        super().__init__(Handler)

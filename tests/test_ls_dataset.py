@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import mask2rle
+from loopback import png_bytes
 from PIL import Image
 
 import training.ls_dataset as ls
@@ -27,12 +28,6 @@ CONFIG = """<View>
   <BrushLabels name="tag" toName="img"><Label value="Object"/></BrushLabels>
   <PolygonLabels name="poly" toName="img"><Label value="Object"/></PolygonLabels>
 </View>"""
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def brush_result(mask: np.ndarray, region_id: str = "b1") -> dict[str, Any]:

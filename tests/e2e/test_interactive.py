@@ -10,7 +10,6 @@ configuration, relying on the legacy token Label Studio sends in ``/setup``.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from label_studio_sdk.converter.brush import decode_rle
-from PIL import Image
+from loopback import png_bytes
 
 from stable_sam import StableSamPredictor, build_stable_sam
 from stable_sam.build import build_sam
@@ -132,10 +131,8 @@ def synthetic_targets(n: int) -> list[Target]:
         ]
         if candidates:
             k = max(candidates, key=lambda c: int(scene.masks[c].sum()))
-            buffer = io.BytesIO()
-            Image.fromarray(scene.image).save(buffer, format="PNG")
             name = f"scene-{index:03d}.png"
-            targets.append(Target(name, scene.image, scene.masks[k], buffer.getvalue()))
+            targets.append(Target(name, scene.image, scene.masks[k], png_bytes(scene.image)))
         index += 1
         assert index < 500, "no clear targets in 500 scenes: the scene generator changed"
     return targets

@@ -11,7 +11,6 @@ new interactive predictions carry its ``model_version`` and that their masks cha
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,8 +21,9 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
-from PIL import Image
+from label_studio_sdk.converter.brush import decode_rle
+from loopback import png_bytes
+from ls_shapes import brush_region
 
 from training.scenes import make_scene, scene_seed
 
@@ -77,30 +77,8 @@ def scenes(n: int) -> list[Scene]:
     for index in range(n):
         scene = make_scene(scene_seed("heldout", 200 + index), size=IMAGE_HW)
         masks = np.stack([m for m in scene.masks if m.sum() >= 50])
-        buffer = io.BytesIO()
-        Image.fromarray(scene.image).save(buffer, format="PNG")
-        out.append(Scene(f"train-{index:02d}.png", scene.image, masks, buffer.getvalue()))
+        out.append(Scene(f"train-{index:02d}.png", scene.image, masks, png_bytes(scene.image)))
     return out
-
-
-def brush_result(mask: np.ndarray, index: int) -> dict:
-    """A brush region as the browser submits it (0/255 RGBA RLE of the whole image)."""
-    h, w = mask.shape
-    return {
-        "id": f"brush{index}",
-        "type": "brushlabels",
-        "from_name": "mask",
-        "to_name": "photo",
-        "origin": "manual",
-        "original_width": w,
-        "original_height": h,
-        "image_rotation": 0,
-        "value": {
-            "format": "rle",
-            "rle": mask2rle(mask.astype(np.uint8) * 255),
-            "brushlabels": ["Object"],
-        },
-    }
 
 
 def inner_point(mask: np.ndarray) -> tuple[float, float]:
@@ -203,7 +181,8 @@ def test_train_button_trains_and_serves_a_new_version(
 
     for scene, task in zip(images, setup.tasks, strict=True):
         ls_client.create_annotation(
-            task.id, [brush_result(m, k) for k, m in enumerate(scene.masks)]
+            task.id,
+            [brush_region(m, f"brush{k}", "mask", "photo") for k, m in enumerate(scene.masks)],
         )
     ls_client.train(setup.ml_backend["id"])
 

@@ -20,17 +20,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import httpx
-import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
+from loopback import LoopbackServer, QuietHandler, png_bytes
+from ls_shapes import brush_region
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LEGACY_TOKEN = "integration0legacy0token0000000000000000"
@@ -60,37 +58,7 @@ def wait_until(
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def brush_region(mask: np.ndarray, index: int) -> dict[str, Any]:
-    """One ``brushlabels`` result region as Label Studio stores it."""
-    h, w = mask.shape
-    return {
-        "id": f"r{index}",
-        "type": "brushlabels",
-        "from_name": "tag",
-        "to_name": "image",
-        "origin": "manual",
-        "original_width": w,
-        "original_height": h,
-        "image_rotation": 0,
-        "value": {
-            "format": "rle",
-            "rle": mask2rle(mask.astype(np.uint8) * 255),
-            "brushlabels": ["Object"],
-        },
-    }
-
-
-class LabelStudioAPI:
+class LabelStudioAPI(LoopbackServer):
     """A stand-in Label Studio API for project ``project_id`` with ``n_tasks`` annotated scenes."""
 
     def __init__(
@@ -106,7 +74,7 @@ class LabelStudioAPI:
             scene = make_scene(seed + i, size=size)
             path = f"/data/upload/{project_id}/scene{i}.png"
             self.files[path] = png_bytes(scene.image)
-            regions = [brush_region(m, k) for k, m in enumerate(scene.masks) if m.any()]
+            regions = [brush_region(m, f"r{k}") for k, m in enumerate(scene.masks) if m.any()]
             self.tasks.append(
                 {
                     "id": 1000 + i,
@@ -123,53 +91,29 @@ class LabelStudioAPI:
             )
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    self.wfile.write(body)
-
-            def _json(self, status: int, obj: Any) -> None:
-                self._send(status, json.dumps(obj).encode())
-
-            def do_GET(self) -> None:
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the http.server name)
                 api.requests += 1
                 if self.headers.get("Authorization") != f"Token {LEGACY_TOKEN}":
-                    self._json(401, {"detail": "Authentication credentials were not provided."})
+                    self.send_json(401, {"detail": "Authentication credentials were not provided."})
                     return
                 url = urlparse(self.path)
                 query = parse_qs(url.query)
                 if url.path == f"/api/projects/{api.project_id}/":
-                    self._json(200, {"id": api.project_id, "label_config": LABEL_CONFIG})
+                    self.send_json(200, {"id": api.project_id, "label_config": LABEL_CONFIG})
                 elif url.path == "/api/tasks/":
                     page, size = int(query["page"][0]), int(query["page_size"][0])
                     chunk = api.tasks[(page - 1) * size : page * size]
                     if not chunk and page > 1:
-                        self._json(404, {"detail": "Invalid page."})
+                        self.send_json(404, {"detail": "Invalid page."})
                     else:
-                        self._json(200, {"tasks": chunk, "total": len(api.tasks)})
+                        self.send_json(200, {"tasks": chunk, "total": len(api.tasks)})
                 elif url.path in api.files:
-                    self._send(200, api.files[url.path], "image/png")
+                    self.send_body(200, api.files[url.path], "image/png")
                 else:
-                    self._json(404, {"detail": "Not found."})
+                    self.send_json(404, {"detail": "Not found."})
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> LabelStudioAPI:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(Handler)
 
 
 def settings_env(settings: Any) -> dict[str, str]:
