@@ -13,7 +13,6 @@ swapped in per call, so new versions are served without a restart.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import threading
 import time
@@ -45,11 +44,9 @@ MAX_PENDING_PREFETCH = 16  # background embeddings queued at most; more task ope
 @functools.lru_cache(maxsize=8)
 def _file_fingerprint(path: Path, mtime_ns: int, size: int) -> str:
     """The first 8 hex digits of the file's SHA-256 (cached per path, mtime and size)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:8]
+    from stable_sam.build import file_sha256
+
+    return file_sha256(path)[:8]
 
 
 def file_fingerprint(path: Path) -> str:
