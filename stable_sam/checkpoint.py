@@ -53,11 +53,18 @@ def save_plugins(
 
 
 def write_safetensors_atomic(
-    state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]
+    state_dict: dict[str, torch.Tensor],
+    path: str | Path,
+    metadata: dict[str, str],
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write float32 CPU copies of ``state_dict`` to ``path`` with string ``metadata``, via a
-    temp file in the same folder and ``os.replace``: a reader never sees a partial file."""
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
+    """Write CPU copies of ``state_dict`` (floating tensors as ``dtype``) to ``path`` with string
+    ``metadata``, via a temp file in the same folder and ``os.replace``: a reader never sees a
+    partial file."""
+    tensors = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous()
+        for k, v in state_dict.items()
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)

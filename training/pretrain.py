@@ -42,6 +42,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm import tqdm
 
 from stable_sam.build import build_sam
+from stable_sam.checkpoint import write_safetensors_atomic
 from training.data import Sample
 from training.scenes import SceneDataset
 
@@ -519,16 +520,7 @@ def evaluate(
 
 def export_fp16(sam: Sam, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write the model state_dict as fp16 safetensors (atomically)."""
-    from safetensors.torch import save_file
-
-    state = {
-        k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous()
-        for k, v in sam.state_dict().items()
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=metadata or {})
-    tmp.replace(path)
+    write_safetensors_atomic(sam.state_dict(), path, metadata or {}, dtype=torch.float16)
 
 
 def save_state(
