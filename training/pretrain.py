@@ -438,9 +438,9 @@ def train_step_loss(
     # 3) SAM-style correction round: previous logits as mask prompt + an error-region click.
     sel = np.flatnonzero(rng.random(len(batch.masks)) < cfg.correction_prob)
     if len(sel):
-        pred = (picked[torch.from_numpy(sel).to(device)] > 0).cpu().numpy()
-        c2, l2 = correction_points(pred, batch.masks[sel], rng)
         sel_t = torch.from_numpy(sel).to(device)
+        pred = (picked[sel_t] > 0).cpu().numpy()
+        c2, l2 = correction_points(pred, batch.masks[sel], rng)
         coords2 = torch.cat([coords[sel_t], torch.from_numpy(c2).to(device)], dim=1)
         labels2 = torch.cat([labels[sel_t], torch.from_numpy(l2).to(device)], dim=1)
         mask_in = F.interpolate(picked[sel_t][:, None], scale_factor=0.25, mode="bilinear")

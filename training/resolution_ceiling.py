@@ -36,12 +36,17 @@ def _iou(pred: torch.Tensor, gt: torch.Tensor) -> list[float]:
 
 
 def _through_grid(
-    values: torch.Tensor, input_size: int, resized_hw: tuple[int, int], hw: tuple[int, int], pad
+    values: torch.Tensor,
+    input_size: int,
+    resized_hw: tuple[int, int],
+    hw: tuple[int, int],
+    mode: str,
+    pad: float,
 ) -> torch.Tensor:
-    """(N,1,H,W) float at the original size -> the same after the low-res grid and back."""
+    """(N,1,H,W) float at the original size -> the same after the low-res grid and back.
+    ``mode`` ("area" or "bilinear") resamples down to the grid; ``pad`` fills the padding."""
     nh, nw = resized_hw
     grid = input_size // 4
-    mode = "area" if pad == 0.0 else "bilinear"
     kwargs = {} if mode == "area" else {"align_corners": False}
     r = F.interpolate(values, (nh, nw), mode=mode, **kwargs)
     r = F.pad(r, (0, input_size - nw, 0, input_size - nh), value=pad)
@@ -60,14 +65,16 @@ def resolution_ceiling(input_size: int = 256, n: int = 100) -> dict[str, dict[st
         h, w = scene.image.shape[:2]
         resized = transform.get_preprocess_shape(h, w, input_size)
         gt = torch.from_numpy(scene.masks)
-        area = _through_grid(gt.float()[:, None], input_size, resized, (h, w), 0.0) > 0.5
+        coverage = gt.float()[:, None]
+        area = _through_grid(coverage, input_size, resized, (h, w), "area", 0.0) > 0.5
         distances = []
         for mask in scene.masks.astype(np.uint8):
             inside = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
             outside = cv2.distanceTransform(1 - mask, cv2.DIST_L2, 5)
             distances.append((inside - outside) * (input_size / max(h, w)))
         sdf = torch.from_numpy(np.stack(distances))[:, None]
-        sdf = _through_grid(sdf, input_size, resized, (h, w), -float(input_size)) > 0
+        sdf = _through_grid(sdf, input_size, resized, (h, w), "bilinear", -float(input_size))
+        sdf = sdf > 0
         for kind, a, s in zip(scene.kinds, _iou(area, gt), _iou(sdf, gt), strict=True):
             for key in (kind, "all"):
                 scores[key]["area"].append(a)
