@@ -37,6 +37,7 @@ from backend.errors import (
     ImageTooLargeError,
     InvalidRequestError,
 )
+from backend.label_studio_trust import LabelStudioTrust, PinStore, origin_of
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -86,40 +87,78 @@ def looks_like_jwt(token: str) -> bool:
 
 
 class LabelStudioAuth:
-    """Authorization headers for Label Studio, from the settings' key or the /setup token.
+    """Authorization headers for Label Studio, sent only to the trusted Label Studio.
+
+    Where Label Studio is and whether ``/setup`` may say so: ``backend.label_studio_trust``.
+    ``LABEL_STUDIO_API_KEY`` always wins; a token from ``/setup`` is used only without it and
+    only when ``LABEL_STUDIO_TRUST_SETUP`` is on. A newer ``/setup`` token never replaces one
+    that Label Studio has accepted: it waits as the next one and takes over when the one in
+    use is refused (so a stray ``/setup`` cannot lock every project out).
 
     A personal access token is exchanged for an access token (cached until shortly before it
     expires, dropped on a 401); a legacy token is sent as ``Authorization: Token <token>``.
-    The settings' ``LABEL_STUDIO_API_KEY`` wins over the token Label Studio sends in /setup.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        self._base_url = settings.label_studio_url
+    def __init__(self, settings: Settings, pin_store: PinStore | None = None) -> None:
+        self.trust = LabelStudioTrust(
+            settings.label_studio_url, settings.label_studio_trust_setup, pin_store
+        )
         key = settings.label_studio_api_key
         self._api_key = key.get_secret_value().strip() if key is not None else ""
-        self._setup_token = ""
-        self._setup_hostname = ""
-        self._access: tuple[str, float] | None = None  # (token, expires at, epoch seconds)
+        self._setup_token = ""  # the /setup token in use
+        self._setup_verified = False  # Label Studio accepted it
+        self._setup_next = ""  # a newer /setup token, tried when the one in use is refused
+        # (access token, refresh at (epoch seconds), the personal access token it came from)
+        self._access: tuple[str, float, str] | None = None
         self._lock = threading.Lock()
 
     @property
     def base_url(self) -> str:
-        """Label Studio's base URL: LABEL_STUDIO_URL, else the hostname /setup reported."""
-        return self._base_url or self._setup_hostname
+        """The trusted Label Studio's base URL ("" when none is known)."""
+        return self.trust.base_url
 
-    def update_from_setup(self, hostname: str | None, access_token: str | None) -> None:
-        """Remember what /setup told us (used when the settings do not say)."""
+    def update_from_setup(self, hostname: str | None, access_token: str | None) -> bool:
+        """Apply what ``/setup`` says (see the class); True when its token may be used.
+
+        Raises ``UntrustedLabelStudioError`` when ``hostname`` is not the trusted Label Studio.
+        """
+        if not self.trust.accept_setup_hostname(hostname):
+            return False
+        token = (access_token or "").strip()
+        if not token or self._api_key:
+            return False
         with self._lock:
-            if hostname:
-                self._setup_hostname = hostname.strip().rstrip("/")
-            if access_token and access_token != self._setup_token:
-                self._setup_token = access_token
+            if token in (self._setup_token, self._setup_next):
+                return True
+            if not self._setup_token or not self._setup_verified:
+                self._setup_token, self._setup_verified = token, False
                 self._access = None
+            else:
+                self._setup_next = token
+        return True
 
-    def invalidate(self) -> None:
-        """Forget the cached access token (after Label Studio answered 401)."""
+    def confirm(self, headers: dict[str, str]) -> None:
+        """Label Studio accepted ``headers`` (from ``headers()``): keep their token."""
         with self._lock:
+            if self._setup_token and self._token_of(headers) == self._setup_token:
+                self._setup_verified = True
+
+    def invalidate(self, headers: dict[str, str] | None = None) -> None:
+        """Label Studio answered 401 to ``headers``: drop the cached access token, and move
+        on to the next ``/setup`` token if the refused one was the ``/setup`` token in use."""
+        with self._lock:
+            refused = self._token_of(headers or {})
             self._access = None
+            if refused and refused == self._setup_token and self._setup_next:
+                self._setup_token, self._setup_next = self._setup_next, ""
+                self._setup_verified = False
+
+    def _token_of(self, headers: dict[str, str]) -> str:
+        """The configured or /setup token behind an Authorization header (caller holds lock)."""
+        scheme, _, credential = headers.get("Authorization", "").partition(" ")
+        if scheme == "Bearer" and self._access is not None and credential == self._access[0]:
+            return self._access[2]
+        return credential
 
     @property
     def configured(self) -> bool:
@@ -138,8 +177,16 @@ class LabelStudioAuth:
 
     def _access_token(self, client: httpx.Client, refresh: str) -> str:
         with self._lock:
-            if self._access is not None and self._access[1] > time.time():
+            if (
+                self._access is not None
+                and self._access[2] == refresh
+                and self._access[1] > time.time()
+            ):
                 return self._access[0]
+            if not self.base_url:
+                raise InvalidRequestError(
+                    "a personal access token needs the Label Studio URL: set LABEL_STUDIO_URL"
+                )
             url = f"{self.base_url}/api/token/refresh/"
             try:
                 response = client.post(url, json={"refresh": refresh})
@@ -163,7 +210,7 @@ class LabelStudioAuth:
                 )
             access = response.json().get("access", "")
             expires = _jwt_expiry(access) or (time.time() + 240.0)
-            self._access = (access, expires - ACCESS_TOKEN_MARGIN_S)
+            self._access = (access, expires - ACCESS_TOKEN_MARGIN_S, refresh)
             return access
 
 
@@ -184,12 +231,13 @@ def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[s
         if not base_url:
             raise InvalidRequestError(
                 f"image path {value.split('?')[0]!r} is relative to Label Studio; set "
-                "LABEL_STUDIO_URL (or let Label Studio call /setup first)"
+                "LABEL_STUDIO_URL (or LABEL_STUDIO_TRUST_SETUP=true to take it from /setup)"
             )
         return base_url + value, True
     parts = urlsplit(value)
     if parts.scheme in ("http", "https") and parts.netloc:
-        same_origin = bool(base_url) and urlsplit(base_url)[:2] == parts[:2]
+        # Credentials go only to Label Studio's own origin, never to another host.
+        same_origin = bool(base_url) and origin_of(value) == origin_of(base_url)
         return value, same_origin
     raise InvalidRequestError(f"unsupported image URL scheme in {value[:40]!r}")
 
@@ -327,9 +375,11 @@ class ImageLoader:
             try:
                 with self._client.stream("GET", url, headers=headers) as response:
                     if response.status_code == 401 and send_auth and attempt == 1:
-                        self.auth.invalidate()  # the access token may have expired: retry once
+                        self.auth.invalidate(headers)  # an expired access token: retry once
                         continue
                     self._raise_for_status(response.status_code, shown, send_auth)
+                    if headers:
+                        self.auth.confirm(headers)
                     return self._read_limited(response, shown)
             except httpx.TimeoutException as exc:
                 raise ImageFetchError(
@@ -345,7 +395,8 @@ class ImageLoader:
     def _raise_for_status(status: int, shown: str, send_auth: bool) -> None:
         if status in (401, 403):
             hint = (
-                "check LABEL_STUDIO_API_KEY (or enable legacy tokens in Label Studio)"
+                "check LABEL_STUDIO_API_KEY (or enable legacy tokens in Label Studio, with "
+                "LABEL_STUDIO_TRUST_SETUP=true)"
                 if send_auth
                 else "the image server needs credentials the backend does not have"
             )

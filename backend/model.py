@@ -265,7 +265,7 @@ class StableSamBackend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.auth = LabelStudioAuth(settings)
+        self.auth = LabelStudioAuth(settings, pin_store=self._pin_label_studio_url)
         self.images = ImageLoader(settings, self.auth)
         self.models = ModelServer(settings)
         self._schemas: dict[str, str] = {}  # project -> label config from /setup
@@ -293,26 +293,39 @@ class StableSamBackend:
         hostname: str | None = None,
         access_token: str | None = None,
     ) -> str:
-        """Remember the project's config and LS's address/token; return the model version."""
+        """Remember the project's config (and, if trusted, LS's address/token); return the
+        model version. ``UntrustedLabelStudioError`` (403) for a Label Studio not trusted."""
         key = project_key(project)
+        token_usable = self.auth.update_from_setup(hostname, access_token)
         if key is not None and schema:
             self._schemas[key] = schema
-        self.auth.update_from_setup(hostname, access_token)
-        if key is not None and hostname and access_token:
-            self._share_access_with_training(key, hostname, access_token)
+        if key is not None and token_usable and access_token and self.auth.base_url:
+            self._share_access_with_training(key, self.auth.base_url, access_token)
         return self.models.model_version(key)
 
-    def _share_access_with_training(self, project: str, hostname: str, token: str) -> None:
+    def _pin_label_studio_url(self, url: str) -> str:
+        """The Label Studio URL every process trusts: the first one pinned in Redis."""
+        import redis
+
+        if time.monotonic() < self._redis_retry_at:
+            return url  # Redis was down a moment ago: keep /setup fast, pin locally
+        try:
+            return self.training_queue().pin_label_studio_url(url)
+        except (redis.RedisError, OSError):
+            self._redis_retry_at = time.monotonic() + 30.0
+            raise
+
+    def _share_access_with_training(self, project: str, url: str, token: str) -> None:
         """Let training jobs reach LS with /setup's token (once per change; Redis may be down)."""
         import redis
 
-        if self._stored_access.get(project) == (hostname, token):
+        if self._stored_access.get(project) == (url, token):
             return
         if time.monotonic() < self._redis_retry_at:
             return  # Redis was down a moment ago: keep /setup fast
         try:
-            self.training_queue().store_label_studio_access(project, hostname, token)
-            self._stored_access[project] = (hostname, token)
+            self.training_queue().store_label_studio_access(project, url, token)
+            self._stored_access[project] = (url, token)
         except (redis.RedisError, OSError) as exc:  # must not fail /setup (LS gives it 3 s)
             self._redis_retry_at = time.monotonic() + 30.0
             logger.warning("cannot share LS access of project %s with training: %s",

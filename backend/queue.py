@@ -473,11 +473,32 @@ class TrainingQueue:
         LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not configured.
         """
         if url and token:
-            self.connection.hset(f"{ACCESS_PREFIX}:{project}", mapping={"url": url, "token": token})
+            self.connection.hset(
+                f"{ACCESS_PREFIX}:{self.queue.name}:{project}", mapping={"url": url, "token": token}
+            )
+
+    def pin_label_studio_url(self, url: str) -> str:
+        """Pin ``url`` as the Label Studio every process trusts, unless one is pinned already;
+        return the pinned one (``backend.label_studio_trust``: trust on first use). One pin per
+        queue: the backends and workers of one queue are one deployment."""
+        key = self._trusted_url_key()
+        with self.connection.pipeline() as pipe:
+            pipe.set(key, url, nx=True)
+            pipe.get(key)
+            _, pinned = pipe.execute()
+        return pinned.decode() if pinned else url
+
+    def pinned_label_studio_url(self) -> str | None:
+        """The Label Studio URL pinned by ``pin_label_studio_url``, if any."""
+        pinned = self.connection.get(self._trusted_url_key())
+        return pinned.decode() if pinned else None
+
+    def _trusted_url_key(self) -> str:
+        return f"{ACCESS_PREFIX}:trusted-url:{self.queue.name}"
 
     def label_studio_access(self, project: str) -> tuple[str, str] | None:
         """The stored (url, token) of ``project``, or ``None``."""
-        raw = self.connection.hgetall(f"{ACCESS_PREFIX}:{project}")
+        raw = self.connection.hgetall(f"{ACCESS_PREFIX}:{self.queue.name}:{project}")
         if not raw or b"url" not in raw or b"token" not in raw:
             return None
         return raw[b"url"].decode(), raw[b"token"].decode()

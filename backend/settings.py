@@ -23,10 +23,17 @@ class Settings(BaseSettings):
 
     # --- Label Studio connection (images of tasks are fetched from it) ---
     # Base URL of Label Studio; relative task URLs (/data/upload/...) resolve against it.
-    # Empty: use the `hostname` Label Studio sends in /setup.
+    # Empty: the `hostname` /setup sends, if LABEL_STUDIO_TRUST_SETUP allows it.
     label_studio_url: str = ""
     # Personal access token (LS >= 1.17, a JWT refresh token) or a legacy API token.
     label_studio_api_key: SecretStr | None = None
+    # Whether /setup may say where Label Studio is and which token to use (anyone who can
+    # reach the backend can call /setup). False: only LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY
+    # count. True: /setup's hostname is trusted if it is LABEL_STUDIO_URL's origin, or, with
+    # no LABEL_STUDIO_URL, the first one seen (then pinned: another host is refused with 403);
+    # its access_token is used only without LABEL_STUDIO_API_KEY and never replaces one that
+    # works. See docs/SECURITY.md.
+    label_studio_trust_setup: bool = False
 
     # --- Model selection ---
     # SAM base: "mini" (the embedded default), vit_b/vit_l/vit_h, or HQ-SAM hq_vit_*.

@@ -132,7 +132,8 @@ Connect it in Label Studio:
        LABEL_STUDIO_URL=http://localhost:8080 (where Label Studio runs) and
        LABEL_STUDIO_API_KEY=<your Personal Access Token: Account & Settings > Personal Access
        Token>, exported before running this script; or enable legacy API tokens in Label
-       Studio (Organization > API Tokens Settings) and the token arrives with /setup.
+       Studio (Organization > API Tokens Settings) and export LABEL_STUDIO_TRUST_SETUP=true:
+       the token then arrives with /setup (see "Who gets the credentials" in the README).
   5. In the labeling screen: pick the smart KeyPoint or Rectangle tool (auto-annotation on),
      click or drag on the object; the mask comes back as a brush region.
 Ctrl-C stops the backend and the worker.

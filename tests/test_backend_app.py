@@ -159,7 +159,8 @@ def test_batch_predict_answers_every_task_and_warms_up_embeddings(client):
 
 
 def test_relative_upload_url_uses_the_legacy_token_from_setup(ls, settings):
-    with TestClient(create_app(settings)) as fresh:
+    trusting = settings.model_copy(update={"label_studio_trust_setup": True})
+    with TestClient(create_app(trusting)) as fresh:
         assert predict(fresh, [kp(50, 50)], image="/data/upload/1/scene.png").status_code == 502
         fresh.post("/setup", json={"project": "1.1", "schema": CONFIG, "hostname": ls.url,
                                    "access_token": ls.legacy_token})  # fmt: skip

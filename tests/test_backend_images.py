@@ -84,7 +84,7 @@ def test_public_image_is_fetched_and_decoded(ls):
 
 
 def test_legacy_token_from_setup_is_sent_as_token_header(ls):
-    loader = loader_for(ls)
+    loader = loader_for(ls, label_studio_trust_setup=True)
     with pytest.raises(ImageFetchError) as info:
         loader.load("/data/upload/1/scene.png")
     assert info.value.code == "image_fetch_unauthorized" and info.value.status_code == 502
@@ -228,7 +228,7 @@ def test_the_logging_filter_scrubs_records_before_any_handler():
 def test_an_access_token_jwt_is_sent_as_bearer_without_exchange(ls):
     access = fake_jwt({"token_type": "access", "exp": time.time() + 300})
     ls.access_tokens.add(access)
-    loader = loader_for(ls, image_url_ttl_s=0)
+    loader = loader_for(ls, image_url_ttl_s=0, label_studio_trust_setup=True)
     loader.auth.update_from_setup(None, access)
     before = ls.refreshes
     assert loader.load("/data/upload/1/scene.png").width == 80

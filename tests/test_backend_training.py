@@ -13,15 +13,27 @@ from backend.queue import redis_connection
 from backend.settings import Settings
 
 
-@pytest.fixture
-def backend(redis_url, tmp_path):
+def make_backend(redis_url: str, tmp_path, **overrides) -> StableSamBackend:
     settings = Settings(
         redis_url=redis_url,
         training_queue=f"test-backend-{uuid.uuid4().hex[:8]}",
         versions_dir=tmp_path,
         prefetch_workers=0,
+        **overrides,
     )
-    instance = StableSamBackend(settings)
+    return StableSamBackend(settings)
+
+
+@pytest.fixture
+def backend(redis_url, tmp_path):
+    instance = make_backend(redis_url, tmp_path)
+    yield instance
+    instance.close()
+
+
+@pytest.fixture
+def trusting_backend(redis_url, tmp_path):
+    instance = make_backend(redis_url, tmp_path, label_studio_trust_setup=True)
     yield instance
     instance.close()
 
@@ -39,16 +51,23 @@ def test_fit_enqueues_one_training_job_and_coalesces_the_next(backend):
 
 
 @pytest.mark.integration
-def test_setup_shares_label_studio_access_with_training_jobs(backend):
+def test_setup_shares_label_studio_access_with_training_jobs(trusting_backend):
+    trusting_backend.setup("42.1700000000", "<View/>", hostname="http://ls:8080/",
+                           access_token="tok123")  # fmt: skip
+    queue = trusting_backend.training_queue()
+    assert queue.label_studio_access("42") == ("http://ls:8080", "tok123")
+    assert queue.pinned_label_studio_url() == "http://ls:8080"
+
+
+@pytest.mark.integration
+def test_setup_shares_nothing_unless_the_operator_trusts_it(backend):
     backend.setup("42.1700000000", "<View/>", hostname="http://ls:8080", access_token="tok123")
-    assert backend.training_queue().label_studio_access("42") == ("http://ls:8080", "tok123")
+    assert backend.training_queue().label_studio_access("42") is None
+    assert backend.training_queue().pinned_label_studio_url() is None
 
 
 def test_setup_stays_fast_when_redis_is_down(tmp_path):
-    settings = Settings(
-        redis_url="redis://127.0.0.1:9/0", versions_dir=tmp_path, prefetch_workers=0
-    )
-    backend = StableSamBackend(settings)
+    backend = make_backend("redis://127.0.0.1:9/0", tmp_path, label_studio_trust_setup=True)
     started = time.perf_counter()
     for _ in range(5):
         version = backend.setup("43.1", "<View/>", hostname="http://ls:8080", access_token="t")

@@ -39,6 +39,7 @@ import numpy as np
 from rq import get_current_job
 from rq.job import Job
 
+from backend.label_studio_trust import base_url_of, origin_of
 from backend.queue import TrainingQueue
 from backend.settings import Settings
 from backend.versions import VersionStore
@@ -139,19 +140,34 @@ def resolve_base(settings: Settings) -> BaseModelSpec:
 def label_studio_client(
     settings: Settings, queue: TrainingQueue, project: str
 ) -> LabelStudioClient:
-    """A client from LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY, else what /setup shared for
-    ``project`` (hostname + token, kept in Redis by the web process)."""
-    url = settings.label_studio_url
+    """A client for the trusted Label Studio (the rule of ``backend.label_studio_trust``).
+
+    LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY when configured. What ``/setup`` shared for
+    ``project`` (kept in Redis by the web process) fills in only with LABEL_STUDIO_TRUST_SETUP
+    on, and only when its URL is on the trusted origin: LABEL_STUDIO_URL, else the URL the web
+    process pinned. A token is never sent anywhere else.
+    """
+    url = base_url_of(settings.label_studio_url) or ""
     key = settings.label_studio_api_key
     token = key.get_secret_value().strip() if key is not None else ""
-    if not (url and token):
+    if not (url and token) and settings.label_studio_trust_setup:
         stored = queue.label_studio_access(project)
-        if stored is not None:
-            url, token = url or stored[0], token or stored[1]
+        trusted = url or queue.pinned_label_studio_url() or ""
+        if stored is not None and trusted and origin_of(stored[0]) == origin_of(trusted):
+            url, token = url or trusted, token or stored[1]
+        elif stored is not None:
+            logger.warning(
+                "project %s: ignoring the Label Studio access /setup shared for %s: the "
+                "trusted Label Studio is %s",
+                project,
+                origin_of(stored[0]),
+                origin_of(trusted) or "unknown",
+            )
     if not (url and token):
         raise LabelStudioError(
             f"no Label Studio access for project {project}: set LABEL_STUDIO_URL and "
-            "LABEL_STUDIO_API_KEY, or connect the backend in Label Studio (its /setup shares them)"
+            "LABEL_STUDIO_API_KEY (or LABEL_STUDIO_TRUST_SETUP=true, and connect the backend in "
+            "Label Studio: its /setup shares them)"
         )
     return LabelStudioClient(
         url,

@@ -130,6 +130,8 @@ def setup(
     if mode == PAT:
         env["LABEL_STUDIO_URL"] = label_studio.url
         env["LABEL_STUDIO_API_KEY"] = label_studio.personal_access_token
+    else:
+        env["LABEL_STUDIO_TRUST_SETUP"] = "true"  # the legacy token and hostname from /setup
     backend = start_backend(f"training-{mode}", env)
     worker_log = workdir / "worker.log"
     with open(worker_log, "w") as log:
