@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import contextvars
 import hashlib
 import io
 import json
 import logging
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -194,6 +197,87 @@ def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[s
     raise InvalidRequestError(f"unsupported image URL scheme in {value[:40]!r}")
 
 
+class DownloadDeadline:
+    """A wall-clock deadline for one download: connecting, headers and body, all requests of it.
+
+    httpx's timeouts bound each network operation, not their sum: a server trickling a byte per
+    second keeps a request alive as long as it likes. ``trace`` (httpcore's ``trace`` request
+    extension) is told of every socket the download opens (``connect_tcp`` / ``start_tls``
+    complete, the network stream in ``return_value``); when the deadline passes a timer shuts
+    them down, which wakes a blocked read at once and fails the request. The client must not
+    keep connections alive: a reused socket opens no connection, so the deadline would not see
+    it. (A DNS lookup is not bounded: the socket does not exist yet.)
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._expires_at = time.monotonic() + seconds
+        self._sockets: list[socket.socket] = []
+        self._expired = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> DownloadDeadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    @property
+    def expired(self) -> bool:
+        return self._expired
+
+    def remaining_s(self) -> float:
+        return max(0.0, self._expires_at - time.monotonic())
+
+    def trace(self, event: str, info: dict) -> None:
+        """httpcore's trace callback: remember each new connection's socket."""
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        sock = info["return_value"].get_extra_info("socket")
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self._expired
+        if expired:  # connected just as the deadline passed
+            _shut_down(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut_down(sock)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    """Shut a socket down from another thread: its blocked reader wakes to end-of-file."""
+    # socket.socket's shutdown, not SSLSocket's: that one also drops the SSL object under the
+    # reading thread's feet. A socket closed already, or detached by start_tls, raises OSError.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_current_deadline: contextvars.ContextVar[DownloadDeadline | None] = contextvars.ContextVar(
+    "download_deadline", default=None
+)
+
+
+def _apply_deadline(request: httpx.Request) -> None:
+    """The client's request hook: every request of a download, the token exchange and
+    redirects included, gets the download's deadline (its trace and the time left)."""
+    deadline = _current_deadline.get()
+    if deadline is None:
+        return
+    left = deadline.remaining_s()
+    request.extensions = {
+        **request.extensions,
+        "trace": deadline.trace,
+        "timeout": {"connect": left, "read": left, "write": left, "pool": left},
+    }
+
+
 def display_url(url: str) -> str:
     """A URL safe to put in logs and error messages (no query: it may hold signatures)."""
     parts = urlsplit(url)
@@ -290,6 +374,8 @@ class ImageLoader:
         self._client = httpx.Client(
             timeout=httpx.Timeout(settings.image_fetch_timeout_s),
             follow_redirects=True,  # httpx drops Authorization on cross-origin redirects
+            limits=httpx.Limits(max_keepalive_connections=0),  # see DownloadDeadline
+            event_hooks={"request": [_apply_deadline]},
         )
         self._cache = _ImageCache(settings.image_cache_mb * 1024 * 1024, settings.image_url_ttl_s)
 
@@ -319,26 +405,44 @@ class ImageLoader:
         return image
 
     def _download(self, url: str, send_auth: bool) -> bytes:
+        """The bytes at ``url``, within IMAGE_FETCH_TIMEOUT_S from start to end (504 after)."""
         shown = display_url(url)
         if send_auth and not self.auth.configured:
             logger.warning("fetching %s without a token: set LABEL_STUDIO_API_KEY", shown)
+        with DownloadDeadline(self.settings.image_fetch_timeout_s) as deadline:
+            scope = _current_deadline.set(deadline)
+            try:
+                data = self._fetch(url, send_auth, shown)
+            except httpx.HTTPError as exc:
+                if deadline.expired or isinstance(exc, httpx.TimeoutException):
+                    raise self._timed_out(shown) from exc
+                raise ImageFetchError(f"cannot fetch {shown}: {type(exc).__name__}: {exc}") from exc
+            except ImageFetchError as exc:  # the token exchange failed: cut short by the deadline?
+                if deadline.expired:
+                    raise self._timed_out(shown) from exc
+                raise
+            finally:
+                _current_deadline.reset(scope)
+            if deadline.expired:  # a shut-down socket can also read as a body that ended early
+                raise self._timed_out(shown)
+        return data
+
+    def _timed_out(self, shown: str) -> ImageFetchError:
+        return ImageFetchError(
+            f"timed out after {self.settings.image_fetch_timeout_s:g} s fetching {shown}",
+            code="image_fetch_timeout",
+            status_code=504,
+        )
+
+    def _fetch(self, url: str, send_auth: bool, shown: str) -> bytes:
         for attempt in (1, 2):
             headers = self.auth.headers(self._client) if send_auth else {}
-            try:
-                with self._client.stream("GET", url, headers=headers) as response:
-                    if response.status_code == 401 and send_auth and attempt == 1:
-                        self.auth.invalidate()  # the access token may have expired: retry once
-                        continue
-                    self._raise_for_status(response.status_code, shown, send_auth)
-                    return self._read_limited(response, shown)
-            except httpx.TimeoutException as exc:
-                raise ImageFetchError(
-                    f"timed out after {self.settings.image_fetch_timeout_s:g} s fetching {shown}",
-                    code="image_fetch_timeout",
-                    status_code=504,
-                ) from exc
-            except httpx.HTTPError as exc:
-                raise ImageFetchError(f"cannot fetch {shown}: {type(exc).__name__}: {exc}") from exc
+            with self._client.stream("GET", url, headers=headers) as response:
+                if response.status_code == 401 and send_auth and attempt == 1:
+                    self.auth.invalidate()  # the access token may have expired: retry once
+                    continue
+                self._raise_for_status(response.status_code, shown, send_auth)
+                return self._read_limited(response, shown)
         raise AssertionError("unreachable")
 
     @staticmethod

@@ -139,6 +139,41 @@ def test_slow_server_times_out_with_504(ls):
     assert time.monotonic() - started < 1.5
 
 
+def assert_times_out_after(deadline_s: float, load) -> None:
+    """``load()`` fails with 504 ``image_fetch_timeout`` at the deadline (within 0.5 s)."""
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError) as info:
+        load()
+    elapsed = time.monotonic() - started
+    assert (info.value.status_code, info.value.code) == (504, "image_fetch_timeout")
+    assert deadline_s - 0.05 <= elapsed < deadline_s + 0.5, elapsed
+
+
+def test_a_body_trickled_a_byte_at_a_time_is_cut_off_at_the_deadline(ls):
+    loader = loader_for(ls, image_fetch_timeout_s=1.0)
+    assert_times_out_after(1.0, lambda: loader.load(f"{ls.url}/trickle-body/scene.png"))
+
+
+def test_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_deadline(ls):
+    loader = loader_for(ls, image_fetch_timeout_s=1.0)
+    assert_times_out_after(1.0, lambda: loader.load(f"{ls.url}/trickle-headers/scene.png"))
+
+
+def test_a_second_download_over_the_same_server_has_a_deadline_too(ls):
+    loader = loader_for(ls, image_fetch_timeout_s=1.0, image_url_ttl_s=0)
+    loader.load(f"{ls.url}/public/scene.png")  # a connection that could be kept alive
+    assert_times_out_after(1.0, lambda: loader.load(f"{ls.url}/trickle-body/scene.png"))
+
+
+def test_the_token_exchange_counts_against_the_deadline():
+    with FakeLabelStudio() as slow_ls:
+        slow_ls.trickle_refresh = True
+        loader = loader_for(
+            slow_ls, label_studio_api_key=SecretStr(slow_ls.pat), image_fetch_timeout_s=1.0
+        )
+        assert_times_out_after(1.0, lambda: loader.load("/data/upload/1/scene.png"))
+
+
 def test_unreachable_server_is_502():
     settings = Settings(label_studio_url="http://127.0.0.1:9", image_fetch_timeout_s=1)
     with pytest.raises(ImageFetchError) as info:
