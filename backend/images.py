@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -154,8 +154,8 @@ class LabelStudioAuth:
                 ) from exc
             except httpx.HTTPError as exc:
                 raise ImageFetchError(
-                    f"cannot reach Label Studio at {self.base_url} to exchange the personal "
-                    f"access token: {type(exc).__name__}"
+                    f"cannot reach Label Studio at {display_url(self.base_url)} to exchange the "
+                    f"personal access token: {type(exc).__name__}"
                 ) from exc
             if response.status_code != 200:
                 raise ImageFetchError(
@@ -177,8 +177,9 @@ def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[s
     value = value.strip()
     if value.startswith(CLOUD_PREFIXES):
         if task_id is None:
-            shown = value.split("?")[0]
-            raise InvalidRequestError(f"cloud storage image {shown!r} needs the task id")
+            raise InvalidRequestError(
+                f"cloud storage image {display_url(value)!r} needs the task id"
+            )
         if not base_url:
             raise InvalidRequestError("cloud storage images need LABEL_STUDIO_URL")
         fileuri = base64.urlsafe_b64encode(value.encode()).decode()
@@ -186,7 +187,7 @@ def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[s
     if value.startswith("/"):
         if not base_url:
             raise InvalidRequestError(
-                f"image path {value.split('?')[0]!r} is relative to Label Studio; set "
+                f"image path {display_url(value)!r} is relative to Label Studio; set "
                 "LABEL_STUDIO_URL (or let Label Studio call /setup first)"
             )
         return base_url + value, True
@@ -194,7 +195,7 @@ def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[s
     if parts.scheme in ("http", "https") and parts.netloc:
         same_origin = bool(base_url) and urlsplit(base_url)[:2] == parts[:2]
         return value, same_origin
-    raise InvalidRequestError(f"unsupported image URL scheme in {value[:40]!r}")
+    raise InvalidRequestError(f"unsupported image URL scheme in {display_url(value)[:60]!r}")
 
 
 class DownloadDeadline:
@@ -279,11 +280,21 @@ def _apply_deadline(request: httpx.Request) -> None:
 
 
 def display_url(url: str) -> str:
-    """A URL safe to put in logs and error messages (no query: it may hold signatures)."""
-    parts = urlsplit(url)
-    if parts.path.startswith("/data/local-files"):
-        return url  # ?d=<path> is the file name, useful and not secret
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    """``url`` made safe to log or echo in an error: no ``user:password@``, no fragment, and no
+    query (it may hold signatures) except the ``d=<file name>`` of ``/data/local-files``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        return "<unparseable URL>"
+    host = parts.netloc.rpartition("@")[2]
+    path = parts.path
+    if not parts.netloc:  # "user:pass@host/a.png", without "//", parses as scheme "user"
+        first, slash, rest = path.partition("/")
+        path = first.rpartition("@")[2] + slash + rest
+    query = ""
+    if path.startswith("/data/local-files"):  # ?d=<path> is the file name, not secret
+        query = "&".join(p for p in parts.query.split("&") if p.startswith("d="))
+    return urlunsplit((parts.scheme, host, path, query, ""))
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:

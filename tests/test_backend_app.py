@@ -194,6 +194,13 @@ def test_bad_input_gets_a_json_error_naming_the_problem(client, context, image, 
     assert predict(client, [kp(50, 50)]).status_code == 200  # still serving
 
 
+def test_an_error_body_does_not_echo_the_image_urls_credentials(client, ls):
+    with_password = ls.url.replace("http://", "http://user:s3cret@")
+    answer = predict(client, [kp(50, 50)], image=f"{with_password}/public/missing.png")
+    assert answer.status_code == 404 and answer.json()["error"] == "image_not_found"
+    assert "missing.png" in answer.json()["detail"] and "s3cret" not in answer.text
+
+
 def test_malformed_json_is_400(client):
     answer = client.post("/predict", content=b'{"tasks": [', headers={"Content-Type":
                                                                        "application/json"})  # fmt: skip

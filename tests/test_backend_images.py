@@ -18,7 +18,13 @@ from backend.errors import (
     ImageTooLargeError,
     InvalidRequestError,
 )
-from backend.images import ImageLoader, LabelStudioAuth, decode_image, resolve_image_url
+from backend.images import (
+    ImageLoader,
+    LabelStudioAuth,
+    decode_image,
+    display_url,
+    resolve_image_url,
+)
 from backend.security import redact
 from backend.settings import Settings
 
@@ -72,6 +78,30 @@ def test_unusable_urls_are_request_errors(value, base, message):
     task_id = None if value.startswith("s3") else 1
     with pytest.raises(InvalidRequestError, match=message or "task id"):
         resolve_image_url(value, task_id, base)
+
+
+def test_display_url_drops_user_password_query_and_fragment():
+    assert display_url("https://user:s3cret@cdn.example:8443/a.png?X-Sig=abc#top") == (
+        "https://cdn.example:8443/a.png"
+    )
+
+
+def test_display_url_keeps_only_the_file_name_of_local_files():
+    url = "http://admin:s3cret@ls:8080/data/local-files/?d=imgs/a.jpg&token=abc"
+    assert display_url(url) == "http://ls:8080/data/local-files/?d=imgs/a.jpg"
+
+
+@pytest.mark.parametrize(
+    ("value", "task_id", "shown"),
+    [
+        ("ftp://user:s3cret@host/a.png", 1, "ftp://host/a.png"),
+        ("s3://KEY:s3cret@bucket/a.png", None, "s3://bucket/a.png"),
+    ],
+)
+def test_url_errors_do_not_echo_credentials(value, task_id, shown):
+    with pytest.raises(InvalidRequestError) as info:
+        resolve_image_url(value, task_id, "http://ls:8080")
+    assert shown in info.value.detail and "s3cret" not in info.value.detail
 
 
 # --- fetching ---------------------------------------------------------------------------------
@@ -205,6 +235,28 @@ def test_tokens_never_reach_the_log(ls, caplog):
         loader.load(f"{ls.url}/public/missing.png")
     assert ls.pat not in caplog.text
     assert not any(token in caplog.text for token in ls.access_tokens)
+
+
+def test_credentials_in_an_image_url_reach_neither_the_log_nor_the_error(ls, caplog):
+    caplog.set_level(logging.DEBUG, logger="backend")
+    loader = loader_for(ls, image_url_ttl_s=0)
+    with_password = ls.url.replace("http://", "http://user:s3cret@")
+    loader.load(f"{with_password}/public/scene.png")
+    with pytest.raises(ImageFetchError) as info:
+        loader.load(f"{with_password}/public/missing.png")
+    assert "missing.png" in info.value.detail and "s3cret" not in info.value.detail
+    assert "scene.png" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_unreachable_label_studio_error_hides_its_credentials():
+    settings = Settings(
+        label_studio_url="http://admin:s3cret@127.0.0.1:9",
+        label_studio_api_key=SecretStr(fake_jwt({"token_type": "refresh", "exp": 2e9})),
+    )
+    loader = ImageLoader(settings, LabelStudioAuth(settings))
+    with pytest.raises(ImageFetchError) as info:
+        loader.load("/data/upload/1/scene.png")
+    assert "127.0.0.1:9" in info.value.detail and "s3cret" not in info.value.detail
 
 
 def test_redact_scrubs_token_looking_strings():
