@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from backend.errors import (
     ImageDecodeError,
@@ -297,11 +297,30 @@ def display_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, path, query, ""))
 
 
+# Decoded pixels become RGB this many bytes (at 4 bytes a pixel) of rows at a time: the copies a
+# conversion makes are band-sized, not image-sized.
+DECODE_BAND_BYTES = 4 * 1024 * 1024
+
+# EXIF orientation -> the view of the displayed array that has the stored image's orientation:
+# writing the stored rows through it shows them as the browser does (ImageOps.exif_transpose's
+# transpositions, without its full-size copy).
+_STORED_VIEW = {
+    2: lambda shown: shown[:, ::-1],  # mirrored
+    3: lambda shown: shown[::-1, ::-1],  # rotated 180
+    4: lambda shown: shown[::-1],  # flipped
+    5: lambda shown: shown.swapaxes(0, 1),  # transposed
+    6: lambda shown: np.rot90(shown, 1),  # stored rotated 90 degrees counter-clockwise
+    7: lambda shown: shown.swapaxes(0, 1)[::-1, ::-1],  # transversed
+    8: lambda shown: np.rot90(shown, -1),  # stored rotated 90 degrees clockwise
+}
+
+
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode image bytes to RGB (H, W, 3) uint8 as the browser shows them (EXIF orientation).
 
     The pixel count is checked from the header, before decoding. Raises ``ImageTooLargeError``
-    or ``ImageDecodeError`` (corrupt, truncated, not an image).
+    or ``ImageDecodeError`` (corrupt, truncated, not an image). Peak memory is the decoded image
+    (1 byte a pixel for 1-bit, L and P images, 4 for RGB) plus the result (3 bytes a pixel).
     """
     try:
         image = Image.open(io.BytesIO(data))
@@ -320,15 +339,34 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                 f"image is {width}x{height} = {width * height} pixels, over the limit of "
                 f"{max_pixels} (IMAGE_MAX_PIXELS)"
             )
+        if width == 0 or height == 0:
+            raise ImageDecodeError(f"the image has an unusable size {width}x{height}")
         try:
             image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = np.array(image.convert("RGB"))  # a writable copy (torch warns on read-only)
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+            return _displayed_rgb(image, orientation)
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageDecodeError(f"the image is corrupt or truncated: {exc}") from exc
-    if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ImageDecodeError(f"decoded image has an unusable shape {rgb.shape}")
-    return np.ascontiguousarray(rgb)
+
+
+def _displayed_rgb(image: Image.Image, orientation: int) -> np.ndarray:
+    """A loaded image as a new (H, W, 3) uint8 RGB array in its displayed orientation, converted
+    a band of rows at a time straight into the result (no image-sized intermediate)."""
+    width, height = image.size
+    to_stored = _STORED_VIEW.get(orientation)
+    swapped = orientation in (5, 6, 7, 8)
+    shown = np.empty((width, height, 3) if swapped else (height, width, 3), np.uint8)
+    stored = to_stored(shown) if to_stored is not None else shown  # (height, width, 3)
+    rows = max(1, DECODE_BAND_BYTES // (4 * width))
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(top + rows, height)))
+        stored[top : top + rows] = _band_rgb(band)
+    return shown
+
+
+def _band_rgb(band: Image.Image) -> np.ndarray:
+    """(rows, W, 3) uint8 RGB of a band of an image, converted by Pillow."""
+    return np.asarray(band.convert("RGB"))
 
 
 class _ImageCache:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from backend_support import FakeLabelStudio, fake_jwt, png_bytes, scene
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import SecretStr
 
 from backend.errors import (
@@ -279,6 +283,54 @@ def test_exif_orientation_is_applied_like_the_browser():
     shown = decode_image(buffer.getvalue(), max_pixels=10_000)
     assert shown.shape == (40, 20, 3)  # portrait, as the browser shows it
     assert shown[:10].mean() > 200 and shown[-10:].mean() < 50  # the strip is now on top
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_shown_as_pillow_transposes_it(orientation):
+    stored = np.random.default_rng(orientation).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="PNG", exif=exif)
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    shown = decode_image(buffer.getvalue(), max_pixels=10_000)
+    assert np.array_equal(shown, expected) and shown.flags.c_contiguous and shown.flags.writeable
+
+
+PEAK_RSS_SCRIPT = """
+import sys
+from backend.images import decode_image
+
+def rss(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
+
+data = open(sys.argv[1], "rb").read()
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # the peak (VmHWM) starts again from the current RSS
+before = rss("VmRSS")
+decode_image(data, 100_000_000)
+print(rss("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize(("mode", "stored_bytes"), [("1", 1), ("RGB", 4)])
+def test_decoding_holds_only_the_decoded_image_the_result_and_a_few_bands(
+    tmp_path, mode, stored_bytes
+):
+    side = 4000
+    Image.new(mode, (side, side)).save(tmp_path / "image.png")
+    peak = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, str(tmp_path / "image.png")],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    # Pillow's decoded copy + the (H, W, 3) result: was 12 (1-bit) or 18 (RGB) bytes a pixel.
+    assert int(peak) < (stored_bytes + 3) * side * side + 24 * 1024 * 1024
 
 
 def test_corrupt_bytes_are_unreadable():
