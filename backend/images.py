@@ -357,16 +357,38 @@ def _displayed_rgb(image: Image.Image, orientation: int) -> np.ndarray:
     swapped = orientation in (5, 6, 7, 8)
     shown = np.empty((width, height, 3) if swapped else (height, width, 3), np.uint8)
     stored = to_stored(shown) if to_stored is not None else shown  # (height, width, 3)
+    white = _gray_white(image)
     rows = max(1, DECODE_BAND_BYTES // (4 * width))
     for top in range(0, height, rows):
         band = image.crop((0, top, width, min(top + rows, height)))
-        stored[top : top + rows] = _band_rgb(band)
+        stored[top : top + rows] = _band_rgb(band, white)
     return shown
 
 
-def _band_rgb(band: Image.Image) -> np.ndarray:
-    """(rows, W, 3) uint8 RGB of a band of an image, converted by Pillow."""
-    return np.asarray(band.convert("RGB"))
+def _gray_white(image: Image.Image) -> float | None:
+    """The sample value shown white, for grayscale modes deeper than 8 bits; else ``None``.
+
+    Pillow's RGB conversion clips those at 255 (a 16-bit image comes out nearly all white), so
+    they are scaled instead: 16-bit samples (``I;16*``, how Pillow opens 16-bit grayscale PNG
+    and TIFF, and browsers show a 16-bit PNG: 65535 -> 255) and 32-bit integers (``I``, read as
+    16-bit: Pillow's other mode for them) are white at 65535; so are floats (``F``), unless all
+    lie in [0, 1] (a normalised image): then 1.0 is white. Values outside clip.
+    """
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return 65535.0
+    if image.mode == "F":
+        low, high = image.getextrema()
+        return 1.0 if low >= 0.0 and high <= 1.0 else 65535.0
+    return None
+
+
+def _band_rgb(band: Image.Image, white: float | None) -> np.ndarray:
+    """RGB of a band of an image: (rows, W, 3) uint8, or (rows, W, 1) gray scaled so that
+    ``white`` becomes 255 (see ``_gray_white``), which broadcasts to RGB."""
+    if white is None:
+        return np.asarray(band.convert("RGB"))
+    gray = np.asarray(band).astype(np.float32) * np.float32(255.0 / white)
+    return np.clip(np.rint(gray), 0, 255).astype(np.uint8)[..., None]
 
 
 class _ImageCache:

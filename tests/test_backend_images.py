@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -331,6 +333,53 @@ def test_decoding_holds_only_the_decoded_image_the_result_and_a_few_bands(
     ).stdout
     # Pillow's decoded copy + the (H, W, 3) result: was 12 (1-bit) or 18 (RGB) bytes a pixel.
     assert int(peak) < (stored_bytes + 3) * side * side + 24 * 1024 * 1024
+
+
+def png_16_bit(samples: np.ndarray, color_type: int, transparent: int | None = None) -> bytes:
+    """A 16-bit PNG written by hand (Pillow writes 16-bit gray only): ``samples`` (H, W) for
+    color type 0 (gray; ``transparent``: the gray value a tRNS chunk makes transparent) or
+    (H, W, 2) for 4 (gray + alpha)."""
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in samples)
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    trns = chunk(b"tRNS", struct.pack(">H", transparent)) if transparent is not None else b""
+    idat = chunk(b"IDAT", zlib.compress(rows))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + trns + idat + chunk(b"IEND", b"")
+
+
+SAMPLES_16 = np.array([[0, 257, 30000, 65535]], np.uint16)  # shown as 0, 1, 117, 255
+SHOWN_8 = np.array([[0, 1, 117, 255]], np.uint8)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        png_16_bit(SAMPLES_16, 0),
+        png_16_bit(SAMPLES_16, 0, transparent=257),
+        png_16_bit(np.stack([SAMPLES_16, np.full_like(SAMPLES_16, 65535)], -1), 4),
+    ],
+    ids=["gray", "gray-with-transparent-value", "gray-and-alpha"],
+)
+def test_16_bit_grayscale_pngs_are_scaled_to_8_bits_not_clipped(data):
+    shown = decode_image(data, max_pixels=100)
+    assert np.array_equal(shown, np.repeat(SHOWN_8[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float32], ids=["I", "F"])
+def test_32_bit_integer_and_float_images_are_read_as_16_bit(dtype):
+    buffer = io.BytesIO()
+    Image.fromarray(SAMPLES_16.astype(dtype)).save(buffer, format="TIFF")
+    assert np.array_equal(decode_image(buffer.getvalue(), 100)[..., 0], SHOWN_8)
+
+
+def test_float_images_within_0_to_1_are_scaled_by_255():
+    buffer = io.BytesIO()
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(buffer, format="TIFF")
+    assert decode_image(buffer.getvalue(), 100)[0, :, 0].tolist() == [0, 128, 255]
 
 
 def test_corrupt_bytes_are_unreadable():
