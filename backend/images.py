@@ -7,8 +7,12 @@ http(s) URLs. LS answers only authenticated requests: a personal access token (a
 token, exchanged at ``POST /api/token/refresh/`` for 5-minute access tokens) or a legacy token
 (``Authorization: Token ...``, from ``LABEL_STUDIO_API_KEY`` or ``/setup``).
 
+A download has one deadline, from connecting to its last byte (``DownloadDeadline``), and URLs
+reach logs and error messages only through ``display_url`` (no credentials, no signatures).
+
 Decoding is defensive: the pixel count is checked from the header before any pixel is decoded
-(decompression bombs), truncated and corrupt files fail with a clear error, and the EXIF
+(decompression bombs), so is the memory the decode will hold, reserved from a budget shared by
+all decodes (``DecodeBudget``); truncated and corrupt files fail with a clear error, and the EXIF
 orientation is applied the way the browser shows the image (LS's percent coordinates refer to
 that view).
 """
@@ -27,6 +31,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,6 +40,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from backend.errors import (
+    ImageDecodeBusyError,
     ImageDecodeError,
     ImageFetchError,
     ImageTooLargeError,
@@ -315,12 +321,74 @@ _STORED_VIEW = {
 }
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+def _band_rows(width: int) -> int:
+    return max(1, DECODE_BAND_BYTES // (4 * width))
+
+
+def decode_peak_bytes(width: int, height: int, mode: str, image_format: str | None) -> int:
+    """Estimated peak memory of ``decode_image`` for a ``width`` x ``height`` image that Pillow
+    opens in ``mode``, bytes, measured: the decoded image as Pillow keeps it (1 byte a pixel for
+    1, L and P; 2 for I;16; 4 for the rest, RGB included), the RGB result (3), the copies of
+    converting one band (up to 5 band-sized), and for WebP libwebp's two RGBA canvases (8).
+    """
+    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    decoder = 8 if image_format == "WEBP" else 0
+    band = min(height, _band_rows(width)) * width * 4
+    return width * height * (stored + 3 + decoder) + 5 * band
+
+
+class DecodeBudget:
+    """Bounds the decodes running at once and the bytes they hold together (thread-safe).
+
+    Each decode holds a slot and its estimated peak (``decode_peak_bytes``) while it runs; one
+    that finds neither free within ``wait_s`` fails with ``ImageDecodeBusyError`` (503). An
+    image estimated above the whole budget is decoded alone: it waits for all of the budget and
+    holds all of it (IMAGE_MAX_PIXELS, not the budget, is what refuses images).
+    """
+
+    def __init__(self, max_decodes: int, max_bytes: int, wait_s: float) -> None:
+        self.max_decodes = max_decodes
+        self.max_bytes = max_bytes
+        self.wait_s = wait_s
+        self._decodes = 0
+        self._bytes = 0
+        self._freed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, peak_bytes: int) -> Iterator[None]:
+        """Hold a decode slot and ``peak_bytes`` of the budget (all of it at most) meanwhile."""
+        need = min(peak_bytes, self.max_bytes)
+
+        def fits() -> bool:
+            return self._decodes < self.max_decodes and self._bytes + need <= self.max_bytes
+
+        with self._freed:
+            if not self._freed.wait_for(fits, timeout=self.wait_s):
+                raise ImageDecodeBusyError(
+                    f"no image decode could start within {self.wait_s:g} s: {self._decodes} "
+                    f"running hold {self._bytes / 2**20:.0f} of {self.max_bytes / 2**20:.0f} MB "
+                    f"and this one needs {need / 2**20:.0f} MB (IMAGE_DECODE_CONCURRENCY, "
+                    "IMAGE_DECODE_BUDGET_MB); retry shortly"
+                )
+            self._decodes += 1
+            self._bytes += need
+        try:
+            yield
+        finally:
+            with self._freed:
+                self._decodes -= 1
+                self._bytes -= need
+                self._freed.notify_all()
+
+
+def decode_image(data: bytes, max_pixels: int, budget: DecodeBudget | None = None) -> np.ndarray:
     """Decode image bytes to RGB (H, W, 3) uint8 as the browser shows them (EXIF orientation).
 
-    The pixel count is checked from the header, before decoding. Raises ``ImageTooLargeError``
-    or ``ImageDecodeError`` (corrupt, truncated, not an image). Peak memory is the decoded image
-    (1 byte a pixel for 1-bit, L and P images, 4 for RGB) plus the result (3 bytes a pixel).
+    The pixel count is checked from the header, before decoding; so is the memory the decode
+    will hold (``decode_peak_bytes``: for most images the decoded image, 1 byte a pixel for
+    1-bit, L and P images, 4 for RGB, plus the result, 3), reserved from ``budget`` for the
+    decode. Raises ``ImageTooLargeError``, ``ImageDecodeError`` (corrupt, truncated, not an
+    image) or ``ImageDecodeBusyError`` (no budget in time).
     """
     try:
         image = Image.open(io.BytesIO(data))
@@ -341,12 +409,14 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             )
         if width == 0 or height == 0:
             raise ImageDecodeError(f"the image has an unusable size {width}x{height}")
-        try:
-            image.load()
-            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-            return _displayed_rgb(image, orientation)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageDecodeError(f"the image is corrupt or truncated: {exc}") from exc
+        peak = decode_peak_bytes(width, height, image.mode, image.format)
+        with budget.reserve(peak) if budget is not None else contextlib.nullcontext():
+            try:
+                image.load()
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+                return _displayed_rgb(image, orientation)
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise ImageDecodeError(f"the image is corrupt or truncated: {exc}") from exc
 
 
 def _displayed_rgb(image: Image.Image, orientation: int) -> np.ndarray:
@@ -358,7 +428,7 @@ def _displayed_rgb(image: Image.Image, orientation: int) -> np.ndarray:
     shown = np.empty((width, height, 3) if swapped else (height, width, 3), np.uint8)
     stored = to_stored(shown) if to_stored is not None else shown  # (height, width, 3)
     white = _gray_white(image)
-    rows = max(1, DECODE_BAND_BYTES // (4 * width))
+    rows = _band_rows(width)
     for top in range(0, height, rows):
         band = image.crop((0, top, width, min(top + rows, height)))
         stored[top : top + rows] = _band_rgb(band, white)
@@ -387,8 +457,10 @@ def _band_rgb(band: Image.Image, white: float | None) -> np.ndarray:
     ``white`` becomes 255 (see ``_gray_white``), which broadcasts to RGB."""
     if white is None:
         return np.asarray(band.convert("RGB"))
-    gray = np.asarray(band).astype(np.float32) * np.float32(255.0 / white)
-    return np.clip(np.rint(gray), 0, 255).astype(np.uint8)[..., None]
+    gray = np.asarray(band).astype(np.float32)  # a writable copy: scaled in place
+    gray *= np.float32(255.0 / white)
+    np.clip(np.rint(gray, out=gray), 0, 255, out=gray)
+    return gray.astype(np.uint8)[..., None]
 
 
 class _ImageCache:
@@ -449,6 +521,11 @@ class ImageLoader:
             event_hooks={"request": [_apply_deadline]},
         )
         self._cache = _ImageCache(settings.image_cache_mb * 1024 * 1024, settings.image_url_ttl_s)
+        self.decode_budget = DecodeBudget(
+            settings.image_decode_concurrency,
+            settings.image_decode_budget_mb * 1024 * 1024,
+            settings.image_decode_wait_s,
+        )
 
     def close(self) -> None:
         self._client.close()
@@ -464,7 +541,8 @@ class ImageLoader:
         image = self._cache.by_hash(sha256)
         if image is None:
             started = time.perf_counter()
-            image = LoadedImage(decode_image(data, self.settings.image_max_pixels), sha256)
+            rgb = decode_image(data, self.settings.image_max_pixels, self.decode_budget)
+            image = LoadedImage(rgb, sha256)
             logger.info(
                 "decoded image %s (%dx%d) in %.0f ms",
                 display_url(url),

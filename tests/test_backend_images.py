@@ -4,30 +4,36 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from backend_support import FakeLabelStudio, fake_jwt, png_bytes, scene
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 from pydantic import SecretStr
 
 from backend.errors import (
+    ImageDecodeBusyError,
     ImageDecodeError,
     ImageFetchError,
     ImageTooLargeError,
     InvalidRequestError,
 )
 from backend.images import (
+    DecodeBudget,
     ImageLoader,
     LabelStudioAuth,
     decode_image,
+    decode_peak_bytes,
     display_url,
     resolve_image_url,
 )
@@ -317,22 +323,45 @@ print(rss("VmHWM") - before)
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+def peak_rss_of_decoding(path: Path) -> int:
+    """How much decoding the image file at ``path`` raises a fresh process's peak RSS, bytes."""
+    return int(
+        subprocess.run(
+            [sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc"
+)
+
+
+@needs_proc
 @pytest.mark.parametrize(("mode", "stored_bytes"), [("1", 1), ("RGB", 4)])
 def test_decoding_holds_only_the_decoded_image_the_result_and_a_few_bands(
     tmp_path, mode, stored_bytes
 ):
     side = 4000
     Image.new(mode, (side, side)).save(tmp_path / "image.png")
-    peak = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS_SCRIPT, str(tmp_path / "image.png")],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    peak = peak_rss_of_decoding(tmp_path / "image.png")
     # Pillow's decoded copy + the (H, W, 3) result: was 12 (1-bit) or 18 (RGB) bytes a pixel.
-    assert int(peak) < (stored_bytes + 3) * side * side + 24 * 1024 * 1024
+    assert peak < (stored_bytes + 3) * side * side + 24 * 1024 * 1024
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    ("mode", "image_format", "side"),
+    [("1", "PNG", 4000), ("I;16", "PNG", 3000), ("F", "TIFF", 3000), ("RGBA", "WEBP", 2000)],
+)
+def test_the_decode_peak_estimate_bounds_the_measured_peak(tmp_path, mode, image_format, side):
+    path = tmp_path / f"image.{image_format.lower()}"
+    Image.new(mode, (side, side)).save(path, format=image_format)
+    assert peak_rss_of_decoding(path) <= decode_peak_bytes(side, side, mode, image_format)
 
 
 def png_16_bit(samples: np.ndarray, color_type: int, transparent: int | None = None) -> bytes:
@@ -380,6 +409,105 @@ def test_float_images_within_0_to_1_are_scaled_by_255():
     buffer = io.BytesIO()
     Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(buffer, format="TIFF")
     assert decode_image(buffer.getvalue(), 100)[0, :, 0].tolist() == [0, 128, 255]
+
+
+# --- decoding, bounded ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Records each image decode (Pillow's first ``load``) as (width, started, ended); a decode
+    lasts at least 0.1 s so that decodes allowed to overlap do."""
+    spans: list[tuple[int, float, float]] = []
+    pillow_load = ImageFile.ImageFile.load
+
+    def load(self):
+        if not self.tile:  # decoded already
+            return pillow_load(self)
+        started = time.monotonic()
+        time.sleep(0.1)
+        pixels = pillow_load(self)
+        spans.append((self.size[0], started, time.monotonic()))
+        return pixels
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return spans
+
+
+def overlapping(spans, width=None) -> list:
+    """The pairs of ``spans`` that ran at the same time (one of them ``width`` wide, if given)."""
+    return [
+        (a, b)
+        for i, a in enumerate(spans)
+        for b in spans[i + 1 :]
+        if a[1] < b[2] and b[1] < a[2] and width in (None, a[0], b[0])
+    ]
+
+
+def load_all(loader: ImageLoader, urls: list[str]) -> list:
+    with ThreadPoolExecutor(len(urls)) as pool:
+        return list(pool.map(loader.load, urls))
+
+
+def distinct_images(ls: FakeLabelStudio, count: int, height: int, width: int) -> list[str]:
+    """URLs of ``count`` different ``height`` x ``width`` PNGs on ``ls``."""
+    for i in range(count):
+        image, _ = scene(height, width)
+        image[0, 0] = i  # different bytes: not one decode shared through the cache
+        ls.files[f"distinct-{width}-{i}.png"] = png_bytes(image)
+    return [f"{ls.url}/public/distinct-{width}-{i}.png" for i in range(count)]
+
+
+def test_with_one_decode_slot_decodes_never_overlap(ls, decodes):
+    loader = loader_for(ls, image_decode_concurrency=1)
+    images = load_all(loader, distinct_images(ls, 4, 60, 81))
+    assert len({image.sha256 for image in images}) == 4 and len(decodes) == 4
+    assert overlapping(decodes) == []
+
+
+def test_decodes_within_the_slots_and_the_budget_run_at_the_same_time(ls, monkeypatch):
+    both_decoding = threading.Barrier(2, timeout=5)  # broken unless two decodes meet
+    pillow_load = ImageFile.ImageFile.load
+
+    def load(self):
+        if self.tile:
+            both_decoding.wait()
+        return pillow_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    loader = loader_for(ls, image_decode_concurrency=2)
+    assert len(load_all(loader, distinct_images(ls, 2, 60, 82))) == 2
+
+
+def test_decodes_whose_peaks_together_exceed_the_budget_run_one_at_a_time(ls, decodes):
+    peak = decode_peak_bytes(500, 400, "RGB", "PNG")
+    budget_mb = math.ceil(1.5 * peak / 2**20)  # room for one, not two
+    loader = loader_for(ls, image_decode_concurrency=4, image_decode_budget_mb=budget_mb)
+    assert len(load_all(loader, distinct_images(ls, 3, 400, 500))) == 3
+    assert overlapping(decodes) == []
+
+
+def test_an_image_over_the_whole_budget_is_decoded_alone(ls, decodes):
+    assert (
+        decode_peak_bytes(600, 500, "RGB", "PNG")
+        > 2**20
+        > 3 * decode_peak_bytes(83, 60, "RGB", "PNG")
+    )
+    loader = loader_for(ls, image_decode_concurrency=4, image_decode_budget_mb=1)
+    urls = distinct_images(ls, 1, 500, 600) + distinct_images(ls, 3, 60, 83)
+    assert [image.width for image in load_all(loader, urls)] == [600, 83, 83, 83]
+    assert overlapping(decodes, width=600) == []
+
+
+def test_a_decode_that_gets_no_budget_in_time_is_refused_with_503():
+    budget = DecodeBudget(max_decodes=1, max_bytes=2**30, wait_s=0.2)
+    data = png_bytes(scene(60, 80)[0])
+    started = time.monotonic()
+    with budget.reserve(0), pytest.raises(ImageDecodeBusyError) as info:
+        decode_image(data, 1_000_000, budget)
+    assert 0.2 <= time.monotonic() - started < 1.0
+    assert (info.value.status_code, info.value.code) == (503, "image_decode_busy")
+    assert decode_image(data, 1_000_000, budget).shape == (60, 80, 3)  # the slot is free again
 
 
 def test_corrupt_bytes_are_unreadable():
