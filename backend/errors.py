@@ -67,6 +67,13 @@ class ImageTooLargeError(BackendError):
     code = "image_too_large"
 
 
+class ImageDecodeBusyError(BackendError):
+    """No decode slot or decode memory budget came free in IMAGE_DECODE_WAIT_S (503)."""
+
+    status_code = 503
+    code = "image_decode_busy"
+
+
 class ModelUnavailableError(BackendError):
     """The model could not be built or loaded (503)."""
 

@@ -7,8 +7,12 @@ http(s) URLs. LS answers only authenticated requests: a personal access token (a
 token, exchanged at ``POST /api/token/refresh/`` for 5-minute access tokens) or a legacy token
 (``Authorization: Token ...``, from ``LABEL_STUDIO_API_KEY`` or ``/setup``).
 
+A download has one deadline, from connecting to its last byte (``DownloadDeadline``), and URLs
+reach logs and error messages only through ``display_url`` (no credentials, no signatures).
+
 Decoding is defensive: the pixel count is checked from the header before any pixel is decoded
-(decompression bombs), truncated and corrupt files fail with a clear error, and the EXIF
+(decompression bombs), so is the memory the decode will hold, reserved from a budget shared by
+all decodes (``DecodeBudget``); truncated and corrupt files fail with a clear error, and the EXIF
 orientation is applied the way the browser shows the image (LS's percent coordinates refer to
 that view).
 """
@@ -17,21 +21,26 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import contextvars
 import hashlib
 import io
 import json
 import logging
+import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from backend.errors import (
+    ImageDecodeBusyError,
     ImageDecodeError,
     ImageFetchError,
     ImageTooLargeError,
@@ -198,8 +207,8 @@ class LabelStudioAuth:
                 ) from exc
             except httpx.HTTPError as exc:
                 raise ImageFetchError(
-                    f"cannot reach Label Studio at {self.base_url} to exchange the personal "
-                    f"access token: {type(exc).__name__}"
+                    f"cannot reach Label Studio at {display_url(self.base_url)} to exchange the "
+                    f"personal access token: {type(exc).__name__}"
                 ) from exc
             if response.status_code != 200:
                 raise ImageFetchError(
@@ -221,8 +230,9 @@ def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[s
     value = value.strip()
     if value.startswith(CLOUD_PREFIXES):
         if task_id is None:
-            shown = value.split("?")[0]
-            raise InvalidRequestError(f"cloud storage image {shown!r} needs the task id")
+            raise InvalidRequestError(
+                f"cloud storage image {display_url(value)!r} needs the task id"
+            )
         if not base_url:
             raise InvalidRequestError("cloud storage images need LABEL_STUDIO_URL")
         fileuri = base64.urlsafe_b64encode(value.encode()).decode()
@@ -230,7 +240,7 @@ def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[s
     if value.startswith("/"):
         if not base_url:
             raise InvalidRequestError(
-                f"image path {value.split('?')[0]!r} is relative to Label Studio; set "
+                f"image path {display_url(value)!r} is relative to Label Studio; set "
                 "LABEL_STUDIO_URL (or LABEL_STUDIO_TRUST_SETUP=true to take it from /setup)"
             )
         return base_url + value, True
@@ -239,22 +249,194 @@ def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[s
         # Credentials go only to Label Studio's own origin, never to another host.
         same_origin = bool(base_url) and origin_of(value) == origin_of(base_url)
         return value, same_origin
-    raise InvalidRequestError(f"unsupported image URL scheme in {value[:40]!r}")
+    raise InvalidRequestError(f"unsupported image URL scheme in {display_url(value)[:60]!r}")
+
+
+class DownloadDeadline:
+    """A wall-clock deadline for one download: connecting, headers and body, all requests of it.
+
+    httpx's timeouts bound each network operation, not their sum: a server trickling a byte per
+    second keeps a request alive as long as it likes. ``trace`` (httpcore's ``trace`` request
+    extension) is told of every socket the download opens (``connect_tcp`` / ``start_tls``
+    complete, the network stream in ``return_value``); when the deadline passes a timer shuts
+    them down, which wakes a blocked read at once and fails the request. The client must not
+    keep connections alive: a reused socket opens no connection, so the deadline would not see
+    it. (A DNS lookup is not bounded: the socket does not exist yet.)
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._expires_at = time.monotonic() + seconds
+        self._sockets: list[socket.socket] = []
+        self._expired = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> DownloadDeadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    @property
+    def expired(self) -> bool:
+        return self._expired
+
+    def remaining_s(self) -> float:
+        return max(0.0, self._expires_at - time.monotonic())
+
+    def trace(self, event: str, info: dict) -> None:
+        """httpcore's trace callback: remember each new connection's socket."""
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        sock = info["return_value"].get_extra_info("socket")
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self._expired
+        if expired:  # connected just as the deadline passed
+            _shut_down(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut_down(sock)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    """Shut a socket down from another thread: its blocked reader wakes to end-of-file."""
+    # socket.socket's shutdown, not SSLSocket's: that one also drops the SSL object under the
+    # reading thread's feet. A socket closed already, or detached by start_tls, raises OSError.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_current_deadline: contextvars.ContextVar[DownloadDeadline | None] = contextvars.ContextVar(
+    "download_deadline", default=None
+)
+
+
+def _apply_deadline(request: httpx.Request) -> None:
+    """The client's request hook: every request of a download, the token exchange and
+    redirects included, gets the download's deadline (its trace and the time left)."""
+    deadline = _current_deadline.get()
+    if deadline is None:
+        return
+    left = deadline.remaining_s()
+    request.extensions = {
+        **request.extensions,
+        "trace": deadline.trace,
+        "timeout": {"connect": left, "read": left, "write": left, "pool": left},
+    }
 
 
 def display_url(url: str) -> str:
-    """A URL safe to put in logs and error messages (no query: it may hold signatures)."""
-    parts = urlsplit(url)
-    if parts.path.startswith("/data/local-files"):
-        return url  # ?d=<path> is the file name, useful and not secret
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    """``url`` made safe to log or echo in an error: no ``user:password@``, no fragment, and no
+    query (it may hold signatures) except the ``d=<file name>`` of ``/data/local-files``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        return "<unparseable URL>"
+    host = parts.netloc.rpartition("@")[2]
+    path = parts.path
+    if not parts.netloc:  # "user:pass@host/a.png", without "//", parses as scheme "user"
+        first, slash, rest = path.partition("/")
+        path = first.rpartition("@")[2] + slash + rest
+    query = ""
+    if path.startswith("/data/local-files"):  # ?d=<path> is the file name, not secret
+        query = "&".join(p for p in parts.query.split("&") if p.startswith("d="))
+    return urlunsplit((parts.scheme, host, path, query, ""))
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+# Decoded pixels become RGB this many bytes (at 4 bytes a pixel) of rows at a time: the copies a
+# conversion makes are band-sized, not image-sized.
+DECODE_BAND_BYTES = 4 * 1024 * 1024
+
+# EXIF orientation -> the view of the displayed array that has the stored image's orientation:
+# writing the stored rows through it shows them as the browser does (ImageOps.exif_transpose's
+# transpositions, without its full-size copy).
+_STORED_VIEW = {
+    2: lambda shown: shown[:, ::-1],  # mirrored
+    3: lambda shown: shown[::-1, ::-1],  # rotated 180
+    4: lambda shown: shown[::-1],  # flipped
+    5: lambda shown: shown.swapaxes(0, 1),  # transposed
+    6: lambda shown: np.rot90(shown, 1),  # stored rotated 90 degrees counter-clockwise
+    7: lambda shown: shown.swapaxes(0, 1)[::-1, ::-1],  # transversed
+    8: lambda shown: np.rot90(shown, -1),  # stored rotated 90 degrees clockwise
+}
+
+
+def _band_rows(width: int) -> int:
+    return max(1, DECODE_BAND_BYTES // (4 * width))
+
+
+def decode_peak_bytes(width: int, height: int, mode: str, image_format: str | None) -> int:
+    """Estimated peak memory of ``decode_image`` for a ``width`` x ``height`` image that Pillow
+    opens in ``mode``, bytes, measured: the decoded image as Pillow keeps it (1 byte a pixel for
+    1, L and P; 2 for I;16; 4 for the rest, RGB included), the RGB result (3), the copies of
+    converting one band (up to 5 band-sized), and for WebP libwebp's two RGBA canvases (8).
+    """
+    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    decoder = 8 if image_format == "WEBP" else 0
+    band = min(height, _band_rows(width)) * width * 4
+    return width * height * (stored + 3 + decoder) + 5 * band
+
+
+class DecodeBudget:
+    """Bounds the decodes running at once and the bytes they hold together (thread-safe).
+
+    Each decode holds a slot and its estimated peak (``decode_peak_bytes``) while it runs; one
+    that finds neither free within ``wait_s`` fails with ``ImageDecodeBusyError`` (503). An
+    image estimated above the whole budget is decoded alone: it waits for all of the budget and
+    holds all of it (IMAGE_MAX_PIXELS, not the budget, is what refuses images).
+    """
+
+    def __init__(self, max_decodes: int, max_bytes: int, wait_s: float) -> None:
+        self.max_decodes = max_decodes
+        self.max_bytes = max_bytes
+        self.wait_s = wait_s
+        self._decodes = 0
+        self._bytes = 0
+        self._freed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, peak_bytes: int) -> Iterator[None]:
+        """Hold a decode slot and ``peak_bytes`` of the budget (all of it at most) meanwhile."""
+        need = min(peak_bytes, self.max_bytes)
+
+        def fits() -> bool:
+            return self._decodes < self.max_decodes and self._bytes + need <= self.max_bytes
+
+        with self._freed:
+            if not self._freed.wait_for(fits, timeout=self.wait_s):
+                raise ImageDecodeBusyError(
+                    f"no image decode could start within {self.wait_s:g} s: {self._decodes} "
+                    f"running hold {self._bytes / 2**20:.0f} of {self.max_bytes / 2**20:.0f} MB "
+                    f"and this one needs {need / 2**20:.0f} MB (IMAGE_DECODE_CONCURRENCY, "
+                    "IMAGE_DECODE_BUDGET_MB); retry shortly"
+                )
+            self._decodes += 1
+            self._bytes += need
+        try:
+            yield
+        finally:
+            with self._freed:
+                self._decodes -= 1
+                self._bytes -= need
+                self._freed.notify_all()
+
+
+def decode_image(data: bytes, max_pixels: int, budget: DecodeBudget | None = None) -> np.ndarray:
     """Decode image bytes to RGB (H, W, 3) uint8 as the browser shows them (EXIF orientation).
 
-    The pixel count is checked from the header, before decoding. Raises ``ImageTooLargeError``
-    or ``ImageDecodeError`` (corrupt, truncated, not an image).
+    The pixel count is checked from the header, before decoding; so is the memory the decode
+    will hold (``decode_peak_bytes``: for most images the decoded image, 1 byte a pixel for
+    1-bit, L and P images, 4 for RGB, plus the result, 3), reserved from ``budget`` for the
+    decode. Raises ``ImageTooLargeError``, ``ImageDecodeError`` (corrupt, truncated, not an
+    image) or ``ImageDecodeBusyError`` (no budget in time).
     """
     try:
         image = Image.open(io.BytesIO(data))
@@ -273,15 +455,60 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                 f"image is {width}x{height} = {width * height} pixels, over the limit of "
                 f"{max_pixels} (IMAGE_MAX_PIXELS)"
             )
-        try:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = np.array(image.convert("RGB"))  # a writable copy (torch warns on read-only)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageDecodeError(f"the image is corrupt or truncated: {exc}") from exc
-    if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ImageDecodeError(f"decoded image has an unusable shape {rgb.shape}")
-    return np.ascontiguousarray(rgb)
+        if width == 0 or height == 0:
+            raise ImageDecodeError(f"the image has an unusable size {width}x{height}")
+        peak = decode_peak_bytes(width, height, image.mode, image.format)
+        with budget.reserve(peak) if budget is not None else contextlib.nullcontext():
+            try:
+                image.load()
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+                return _displayed_rgb(image, orientation)
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise ImageDecodeError(f"the image is corrupt or truncated: {exc}") from exc
+
+
+def _displayed_rgb(image: Image.Image, orientation: int) -> np.ndarray:
+    """A loaded image as a new (H, W, 3) uint8 RGB array in its displayed orientation, converted
+    a band of rows at a time straight into the result (no image-sized intermediate)."""
+    width, height = image.size
+    to_stored = _STORED_VIEW.get(orientation)
+    swapped = orientation in (5, 6, 7, 8)
+    shown = np.empty((width, height, 3) if swapped else (height, width, 3), np.uint8)
+    stored = to_stored(shown) if to_stored is not None else shown  # (height, width, 3)
+    white = _gray_white(image)
+    rows = _band_rows(width)
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(top + rows, height)))
+        stored[top : top + rows] = _band_rgb(band, white)
+    return shown
+
+
+def _gray_white(image: Image.Image) -> float | None:
+    """The sample value shown white, for grayscale modes deeper than 8 bits; else ``None``.
+
+    Pillow's RGB conversion clips those at 255 (a 16-bit image comes out nearly all white), so
+    they are scaled instead: 16-bit samples (``I;16*``, how Pillow opens 16-bit grayscale PNG
+    and TIFF, and browsers show a 16-bit PNG: 65535 -> 255) and 32-bit integers (``I``, read as
+    16-bit: Pillow's other mode for them) are white at 65535; so are floats (``F``), unless all
+    lie in [0, 1] (a normalised image): then 1.0 is white. Values outside clip.
+    """
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return 65535.0
+    if image.mode == "F":
+        low, high = image.getextrema()
+        return 1.0 if low >= 0.0 and high <= 1.0 else 65535.0
+    return None
+
+
+def _band_rgb(band: Image.Image, white: float | None) -> np.ndarray:
+    """RGB of a band of an image: (rows, W, 3) uint8, or (rows, W, 1) gray scaled so that
+    ``white`` becomes 255 (see ``_gray_white``), which broadcasts to RGB."""
+    if white is None:
+        return np.asarray(band.convert("RGB"))
+    gray = np.asarray(band).astype(np.float32)  # a writable copy: scaled in place
+    gray *= np.float32(255.0 / white)
+    np.clip(np.rint(gray, out=gray), 0, 255, out=gray)
+    return gray.astype(np.uint8)[..., None]
 
 
 class _ImageCache:
@@ -338,8 +565,15 @@ class ImageLoader:
         self._client = httpx.Client(
             timeout=httpx.Timeout(settings.image_fetch_timeout_s),
             follow_redirects=True,  # httpx drops Authorization on cross-origin redirects
+            limits=httpx.Limits(max_keepalive_connections=0),  # see DownloadDeadline
+            event_hooks={"request": [_apply_deadline]},
         )
         self._cache = _ImageCache(settings.image_cache_mb * 1024 * 1024, settings.image_url_ttl_s)
+        self.decode_budget = DecodeBudget(
+            settings.image_decode_concurrency,
+            settings.image_decode_budget_mb * 1024 * 1024,
+            settings.image_decode_wait_s,
+        )
 
     def close(self) -> None:
         self._client.close()
@@ -355,7 +589,8 @@ class ImageLoader:
         image = self._cache.by_hash(sha256)
         if image is None:
             started = time.perf_counter()
-            image = LoadedImage(decode_image(data, self.settings.image_max_pixels), sha256)
+            rgb = decode_image(data, self.settings.image_max_pixels, self.decode_budget)
+            image = LoadedImage(rgb, sha256)
             logger.info(
                 "decoded image %s (%dx%d) in %.0f ms",
                 display_url(url),
@@ -367,28 +602,46 @@ class ImageLoader:
         return image
 
     def _download(self, url: str, send_auth: bool) -> bytes:
+        """The bytes at ``url``, within IMAGE_FETCH_TIMEOUT_S from start to end (504 after)."""
         shown = display_url(url)
         if send_auth and not self.auth.configured:
             logger.warning("fetching %s without a token: set LABEL_STUDIO_API_KEY", shown)
+        with DownloadDeadline(self.settings.image_fetch_timeout_s) as deadline:
+            scope = _current_deadline.set(deadline)
+            try:
+                data = self._fetch(url, send_auth, shown)
+            except httpx.HTTPError as exc:
+                if deadline.expired or isinstance(exc, httpx.TimeoutException):
+                    raise self._timed_out(shown) from exc
+                raise ImageFetchError(f"cannot fetch {shown}: {type(exc).__name__}: {exc}") from exc
+            except ImageFetchError as exc:  # the token exchange failed: cut short by the deadline?
+                if deadline.expired:
+                    raise self._timed_out(shown) from exc
+                raise
+            finally:
+                _current_deadline.reset(scope)
+            if deadline.expired:  # a shut-down socket can also read as a body that ended early
+                raise self._timed_out(shown)
+        return data
+
+    def _timed_out(self, shown: str) -> ImageFetchError:
+        return ImageFetchError(
+            f"timed out after {self.settings.image_fetch_timeout_s:g} s fetching {shown}",
+            code="image_fetch_timeout",
+            status_code=504,
+        )
+
+    def _fetch(self, url: str, send_auth: bool, shown: str) -> bytes:
         for attempt in (1, 2):
             headers = self.auth.headers(self._client) if send_auth else {}
-            try:
-                with self._client.stream("GET", url, headers=headers) as response:
-                    if response.status_code == 401 and send_auth and attempt == 1:
-                        self.auth.invalidate(headers)  # an expired access token: retry once
-                        continue
-                    self._raise_for_status(response.status_code, shown, send_auth)
-                    if headers:
-                        self.auth.confirm(headers)
-                    return self._read_limited(response, shown)
-            except httpx.TimeoutException as exc:
-                raise ImageFetchError(
-                    f"timed out after {self.settings.image_fetch_timeout_s:g} s fetching {shown}",
-                    code="image_fetch_timeout",
-                    status_code=504,
-                ) from exc
-            except httpx.HTTPError as exc:
-                raise ImageFetchError(f"cannot fetch {shown}: {type(exc).__name__}: {exc}") from exc
+            with self._client.stream("GET", url, headers=headers) as response:
+                if response.status_code == 401 and send_auth and attempt == 1:
+                    self.auth.invalidate(headers)  # an expired access token: retry once
+                    continue
+                self._raise_for_status(response.status_code, shown, send_auth)
+                if headers:
+                    self.auth.confirm(headers)
+                return self._read_limited(response, shown)
         raise AssertionError("unreachable")
 
     @staticmethod

@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     image_max_pixels: int = Field(default=50_000_000, gt=0)
     # Largest accepted image download in bytes.
     image_max_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
-    # Timeout of one image download, seconds.
+    # Deadline of one image download, seconds: connecting, the token exchange, headers and body
+    # together (a server trickling bytes cannot hold a request longer), answered 504.
     image_fetch_timeout_s: float = Field(default=30.0, gt=0)
     # Decoded-image cache size, MB (RGB bytes), keyed by content hash.
     image_cache_mb: int = Field(default=512, ge=0)
@@ -70,6 +71,14 @@ class Settings(BaseSettings):
     embedding_cache_mb: int = Field(default=1024, ge=0)
     # Threads computing embeddings in the background when a task opens (batch /predict).
     prefetch_workers: int = Field(default=1, ge=0)
+    # Image decodes running at once (each holds a full-size decoded copy while it runs).
+    image_decode_concurrency: int = Field(default=2, ge=1)
+    # Memory the running decodes may hold together, MB, each decode's estimated from the image's
+    # header (backend.images.decode_peak_bytes: W*H * 4 to 15 bytes). An image over the whole
+    # budget is decoded alone; IMAGE_MAX_PIXELS is what refuses images.
+    image_decode_budget_mb: int = Field(default=1024, gt=0)
+    # How long a request waits for a decode slot and budget before answering 503, seconds.
+    image_decode_wait_s: float = Field(default=10.0, ge=0)
 
     # --- Security ---
     # Optional HTTP basic auth on every endpoint (Label Studio supports it for ML backends).

@@ -7,12 +7,16 @@ Used by the backend tests (``test_backend_*.py``). Routes:
                                     ``Bearer <access>`` (an access token it issued)
 - ``POST /api/token/refresh/``     ``{"refresh": <PAT>}`` -> ``{"access": <JWT>}``
 - ``GET /slow/<name>``             answers after ``slow_s`` seconds
+- ``GET /trickle-body/<name>``     headers at once, then the body a byte per ``trickle_s``
+- ``GET /trickle-headers/<name>``  the status line, then a header a byte per ``trickle_s``
+                                    (both hang up after ``trickle_bytes`` bytes)
 - anything else                    404
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 from collections import Counter
@@ -51,16 +55,33 @@ class FakeLabelStudio(LoopbackServer):
         self.access_tokens: set[str] = set()
         self.refreshes = 0
         self.slow_s = 3.0
+        self.trickle_s = 0.5
+        self.trickle_bytes = 8
+        self.trickle_refresh = False  # answer POST /api/token/refresh/ with trickled headers
         self.requests: Counter[str] = Counter()
         self.auth_headers: list[str] = []
         server = self
 
         class Handler(QuietHandler):
+            def trickle(self, data: bytes) -> None:
+                """Write ``data`` a byte per ``trickle_s``; hang up after ``trickle_bytes``."""
+                self.close_connection = True
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    for byte in data[: server.trickle_bytes]:
+                        self.wfile.write(bytes([byte]))
+                        time.sleep(server.trickle_s)
+
+            def trickle_headers(self) -> None:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                self.trickle(b"X-Padding: " + b"." * 1000)
+
             def do_POST(self) -> None:  # noqa: N802 (the http.server name)
                 server.requests[self.path] += 1
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
-                if self.path == "/api/token/refresh/" and body.get("refresh") == server.pat:
+                if server.trickle_refresh:
+                    self.trickle_headers()
+                elif self.path == "/api/token/refresh/" and body.get("refresh") == server.pat:
                     server.refreshes += 1
                     access = fake_jwt({"exp": time.time() + 300, "n": server.refreshes})
                     server.access_tokens.add(access)
@@ -86,7 +107,14 @@ class FakeLabelStudio(LoopbackServer):
                             401, b'{"detail": "Authentication credentials were not provided."}'
                         )
                         return
-                if name in server.files and not path.startswith("/nowhere/"):
+                if path.startswith("/trickle-headers/"):
+                    self.trickle_headers()
+                elif path.startswith("/trickle-body/") and name in server.files:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(server.files[name])))
+                    self.end_headers()
+                    self.trickle(server.files[name])
+                elif name in server.files and not path.startswith("/nowhere/"):
                     self.send_body(200, server.files[name], "image/png")
                 else:
                     self.send_body(404, b'{"detail": "Not found."}')

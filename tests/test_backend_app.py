@@ -195,6 +195,25 @@ def test_bad_input_gets_a_json_error_naming_the_problem(client, context, image, 
     assert predict(client, [kp(50, 50)]).status_code == 200  # still serving
 
 
+def test_an_error_body_does_not_echo_the_image_urls_credentials(client, ls):
+    with_password = ls.url.replace("http://", "http://user:s3cret@")
+    answer = predict(client, [kp(50, 50)], image=f"{with_password}/public/missing.png")
+    assert answer.status_code == 404 and answer.json()["error"] == "image_not_found"
+    assert "missing.png" in answer.json()["detail"] and "s3cret" not in answer.text
+
+
+def test_a_request_whose_image_gets_no_decode_slot_in_time_is_503(settings):
+    busy = settings.model_copy(update={"image_decode_concurrency": 1, "image_decode_wait_s": 0.1})
+    with TestClient(create_app(busy)) as busy_client:
+        budget = busy_client.app.state.backend.images.decode_budget
+        with budget.reserve(0):  # another request's decode holds the only slot
+            answer = predict(busy_client, [kp(50, 50)])
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"] == "image_decode_busy"
+        assert "IMAGE_DECODE_CONCURRENCY" in answer.json()["detail"]
+        assert predict(busy_client, [kp(50, 50)]).status_code == 200  # served once free
+
+
 def test_malformed_json_is_400(client):
     answer = client.post("/predict", content=b'{"tasks": [', headers={"Content-Type":
                                                                        "application/json"})  # fmt: skip

@@ -4,21 +4,39 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+import os
+import struct
+import subprocess
+import sys
+import threading
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 from backend_support import FakeLabelStudio, fake_jwt, png_bytes, scene
-from PIL import Image
+from PIL import Image, ImageFile, ImageOps
 from pydantic import SecretStr
 
 from backend.errors import (
+    ImageDecodeBusyError,
     ImageDecodeError,
     ImageFetchError,
     ImageTooLargeError,
     InvalidRequestError,
 )
-from backend.images import ImageLoader, LabelStudioAuth, decode_image, resolve_image_url
+from backend.images import (
+    DecodeBudget,
+    ImageLoader,
+    LabelStudioAuth,
+    decode_image,
+    decode_peak_bytes,
+    display_url,
+    resolve_image_url,
+)
 from backend.security import redact
 from backend.settings import Settings
 
@@ -72,6 +90,30 @@ def test_unusable_urls_are_request_errors(value, base, message):
     task_id = None if value.startswith("s3") else 1
     with pytest.raises(InvalidRequestError, match=message or "task id"):
         resolve_image_url(value, task_id, base)
+
+
+def test_display_url_drops_user_password_query_and_fragment():
+    assert display_url("https://user:s3cret@cdn.example:8443/a.png?X-Sig=abc#top") == (
+        "https://cdn.example:8443/a.png"
+    )
+
+
+def test_display_url_keeps_only_the_file_name_of_local_files():
+    url = "http://admin:s3cret@ls:8080/data/local-files/?d=imgs/a.jpg&token=abc"
+    assert display_url(url) == "http://ls:8080/data/local-files/?d=imgs/a.jpg"
+
+
+@pytest.mark.parametrize(
+    ("value", "task_id", "shown"),
+    [
+        ("ftp://user:s3cret@host/a.png", 1, "ftp://host/a.png"),
+        ("s3://KEY:s3cret@bucket/a.png", None, "s3://bucket/a.png"),
+    ],
+)
+def test_url_errors_do_not_echo_credentials(value, task_id, shown):
+    with pytest.raises(InvalidRequestError) as info:
+        resolve_image_url(value, task_id, "http://ls:8080")
+    assert shown in info.value.detail and "s3cret" not in info.value.detail
 
 
 # --- fetching ---------------------------------------------------------------------------------
@@ -139,6 +181,41 @@ def test_slow_server_times_out_with_504(ls):
     assert time.monotonic() - started < 1.5
 
 
+def assert_times_out_after(deadline_s: float, load) -> None:
+    """``load()`` fails with 504 ``image_fetch_timeout`` at the deadline (within 0.5 s)."""
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError) as info:
+        load()
+    elapsed = time.monotonic() - started
+    assert (info.value.status_code, info.value.code) == (504, "image_fetch_timeout")
+    assert deadline_s - 0.05 <= elapsed < deadline_s + 0.5, elapsed
+
+
+def test_a_body_trickled_a_byte_at_a_time_is_cut_off_at_the_deadline(ls):
+    loader = loader_for(ls, image_fetch_timeout_s=1.0)
+    assert_times_out_after(1.0, lambda: loader.load(f"{ls.url}/trickle-body/scene.png"))
+
+
+def test_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_deadline(ls):
+    loader = loader_for(ls, image_fetch_timeout_s=1.0)
+    assert_times_out_after(1.0, lambda: loader.load(f"{ls.url}/trickle-headers/scene.png"))
+
+
+def test_a_second_download_over_the_same_server_has_a_deadline_too(ls):
+    loader = loader_for(ls, image_fetch_timeout_s=1.0, image_url_ttl_s=0)
+    loader.load(f"{ls.url}/public/scene.png")  # a connection that could be kept alive
+    assert_times_out_after(1.0, lambda: loader.load(f"{ls.url}/trickle-body/scene.png"))
+
+
+def test_the_token_exchange_counts_against_the_deadline():
+    with FakeLabelStudio() as slow_ls:
+        slow_ls.trickle_refresh = True
+        loader = loader_for(
+            slow_ls, label_studio_api_key=SecretStr(slow_ls.pat), image_fetch_timeout_s=1.0
+        )
+        assert_times_out_after(1.0, lambda: loader.load("/data/upload/1/scene.png"))
+
+
 def test_unreachable_server_is_502():
     settings = Settings(label_studio_url="http://127.0.0.1:9", image_fetch_timeout_s=1)
     with pytest.raises(ImageFetchError) as info:
@@ -172,6 +249,28 @@ def test_tokens_never_reach_the_log(ls, caplog):
     assert not any(token in caplog.text for token in ls.access_tokens)
 
 
+def test_credentials_in_an_image_url_reach_neither_the_log_nor_the_error(ls, caplog):
+    caplog.set_level(logging.DEBUG, logger="backend")
+    loader = loader_for(ls, image_url_ttl_s=0)
+    with_password = ls.url.replace("http://", "http://user:s3cret@")
+    loader.load(f"{with_password}/public/scene.png")
+    with pytest.raises(ImageFetchError) as info:
+        loader.load(f"{with_password}/public/missing.png")
+    assert "missing.png" in info.value.detail and "s3cret" not in info.value.detail
+    assert "scene.png" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_unreachable_label_studio_error_hides_its_credentials():
+    settings = Settings(
+        label_studio_url="http://admin:s3cret@127.0.0.1:9",
+        label_studio_api_key=SecretStr(fake_jwt({"token_type": "refresh", "exp": 2e9})),
+    )
+    loader = ImageLoader(settings, LabelStudioAuth(settings))
+    with pytest.raises(ImageFetchError) as info:
+        loader.load("/data/upload/1/scene.png")
+    assert "127.0.0.1:9" in info.value.detail and "s3cret" not in info.value.detail
+
+
 def test_redact_scrubs_token_looking_strings():
     jwt = fake_jwt({"exp": 1})
     text = redact(f"Authorization: Token abcdef0123456789 and {jwt} and access_token=s3cr3tvalue")
@@ -192,6 +291,223 @@ def test_exif_orientation_is_applied_like_the_browser():
     shown = decode_image(buffer.getvalue(), max_pixels=10_000)
     assert shown.shape == (40, 20, 3)  # portrait, as the browser shows it
     assert shown[:10].mean() > 200 and shown[-10:].mean() < 50  # the strip is now on top
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_shown_as_pillow_transposes_it(orientation):
+    stored = np.random.default_rng(orientation).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="PNG", exif=exif)
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    shown = decode_image(buffer.getvalue(), max_pixels=10_000)
+    assert np.array_equal(shown, expected) and shown.flags.c_contiguous and shown.flags.writeable
+
+
+PEAK_RSS_SCRIPT = """
+import sys
+from backend.images import decode_image
+
+def rss(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
+
+data = open(sys.argv[1], "rb").read()
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # the peak (VmHWM) starts again from the current RSS
+before = rss("VmRSS")
+decode_image(data, 100_000_000)
+print(rss("VmHWM") - before)
+"""
+
+
+def peak_rss_of_decoding(path: Path) -> int:
+    """How much decoding the image file at ``path`` raises a fresh process's peak RSS, bytes."""
+    return int(
+        subprocess.run(
+            [sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc"
+)
+
+
+@needs_proc
+@pytest.mark.parametrize(("mode", "stored_bytes"), [("1", 1), ("RGB", 4)])
+def test_decoding_holds_only_the_decoded_image_the_result_and_a_few_bands(
+    tmp_path, mode, stored_bytes
+):
+    side = 4000
+    Image.new(mode, (side, side)).save(tmp_path / "image.png")
+    peak = peak_rss_of_decoding(tmp_path / "image.png")
+    # Pillow's decoded copy + the (H, W, 3) result: was 12 (1-bit) or 18 (RGB) bytes a pixel.
+    assert peak < (stored_bytes + 3) * side * side + 24 * 1024 * 1024
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    ("mode", "image_format", "side"),
+    [("1", "PNG", 4000), ("I;16", "PNG", 3000), ("F", "TIFF", 3000), ("RGBA", "WEBP", 2000)],
+)
+def test_the_decode_peak_estimate_bounds_the_measured_peak(tmp_path, mode, image_format, side):
+    path = tmp_path / f"image.{image_format.lower()}"
+    Image.new(mode, (side, side)).save(path, format=image_format)
+    assert peak_rss_of_decoding(path) <= decode_peak_bytes(side, side, mode, image_format)
+
+
+def png_16_bit(samples: np.ndarray, color_type: int, transparent: int | None = None) -> bytes:
+    """A 16-bit PNG written by hand (Pillow writes 16-bit gray only): ``samples`` (H, W) for
+    color type 0 (gray; ``transparent``: the gray value a tRNS chunk makes transparent) or
+    (H, W, 2) for 4 (gray + alpha)."""
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in samples)
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    trns = chunk(b"tRNS", struct.pack(">H", transparent)) if transparent is not None else b""
+    idat = chunk(b"IDAT", zlib.compress(rows))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + trns + idat + chunk(b"IEND", b"")
+
+
+SAMPLES_16 = np.array([[0, 257, 30000, 65535]], np.uint16)  # shown as 0, 1, 117, 255
+SHOWN_8 = np.array([[0, 1, 117, 255]], np.uint8)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        png_16_bit(SAMPLES_16, 0),
+        png_16_bit(SAMPLES_16, 0, transparent=257),
+        png_16_bit(np.stack([SAMPLES_16, np.full_like(SAMPLES_16, 65535)], -1), 4),
+    ],
+    ids=["gray", "gray-with-transparent-value", "gray-and-alpha"],
+)
+def test_16_bit_grayscale_pngs_are_scaled_to_8_bits_not_clipped(data):
+    shown = decode_image(data, max_pixels=100)
+    assert np.array_equal(shown, np.repeat(SHOWN_8[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float32], ids=["I", "F"])
+def test_32_bit_integer_and_float_images_are_read_as_16_bit(dtype):
+    buffer = io.BytesIO()
+    Image.fromarray(SAMPLES_16.astype(dtype)).save(buffer, format="TIFF")
+    assert np.array_equal(decode_image(buffer.getvalue(), 100)[..., 0], SHOWN_8)
+
+
+def test_float_images_within_0_to_1_are_scaled_by_255():
+    buffer = io.BytesIO()
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(buffer, format="TIFF")
+    assert decode_image(buffer.getvalue(), 100)[0, :, 0].tolist() == [0, 128, 255]
+
+
+# --- decoding, bounded ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Records each image decode (Pillow's first ``load``) as (width, started, ended); a decode
+    lasts at least 0.1 s so that decodes allowed to overlap do."""
+    spans: list[tuple[int, float, float]] = []
+    pillow_load = ImageFile.ImageFile.load
+
+    def load(self):
+        if not self.tile:  # decoded already
+            return pillow_load(self)
+        started = time.monotonic()
+        time.sleep(0.1)
+        pixels = pillow_load(self)
+        spans.append((self.size[0], started, time.monotonic()))
+        return pixels
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return spans
+
+
+def overlapping(spans, width=None) -> list:
+    """The pairs of ``spans`` that ran at the same time (one of them ``width`` wide, if given)."""
+    return [
+        (a, b)
+        for i, a in enumerate(spans)
+        for b in spans[i + 1 :]
+        if a[1] < b[2] and b[1] < a[2] and width in (None, a[0], b[0])
+    ]
+
+
+def load_all(loader: ImageLoader, urls: list[str]) -> list:
+    with ThreadPoolExecutor(len(urls)) as pool:
+        return list(pool.map(loader.load, urls))
+
+
+def distinct_images(ls: FakeLabelStudio, count: int, height: int, width: int) -> list[str]:
+    """URLs of ``count`` different ``height`` x ``width`` PNGs on ``ls``."""
+    for i in range(count):
+        image, _ = scene(height, width)
+        image[0, 0] = i  # different bytes: not one decode shared through the cache
+        ls.files[f"distinct-{width}-{i}.png"] = png_bytes(image)
+    return [f"{ls.url}/public/distinct-{width}-{i}.png" for i in range(count)]
+
+
+def test_with_one_decode_slot_decodes_never_overlap(ls, decodes):
+    loader = loader_for(ls, image_decode_concurrency=1)
+    images = load_all(loader, distinct_images(ls, 4, 60, 81))
+    assert len({image.sha256 for image in images}) == 4 and len(decodes) == 4
+    assert overlapping(decodes) == []
+
+
+def test_decodes_within_the_slots_and_the_budget_run_at_the_same_time(ls, monkeypatch):
+    both_decoding = threading.Barrier(2, timeout=5)  # broken unless two decodes meet
+    pillow_load = ImageFile.ImageFile.load
+
+    def load(self):
+        if self.tile:
+            both_decoding.wait()
+        return pillow_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    loader = loader_for(ls, image_decode_concurrency=2)
+    assert len(load_all(loader, distinct_images(ls, 2, 60, 82))) == 2
+
+
+def test_decodes_whose_peaks_together_exceed_the_budget_run_one_at_a_time(ls, decodes):
+    peak = decode_peak_bytes(500, 400, "RGB", "PNG")
+    budget_mb = math.ceil(1.5 * peak / 2**20)  # room for one, not two
+    loader = loader_for(ls, image_decode_concurrency=4, image_decode_budget_mb=budget_mb)
+    assert len(load_all(loader, distinct_images(ls, 3, 400, 500))) == 3
+    assert overlapping(decodes) == []
+
+
+def test_an_image_over_the_whole_budget_is_decoded_alone(ls, decodes):
+    assert (
+        decode_peak_bytes(600, 500, "RGB", "PNG")
+        > 2**20
+        > 3 * decode_peak_bytes(83, 60, "RGB", "PNG")
+    )
+    loader = loader_for(ls, image_decode_concurrency=4, image_decode_budget_mb=1)
+    urls = distinct_images(ls, 1, 500, 600) + distinct_images(ls, 3, 60, 83)
+    assert [image.width for image in load_all(loader, urls)] == [600, 83, 83, 83]
+    assert overlapping(decodes, width=600) == []
+
+
+def test_a_decode_that_gets_no_budget_in_time_is_refused_with_503():
+    budget = DecodeBudget(max_decodes=1, max_bytes=2**30, wait_s=0.2)
+    data = png_bytes(scene(60, 80)[0])
+    started = time.monotonic()
+    with budget.reserve(0), pytest.raises(ImageDecodeBusyError) as info:
+        decode_image(data, 1_000_000, budget)
+    assert 0.2 <= time.monotonic() - started < 1.0
+    assert (info.value.status_code, info.value.code) == (503, "image_decode_busy")
+    assert decode_image(data, 1_000_000, budget).shape == (60, 80, 3)  # the slot is free again
 
 
 def test_corrupt_bytes_are_unreadable():
