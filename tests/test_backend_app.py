@@ -10,38 +10,13 @@ import time
 
 import numpy as np
 import pytest
-from backend_support import FakeLabelStudio, png_bytes, scene
+from backend_support import CONFIG, FakeLabelStudio, H, W, box, kp, png_bytes, scene
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
 from backend.brush import rle_to_mask
 from backend.security import is_authorized
 from backend.settings import Settings
-
-CONFIG = """<View>
-  <Image name="picture" value="$img"/>
-  <BrushLabels name="masks" toName="picture"><Label value="Car"/><Label value="Tree"/></BrushLabels>
-  <KeyPointLabels name="clicks" toName="picture" smart="true">
-    <Label value="Car"/><Label value="Tree"/></KeyPointLabels>
-  <RectangleLabels name="boxes" toName="picture" smart="true">
-    <Label value="Car"/><Label value="Tree"/></RectangleLabels>
-</View>"""
-H, W = 96, 128
-
-
-def kp(x, y, label="Car", positive=None):
-    region = {"type": "keypointlabels", "from_name": "clicks", "to_name": "picture",
-              "original_width": W, "original_height": H,
-              "value": {"x": x, "y": y, "width": 1, "keypointlabels": [label]}}  # fmt: skip
-    if positive is not None:
-        region["is_positive"] = positive
-    return region
-
-
-def box(x, y, w, h, label="Car"):
-    return {"type": "rectanglelabels", "from_name": "boxes", "to_name": "picture",
-            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0,
-                      "rectanglelabels": [label]}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
