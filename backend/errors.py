@@ -7,6 +7,11 @@ anywhere below the HTTP layer fails only the request that caused it.
 from __future__ import annotations
 
 
+def quoted(text: str, limit: int = 60) -> str:
+    """``text`` as an error message shows a caller's value: ``repr``, cut to ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 class BackendError(Exception):
     """Base class: ``status_code`` and a short machine-readable ``code``."""
 

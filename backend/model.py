@@ -32,6 +32,7 @@ from backend.errors import (
 )
 from backend.images import ImageLoader, LabelStudioAuth, LoadedImage
 from backend.label_config import LabelConfig, parse_label_config
+from backend.project_ids import normalize_project_id
 from backend.regions import RegionGroup, brush_region, group_to_prompt, parse_context
 from backend.settings import Settings
 from backend.versions import PluginVersion, VersionStore
@@ -56,14 +57,8 @@ def file_fingerprint(path: Path) -> str:
     return _file_fingerprint(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
-def project_key(project: Any) -> str | None:
-    """Label Studio's project reference as our key: "7.1700000000" or {"id": 7} -> "7"."""
-    if isinstance(project, dict):
-        project = project.get("id")
-    if project is None or project == "":
-        return None
-    key = str(project).split(".", 1)[0].strip()
-    return key if key.isdigit() else None
+# Label Studio's project reference as our key: "7.1700000000", "007" or {"id": 7} -> "7".
+project_key = normalize_project_id
 
 
 @dataclass(frozen=True)

@@ -254,3 +254,12 @@ def _secret(value):
     from pydantic import SecretStr
 
     return SecretStr(value)
+
+
+def test_setup_and_predict_spell_a_project_id_one_way(settings):
+    with TestClient(create_app(settings)) as fresh:
+        fresh.post("/setup", json={"project": "007.1700000000", "schema": CONFIG})
+        body = {"tasks": [{"id": 1, "data": {"img": "/public/scene.png"}}], "project": 7,
+                "params": {"context": {"result": [kp(50, 50)]}}}  # fmt: skip
+        answer = fresh.post("/predict", json=body)  # no label_config: /setup's is used
+        assert answer.status_code == 200, answer.text
