@@ -3,8 +3,8 @@
 Label Studio 1.23 calls ``GET /health`` (1 s timeout), ``POST /setup`` (3 s, called
 constantly: cheap, never loads a model), ``POST /predict`` (100 s), ``POST /webhook`` and
 ``GET /versions``; the last two come from the training router (``backend.training_api``).
-Every error is a JSON ``{"error": code, "detail": message}`` with a 4xx/5xx status; one bad
-request never affects another.
+Every error, FastAPI's own 404/405 included, is a JSON ``{"error": code, "detail": message}``
+with a 4xx/5xx status; one bad request never affects another.
 
 Run: ``uvicorn backend.app:create_app --factory --host 0.0.0.0 --port 9090`` (``scripts/serve.sh``
 does it all).
@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -24,8 +25,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from backend.errors import BackendError
+from backend.errors import BackendError, InvalidRequestError, malformed_json
 from backend.model import StableSamBackend
 from backend.security import configure_logging, install_auth
 from backend.settings import Settings, get_settings
@@ -95,6 +97,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     return "invalid_request", "; ".join(parts)
 
 
+def _http_error(exc: HTTPException) -> BackendError:
+    """Our error for one of Starlette/FastAPI's own (404 route, 405 method, 400 body parse)."""
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
+        return malformed_json(exc.__cause__)  # json.loads refused the body
+    if exc.status_code == 400:
+        return InvalidRequestError(str(exc.detail))
+    try:  # 404 "not_found", 405 "method_not_allowed", ...
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        code = "http_error"
+    return BackendError(str(exc.detail), code=code, status_code=exc.status_code)
+
+
 def create_app(
     settings: Settings | None = None, backend: StableSamBackend | None = None
 ) -> FastAPI:
@@ -124,6 +139,13 @@ def create_app(
         logger.warning("%s %s -> %d %s: %s", request.method, request.url.path,
                        exc.status_code, exc.code, exc.detail)  # fmt: skip
         return JSONResponse(exc.to_json(), status_code=exc.status_code)
+
+    @app.exception_handler(HTTPException)
+    async def _starlette_error(request: Request, exc: HTTPException) -> JSONResponse:
+        error = _http_error(exc)
+        logger.warning("%s %s -> %d %s: %s", request.method, request.url.path,
+                       error.status_code, error.code, error.detail)  # fmt: skip
+        return JSONResponse(error.to_json(), status_code=error.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -77,3 +77,19 @@ class ModelUnavailableError(BackendError):
 
     status_code = 503
     code = "model_unavailable"
+
+
+def malformed_json(exc: BaseException) -> InvalidRequestError:
+    """The 400 for a request body Python's ``json`` module refused with ``exc``.
+
+    Besides invalid JSON (``JSONDecodeError``, ``UnicodeDecodeError``), valid JSON is refused when
+    it nests deeper than the interpreter's recursion limit (``RecursionError``) or holds an
+    integer of more than ``sys.get_int_max_str_digits()`` digits (a plain ``ValueError``).
+    """
+    if isinstance(exc, RecursionError):
+        detail = "the request body nests JSON arrays/objects too deeply to parse"
+    elif isinstance(exc, ValueError) and "integer string conversion" in str(exc):
+        detail = "the request body holds an integer with too many digits to parse"
+    else:
+        detail = "the request body is not valid JSON"
+    return InvalidRequestError(detail, code="malformed_json")

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from backend.errors import malformed_json
 from backend.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
 from backend.queue import ANNOTATION_ACTIONS, START_TRAINING, TrainingQueue
 from backend.settings import Settings
@@ -85,8 +86,9 @@ def build_training_router(settings: Settings) -> APIRouter:
         body = await request.body()
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "malformed_json", "the request body is not valid JSON")
+        except (ValueError, RecursionError) as exc:  # also too deep or too long an integer
+            error = malformed_json(exc)
+            return _error(error.status_code, error.code, error.detail)
         if not isinstance(data, dict):
             return _error(400, "invalid_request", "the body must be a JSON object")
         action = data.get("action")
