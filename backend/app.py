@@ -4,7 +4,8 @@ Label Studio 1.23 calls ``GET /health`` (1 s timeout), ``POST /setup`` (3 s, cal
 constantly: cheap, never loads a model), ``POST /predict`` (100 s), ``POST /webhook`` and
 ``GET /versions``; the last two come from the training router (``backend.training_api``).
 Every error, FastAPI's own 404/405 included, is a JSON ``{"error": code, "detail": message}``
-with a 4xx/5xx status; one bad request never affects another.
+with a 4xx/5xx status; one bad request never affects another. Every request body is bounded
+by ``MAX_BODY_BYTES`` (``backend.limits``).
 
 Run: ``uvicorn backend.app:create_app --factory --host 0.0.0.0 --port 9090`` (``scripts/serve.sh``
 does it all).
@@ -27,7 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from backend.errors import BackendError, InvalidRequestError, malformed_json
+from backend.errors import (
+    BackendError,
+    InvalidRequestError,
+    RequestTooLargeError,
+    malformed_json,
+)
+from backend.limits import BodySizeLimit
 from backend.model import StableSamBackend
 from backend.security import configure_logging, install_auth
 from backend.settings import Settings, get_settings
@@ -103,6 +110,8 @@ def _http_error(exc: HTTPException) -> BackendError:
         return malformed_json(exc.__cause__)  # json.loads refused the body
     if exc.status_code == 400:
         return InvalidRequestError(str(exc.detail))
+    if exc.status_code == 413:
+        return RequestTooLargeError(str(exc.detail))
     try:  # 404 "not_found", 405 "method_not_allowed", ...
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:
@@ -133,6 +142,7 @@ def create_app(
     app.state.backend = backend
     app.state.settings = settings
     install_auth(app, settings)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # outermost
 
     @app.exception_handler(BackendError)
     async def _backend_error(request: Request, exc: BackendError) -> JSONResponse:
@@ -178,6 +188,7 @@ def create_app(
     @app.post("/setup", response_model=SetupResponse)
     def setup(request: SetupRequest) -> SetupResponse:
         """Cheap: remembers the config and Label Studio's address/token; never loads a model."""
+        backend.limits.check_label_config(request.schema_, "schema")
         version = backend.setup(
             request.project, request.schema_, request.hostname, request.access_token
         )

@@ -79,6 +79,13 @@ class ModelUnavailableError(BackendError):
     code = "model_unavailable"
 
 
+class RequestTooLargeError(BackendError):
+    """The request exceeds a request limit (MAX_BODY_BYTES, MAX_TASKS_PER_PREDICT, ...) (413)."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
 def malformed_json(exc: BaseException) -> InvalidRequestError:
     """The 400 for a request body Python's ``json`` module refused with ``exc``.
 

@@ -32,6 +32,7 @@ from backend.errors import (
 )
 from backend.images import ImageLoader, LabelStudioAuth, LoadedImage
 from backend.label_config import LabelConfig, parse_label_config
+from backend.limits import RequestLimits
 from backend.project_ids import normalize_project_id
 from backend.regions import RegionGroup, brush_region, group_to_prompt, parse_context
 from backend.settings import Settings
@@ -263,6 +264,7 @@ class StableSamBackend:
         self.auth = LabelStudioAuth(settings)
         self.images = ImageLoader(settings, self.auth)
         self.models = ModelServer(settings)
+        self.limits = RequestLimits.from_settings(settings)
         self._schemas: dict[str, str] = {}  # project -> label config from /setup
         self._prefetch = (
             ThreadPoolExecutor(settings.prefetch_workers, thread_name_prefix="prefetch")
@@ -321,13 +323,21 @@ class StableSamBackend:
         project: Any = None,
         label_config: str | None = None,
     ) -> list[dict[str, Any]]:
-        """One ``{result, score, model_version}`` per task, in order."""
+        """One ``{result, score, model_version}`` per task, in order.
+
+        The request limits (``self.limits``) and the regions are checked first, before any
+        image download or model work.
+        """
         key = project_key(project)
+        self.limits.check_tasks(tasks)
+        self.limits.check_label_config(label_config, "label_config")
         result = (context or {}).get("result") if isinstance(context, dict) else None
         if context is not None and not isinstance(context, dict):
             raise InvalidRequestError("params.context must be an object")
         if result:
+            self.limits.check_regions(result)
             groups = parse_context(result)  # fail fast on bad regions, before any download
+            self.limits.check_points(groups)
             config = self._config(key, label_config)
             return [self._predict_interactive(task, groups, config, key) for task in tasks]
         self._start_prefetch(tasks, key, label_config)
