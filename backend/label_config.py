@@ -8,6 +8,8 @@ the config comes over the network.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from xml.etree.ElementTree import Element
@@ -105,3 +107,39 @@ def parse_label_config(xml: str) -> LabelConfig:
                 )
             )
     return LabelConfig(controls=tuple(controls), image_values=images)
+
+
+class LabelConfigStore:
+    """The labeling config each project last sent to ``/setup``, for ``/predict`` calls without one.
+
+    Bounded to the ``capacity`` most recently used projects (thread-safe): ``/setup`` needs no
+    credentials, so a caller inventing project ids must not grow memory. A project whose config
+    was dropped is served again after its next ``/setup``, which Label Studio calls constantly.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._configs: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, project: str, xml: str) -> None:
+        """Remember ``xml`` for ``project``, dropping the least recently used beyond capacity."""
+        with self._lock:
+            self._configs[project] = xml
+            self._configs.move_to_end(project)
+            while len(self._configs) > self.capacity:
+                self._configs.popitem(last=False)
+
+    def get(self, project: str) -> str | None:
+        """The config of ``project`` (now the most recently used), or ``None``."""
+        with self._lock:
+            xml = self._configs.get(project)
+            if xml is not None:
+                self._configs.move_to_end(project)
+            return xml
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._configs)

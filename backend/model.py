@@ -31,7 +31,7 @@ from backend.errors import (
     ModelUnavailableError,
 )
 from backend.images import ImageLoader, LabelStudioAuth, LoadedImage
-from backend.label_config import LabelConfig, parse_label_config
+from backend.label_config import LabelConfig, LabelConfigStore, parse_label_config
 from backend.limits import RequestLimits
 from backend.project_ids import normalize_project_id
 from backend.regions import RegionGroup, brush_region, group_to_prompt, parse_context
@@ -265,7 +265,7 @@ class StableSamBackend:
         self.images = ImageLoader(settings, self.auth)
         self.models = ModelServer(settings)
         self.limits = RequestLimits.from_settings(settings)
-        self._schemas: dict[str, str] = {}  # project -> label config from /setup
+        self._schemas = LabelConfigStore(settings.schema_cache_size)  # label configs from /setup
         self._prefetch = (
             ThreadPoolExecutor(settings.prefetch_workers, thread_name_prefix="prefetch")
             if settings.prefetch_workers > 0
@@ -293,7 +293,7 @@ class StableSamBackend:
         """Remember the project's config and LS's address/token; return the model version."""
         key = project_key(project)
         if key is not None and schema:
-            self._schemas[key] = schema
+            self._schemas.put(key, schema)
         self.auth.update_from_setup(hostname, access_token)
         if key is not None and hostname and access_token:
             self._share_access_with_training(key, hostname, access_token)

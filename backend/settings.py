@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     max_points_per_request: int = Field(default=500, gt=0)
     # Largest labeling config, bytes (UTF-8): /setup's schema and /predict's label_config.
     max_label_config_bytes: int = Field(default=1024 * 1024, gt=0)
+    # Projects whose /setup label config is remembered (least recently used dropped; /setup
+    # needs no credentials, so invented project ids must not grow memory).
+    schema_cache_size: int = Field(default=256, gt=0)
 
     # --- Training queue and model versions ---
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -1,11 +1,11 @@
-"""Finding the BrushLabels attached to the smart tool's Image, for any tag names."""
+"""Finding the BrushLabels attached to the smart tool's Image, for any tag names; the /setup store."""
 
 from __future__ import annotations
 
 import pytest
 
 from backend.errors import LabelConfigError
-from backend.label_config import parse_label_config
+from backend.label_config import LabelConfigStore, parse_label_config
 
 SAM_CONFIG = """
 <View>
@@ -83,3 +83,14 @@ def test_entity_expansion_is_refused():
 def test_unknown_image_name_is_an_error():
     with pytest.raises(LabelConfigError, match="no <Image"):
         parse_label_config(SAM_CONFIG).image_key("nope")
+
+
+def test_the_setup_config_store_keeps_the_most_recently_used_projects():
+    store = LabelConfigStore(capacity=2)
+    store.put("1", "<View>1</View>")
+    store.put("2", "<View>2</View>")
+    assert store.get("1") == "<View>1</View>"  # 1 is now the most recently used
+    store.put("3", "<View>3</View>")
+    assert len(store) == 2
+    assert store.get("2") is None
+    assert (store.get("1"), store.get("3")) == ("<View>1</View>", "<View>3</View>")

@@ -43,6 +43,7 @@ def settings(ls, tmp_path_factory):
         max_points_per_prompt=4,
         max_points_per_request=6,
         max_label_config_bytes=2048,
+        schema_cache_size=3,
     )
 
 
@@ -153,3 +154,22 @@ def test_a_request_within_every_limit_is_served(client):
     answer = client.post("/predict", json=interactive(regions))
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["results"][0]["result"]) == 2
+
+
+# --- the label configs /setup remembers ------------------------------------------------------
+
+
+def test_setup_remembers_only_the_schema_cache_size_most_recent_projects(client):
+    for project in range(100, 110):
+        answer = client.post("/setup", json={"project": f"{project}.1", "schema": CONFIG})
+        assert answer.status_code == 200
+    assert len(client.app.state.backend._schemas) == 3
+
+    def predict_for(project):
+        body = interactive([kp(50, 50)], label_config=None)
+        body["project"] = f"{project}.1"
+        return client.post("/predict", json=body)
+
+    forgotten = predict_for(100)
+    assert forgotten.status_code == 400 and forgotten.json()["error"] == "label_config"
+    assert predict_for(109).status_code == 200
