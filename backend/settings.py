@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # Projects whose /setup label config is remembered (least recently used dropped; /setup
     # needs no credentials, so invented project ids must not grow memory).
     schema_cache_size: int = Field(default=256, gt=0)
+    # /predict calls served at once, on worker threads of their own (more wait their turn), so
+    # that slow image downloads never take the threads /setup, /webhook and /status need.
+    predict_concurrency: int = Field(default=16, gt=0)
 
     # --- Training queue and model versions ---
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -263,3 +263,26 @@ def test_setup_and_predict_spell_a_project_id_one_way(settings):
                 "params": {"context": {"result": [kp(50, 50)]}}}  # fmt: skip
         answer = fresh.post("/predict", json=body)  # no label_config: /setup's is used
         assert answer.status_code == 200, answer.text
+
+
+def test_predict_encodes_its_answer_off_the_event_loop(client, monkeypatch):
+    import asyncio
+    import types
+
+    import orjson
+
+    import backend.app
+
+    on_event_loop = []
+
+    def dumps(obj):
+        try:
+            asyncio.get_running_loop()
+            on_event_loop.append(True)
+        except RuntimeError:
+            on_event_loop.append(False)
+        return orjson.dumps(obj)
+
+    monkeypatch.setattr(backend.app, "orjson", types.SimpleNamespace(dumps=dumps))
+    assert predict(client, [kp(50, 50)]).status_code == 200
+    assert on_event_loop == [False]
