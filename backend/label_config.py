@@ -16,7 +16,7 @@ from xml.etree.ElementTree import Element
 
 from defusedxml import ElementTree as SafeET
 
-from backend.errors import LabelConfigError
+from backend.errors import InvalidRegionError, LabelConfigError, quoted
 
 PROMPT_TAGS = ("keypointlabels", "rectanglelabels", "keypoint", "rectangle")
 
@@ -42,8 +42,9 @@ class LabelConfig:
     def brush_for(self, to_name: str, label: str | None = None) -> ControlTag:
         """The ``BrushLabels`` control attached to the ``Image`` named ``to_name``.
 
-        With several on that image, prefer one that offers ``label``. Raises
-        ``LabelConfigError`` when there is none.
+        With ``label``, the one that offers it (Label Studio shows a brush region only under a
+        label of its control). Raises ``LabelConfigError`` when the image has no BrushLabels,
+        ``InvalidRegionError`` (422) when none of them offers ``label``.
         """
         brushes = [c for c in self.controls if c.tag == "brushlabels" and to_name in c.to_name]
         if not brushes:
@@ -51,11 +52,19 @@ class LabelConfig:
                 f'the labeling config has no <BrushLabels> with toName="{to_name}"; add one next '
                 "to the smart KeyPointLabels/RectangleLabels so the backend can return masks"
             )
-        if label is not None:
-            for brush in brushes:
-                if label in brush.labels:
-                    return brush
-        return brushes[0]
+        if label is None:
+            return brushes[0]
+        for brush in brushes:
+            if label in brush.labels:
+                return brush
+        offered = [value for brush in brushes for value in brush.labels]
+        shown = ", ".join(repr(value) for value in offered[:10])
+        if len(offered) > 10:
+            shown += ", ..."
+        raise InvalidRegionError(
+            f"label {quoted(label)} is not a label of the <BrushLabels> on image {to_name!r} "
+            f"(it offers {shown or 'none'}); add it to the labeling config or pick another label"
+        )
 
     def image_key(self, to_name: str) -> str:
         """The task data key holding the URL of the ``Image`` named ``to_name``."""

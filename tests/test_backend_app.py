@@ -256,6 +256,15 @@ def _secret(value):
     return SecretStr(value)
 
 
+def test_a_label_the_config_lacks_is_a_422_before_any_download(client, ls):
+    before = ls.requests["/public/other.png"]
+    answer = predict(client, [kp(50, 50, "Horse")], image="/public/other.png")
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"] == "invalid_region"
+    assert "'Horse'" in answer.json()["detail"] and "BrushLabels" in answer.json()["detail"]
+    assert ls.requests["/public/other.png"] == before
+
+
 def test_setup_and_predict_spell_a_project_id_one_way(settings):
     with TestClient(create_app(settings)) as fresh:
         fresh.post("/setup", json={"project": "007.1700000000", "schema": CONFIG})

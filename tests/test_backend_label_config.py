@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.errors import LabelConfigError
+from backend.errors import InvalidRegionError, LabelConfigError
 from backend.label_config import LabelConfigStore, parse_label_config
 
 SAM_CONFIG = """
@@ -54,7 +54,16 @@ def test_prefers_the_brush_that_offers_the_label():
         <BrushLabels name="vehicles" toName="img"><Label value="Car"/></BrushLabels></View>"""
     )
     assert config.brush_for("img", "Car").name == "vehicles"
-    assert config.brush_for("img", "Unknown").name == "animals"
+    assert config.brush_for("img", "Dog").name == "animals"
+
+
+def test_a_label_no_brush_offers_is_refused_with_a_422():
+    config = parse_label_config(SAM_CONFIG)
+    with pytest.raises(InvalidRegionError, match="'Horse' is not a label of the <BrushLabels>"):
+        config.brush_for("photo", "Horse")
+    with pytest.raises(InvalidRegionError) as info:
+        config.brush_for("photo", "dog")  # labels are case-sensitive in Label Studio
+    assert info.value.status_code == 422 and "'Dog', 'Cat'" in info.value.detail
 
 
 def test_no_brush_on_that_image_is_a_clear_error():
