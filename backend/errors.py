@@ -7,6 +7,11 @@ anywhere below the HTTP layer fails only the request that caused it.
 from __future__ import annotations
 
 
+def quoted(text: str, limit: int = 60) -> str:
+    """``text`` as an error message shows a caller's value: ``repr``, cut to ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 class BackendError(Exception):
     """Base class: ``status_code`` and a short machine-readable ``code``."""
 
@@ -79,3 +84,26 @@ class ModelUnavailableError(BackendError):
 
     status_code = 503
     code = "model_unavailable"
+
+
+class RequestTooLargeError(BackendError):
+    """The request exceeds a request limit (MAX_BODY_BYTES, MAX_TASKS_PER_PREDICT, ...) (413)."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
+def malformed_json(exc: BaseException) -> InvalidRequestError:
+    """The 400 for a request body Python's ``json`` module refused with ``exc``.
+
+    Besides invalid JSON (``JSONDecodeError``, ``UnicodeDecodeError``), valid JSON is refused when
+    it nests deeper than the interpreter's recursion limit (``RecursionError``) or holds an
+    integer of more than ``sys.get_int_max_str_digits()`` digits (a plain ``ValueError``).
+    """
+    if isinstance(exc, RecursionError):
+        detail = "the request body nests JSON arrays/objects too deeply to parse"
+    elif isinstance(exc, ValueError) and "integer string conversion" in str(exc):
+        detail = "the request body holds an integer with too many digits to parse"
+    else:
+        detail = "the request body is not valid JSON"
+    return InvalidRequestError(detail, code="malformed_json")

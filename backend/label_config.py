@@ -8,13 +8,15 @@ the config comes over the network.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from xml.etree.ElementTree import Element
 
 from defusedxml import ElementTree as SafeET
 
-from backend.errors import LabelConfigError
+from backend.errors import InvalidRegionError, LabelConfigError, quoted
 
 PROMPT_TAGS = ("keypointlabels", "rectanglelabels", "keypoint", "rectangle")
 
@@ -40,8 +42,9 @@ class LabelConfig:
     def brush_for(self, to_name: str, label: str | None = None) -> ControlTag:
         """The ``BrushLabels`` control attached to the ``Image`` named ``to_name``.
 
-        With several on that image, prefer one that offers ``label``. Raises
-        ``LabelConfigError`` when there is none.
+        With ``label``, the one that offers it (Label Studio shows a brush region only under a
+        label of its control). Raises ``LabelConfigError`` when the image has no BrushLabels,
+        ``InvalidRegionError`` (422) when none of them offers ``label``.
         """
         brushes = [c for c in self.controls if c.tag == "brushlabels" and to_name in c.to_name]
         if not brushes:
@@ -49,11 +52,19 @@ class LabelConfig:
                 f'the labeling config has no <BrushLabels> with toName="{to_name}"; add one next '
                 "to the smart KeyPointLabels/RectangleLabels so the backend can return masks"
             )
-        if label is not None:
-            for brush in brushes:
-                if label in brush.labels:
-                    return brush
-        return brushes[0]
+        if label is None:
+            return brushes[0]
+        for brush in brushes:
+            if label in brush.labels:
+                return brush
+        offered = [value for brush in brushes for value in brush.labels]
+        shown = ", ".join(repr(value) for value in offered[:10])
+        if len(offered) > 10:
+            shown += ", ..."
+        raise InvalidRegionError(
+            f"label {quoted(label)} is not a label of the <BrushLabels> on image {to_name!r} "
+            f"(it offers {shown or 'none'}); add it to the labeling config or pick another label"
+        )
 
     def image_key(self, to_name: str) -> str:
         """The task data key holding the URL of the ``Image`` named ``to_name``."""
@@ -105,3 +116,39 @@ def parse_label_config(xml: str) -> LabelConfig:
                 )
             )
     return LabelConfig(controls=tuple(controls), image_values=images)
+
+
+class LabelConfigStore:
+    """The labeling config each project last sent to ``/setup``, for ``/predict`` calls without one.
+
+    Bounded to the ``capacity`` most recently used projects (thread-safe): ``/setup`` needs no
+    credentials, so a caller inventing project ids must not grow memory. A project whose config
+    was dropped is served again after its next ``/setup``, which Label Studio calls constantly.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._configs: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, project: str, xml: str) -> None:
+        """Remember ``xml`` for ``project``, dropping the least recently used beyond capacity."""
+        with self._lock:
+            self._configs[project] = xml
+            self._configs.move_to_end(project)
+            while len(self._configs) > self.capacity:
+                self._configs.popitem(last=False)
+
+    def get(self, project: str) -> str | None:
+        """The config of ``project`` (now the most recently used), or ``None``."""
+        with self._lock:
+            xml = self._configs.get(project)
+            if xml is not None:
+                self._configs.move_to_end(project)
+            return xml
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._configs)

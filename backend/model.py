@@ -31,7 +31,9 @@ from backend.errors import (
     ModelUnavailableError,
 )
 from backend.images import ImageLoader, LabelStudioAuth, LoadedImage
-from backend.label_config import LabelConfig, parse_label_config
+from backend.label_config import LabelConfig, LabelConfigStore, parse_label_config
+from backend.limits import RequestLimits
+from backend.project_ids import normalize_project_id
 from backend.regions import RegionGroup, brush_region, group_to_prompt, parse_context
 from backend.settings import Settings
 from backend.versions import PluginVersion, VersionStore
@@ -56,14 +58,8 @@ def file_fingerprint(path: Path) -> str:
     return _file_fingerprint(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
-def project_key(project: Any) -> str | None:
-    """Label Studio's project reference as our key: "7.1700000000" or {"id": 7} -> "7"."""
-    if isinstance(project, dict):
-        project = project.get("id")
-    if project is None or project == "":
-        return None
-    key = str(project).split(".", 1)[0].strip()
-    return key if key.isdigit() else None
+# Label Studio's project reference as our key: "7.1700000000", "007" or {"id": 7} -> "7".
+project_key = normalize_project_id
 
 
 @dataclass(frozen=True)
@@ -268,7 +264,8 @@ class StableSamBackend:
         self.auth = LabelStudioAuth(settings, pin_store=self._pin_label_studio_url)
         self.images = ImageLoader(settings, self.auth)
         self.models = ModelServer(settings)
-        self._schemas: dict[str, str] = {}  # project -> label config from /setup
+        self.limits = RequestLimits.from_settings(settings)
+        self._schemas = LabelConfigStore(settings.schema_cache_size)  # label configs from /setup
         self._prefetch = (
             ThreadPoolExecutor(settings.prefetch_workers, thread_name_prefix="prefetch")
             if settings.prefetch_workers > 0
@@ -298,7 +295,7 @@ class StableSamBackend:
         key = project_key(project)
         token_usable = self.auth.update_from_setup(hostname, access_token)
         if key is not None and schema:
-            self._schemas[key] = schema
+            self._schemas.put(key, schema)
         if key is not None and token_usable and access_token and self.auth.base_url:
             self._share_access_with_training(key, self.auth.base_url, access_token)
         return self.models.model_version(key)
@@ -339,13 +336,21 @@ class StableSamBackend:
         project: Any = None,
         label_config: str | None = None,
     ) -> list[dict[str, Any]]:
-        """One ``{result, score, model_version}`` per task, in order."""
+        """One ``{result, score, model_version}`` per task, in order.
+
+        The request limits (``self.limits``) and the regions are checked first, before any
+        image download or model work.
+        """
         key = project_key(project)
+        self.limits.check_tasks(tasks)
+        self.limits.check_label_config(label_config, "label_config")
         result = (context or {}).get("result") if isinstance(context, dict) else None
         if context is not None and not isinstance(context, dict):
             raise InvalidRequestError("params.context must be an object")
         if result:
+            self.limits.check_regions(result)
             groups = parse_context(result)  # fail fast on bad regions, before any download
+            self.limits.check_points(groups)
             config = self._config(key, label_config)
             return [self._predict_interactive(task, groups, config, key) for task in tasks]
         self._start_prefetch(tasks, key, label_config)

@@ -89,6 +89,31 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_secret_header: str = "X-Webhook-Secret"
 
+    # --- Request limits ---
+    # Checked before any image download or model work; a request over one is answered 413
+    # request_too_large, naming the setting.
+    # Largest request body of any endpoint, bytes, counted while it streams in (with or without
+    # Content-Length). Webhook ANNOTATION_* and batch /predict bodies carry whole annotations
+    # with brush RLEs: several MB is normal.
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    # Tasks in one /predict (LS's "Retrieve predictions" sends the selected tasks in one call).
+    max_tasks_per_predict: int = Field(default=1000, gt=0)
+    # Regions in one interactive /predict (entries of params.context.result).
+    max_regions: int = Field(default=500, gt=0)
+    # Keypoints of one label (one object, one SAM prompt). Prompt cost grows with the points:
+    # 10,000 in one prompt took 56 s and 7.4 GB; annotators place a few to a few dozen.
+    max_points_per_prompt: int = Field(default=100, gt=0)
+    # Keypoints of all labels of one /predict together.
+    max_points_per_request: int = Field(default=500, gt=0)
+    # Largest labeling config, bytes (UTF-8): /setup's schema and /predict's label_config.
+    max_label_config_bytes: int = Field(default=1024 * 1024, gt=0)
+    # Projects whose /setup label config is remembered (least recently used dropped; /setup
+    # needs no credentials, so invented project ids must not grow memory).
+    schema_cache_size: int = Field(default=256, gt=0)
+    # /predict calls served at once, on worker threads of their own (more wait their turn), so
+    # that slow image downloads never take the threads /setup, /webhook and /status need.
+    predict_concurrency: int = Field(default=16, gt=0)
+
     # --- Training queue and model versions ---
     redis_url: str = "redis://127.0.0.1:6379/0"
     # RQ queue the training worker listens on.

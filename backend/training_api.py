@@ -19,6 +19,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from backend.errors import malformed_json
+from backend.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
 from backend.queue import ANNOTATION_ACTIONS, START_TRAINING, TrainingQueue
 from backend.settings import Settings
 from backend.versions import PluginVersion, VersionStore
@@ -37,22 +39,9 @@ def _error(status_code: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status_code)
 
 
-def project_id(value: Any) -> str | None:
-    """The numeric project id as a string from an LS ``project`` field, or ``None``.
-
-    Accepts the webhook's project dict (``{"id": 7, ...}``), an int, ``"7"`` or ``/setup``'s
-    ``"7.1700000000"``.
-    """
-    if isinstance(value, dict):
-        value = value.get("id")
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value) if value >= 0 else None
-    if isinstance(value, str):
-        head = value.split(".", 1)[0].strip()
-        return head if head.isdigit() else None
-    return None
+# The numeric project id as a string from an LS ``project`` field (``{"id": 7}``, 7, "007",
+# "7.1700000000" -> "7"), or ``None``.
+project_id = normalize_project_id
 
 
 def _redis_down(settings: Settings, exc: Exception) -> JSONResponse:
@@ -97,8 +86,9 @@ def build_training_router(settings: Settings) -> APIRouter:
         body = await request.body()
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "malformed_json", "the request body is not valid JSON")
+        except (ValueError, RecursionError) as exc:  # also too deep or too long an integer
+            error = malformed_json(exc)
+            return _error(error.status_code, error.code, error.detail)
         if not isinstance(data, dict):
             return _error(400, "invalid_request", "the body must be a JSON object")
         action = data.get("action")
@@ -111,7 +101,10 @@ def build_training_router(settings: Settings) -> APIRouter:
         project = project_id(data["project"])
         if project is None:
             return _error(
-                400, "invalid_request", "project.id: must be a non-negative integer project id"
+                400,
+                "invalid_request",
+                f"project.id: must be a non-negative integer project id of at most "
+                f"{MAX_PROJECT_ID_DIGITS} ASCII digits",
             )
         try:
             result = await run_in_threadpool(queue.handle_event, project, action)
@@ -122,16 +115,19 @@ def build_training_router(settings: Settings) -> APIRouter:
     @router.get("/versions")
     def versions(project: str | None = None) -> JSONResponse:
         """``{"versions": [...]}``: plugin version names of ``project`` (or of all), oldest first."""
-        if project is not None and project_id(project) is None:
-            return _error(400, "invalid_request", "project: must be a numeric project id")
         key = project_id(project) if project is not None else None
+        if project is not None and key is None:
+            return _error(400, "invalid_request", "project: must be a numeric project id")
         return JSONResponse({"versions": [v.name for v in store.list(key)]})
 
     @router.get("/status")
     def status_all() -> JSONResponse:
         """Training status of every project that had a trigger or has versions."""
         try:
-            projects = sorted(set(queue.projects()) | set(store.projects()), key=int)
+            # Only canonical ids: Redis may still hold what an older version let in ("07", a
+            # 5,000-digit id), which must not break the listing of every other project.
+            known = set(queue.projects()) | set(store.projects())
+            projects = sorted((p for p in known if project_id(p) == p), key=int)
             statuses = [_project_status(queue, store, p) for p in projects]
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)

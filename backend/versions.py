@@ -23,7 +23,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -33,11 +32,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from backend.errors import quoted
+from backend.project_ids import normalize_project_id
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PLUGIN_SUFFIX = ".safetensors"
-_PROJECT_RE = re.compile(r"^[0-9]+$")
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,17 @@ def version_name(project: str, sequence: int) -> str:
 
 
 def check_project(project: str) -> str:
-    """Return ``project`` if it is a Label Studio project id ("7"), else raise ``ValueError``.
+    """Return ``project`` if it is a canonical Label Studio project id ("7"), else raise
+    ``ValueError``.
 
-    Project ids become directory names, so anything but digits is refused.
+    Project ids become directory names, so anything but the one spelling of
+    ``backend.project_ids.normalize_project_id`` is refused: "07" would be a second folder of
+    project 7.
     """
-    if not isinstance(project, str) or not _PROJECT_RE.match(project):
-        raise ValueError(f"project must be a numeric Label Studio project id, got {project!r}")
+    if not isinstance(project, str) or normalize_project_id(project) != project:
+        raise ValueError(
+            f"project must be a canonical numeric Label Studio project id, got {quoted(str(project))}"
+        )
     return project
 
 
@@ -176,7 +182,7 @@ class VersionStore:
         found = [
             p.name
             for p in self.root.iterdir()
-            if _PROJECT_RE.match(p.name) and (p / MANIFEST).is_file()
+            if normalize_project_id(p.name) == p.name and (p / MANIFEST).is_file()
         ]
         return sorted(found, key=int)
 

@@ -24,7 +24,35 @@ from collections import Counter
 import numpy as np
 from loopback import LoopbackServer, QuietHandler, png_bytes
 
-__all__ = ["FakeLabelStudio", "fake_jwt", "png_bytes", "scene"]
+__all__ = ["CONFIG", "FakeLabelStudio", "H", "W", "box", "fake_jwt", "kp", "png_bytes", "scene"]
+
+# The labeling config of the app tests, and the size of their scene image (scene(H, W)).
+CONFIG = """<View>
+  <Image name="picture" value="$img"/>
+  <BrushLabels name="masks" toName="picture"><Label value="Car"/><Label value="Tree"/></BrushLabels>
+  <KeyPointLabels name="clicks" toName="picture" smart="true">
+    <Label value="Car"/><Label value="Tree"/></KeyPointLabels>
+  <RectangleLabels name="boxes" toName="picture" smart="true">
+    <Label value="Car"/><Label value="Tree"/></RectangleLabels>
+</View>"""
+H, W = 96, 128
+
+
+def kp(x, y, label="Car", positive=None):
+    """A CONFIG keypoint region at (x, y) percent, as LS sends it in params.context.result."""
+    region = {"type": "keypointlabels", "from_name": "clicks", "to_name": "picture",
+              "original_width": W, "original_height": H,
+              "value": {"x": x, "y": y, "width": 1, "keypointlabels": [label]}}  # fmt: skip
+    if positive is not None:
+        region["is_positive"] = positive
+    return region
+
+
+def box(x, y, w, h, label="Car"):
+    """A CONFIG rectangle region, top-left (x, y) and size in percent."""
+    return {"type": "rectanglelabels", "from_name": "boxes", "to_name": "picture",
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0,
+                      "rectanglelabels": [label]}}  # fmt: skip
 
 
 def fake_jwt(payload: dict) -> str:

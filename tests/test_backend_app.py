@@ -10,38 +10,13 @@ import time
 
 import numpy as np
 import pytest
-from backend_support import FakeLabelStudio, png_bytes, scene
+from backend_support import CONFIG, FakeLabelStudio, H, W, box, kp, png_bytes, scene
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
 from backend.brush import rle_to_mask
 from backend.security import is_authorized
 from backend.settings import Settings
-
-CONFIG = """<View>
-  <Image name="picture" value="$img"/>
-  <BrushLabels name="masks" toName="picture"><Label value="Car"/><Label value="Tree"/></BrushLabels>
-  <KeyPointLabels name="clicks" toName="picture" smart="true">
-    <Label value="Car"/><Label value="Tree"/></KeyPointLabels>
-  <RectangleLabels name="boxes" toName="picture" smart="true">
-    <Label value="Car"/><Label value="Tree"/></RectangleLabels>
-</View>"""
-H, W = 96, 128
-
-
-def kp(x, y, label="Car", positive=None):
-    region = {"type": "keypointlabels", "from_name": "clicks", "to_name": "picture",
-              "original_width": W, "original_height": H,
-              "value": {"x": x, "y": y, "width": 1, "keypointlabels": [label]}}  # fmt: skip
-    if positive is not None:
-        region["is_positive"] = positive
-    return region
-
-
-def box(x, y, w, h, label="Car"):
-    return {"type": "rectanglelabels", "from_name": "boxes", "to_name": "picture",
-            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0,
-                      "rectanglelabels": [label]}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +274,44 @@ def _secret(value):
     from pydantic import SecretStr
 
     return SecretStr(value)
+
+
+def test_a_label_the_config_lacks_is_a_422_before_any_download(client, ls):
+    before = ls.requests["/public/other.png"]
+    answer = predict(client, [kp(50, 50, "Horse")], image="/public/other.png")
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"] == "invalid_region"
+    assert "'Horse'" in answer.json()["detail"] and "BrushLabels" in answer.json()["detail"]
+    assert ls.requests["/public/other.png"] == before
+
+
+def test_setup_and_predict_spell_a_project_id_one_way(settings):
+    with TestClient(create_app(settings)) as fresh:
+        fresh.post("/setup", json={"project": "007.1700000000", "schema": CONFIG})
+        body = {"tasks": [{"id": 1, "data": {"img": "/public/scene.png"}}], "project": 7,
+                "params": {"context": {"result": [kp(50, 50)]}}}  # fmt: skip
+        answer = fresh.post("/predict", json=body)  # no label_config: /setup's is used
+        assert answer.status_code == 200, answer.text
+
+
+def test_predict_encodes_its_answer_off_the_event_loop(client, monkeypatch):
+    import asyncio
+    import types
+
+    import orjson
+
+    import backend.app
+
+    on_event_loop = []
+
+    def dumps(obj):
+        try:
+            asyncio.get_running_loop()
+            on_event_loop.append(True)
+        except RuntimeError:
+            on_event_loop.append(False)
+        return orjson.dumps(obj)
+
+    monkeypatch.setattr(backend.app, "orjson", types.SimpleNamespace(dumps=dumps))
+    assert predict(client, [kp(50, 50)]).status_code == 200
+    assert on_event_loop == [False]

@@ -1,11 +1,11 @@
-"""Finding the BrushLabels attached to the smart tool's Image, for any tag names."""
+"""Finding the BrushLabels attached to the smart tool's Image, for any tag names; the /setup store."""
 
 from __future__ import annotations
 
 import pytest
 
-from backend.errors import LabelConfigError
-from backend.label_config import parse_label_config
+from backend.errors import InvalidRegionError, LabelConfigError
+from backend.label_config import LabelConfigStore, parse_label_config
 
 SAM_CONFIG = """
 <View>
@@ -54,7 +54,16 @@ def test_prefers_the_brush_that_offers_the_label():
         <BrushLabels name="vehicles" toName="img"><Label value="Car"/></BrushLabels></View>"""
     )
     assert config.brush_for("img", "Car").name == "vehicles"
-    assert config.brush_for("img", "Unknown").name == "animals"
+    assert config.brush_for("img", "Dog").name == "animals"
+
+
+def test_a_label_no_brush_offers_is_refused_with_a_422():
+    config = parse_label_config(SAM_CONFIG)
+    with pytest.raises(InvalidRegionError, match="'Horse' is not a label of the <BrushLabels>"):
+        config.brush_for("photo", "Horse")
+    with pytest.raises(InvalidRegionError) as info:
+        config.brush_for("photo", "dog")  # labels are case-sensitive in Label Studio
+    assert info.value.status_code == 422 and "'Dog', 'Cat'" in info.value.detail
 
 
 def test_no_brush_on_that_image_is_a_clear_error():
@@ -83,3 +92,14 @@ def test_entity_expansion_is_refused():
 def test_unknown_image_name_is_an_error():
     with pytest.raises(LabelConfigError, match="no <Image"):
         parse_label_config(SAM_CONFIG).image_key("nope")
+
+
+def test_the_setup_config_store_keeps_the_most_recently_used_projects():
+    store = LabelConfigStore(capacity=2)
+    store.put("1", "<View>1</View>")
+    store.put("2", "<View>2</View>")
+    assert store.get("1") == "<View>1</View>"  # 1 is now the most recently used
+    store.put("3", "<View>3</View>")
+    assert len(store) == 2
+    assert store.get("2") is None
+    assert (store.get("1"), store.get("3")) == ("<View>1</View>", "<View>3</View>")

@@ -174,3 +174,46 @@ def test_redis_down_gives_503_fast_and_predict_keeps_working(
             result = predicted.json()["results"][0]
             assert result["result"][0]["type"] == "brushlabels"
             assert result["model_version"]
+
+
+def test_a_zero_padded_project_id_is_the_same_project(client: TestClient) -> None:
+    first = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": "07"}})
+    second = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+    third = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": "007"}})
+    assert first.json()["status"] == "enqueued" and first.json()["project"] == "7"
+    assert second.json()["status"] == third.json()["status"] == "merged"
+    assert second.json()["job_id"] == third.json()["job_id"] == first.json()["job_id"]
+    assert client.get("/status/007").json()["queued"]["triggers"] == 3
+
+
+def test_a_5000_digit_project_id_is_refused_and_status_keeps_answering(client: TestClient) -> None:
+    answer = client.post(
+        "/webhook", json={"action": "START_TRAINING", "project": {"id": "9" * 5000}}
+    )
+    assert answer.status_code == 400 and "project.id" in answer.json()["detail"]
+    assert client.get("/status").status_code == 200
+    assert client.get(f"/status/{'9' * 5000}").status_code == 400
+
+
+def test_status_skips_project_ids_an_older_version_left_in_redis(
+    client: TestClient, redis_url: str
+) -> None:
+    from backend.queue import TrainingQueue
+
+    redis.Redis.from_url(redis_url).sadd(TrainingQueue.projects_key(), "9" * 5000, "07", "٣")
+    client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+    answer = client.get("/status")
+    assert answer.status_code == 200
+    assert [p["project"] for p in answer.json()["projects"]] == ["7"]
+
+
+@pytest.mark.parametrize("path", ["/status/٣", "/versions?project=٣", "/status/１２"])
+def test_non_ascii_digits_are_not_a_project_id(client: TestClient, path: str) -> None:
+    answer = client.get(path)
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "invalid_request"
+
+
+def test_a_webhook_with_non_ascii_digits_is_a_400(client: TestClient) -> None:
+    answer = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": "٣"}})
+    assert answer.status_code == 400 and "project.id" in answer.json()["detail"]

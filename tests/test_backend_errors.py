@@ -1,0 +1,52 @@
+"""One error body, ``{"error": code, "detail": message}``, for every error the app answers.
+
+FastAPI/Starlette's own errors (unknown route, wrong method, a body ``json`` cannot parse) included.
+"""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from backend.app import create_app
+from backend.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    settings = Settings(
+        preload_model=False,
+        prefetch_workers=0,
+        versions_dir=tmp_path_factory.mktemp("versions"),
+        redis_url="redis://127.0.0.1:9/0",  # nothing here reaches Redis
+    )
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def test_an_unknown_route_is_a_404_in_our_error_body(client):
+    answer = client.get("/nowhere")
+    assert answer.status_code == 404
+    assert answer.json() == {"error": "not_found", "detail": "Not Found"}
+
+
+def test_a_wrong_method_is_a_405_in_our_error_body(client):
+    answer = client.get("/predict")
+    assert answer.status_code == 405
+    assert answer.json() == {"error": "method_not_allowed", "detail": "Method Not Allowed"}
+    assert answer.headers["allow"] == "POST"
+
+
+DEEP = b'{"project": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+HUGE_INT = b'{"project": ' + b"7" * 5000 + b', "tasks": []}'
+
+
+@pytest.mark.parametrize("path", ["/setup", "/predict", "/webhook"])
+@pytest.mark.parametrize(
+    ("body", "needle"), [(DEEP, "too deeply"), (HUGE_INT, "too many digits")], ids=["deep", "int"]
+)
+def test_json_python_cannot_parse_is_a_400_in_our_error_body(client, path, body, needle):
+    answer = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "malformed_json"
+    assert needle in answer.json()["detail"]
