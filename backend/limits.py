@@ -45,7 +45,7 @@ class RequestLimits:
         )
 
     def check_tasks(self, tasks: Sized) -> None:
-        """Refuse a ``/predict`` with more than ``max_tasks_per_predict`` tasks."""
+        """Refuse an interactive ``/predict`` with more than ``max_tasks_per_predict`` tasks."""
         if len(tasks) > self.max_tasks_per_predict:
             raise RequestTooLargeError(
                 f"{len(tasks)} tasks in one /predict; the limit is {self.max_tasks_per_predict} "

@@ -342,12 +342,14 @@ class StableSamBackend:
         image download or model work.
         """
         key = project_key(project)
-        self.limits.check_tasks(tasks)
         self.limits.check_label_config(label_config, "label_config")
         result = (context or {}).get("result") if isinstance(context, dict) else None
         if context is not None and not isinstance(context, dict):
             raise InvalidRequestError("params.context must be an object")
         if result:
+            # Each task of an interactive call costs model work; a batch call (Retrieve
+            # predictions, any number of tasks) costs a list entry and a bounded warm-up.
+            self.limits.check_tasks(tasks)
             self.limits.check_regions(result)
             groups = parse_context(result)  # fail fast on bad regions, before any download
             self.limits.check_points(groups)

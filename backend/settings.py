@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     # Content-Length). Webhook ANNOTATION_* and batch /predict bodies carry whole annotations
     # with brush RLEs: several MB is normal.
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
-    # Tasks in one /predict (LS's "Retrieve predictions" sends the selected tasks in one call).
+    # Tasks in one interactive /predict (each costs model work). Batch calls (LS's "Retrieve
+    # predictions" sends every selected task at once) cost a list entry each: not counted.
     max_tasks_per_predict: int = Field(default=1000, gt=0)
     # Regions in one interactive /predict (entries of params.context.result).
     max_regions: int = Field(default=500, gt=0)

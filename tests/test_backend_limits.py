@@ -173,3 +173,12 @@ def test_setup_remembers_only_the_schema_cache_size_most_recent_projects(client)
     forgotten = predict_for(100)
     assert forgotten.status_code == 400 and forgotten.json()["error"] == "label_config"
     assert predict_for(109).status_code == 200
+
+
+def test_a_batch_predict_of_many_tasks_is_not_refused(client):
+    # "Retrieve predictions" sends every selected task at once; without a context each one
+    # costs only its (empty) entry, so only MAX_BODY_BYTES bounds it.
+    tasks = [{"id": i, "data": {"img": f"/public/scene.png?task={i}"}} for i in range(5)]
+    body = {"tasks": tasks, "project": "1.1", "label_config": CONFIG}
+    answer = client.post("/predict", json=body)
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 5
