@@ -12,10 +12,12 @@ swapped in per call, so new versions are served without a restart.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,7 @@ class ModelServer:
         self.error: str | None = None  # why the model could not be built, for /health
         self.warm = False  # True once warm_up ran
         self._plugin_cache: dict[tuple[Path, int], Any] = {}
+        self._slots = threading.BoundedSemaphore(settings.model_concurrency)
         self._versions = VersionStore(settings.versions_dir, keep=settings.versions_keep)
         self.base_tag = self._base_tag()
         self.default_plugin_tag = self._default_plugin_tag()
@@ -138,6 +141,13 @@ class ModelServer:
         return version.name if version is not None else self.default_model_version
 
     # -- the model ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of the MODEL_CONCURRENCY model slots (waits for one) while running the
+        model: requests may be many, model calls at once are few."""
+        with self._slots:
+            yield
+
     @property
     def loaded(self) -> bool:
         return self._predictor is not None
@@ -404,14 +414,15 @@ class StableSamBackend:
                 )
             prompt = group_to_prompt(group, image.width, image.height)
             started = time.perf_counter()
-            prediction = predictor.predict(
-                image.rgb,
-                point_coords=prompt.points_xy,
-                point_labels=prompt.point_labels,
-                box_xyxy=prompt.box_xyxy,
-                image_key=image.sha256,
-                plugins=choice.plugins,
-            )
+            with self.models.slot():
+                prediction = predictor.predict(
+                    image.rgb,
+                    point_coords=prompt.points_xy,
+                    point_labels=prompt.point_labels,
+                    box_xyxy=prompt.box_xyxy,
+                    image_key=image.sha256,
+                    plugins=choice.plugins,
+                )
             mask = np.asarray(prediction.masks[0])
             score = float(prediction.scores[0])
             rle = mask_to_rle(mask)
@@ -462,7 +473,9 @@ class StableSamBackend:
         try:
             started = time.perf_counter()
             image = self._image_of(task, config, to_name)
-            self.models.predictor().prefetch(image.rgb, image_key=image.sha256)
+            predictor = self.models.predictor()
+            with self.models.slot():
+                predictor.prefetch(image.rgb, image_key=image.sha256)
             logger.info(
                 "warm-up: task %s embedded in %.0f ms",
                 task.get("id"),

@@ -112,8 +112,14 @@ class Settings(BaseSettings):
     # needs no credentials, so invented project ids must not grow memory).
     schema_cache_size: int = Field(default=256, gt=0)
     # /predict calls served at once, on worker threads of their own (more wait their turn), so
-    # that slow image downloads never take the threads /setup, /webhook and /status need.
-    predict_concurrency: int = Field(default=16, gt=0)
+    # that slow image downloads never take the threads /setup, /webhook and /status need. A
+    # download holds its thread for at most IMAGE_FETCH_TIMEOUT_S; threads are cheap, so this
+    # is sized for many slow downloads beside the clicks on cached images.
+    predict_concurrency: int = Field(default=64, gt=0)
+    # Model calls (image embedding, mask decoding) at once, across /predict and the task-open
+    # warm-up; the others wait their turn. Bounds the model's working memory (a ViT-H
+    # embedding needs GBs) whatever the number of requests.
+    model_concurrency: int = Field(default=2, gt=0)
 
     # --- Training queue and model versions ---
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from backend_support import CONFIG, kp
+from backend_support import CONFIG, FakeLabelStudio, kp, png_bytes, scene
 from loopback import LoopbackServer, QuietHandler
 
 from backend.app import create_app
@@ -167,3 +167,97 @@ def test_a_chunked_body_is_refused_while_it_streams_in(tmp_path) -> None:
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"request_too_large" in answer
     assert sent < 4 * limit  # answered as soon as the limit passed, not after the whole body
+
+
+SLOW_DOWNLOADS = 45  # the measurement: 45 slow downloads made /health take 13 s
+
+
+def test_a_click_on_a_cached_image_is_answered_while_slow_downloads_hold_requests(
+    tmp_path,
+) -> None:
+    with HeldImages() as held, FakeLabelStudio() as public:
+        image, _ = scene(96, 128)
+        public.files["cached.png"] = png_bytes(image)
+        settings = Settings(
+            label_studio_url=held.url,
+            sam_model_type="mini",
+            sam_allow_random_weights=True,
+            preload_model=False,
+            device="cpu",
+            prefetch_workers=0,
+            image_fetch_timeout_s=60,
+            versions_dir=tmp_path,
+            redis_url="redis://127.0.0.1:9/0",
+        )
+        backend = StableSamBackend(settings)
+
+        def click(image_url: str) -> int:
+            body = {
+                "tasks": [{"id": 1, "data": {"img": image_url}}],
+                "project": "1.1700000000",
+                "label_config": CONFIG,
+                "params": {"context": {"result": [kp(50, 50)]}},
+            }
+            return httpx.post(f"{server.url}/predict", json=body, timeout=120).status_code
+
+        with (
+            UvicornThread(create_app(settings, backend)) as server,
+            ThreadPoolExecutor(SLOW_DOWNLOADS) as clients,
+        ):
+            cached = f"{public.url}/public/cached.png"
+            assert click(cached) == 200  # downloaded, decoded and embedded once
+            answers = [clients.submit(click, f"/held/{n}.png") for n in range(SLOW_DOWNLOADS)]
+            try:
+                deadline = time.monotonic() + 30
+                while held.waiting < SLOW_DOWNLOADS:
+                    assert time.monotonic() < deadline, f"only {held.waiting} downloads started"
+                    time.sleep(0.02)
+                started = time.perf_counter()
+                assert click(cached) == 200
+                assert time.perf_counter() - started < 2.0
+            finally:
+                held.release.set()
+            assert [a.result() for a in answers] == [404] * SLOW_DOWNLOADS
+
+
+def test_model_calls_at_once_never_exceed_model_concurrency(tmp_path) -> None:
+    with FakeLabelStudio() as public:
+        image, _ = scene(96, 128)
+        public.files["a.png"] = png_bytes(image)
+        settings = Settings(
+            sam_model_type="mini",
+            sam_allow_random_weights=True,
+            preload_model=False,
+            device="cpu",
+            prefetch_workers=0,
+            versions_dir=tmp_path,
+            model_concurrency=1,
+        )
+        backend = StableSamBackend(settings)
+        predictor = backend.models.predictor()
+        running, most = 0, 0
+        lock = threading.Lock()
+        original = predictor.predict
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal running, most
+            with lock:
+                running += 1
+                most = max(most, running)
+            try:
+                time.sleep(0.05)  # long enough for the other calls to overlap if allowed
+                return original(*args, **kwargs)
+            finally:
+                with lock:
+                    running -= 1
+
+        predictor.predict = counted
+        context = {"result": [kp(50, 50)]}
+        tasks = [{"id": 1, "data": {"img": f"{public.url}/public/a.png"}}]
+        with ThreadPoolExecutor(6) as pool:
+            results = list(
+                pool.map(lambda _: backend.predict(tasks, context, "1.1", CONFIG), range(6))
+            )
+        backend.close()
+    assert all(r[0]["result"] for r in results)
+    assert most == 1
