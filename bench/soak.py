@@ -419,6 +419,11 @@ def main() -> None:
                 "loaded": {**load_c, "statuses": clicks_load["statuses"]},
                 "p50_ratio": ratio(load_c["p50_ms"], base_c["p50_ms"]),
                 "p99_ratio": ratio(load_c["p99_ms"], base_c["p99_ms"]),
+                # Clicks answered per second: with many more clients than cores, latency is
+                # queueing (clients / throughput); throughput says what the load costs.
+                "per_s_baseline": round(base_c["n"] / args.baseline, 1),
+                "per_s_loaded": round(load_c["n"] / args.duration, 1),
+                "per_s_ratio": ratio(load_c["n"] / args.duration, base_c["n"] / args.baseline),
             },
             slow_downloads={
                 **summary(slow_result["durations"]),
