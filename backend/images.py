@@ -244,7 +244,13 @@ def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[s
                 "LABEL_STUDIO_URL (or LABEL_STUDIO_TRUST_SETUP=true to take it from /setup)"
             )
         return base_url + value, True
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # so does a port that is not a number in 0-65535
+    except ValueError as exc:  # e.g. an unbalanced "[" in the host
+        raise InvalidRequestError(
+            f"the task's image URL cannot be parsed ({exc}); expected an http(s) URL"
+        ) from exc
     if parts.scheme in ("http", "https") and parts.netloc:
         # Credentials go only to Label Studio's own origin, never to another host.
         same_origin = bool(base_url) and origin_of(value) == origin_of(base_url)

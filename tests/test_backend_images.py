@@ -92,6 +92,18 @@ def test_unusable_urls_are_request_errors(value, base, message):
         resolve_image_url(value, task_id, base)
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("http://[bad/a.png", "Invalid IPv6 URL"), ("http://host:abc/a.png", "Port")],
+    ids=["unbalanced-bracket", "port-not-a-number"],
+)
+def test_urls_python_cannot_parse_are_400_naming_the_problem(ls, value, problem):
+    with pytest.raises(InvalidRequestError) as info:
+        loader_for(ls).load(value, 1)
+    assert (info.value.status_code, info.value.code) == (400, "invalid_request")
+    assert "cannot be parsed" in info.value.detail and problem in info.value.detail
+
+
 def test_display_url_drops_user_password_query_and_fragment():
     assert display_url("https://user:s3cret@cdn.example:8443/a.png?X-Sig=abc#top") == (
         "https://cdn.example:8443/a.png"
