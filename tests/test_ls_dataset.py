@@ -1,7 +1,8 @@
 """training.ls_dataset: Label Studio tasks + annotations -> Samples with instance masks.
 
 A small in-process stand-in for Label Studio's REST API (httpx.MockTransport) serves tasks in
-exactly the JSON shape LS 1.23 returns, with brush RLE made by the sdk's own encoder.
+exactly the JSON shape LS 1.23 returns, with brush RLE made by the sdk's own encoder; the
+download deadline is tested against a real loopback server (``backend_support``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from backend_support import FakeLabelStudio as LoopbackLabelStudio
+from backend_support import scene as loopback_scene
 from label_studio_sdk.converter.brush import mask2rle
 from loopback import png_bytes
 from PIL import Image
@@ -222,6 +225,64 @@ def test_missing_image_skips_the_task_not_the_project(scene) -> None:
         tasks, {"/data/upload/7/b.png": png_bytes(image)}, token="legacy-token-0000"
     )
     assert [s.name for s in ls.load_project_samples(client_for(fake), "7")] == ["task2"]
+
+
+# --- downloads: one deadline per request, from connecting to the last byte ------------------
+
+
+@pytest.fixture(scope="module")
+def loopback_ls():
+    with LoopbackLabelStudio() as server:
+        server.files["scene.png"] = png_bytes(loopback_scene(60, 80)[0])
+        yield server
+
+
+def deadline_client(server: LoopbackLabelStudio, token: str | None = None) -> ls.LabelStudioClient:
+    return ls.LabelStudioClient(server.url, token or server.legacy_token, timeout_s=1.0)
+
+
+def assert_times_out_after(deadline_s: float, request) -> None:
+    """``request()`` fails with a "timed out" ``LabelStudioError`` at the deadline (+0.5 s)."""
+    started = time.monotonic()
+    with pytest.raises(ls.LabelStudioError, match="timed out after"):
+        request()
+    elapsed = time.monotonic() - started
+    assert deadline_s - 0.05 <= elapsed < deadline_s + 0.5, elapsed
+
+
+def test_an_image_from_a_real_server_is_downloaded_within_the_deadline(loopback_ls) -> None:
+    image = deadline_client(loopback_ls).image(f"{loopback_ls.url}/public/scene.png")
+    np.testing.assert_array_equal(image, loopback_scene(60, 80)[0])
+
+
+def test_an_image_body_trickled_a_byte_at_a_time_is_cut_off_at_the_deadline(loopback_ls) -> None:
+    client = deadline_client(loopback_ls)
+    assert_times_out_after(1.0, lambda: client.image(f"{loopback_ls.url}/trickle-body/scene.png"))
+
+
+def test_image_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_deadline(loopback_ls) -> None:
+    client = deadline_client(loopback_ls)
+    url = f"{loopback_ls.url}/trickle-headers/scene.png"
+    assert_times_out_after(1.0, lambda: client.image(url))
+
+
+def test_a_second_image_over_the_same_client_has_a_deadline_too(loopback_ls) -> None:
+    client = deadline_client(loopback_ls)
+    client.image(f"{loopback_ls.url}/public/scene.png")  # a connection that could be kept alive
+    assert_times_out_after(1.0, lambda: client.image(f"{loopback_ls.url}/trickle-body/scene.png"))
+
+
+def test_an_api_request_trickled_a_byte_at_a_time_is_cut_off_at_the_deadline(
+    loopback_ls, monkeypatch
+) -> None:
+    monkeypatch.setattr(loopback_ls, "trickle_api", True)
+    assert_times_out_after(1.0, lambda: deadline_client(loopback_ls).tasks("7"))
+
+
+def test_the_token_exchange_counts_against_the_deadline(loopback_ls, monkeypatch) -> None:
+    monkeypatch.setattr(loopback_ls, "trickle_refresh", True)
+    client = deadline_client(loopback_ls, token=loopback_ls.pat)
+    assert_times_out_after(1.0, lambda: client.image("/data/upload/7/scene.png"))
 
 
 def test_exif_orientation_is_applied_like_the_browser() -> None:

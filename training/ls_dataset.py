@@ -4,7 +4,8 @@ The training job's adapter to Label Studio. ``LabelStudioClient`` authenticates 
 access token (a JWT refresh token, exchanged at ``POST /api/token/refresh/`` for short-lived
 access tokens) or a legacy token (``Authorization: Token ...``), lists a project's tasks with
 their annotations (``GET /api/tasks?project=..&fields=all``, paged) and downloads task images
-(LS-relative ``/data/...`` paths, storage URLs resolved by LS, or plain http(s)).
+(LS-relative ``/data/...`` paths, storage URLs resolved by LS, or plain http(s)). Every request
+has one deadline, from connecting to its last byte (``backend.images.DownloadDeadline``).
 
 Each ``brushlabels`` region becomes one instance mask (its RLE decodes to H*W*4 RGBA bytes,
 foreground where alpha != 0, ``label_studio_sdk.converter.brush.decode_rle``); each
@@ -34,6 +35,7 @@ from defusedxml import ElementTree as SafeET
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image, ImageOps
 
+from backend.images import DownloadDeadline, deadline_client
 from training.data import Sample
 
 logger = logging.getLogger(__name__)
@@ -64,8 +66,10 @@ def _jwt_claims(token: str) -> dict[str, Any] | None:
 class LabelStudioClient:
     """A small Label Studio REST client for one base ``url`` and ``token`` (PAT or legacy).
 
-    ``timeout_s``: per request. ``max_image_pixels``: images larger than this (W*H) are refused
-    before decoding (decompression bombs).
+    ``timeout_s``: the deadline of each request, seconds, from connecting to its last byte (a
+    token exchange and a retry after a 401 included): a server trickling bytes cannot hold the
+    job. ``max_image_pixels``: images larger than this (W*H) are refused before decoding
+    (decompression bombs).
     """
 
     url: str
@@ -82,9 +86,7 @@ class LabelStudioClient:
             )
         if not self.token:
             raise LabelStudioError("no Label Studio token (set LABEL_STUDIO_API_KEY)")
-        self._http = httpx.Client(
-            timeout=self.timeout_s, follow_redirects=True, transport=self.transport
-        )
+        self._http = deadline_client(self.timeout_s, self.transport)
         self._access: tuple[str, float] | None = None
         self._lock = threading.Lock()
         claims = _jwt_claims(self.token)
@@ -126,18 +128,36 @@ class LabelStudioClient:
             return f"Bearer {access}"
 
     def _get(self, url: str, params: dict[str, Any] | None = None) -> httpx.Response:
+        """GET ``url``, all of it within ``timeout_s`` (``LabelStudioError`` after)."""
+        shown = _strip_query(url)
+        with DownloadDeadline(self.timeout_s) as deadline:
+            try:
+                response = self._get_with_auth(url, params)
+            except httpx.HTTPError as exc:
+                if deadline.expired or isinstance(exc, httpx.TimeoutException):
+                    raise self._timed_out(shown) from exc
+                raise LabelStudioError(f"GET {shown} failed: {type(exc).__name__}") from exc
+            except LabelStudioError as exc:  # the token exchange failed: cut short by the deadline?
+                if deadline.expired:
+                    raise self._timed_out(shown) from exc
+                raise
+            if deadline.expired:  # a shut-down socket can also read as a body that ended early
+                raise self._timed_out(shown)
+        return response
+
+    def _get_with_auth(self, url: str, params: dict[str, Any] | None) -> httpx.Response:
         same_host = urlparse(url).netloc == urlparse(self.url).netloc
         headers = {"Authorization": self._authorization()} if same_host else {}
-        try:
+        response = self._http.get(url, params=params, headers=headers)
+        if response.status_code == 401 and same_host and self._personal_access_token:
+            with self._lock:
+                self._access = None
+            headers = {"Authorization": self._authorization()}
             response = self._http.get(url, params=params, headers=headers)
-            if response.status_code == 401 and same_host and self._personal_access_token:
-                with self._lock:
-                    self._access = None
-                headers = {"Authorization": self._authorization()}
-                response = self._http.get(url, params=params, headers=headers)
-        except httpx.HTTPError as exc:
-            raise LabelStudioError(f"GET {_strip_query(url)} failed: {type(exc).__name__}") from exc
         return response
+
+    def _timed_out(self, shown: str) -> LabelStudioError:
+        return LabelStudioError(f"timed out after {self.timeout_s:g} s: GET {shown}")
 
     # --- API -----------------------------------------------------------------------------
 
