@@ -5,19 +5,16 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 from backend_support import FakeLabelStudio, fake_jwt, png_bytes, scene
+from peak_rss import needs_proc, peak_rss_of_decoding
 from PIL import Image, ImageFile, ImageOps
 from pydantic import SecretStr
 
@@ -316,41 +313,6 @@ def test_every_exif_orientation_is_shown_as_pillow_transposes_it(orientation):
         expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     shown = decode_image(buffer.getvalue(), max_pixels=10_000)
     assert np.array_equal(shown, expected) and shown.flags.c_contiguous and shown.flags.writeable
-
-
-PEAK_RSS_SCRIPT = """
-import sys
-from backend.images import decode_image
-
-def rss(field):
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
-
-data = open(sys.argv[1], "rb").read()
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")  # the peak (VmHWM) starts again from the current RSS
-before = rss("VmRSS")
-decode_image(data, 100_000_000)
-print(rss("VmHWM") - before)
-"""
-
-
-def peak_rss_of_decoding(path: Path) -> int:
-    """How much decoding the image file at ``path`` raises a fresh process's peak RSS, bytes."""
-    return int(
-        subprocess.run(
-            [sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)],
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-
-
-needs_proc = pytest.mark.skipif(
-    not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc"
-)
 
 
 @needs_proc
