@@ -20,6 +20,7 @@ from backend_support import FakeLabelStudio as LoopbackLabelStudio
 from backend_support import scene as loopback_scene
 from label_studio_sdk.converter.brush import mask2rle
 from loopback import png_bytes
+from peak_rss import needs_proc, peak_rss_of_decoding
 from PIL import Image
 
 import training.ls_dataset as ls
@@ -294,6 +295,31 @@ def test_exif_orientation_is_applied_like_the_browser() -> None:
     Image.fromarray(image).save(buffer, format="JPEG", exif=exif, quality=100)
     decoded = ls.decode_image(buffer.getvalue())
     assert decoded.shape == (30, 20, 3)
+
+
+def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped() -> None:
+    samples_16 = np.array([[0, 257, 30000, 65535]], np.uint16)  # a 16-bit grayscale PNG
+    buffer = io.BytesIO()
+    Image.fromarray(samples_16).save(buffer, format="PNG")
+    fake = FakeLabelStudio(
+        [task(1, "/data/upload/7/deep.png", [brush_result(np.ones((1, 4), bool))])],
+        {"/data/upload/7/deep.png": buffer.getvalue()},
+        token="legacy-token-0000",
+    )
+    (sample,) = ls.load_project_samples(client_for(fake), "7")
+    shown = np.array([[0, 1, 117, 255]], np.uint8)  # as the browser shows it (was 0/255/255/255)
+    np.testing.assert_array_equal(sample.image, np.repeat(shown[..., None], 3, axis=2))
+
+
+@needs_proc
+def test_decoding_an_image_holds_only_the_decoded_image_the_result_and_a_few_bands(
+    tmp_path,
+) -> None:
+    side = 4000
+    Image.new("RGB", (side, side)).save(tmp_path / "image.png")
+    peak = peak_rss_of_decoding(tmp_path / "image.png", "training.ls_dataset:decode_image")
+    # Pillow's decoded RGB (4 bytes a pixel) + the (H, W, 3) result: was 18 bytes a pixel.
+    assert peak < (4 + 3) * side * side + 24 * 1024 * 1024
 
 
 def test_images_over_the_pixel_limit_are_refused() -> None:

@@ -5,7 +5,8 @@ access token (a JWT refresh token, exchanged at ``POST /api/token/refresh/`` for
 access tokens) or a legacy token (``Authorization: Token ...``), lists a project's tasks with
 their annotations (``GET /api/tasks?project=..&fields=all``, paged) and downloads task images
 (LS-relative ``/data/...`` paths, storage URLs resolved by LS, or plain http(s)). Every request
-has one deadline, from connecting to its last byte (``backend.images.DownloadDeadline``).
+has one deadline, from connecting to its last byte (``backend.images.DownloadDeadline``), and
+images are decoded by the web process's decoder (``backend.images.decode_image``).
 
 Each ``brushlabels`` region becomes one instance mask (its RLE decodes to H*W*4 RGBA bytes,
 foreground where alpha != 0, ``label_studio_sdk.converter.brush.decode_rle``); each
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import logging
 import threading
@@ -33,8 +33,9 @@ import httpx
 import numpy as np
 from defusedxml import ElementTree as SafeET
 from label_studio_sdk.converter.brush import decode_rle
-from PIL import Image, ImageOps
 
+from backend import images
+from backend.errors import ImageDecodeError, ImageTooLargeError
 from backend.images import DownloadDeadline, deadline_client
 from training.data import Sample
 
@@ -215,17 +216,16 @@ def _raise_for_status(response: httpx.Response, what: str) -> None:
 
 
 def decode_image(data: bytes, max_pixels: int = 50_000_000) -> np.ndarray:
-    """Image bytes -> (H, W, 3) uint8 RGB, EXIF-transposed; refuses > ``max_pixels`` pixels."""
+    """Image bytes -> (H, W, 3) uint8 RGB as the browser shows them (LS's coordinates refer to
+    that view), by ``backend.images.decode_image``: EXIF orientation applied, 16-bit samples
+    scaled to 8 bits, no full-size copies. Images over ``max_pixels`` (W*H) are refused from
+    the header, before decoding."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > max_pixels:
-                raise LabelStudioError(
-                    f"image of {image.width}x{image.height} exceeds {max_pixels} pixels"
-                )
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    except (OSError, Image.DecompressionBombError) as exc:
-        raise LabelStudioError(f"unreadable image: {type(exc).__name__}") from exc
+        return images.decode_image(data, max_pixels)
+    except ImageTooLargeError as exc:
+        raise LabelStudioError(f"image exceeds the pixel limit: {exc.detail}") from exc
+    except ImageDecodeError as exc:
+        raise LabelStudioError(exc.detail) from exc  # corrupt, truncated, not an image
 
 
 # --- annotations -> masks ------------------------------------------------------------------
