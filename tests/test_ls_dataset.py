@@ -286,6 +286,33 @@ def test_the_token_exchange_counts_against_the_deadline(loopback_ls, monkeypatch
     assert_times_out_after(1.0, lambda: client.image("/data/upload/7/scene.png"))
 
 
+# --- URLs in errors and logs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["not-found", "unreachable"])
+def test_image_errors_do_not_echo_credentials_in_the_url(loopback_ls, where) -> None:
+    host = loopback_ls.url.removeprefix("http://") if where == "not-found" else "127.0.0.1:9"
+    client = deadline_client(loopback_ls)
+    with pytest.raises(ls.LabelStudioError) as info:
+        client.image(f"http://admin:s3cret@{host}/public/missing.png?X-Amz-Signature=abc")
+    assert f"http://{host}/public/missing.png" in str(info.value)
+    assert "s3cret" not in str(info.value) and "admin" not in str(info.value)
+
+
+def test_a_skipped_task_s_warning_does_not_log_credentials_in_its_url(scene, caplog) -> None:
+    image, a, _ = scene
+    tasks = [
+        task(1, "http://admin:s3cret@cdn.test/gone.png", [brush_result(a)]),
+        task(2, "/data/upload/7/b.png", [brush_result(a)]),
+    ]
+    fake = FakeLabelStudio(
+        tasks, {"/data/upload/7/b.png": png_bytes(image)}, token="legacy-token-0000"
+    )
+    samples = ls.load_project_samples(client_for(fake), "7")
+    assert [s.name for s in samples] == ["task2"]
+    assert "http://cdn.test/gone.png" in caplog.text and "s3cret" not in caplog.text
+
+
 def test_exif_orientation_is_applied_like_the_browser() -> None:
     image = np.zeros((20, 30, 3), np.uint8)
     image[:, :10] = 255

@@ -12,7 +12,8 @@ Each ``brushlabels`` region becomes one instance mask (its RLE decodes to H*W*4 
 foreground where alpha != 0, ``label_studio_sdk.converter.brush.decode_rle``); each
 ``polygonlabels`` region is rasterised (points are percent of the original image). One
 ``Sample`` per (task, Image tag) that has at least one mask; a task's newest non-cancelled
-annotation is used. Tokens are never logged.
+annotation is used. Tokens are never logged, and URLs reach logs and errors only through
+``backend.images.display_url`` (no credentials, no signatures).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from backend import images
 from backend.errors import ImageDecodeError, ImageTooLargeError
-from backend.images import DownloadDeadline, deadline_client
+from backend.images import DownloadDeadline, deadline_client, display_url
 from training.data import Sample
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class LabelStudioClient:
                 )
             except httpx.HTTPError as exc:
                 raise LabelStudioError(
-                    f"cannot reach Label Studio at {self.url}: {type(exc).__name__}"
+                    f"cannot reach Label Studio at {display_url(self.url)}: {type(exc).__name__}"
                 ) from exc
             if response.status_code != 200:
                 raise LabelStudioError(
@@ -130,7 +131,7 @@ class LabelStudioClient:
 
     def _get(self, url: str, params: dict[str, Any] | None = None) -> httpx.Response:
         """GET ``url``, all of it within ``timeout_s`` (``LabelStudioError`` after)."""
-        shown = _strip_query(url)
+        shown = display_url(url)
         with DownloadDeadline(self.timeout_s) as deadline:
             try:
                 response = self._get_with_auth(url, params)
@@ -202,12 +203,8 @@ class LabelStudioClient:
             value if urlparse(value).scheme in ("http", "https") else urljoin(self.url + "/", value)
         )
         response = self._get(url)
-        _raise_for_status(response, f"image {_strip_query(url)}")
+        _raise_for_status(response, f"image {display_url(url)}")
         return decode_image(response.content, self.max_image_pixels)
-
-
-def _strip_query(url: str) -> str:
-    return url.split("?", 1)[0]
 
 
 def _raise_for_status(response: httpx.Response, what: str) -> None:
