@@ -313,6 +313,19 @@ def test_a_skipped_task_s_warning_does_not_log_credentials_in_its_url(scene, cap
     assert "http://cdn.test/gone.png" in caplog.text and "s3cret" not in caplog.text
 
 
+def test_an_image_url_python_cannot_parse_skips_the_task_not_the_project(scene) -> None:
+    image, a, _ = scene
+    tasks = [
+        task(1, "http://[bad/a.png", [brush_result(a)]),
+        task(2, "http://cdn.test:abc/a.png", [brush_result(a)]),
+        task(3, "/data/upload/7/c.png", [brush_result(a)]),
+    ]
+    fake = FakeLabelStudio(
+        tasks, {"/data/upload/7/c.png": png_bytes(image)}, token="legacy-token-0000"
+    )
+    assert [s.name for s in ls.load_project_samples(client_for(fake), "7")] == ["task3"]
+
+
 def test_exif_orientation_is_applied_like_the_browser() -> None:
     image = np.zeros((20, 30, 3), np.uint8)
     image[:, :10] = 255

@@ -199,9 +199,13 @@ class LabelStudioClient:
 
         EXIF orientation is applied, as the browser does when it shows the task.
         """
-        url = (
-            value if urlparse(value).scheme in ("http", "https") else urljoin(self.url + "/", value)
-        )
+        try:
+            parts = urlparse(value)
+            _ = parts.port  # so does a port that is not a number in 0-65535
+            absolute = parts.scheme in ("http", "https")
+            url = value if absolute else urljoin(self.url + "/", value)
+        except ValueError as exc:  # e.g. an unbalanced "[" in the host
+            raise LabelStudioError(f"the task's image URL cannot be parsed ({exc})") from exc
         response = self._get(url)
         _raise_for_status(response, f"image {display_url(url)}")
         return decode_image(response.content, self.max_image_pixels)
