@@ -244,7 +244,13 @@ def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[s
                 "LABEL_STUDIO_URL (or LABEL_STUDIO_TRUST_SETUP=true to take it from /setup)"
             )
         return base_url + value, True
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # so does a port that is not a number in 0-65535
+    except ValueError as exc:  # e.g. an unbalanced "[" in the host
+        raise InvalidRequestError(
+            f"the task's image URL cannot be parsed ({exc}); expected an http(s) URL"
+        ) from exc
     if parts.scheme in ("http", "https") and parts.netloc:
         # Credentials go only to Label Studio's own origin, never to another host.
         same_origin = bool(base_url) and origin_of(value) == origin_of(base_url)
@@ -262,6 +268,10 @@ class DownloadDeadline:
     them down, which wakes a blocked read at once and fails the request. The client must not
     keep connections alive: a reused socket opens no connection, so the deadline would not see
     it. (A DNS lookup is not bounded: the socket does not exist yet.)
+
+    Any client from ``deadline_client`` keeps to the deadline in scope: make each download's
+    requests inside ``with DownloadDeadline(seconds) as deadline:``. A cut-off body can read as
+    one that ended early, so a download is complete only if ``deadline.expired`` is still False.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -272,13 +282,17 @@ class DownloadDeadline:
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
+        self._scope: contextvars.Token[DownloadDeadline | None] | None = None
 
     def __enter__(self) -> DownloadDeadline:
         self._timer.start()
+        self._scope = _current_deadline.set(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._timer.cancel()
+        if self._scope is not None:
+            _current_deadline.reset(self._scope)
 
     @property
     def expired(self) -> bool:
@@ -317,6 +331,19 @@ def _shut_down(sock: socket.socket) -> None:
 _current_deadline: contextvars.ContextVar[DownloadDeadline | None] = contextvars.ContextVar(
     "download_deadline", default=None
 )
+
+
+def deadline_client(timeout_s: float, transport: httpx.BaseTransport | None = None) -> httpx.Client:
+    """An httpx client (redirects followed) whose requests keep to the ``DownloadDeadline`` in
+    scope; ``timeout_s`` bounds each network operation outside one. No connection is kept
+    alive (see ``DownloadDeadline``)."""
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout_s),
+        follow_redirects=True,  # httpx drops Authorization on cross-origin redirects
+        limits=httpx.Limits(max_keepalive_connections=0),
+        event_hooks={"request": [_apply_deadline]},
+        transport=transport,
+    )
 
 
 def _apply_deadline(request: httpx.Request) -> None:
@@ -562,12 +589,7 @@ class ImageLoader:
     def __init__(self, settings: Settings, auth: LabelStudioAuth) -> None:
         self.settings = settings
         self.auth = auth
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(settings.image_fetch_timeout_s),
-            follow_redirects=True,  # httpx drops Authorization on cross-origin redirects
-            limits=httpx.Limits(max_keepalive_connections=0),  # see DownloadDeadline
-            event_hooks={"request": [_apply_deadline]},
-        )
+        self._client = deadline_client(settings.image_fetch_timeout_s)
         self._cache = _ImageCache(settings.image_cache_mb * 1024 * 1024, settings.image_url_ttl_s)
         self.decode_budget = DecodeBudget(
             settings.image_decode_concurrency,
@@ -607,7 +629,6 @@ class ImageLoader:
         if send_auth and not self.auth.configured:
             logger.warning("fetching %s without a token: set LABEL_STUDIO_API_KEY", shown)
         with DownloadDeadline(self.settings.image_fetch_timeout_s) as deadline:
-            scope = _current_deadline.set(deadline)
             try:
                 data = self._fetch(url, send_auth, shown)
             except httpx.HTTPError as exc:
@@ -618,8 +639,6 @@ class ImageLoader:
                 if deadline.expired:
                     raise self._timed_out(shown) from exc
                 raise
-            finally:
-                _current_deadline.reset(scope)
             if deadline.expired:  # a shut-down socket can also read as a body that ended early
                 raise self._timed_out(shown)
         return data

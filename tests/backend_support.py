@@ -10,6 +10,7 @@ Used by the backend tests (``test_backend_*.py``). Routes:
 - ``GET /trickle-body/<name>``     headers at once, then the body a byte per ``trickle_s``
 - ``GET /trickle-headers/<name>``  the status line, then a header a byte per ``trickle_s``
                                     (both hang up after ``trickle_bytes`` bytes)
+- ``GET /api/...``                 404, or trickled headers with ``trickle_api``
 - anything else                    404
 """
 
@@ -86,6 +87,7 @@ class FakeLabelStudio(LoopbackServer):
         self.trickle_s = 0.5
         self.trickle_bytes = 8
         self.trickle_refresh = False  # answer POST /api/token/refresh/ with trickled headers
+        self.trickle_api = False  # answer GET /api/... with trickled headers
         self.requests: Counter[str] = Counter()
         self.auth_headers: list[str] = []
         server = self
@@ -135,7 +137,9 @@ class FakeLabelStudio(LoopbackServer):
                             401, b'{"detail": "Authentication credentials were not provided."}'
                         )
                         return
-                if path.startswith("/trickle-headers/"):
+                if path.startswith("/trickle-headers/") or (
+                    server.trickle_api and path.startswith("/api/")
+                ):
                     self.trickle_headers()
                 elif path.startswith("/trickle-body/") and name in server.files:
                     self.send_response(200)

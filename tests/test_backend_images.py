@@ -5,19 +5,16 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 from backend_support import FakeLabelStudio, fake_jwt, png_bytes, scene
+from peak_rss import needs_proc, peak_rss_of_decoding
 from PIL import Image, ImageFile, ImageOps
 from pydantic import SecretStr
 
@@ -90,6 +87,18 @@ def test_unusable_urls_are_request_errors(value, base, message):
     task_id = None if value.startswith("s3") else 1
     with pytest.raises(InvalidRequestError, match=message or "task id"):
         resolve_image_url(value, task_id, base)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("http://[bad/a.png", "Invalid IPv6 URL"), ("http://host:abc/a.png", "Port")],
+    ids=["unbalanced-bracket", "port-not-a-number"],
+)
+def test_urls_python_cannot_parse_are_400_naming_the_problem(ls, value, problem):
+    with pytest.raises(InvalidRequestError) as info:
+        loader_for(ls).load(value, 1)
+    assert (info.value.status_code, info.value.code) == (400, "invalid_request")
+    assert "cannot be parsed" in info.value.detail and problem in info.value.detail
 
 
 def test_display_url_drops_user_password_query_and_fragment():
@@ -304,41 +313,6 @@ def test_every_exif_orientation_is_shown_as_pillow_transposes_it(orientation):
         expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     shown = decode_image(buffer.getvalue(), max_pixels=10_000)
     assert np.array_equal(shown, expected) and shown.flags.c_contiguous and shown.flags.writeable
-
-
-PEAK_RSS_SCRIPT = """
-import sys
-from backend.images import decode_image
-
-def rss(field):
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
-
-data = open(sys.argv[1], "rb").read()
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")  # the peak (VmHWM) starts again from the current RSS
-before = rss("VmRSS")
-decode_image(data, 100_000_000)
-print(rss("VmHWM") - before)
-"""
-
-
-def peak_rss_of_decoding(path: Path) -> int:
-    """How much decoding the image file at ``path`` raises a fresh process's peak RSS, bytes."""
-    return int(
-        subprocess.run(
-            [sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)],
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-
-
-needs_proc = pytest.mark.skipif(
-    not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc"
-)
 
 
 @needs_proc

@@ -1,7 +1,8 @@
 """training.ls_dataset: Label Studio tasks + annotations -> Samples with instance masks.
 
 A small in-process stand-in for Label Studio's REST API (httpx.MockTransport) serves tasks in
-exactly the JSON shape LS 1.23 returns, with brush RLE made by the sdk's own encoder.
+exactly the JSON shape LS 1.23 returns, with brush RLE made by the sdk's own encoder; the
+download deadline is tested against a real loopback server (``backend_support``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from backend_support import FakeLabelStudio as LoopbackLabelStudio
+from backend_support import scene as loopback_scene
 from label_studio_sdk.converter.brush import mask2rle
 from loopback import png_bytes
+from peak_rss import needs_proc, peak_rss_of_decoding
 from PIL import Image
 
 import training.ls_dataset as ls
@@ -224,6 +228,104 @@ def test_missing_image_skips_the_task_not_the_project(scene) -> None:
     assert [s.name for s in ls.load_project_samples(client_for(fake), "7")] == ["task2"]
 
 
+# --- downloads: one deadline per request, from connecting to the last byte ------------------
+
+
+@pytest.fixture(scope="module")
+def loopback_ls():
+    with LoopbackLabelStudio() as server:
+        server.files["scene.png"] = png_bytes(loopback_scene(60, 80)[0])
+        yield server
+
+
+def deadline_client(server: LoopbackLabelStudio, token: str | None = None) -> ls.LabelStudioClient:
+    return ls.LabelStudioClient(server.url, token or server.legacy_token, timeout_s=1.0)
+
+
+def assert_times_out_after(deadline_s: float, request) -> None:
+    """``request()`` fails with a "timed out" ``LabelStudioError`` at the deadline (+0.5 s)."""
+    started = time.monotonic()
+    with pytest.raises(ls.LabelStudioError, match="timed out after"):
+        request()
+    elapsed = time.monotonic() - started
+    assert deadline_s - 0.05 <= elapsed < deadline_s + 0.5, elapsed
+
+
+def test_an_image_from_a_real_server_is_downloaded_within_the_deadline(loopback_ls) -> None:
+    image = deadline_client(loopback_ls).image(f"{loopback_ls.url}/public/scene.png")
+    np.testing.assert_array_equal(image, loopback_scene(60, 80)[0])
+
+
+def test_an_image_body_trickled_a_byte_at_a_time_is_cut_off_at_the_deadline(loopback_ls) -> None:
+    client = deadline_client(loopback_ls)
+    assert_times_out_after(1.0, lambda: client.image(f"{loopback_ls.url}/trickle-body/scene.png"))
+
+
+def test_image_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_deadline(loopback_ls) -> None:
+    client = deadline_client(loopback_ls)
+    url = f"{loopback_ls.url}/trickle-headers/scene.png"
+    assert_times_out_after(1.0, lambda: client.image(url))
+
+
+def test_a_second_image_over_the_same_client_has_a_deadline_too(loopback_ls) -> None:
+    client = deadline_client(loopback_ls)
+    client.image(f"{loopback_ls.url}/public/scene.png")  # a connection that could be kept alive
+    assert_times_out_after(1.0, lambda: client.image(f"{loopback_ls.url}/trickle-body/scene.png"))
+
+
+def test_an_api_request_trickled_a_byte_at_a_time_is_cut_off_at_the_deadline(
+    loopback_ls, monkeypatch
+) -> None:
+    monkeypatch.setattr(loopback_ls, "trickle_api", True)
+    assert_times_out_after(1.0, lambda: deadline_client(loopback_ls).tasks("7"))
+
+
+def test_the_token_exchange_counts_against_the_deadline(loopback_ls, monkeypatch) -> None:
+    monkeypatch.setattr(loopback_ls, "trickle_refresh", True)
+    client = deadline_client(loopback_ls, token=loopback_ls.pat)
+    assert_times_out_after(1.0, lambda: client.image("/data/upload/7/scene.png"))
+
+
+# --- URLs in errors and logs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["not-found", "unreachable"])
+def test_image_errors_do_not_echo_credentials_in_the_url(loopback_ls, where) -> None:
+    host = loopback_ls.url.removeprefix("http://") if where == "not-found" else "127.0.0.1:9"
+    client = deadline_client(loopback_ls)
+    with pytest.raises(ls.LabelStudioError) as info:
+        client.image(f"http://admin:s3cret@{host}/public/missing.png?X-Amz-Signature=abc")
+    assert f"http://{host}/public/missing.png" in str(info.value)
+    assert "s3cret" not in str(info.value) and "admin" not in str(info.value)
+
+
+def test_a_skipped_task_s_warning_does_not_log_credentials_in_its_url(scene, caplog) -> None:
+    image, a, _ = scene
+    tasks = [
+        task(1, "http://admin:s3cret@cdn.test/gone.png", [brush_result(a)]),
+        task(2, "/data/upload/7/b.png", [brush_result(a)]),
+    ]
+    fake = FakeLabelStudio(
+        tasks, {"/data/upload/7/b.png": png_bytes(image)}, token="legacy-token-0000"
+    )
+    samples = ls.load_project_samples(client_for(fake), "7")
+    assert [s.name for s in samples] == ["task2"]
+    assert "http://cdn.test/gone.png" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_an_image_url_python_cannot_parse_skips_the_task_not_the_project(scene) -> None:
+    image, a, _ = scene
+    tasks = [
+        task(1, "http://[bad/a.png", [brush_result(a)]),
+        task(2, "http://cdn.test:abc/a.png", [brush_result(a)]),
+        task(3, "/data/upload/7/c.png", [brush_result(a)]),
+    ]
+    fake = FakeLabelStudio(
+        tasks, {"/data/upload/7/c.png": png_bytes(image)}, token="legacy-token-0000"
+    )
+    assert [s.name for s in ls.load_project_samples(client_for(fake), "7")] == ["task3"]
+
+
 def test_exif_orientation_is_applied_like_the_browser() -> None:
     image = np.zeros((20, 30, 3), np.uint8)
     image[:, :10] = 255
@@ -233,6 +335,31 @@ def test_exif_orientation_is_applied_like_the_browser() -> None:
     Image.fromarray(image).save(buffer, format="JPEG", exif=exif, quality=100)
     decoded = ls.decode_image(buffer.getvalue())
     assert decoded.shape == (30, 20, 3)
+
+
+def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped() -> None:
+    samples_16 = np.array([[0, 257, 30000, 65535]], np.uint16)  # a 16-bit grayscale PNG
+    buffer = io.BytesIO()
+    Image.fromarray(samples_16).save(buffer, format="PNG")
+    fake = FakeLabelStudio(
+        [task(1, "/data/upload/7/deep.png", [brush_result(np.ones((1, 4), bool))])],
+        {"/data/upload/7/deep.png": buffer.getvalue()},
+        token="legacy-token-0000",
+    )
+    (sample,) = ls.load_project_samples(client_for(fake), "7")
+    shown = np.array([[0, 1, 117, 255]], np.uint8)  # as the browser shows it (was 0/255/255/255)
+    np.testing.assert_array_equal(sample.image, np.repeat(shown[..., None], 3, axis=2))
+
+
+@needs_proc
+def test_decoding_an_image_holds_only_the_decoded_image_the_result_and_a_few_bands(
+    tmp_path,
+) -> None:
+    side = 4000
+    Image.new("RGB", (side, side)).save(tmp_path / "image.png")
+    peak = peak_rss_of_decoding(tmp_path / "image.png", "training.ls_dataset:decode_image")
+    # Pillow's decoded RGB (4 bytes a pixel) + the (H, W, 3) result: was 18 bytes a pixel.
+    assert peak < (4 + 3) * side * side + 24 * 1024 * 1024
 
 
 def test_images_over_the_pixel_limit_are_refused() -> None:

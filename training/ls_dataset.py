@@ -4,20 +4,22 @@ The training job's adapter to Label Studio. ``LabelStudioClient`` authenticates 
 access token (a JWT refresh token, exchanged at ``POST /api/token/refresh/`` for short-lived
 access tokens) or a legacy token (``Authorization: Token ...``), lists a project's tasks with
 their annotations (``GET /api/tasks?project=..&fields=all``, paged) and downloads task images
-(LS-relative ``/data/...`` paths, storage URLs resolved by LS, or plain http(s)).
+(LS-relative ``/data/...`` paths, storage URLs resolved by LS, or plain http(s)). Every request
+has one deadline, from connecting to its last byte (``backend.images.DownloadDeadline``), and
+images are decoded by the web process's decoder (``backend.images.decode_image``).
 
 Each ``brushlabels`` region becomes one instance mask (its RLE decodes to H*W*4 RGBA bytes,
 foreground where alpha != 0, ``label_studio_sdk.converter.brush.decode_rle``); each
 ``polygonlabels`` region is rasterised (points are percent of the original image). One
 ``Sample`` per (task, Image tag) that has at least one mask; a task's newest non-cancelled
-annotation is used. Tokens are never logged.
+annotation is used. Tokens are never logged, and URLs reach logs and errors only through
+``backend.images.display_url`` (no credentials, no signatures).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import logging
 import threading
@@ -32,8 +34,10 @@ import httpx
 import numpy as np
 from defusedxml import ElementTree as SafeET
 from label_studio_sdk.converter.brush import decode_rle
-from PIL import Image, ImageOps
 
+from backend import images
+from backend.errors import ImageDecodeError, ImageTooLargeError
+from backend.images import DownloadDeadline, deadline_client, display_url
 from training.data import Sample
 
 logger = logging.getLogger(__name__)
@@ -64,8 +68,10 @@ def _jwt_claims(token: str) -> dict[str, Any] | None:
 class LabelStudioClient:
     """A small Label Studio REST client for one base ``url`` and ``token`` (PAT or legacy).
 
-    ``timeout_s``: per request. ``max_image_pixels``: images larger than this (W*H) are refused
-    before decoding (decompression bombs).
+    ``timeout_s``: the deadline of each request, seconds, from connecting to its last byte (a
+    token exchange and a retry after a 401 included): a server trickling bytes cannot hold the
+    job. ``max_image_pixels``: images larger than this (W*H) are refused before decoding
+    (decompression bombs).
     """
 
     url: str
@@ -82,9 +88,7 @@ class LabelStudioClient:
             )
         if not self.token:
             raise LabelStudioError("no Label Studio token (set LABEL_STUDIO_API_KEY)")
-        self._http = httpx.Client(
-            timeout=self.timeout_s, follow_redirects=True, transport=self.transport
-        )
+        self._http = deadline_client(self.timeout_s, self.transport)
         self._access: tuple[str, float] | None = None
         self._lock = threading.Lock()
         claims = _jwt_claims(self.token)
@@ -113,7 +117,7 @@ class LabelStudioClient:
                 )
             except httpx.HTTPError as exc:
                 raise LabelStudioError(
-                    f"cannot reach Label Studio at {self.url}: {type(exc).__name__}"
+                    f"cannot reach Label Studio at {display_url(self.url)}: {type(exc).__name__}"
                 ) from exc
             if response.status_code != 200:
                 raise LabelStudioError(
@@ -126,18 +130,36 @@ class LabelStudioClient:
             return f"Bearer {access}"
 
     def _get(self, url: str, params: dict[str, Any] | None = None) -> httpx.Response:
+        """GET ``url``, all of it within ``timeout_s`` (``LabelStudioError`` after)."""
+        shown = display_url(url)
+        with DownloadDeadline(self.timeout_s) as deadline:
+            try:
+                response = self._get_with_auth(url, params)
+            except httpx.HTTPError as exc:
+                if deadline.expired or isinstance(exc, httpx.TimeoutException):
+                    raise self._timed_out(shown) from exc
+                raise LabelStudioError(f"GET {shown} failed: {type(exc).__name__}") from exc
+            except LabelStudioError as exc:  # the token exchange failed: cut short by the deadline?
+                if deadline.expired:
+                    raise self._timed_out(shown) from exc
+                raise
+            if deadline.expired:  # a shut-down socket can also read as a body that ended early
+                raise self._timed_out(shown)
+        return response
+
+    def _get_with_auth(self, url: str, params: dict[str, Any] | None) -> httpx.Response:
         same_host = urlparse(url).netloc == urlparse(self.url).netloc
         headers = {"Authorization": self._authorization()} if same_host else {}
-        try:
+        response = self._http.get(url, params=params, headers=headers)
+        if response.status_code == 401 and same_host and self._personal_access_token:
+            with self._lock:
+                self._access = None
+            headers = {"Authorization": self._authorization()}
             response = self._http.get(url, params=params, headers=headers)
-            if response.status_code == 401 and same_host and self._personal_access_token:
-                with self._lock:
-                    self._access = None
-                headers = {"Authorization": self._authorization()}
-                response = self._http.get(url, params=params, headers=headers)
-        except httpx.HTTPError as exc:
-            raise LabelStudioError(f"GET {_strip_query(url)} failed: {type(exc).__name__}") from exc
         return response
+
+    def _timed_out(self, shown: str) -> LabelStudioError:
+        return LabelStudioError(f"timed out after {self.timeout_s:g} s: GET {shown}")
 
     # --- API -----------------------------------------------------------------------------
 
@@ -177,16 +199,16 @@ class LabelStudioClient:
 
         EXIF orientation is applied, as the browser does when it shows the task.
         """
-        url = (
-            value if urlparse(value).scheme in ("http", "https") else urljoin(self.url + "/", value)
-        )
+        try:
+            parts = urlparse(value)
+            _ = parts.port  # so does a port that is not a number in 0-65535
+            absolute = parts.scheme in ("http", "https")
+            url = value if absolute else urljoin(self.url + "/", value)
+        except ValueError as exc:  # e.g. an unbalanced "[" in the host
+            raise LabelStudioError(f"the task's image URL cannot be parsed ({exc})") from exc
         response = self._get(url)
-        _raise_for_status(response, f"image {_strip_query(url)}")
+        _raise_for_status(response, f"image {display_url(url)}")
         return decode_image(response.content, self.max_image_pixels)
-
-
-def _strip_query(url: str) -> str:
-    return url.split("?", 1)[0]
 
 
 def _raise_for_status(response: httpx.Response, what: str) -> None:
@@ -195,17 +217,16 @@ def _raise_for_status(response: httpx.Response, what: str) -> None:
 
 
 def decode_image(data: bytes, max_pixels: int = 50_000_000) -> np.ndarray:
-    """Image bytes -> (H, W, 3) uint8 RGB, EXIF-transposed; refuses > ``max_pixels`` pixels."""
+    """Image bytes -> (H, W, 3) uint8 RGB as the browser shows them (LS's coordinates refer to
+    that view), by ``backend.images.decode_image``: EXIF orientation applied, 16-bit samples
+    scaled to 8 bits, no full-size copies. Images over ``max_pixels`` (W*H) are refused from
+    the header, before decoding."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > max_pixels:
-                raise LabelStudioError(
-                    f"image of {image.width}x{image.height} exceeds {max_pixels} pixels"
-                )
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    except (OSError, Image.DecompressionBombError) as exc:
-        raise LabelStudioError(f"unreadable image: {type(exc).__name__}") from exc
+        return images.decode_image(data, max_pixels)
+    except ImageTooLargeError as exc:
+        raise LabelStudioError(f"image exceeds the pixel limit: {exc.detail}") from exc
+    except ImageDecodeError as exc:
+        raise LabelStudioError(exc.detail) from exc  # corrupt, truncated, not an image
 
 
 # --- annotations -> masks ------------------------------------------------------------------
