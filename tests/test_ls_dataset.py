@@ -396,3 +396,20 @@ def test_image_tag_names_map_to_task_data_keys() -> None:
     assert ls.image_data_keys(CONFIG) == {"img": "image"}
     with pytest.raises(ls.LabelStudioError):
         ls.image_data_keys("<View><Image")
+
+
+def test_an_image_over_the_byte_limit_is_refused_while_it_streams_in(loopback_ls) -> None:
+    client = ls.LabelStudioClient(
+        loopback_ls.url, loopback_ls.legacy_token, timeout_s=5.0, max_image_bytes=100
+    )
+    with pytest.raises(ls.LabelStudioError, match="IMAGE_MAX_BYTES"):
+        client.image(f"{loopback_ls.url}/public/scene.png")
+
+
+def test_the_token_goes_only_to_label_studio_s_own_origin(loopback_ls) -> None:
+    # The same host and port under another scheme is another origin: no token there.
+    other_scheme = loopback_ls.url.replace("http://", "https://")
+    client = ls.LabelStudioClient(other_scheme, loopback_ls.legacy_token, timeout_s=2.0)
+    before = len(loopback_ls.auth_headers)
+    client.image(f"{loopback_ls.url}/public/scene.png")
+    assert loopback_ls.auth_headers[before:] == [""]

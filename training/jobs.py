@@ -174,6 +174,7 @@ def label_studio_client(
         token,
         timeout_s=settings.image_fetch_timeout_s,
         max_image_pixels=settings.image_max_pixels,
+        max_image_bytes=settings.image_max_bytes,
     )
 
 

@@ -38,6 +38,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from backend import images
 from backend.errors import ImageDecodeError, ImageTooLargeError
 from backend.images import DownloadDeadline, deadline_client, display_url
+from backend.label_studio_trust import origin_of
 from training.data import Sample
 
 logger = logging.getLogger(__name__)
@@ -71,13 +72,15 @@ class LabelStudioClient:
     ``timeout_s``: the deadline of each request, seconds, from connecting to its last byte (a
     token exchange and a retry after a 401 included): a server trickling bytes cannot hold the
     job. ``max_image_pixels``: images larger than this (W*H) are refused before decoding
-    (decompression bombs).
+    (decompression bombs); ``max_image_bytes``: image downloads larger than this are cut off
+    (task images may live on any host).
     """
 
     url: str
     token: str = field(repr=False)
     timeout_s: float = 30.0
     max_image_pixels: int = 50_000_000
+    max_image_bytes: int = 100 * 1024 * 1024
     transport: httpx.BaseTransport | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -129,12 +132,15 @@ class LabelStudioClient:
             self._access = (access, float(expires) - ACCESS_TOKEN_MARGIN_S)
             return f"Bearer {access}"
 
-    def _get(self, url: str, params: dict[str, Any] | None = None) -> httpx.Response:
-        """GET ``url``, all of it within ``timeout_s`` (``LabelStudioError`` after)."""
+    def _get(
+        self, url: str, params: dict[str, Any] | None = None, max_bytes: int | None = None
+    ) -> httpx.Response:
+        """GET ``url``, all of it within ``timeout_s`` (``LabelStudioError`` after), its body
+        at most ``max_bytes`` when given."""
         shown = display_url(url)
         with DownloadDeadline(self.timeout_s) as deadline:
             try:
-                response = self._get_with_auth(url, params)
+                response = self._get_with_auth(url, params, max_bytes)
             except httpx.HTTPError as exc:
                 if deadline.expired or isinstance(exc, httpx.TimeoutException):
                     raise self._timed_out(shown) from exc
@@ -147,16 +153,51 @@ class LabelStudioClient:
                 raise self._timed_out(shown)
         return response
 
-    def _get_with_auth(self, url: str, params: dict[str, Any] | None) -> httpx.Response:
-        same_host = urlparse(url).netloc == urlparse(self.url).netloc
-        headers = {"Authorization": self._authorization()} if same_host else {}
-        response = self._http.get(url, params=params, headers=headers)
-        if response.status_code == 401 and same_host and self._personal_access_token:
+    def _get_with_auth(
+        self, url: str, params: dict[str, Any] | None, max_bytes: int | None
+    ) -> httpx.Response:
+        # The token goes to Label Studio's own origin only (scheme, host and port).
+        same_origin = origin_of(url) == origin_of(self.url)
+        headers = {"Authorization": self._authorization()} if same_origin else {}
+        response = self._read(url, params, headers, max_bytes)
+        if response.status_code == 401 and same_origin and self._personal_access_token:
             with self._lock:
                 self._access = None
             headers = {"Authorization": self._authorization()}
-            response = self._http.get(url, params=params, headers=headers)
+            response = self._read(url, params, headers, max_bytes)
         return response
+
+    def _read(
+        self,
+        url: str,
+        params: dict[str, Any] | None,
+        headers: dict[str, str],
+        max_bytes: int | None,
+    ) -> httpx.Response:
+        """The response with its body read, refused past ``max_bytes`` while it streams in."""
+        if max_bytes is None:
+            return self._http.get(url, params=params, headers=headers)
+        with self._http.stream("GET", url, params=params, headers=headers) as response:
+            declared = response.headers.get("content-length", "")
+            too_large = LabelStudioError(
+                f"{display_url(url)} is over {max_bytes} bytes (IMAGE_MAX_BYTES)"
+            )
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise too_large
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body.extend(chunk)
+                if len(body) > max_bytes:
+                    raise too_large
+        # A response holding the decoded body (no Content-Encoding left to decode again).
+        kept = [
+            (k, v)
+            for k, v in response.headers.multi_items()
+            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code, headers=kept, content=bytes(body), request=response.request
+        )
 
     def _timed_out(self, shown: str) -> LabelStudioError:
         return LabelStudioError(f"timed out after {self.timeout_s:g} s: GET {shown}")
@@ -206,7 +247,7 @@ class LabelStudioClient:
             url = value if absolute else urljoin(self.url + "/", value)
         except ValueError as exc:  # e.g. an unbalanced "[" in the host
             raise LabelStudioError(f"the task's image URL cannot be parsed ({exc})") from exc
-        response = self._get(url)
+        response = self._get(url, max_bytes=self.max_image_bytes)
         _raise_for_status(response, f"image {display_url(url)}")
         return decode_image(response.content, self.max_image_pixels)
 
