@@ -25,12 +25,18 @@ that RQ failed, finished or gave up on (a SIGKILLed worker, cleaned up by RQ's
 Job ids are ``train-<project>-<uuid4 hex>``: unique, and greppable per project. Tokens never go
 into job arguments (they are visible in RQ dashboards): the Label Studio access a job needs is
 kept in a separate Redis hash (``store_label_studio_access``).
+
+Jobs are stored as JSON (``SERIALIZER``, RQ's ``JSONSerializer``), never as pickles: the web
+process reads job metadata and results, and unpickling a value written into Redis runs code. The
+worker (``training.worker``) uses the same serializer. A stored value that is not valid JSON is
+logged and read as empty; it never fails a webhook or ``/status``.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +48,7 @@ from redis.exceptions import WatchError
 from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
 from rq.job import Dependency, Job, JobStatus
+from rq.serializers import JSONSerializer
 
 if TYPE_CHECKING:
     from backend.settings import Settings
@@ -54,6 +61,11 @@ ACCESS_PREFIX = "stable-sam:ls-access"
 HISTORY_LENGTH = 20
 MAX_TRANSACTION_ATTEMPTS = 50
 LOCK_TIMEOUT_S = 2.0
+
+# How every job of this project is stored in Redis (Queue, Job.fetch*, the worker).
+SERIALIZER = JSONSerializer
+# What reading a malformed stored value (not JSON, not base64/zlib, missing fields) raises.
+_MALFORMED = (ValueError, TypeError, KeyError, RecursionError, zlib.error)
 
 # Label Studio webhook actions.
 START_TRAINING = "START_TRAINING"
@@ -158,7 +170,7 @@ class TrainingQueue:
         job_options: JobOptions | None = None,
     ) -> None:
         self.connection = connection
-        self.queue = Queue(queue_name, connection=connection)
+        self.queue = Queue(queue_name, connection=connection, serializer=SERIALIZER)
         self.policy = policy or TrainingPolicy()
         self.job_options = job_options or JobOptions()
 
@@ -260,8 +272,10 @@ class TrainingQueue:
         if queued_id and self._status(pipe, queued_id) in _WILL_RUN:
             triggers = int(state.get("queued_triggers", 1)) + 1
             meta = self._read_meta(pipe, queued_id)
-            reasons = dict(meta.get("reasons", {}))
-            reasons[reason] = reasons.get(reason, 0) + 1
+            reasons = meta.get("reasons")
+            reasons = dict(reasons) if isinstance(reasons, dict) else {}
+            count = reasons.get(reason, 0)
+            reasons[reason] = (count if isinstance(count, int) else 0) + 1
             meta.update(triggers=triggers, reasons=reasons)
             pipe.multi()
             pipe.hset(state_key, mapping={"queued_triggers": triggers, "pending_annotations": 0})
@@ -306,7 +320,16 @@ class TrainingQueue:
 
     def _read_meta(self, pipe: redis.client.Pipeline, job_id: str) -> dict[str, Any]:
         raw = pipe.hget(Job.key_for(job_id), "meta")
-        return dict(self.queue.serializer.loads(raw)) if raw else {}
+        if not raw:
+            return {}
+        try:
+            meta = self.queue.serializer.loads(raw)
+        except _MALFORMED:
+            meta = None
+        if not isinstance(meta, dict):
+            logger.warning("job %s: meta is not a JSON object, read as empty", job_id)
+            return {}
+        return meta
 
     # --- the job's own bookkeeping (worker process) --------------------------------------
 
@@ -399,7 +422,7 @@ class TrainingQueue:
         history = [h.decode() for h in self.connection.lrange(self.history_key(project), 0, -1)]
         jobs = {
             job.id: job
-            for job in Job.fetch_many(history, connection=self.connection)
+            for job in Job.fetch_many(history, connection=self.connection, serializer=SERIALIZER)
             if job is not None
         }
 
@@ -429,7 +452,7 @@ class TrainingQueue:
     def _fetch(self, job_id: str | None) -> Job | None:
         if not job_id:
             return None
-        jobs = Job.fetch_many([job_id], connection=self.connection)
+        jobs = Job.fetch_many([job_id], connection=self.connection, serializer=SERIALIZER)
         return jobs[0] if jobs else None
 
     def _last_failure(
@@ -441,7 +464,11 @@ class TrainingQueue:
             job = jobs.get(job_id)
             if job is None or job.get_status(refresh=False) != JobStatus.FAILED:
                 continue
-            result = job.latest_result()
+            try:
+                result = job.latest_result()
+            except _MALFORMED:
+                logger.warning("job %s: its stored result is unreadable, ignored", job_id)
+                result = None
             error = (result.exc_string or "").strip() if result is not None else ""
             ended = job.ended_at or (result.created_at if result is not None else None)
             candidates.append(
@@ -483,9 +510,19 @@ class TrainingQueue:
         return raw[b"url"].decode(), raw[b"token"].decode()
 
 
+def _job_meta(job: Job) -> dict[str, Any]:
+    """``job.meta`` as read by RQ, or ``{}`` (logged) when the stored value was not JSON."""
+    meta = job.get_meta(refresh=False)
+    # RQ's Job.restore keeps a meta it cannot deserialize as {"unserialized": <raw bytes>}.
+    if not isinstance(meta, dict) or "unserialized" in meta:
+        logger.warning("job %s: meta is not a JSON object, read as empty", job.id)
+        return {}
+    return meta
+
+
 def _describe(job: Job) -> dict[str, Any]:
     """A JSON view of a training job: ids, times, triggers, progress, report (no arguments)."""
-    meta = job.get_meta(refresh=False)
+    meta = _job_meta(job)
     info: dict[str, Any] = {
         "job_id": job.id,
         "status": str(job.get_status(refresh=False).value),

@@ -95,7 +95,7 @@ fi
 
 
 # --- 3. the training worker ----------------------------------------------------------------------
-.venv/bin/rq worker --url "$REDIS_URL" --with-scheduler --name "stable-sam-$(hostname)-$$" \
+.venv/bin/rq worker --url "$REDIS_URL" --with-scheduler --serializer rq.serializers.JSONSerializer --name "stable-sam-$(hostname)-$$" \
     "$TRAINING_QUEUE" &
 WORKER_PID=$!
 log "RQ worker $WORKER_PID listening on queue $TRAINING_QUEUE"

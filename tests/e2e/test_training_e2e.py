@@ -140,6 +140,8 @@ def setup(
                 "--url",
                 redis_url,
                 "--with-scheduler",
+                "--serializer",
+                "rq.serializers.JSONSerializer",
                 env["TRAINING_QUEUE"],
             ],
             env=clean_env({"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **env}),

@@ -164,6 +164,8 @@ class RQWorker:
             "--url",
             redis_url,
             "--with-scheduler",
+            "--serializer",
+            "rq.serializers.JSONSerializer",
             "--maintenance-interval",
             "5",
             "--job-monitoring-interval",

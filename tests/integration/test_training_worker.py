@@ -19,6 +19,7 @@ import pytest
 import redis
 from rq.job import Job, JobStatus
 
+from backend.queue import SERIALIZER
 from backend.settings import Settings
 from backend.versions import VersionStore
 
@@ -88,13 +89,17 @@ def connection(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis_url)
 
 
+def fetch_job(conn: redis.Redis, job_id: str) -> Job:
+    return Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
+
+
 def wait_for_job(
     settings: Settings, job_id: str, worker: RQWorker, statuses: set[JobStatus]
 ) -> Job:
     conn = connection(settings)
 
     def done() -> Job | None:
-        job = Job.fetch(job_id, connection=conn)
+        job = fetch_job(conn, job_id)
         return job if job.get_status() in statuses else None
 
     try:
@@ -107,7 +112,7 @@ def wait_for_phase(settings: Settings, job_id: str, phases: set[str], worker: RQ
     conn = connection(settings)
 
     def in_phase() -> bool:
-        progress = Job.fetch(job_id, connection=conn).get_meta().get("progress", {})
+        progress = fetch_job(conn, job_id).get_meta().get("progress", {})
         return progress.get("phase") in phases
 
     try:
@@ -200,22 +205,22 @@ def test_progress_is_reported_in_job_meta_while_training(
         conn = connection(settings)
 
         def finished() -> bool:
-            job = Job.fetch(job_id, connection=conn)
+            job = fetch_job(conn, job_id)
             progress = job.get_meta().get("progress")
             if progress and (not seen or progress != seen[-1]):
                 seen.append(progress)
             return job.get_status() in (JobStatus.FINISHED, JobStatus.FAILED)
 
         wait_until(finished, RUN_TIMEOUT_S, "the job to end", poll_s=0.05)
-        assert Job.fetch(job_id, connection=conn).get_status() == JobStatus.FINISHED, (
-            worker.log_tail()
-        )
+        assert fetch_job(conn, job_id).get_status() == JobStatus.FINISHED, worker.log_tail()
     phases = [p["phase"] for p in seen]
     order = ["fetching", "evaluating current", "training", "evaluating new", "saving", "done"]
     first_seen = list(dict.fromkeys(phases))
     assert first_seen == [phase for phase in order if phase in first_seen], phases
     assert phases[-1] == "done"
-    meta = Job.fetch(job_id, connection=conn).get_meta()
+    job = fetch_job(conn, job_id)
+    meta = job.get_meta()
+    assert job.return_value() == meta["report"]  # the result, stored as JSON like the meta
     steps = meta["report"]["training_summary"]["steps"]
     assert steps >= 1
     assert meta["training"]["step"] == meta["training"]["total"] == steps
