@@ -34,6 +34,7 @@ logged and read as empty; it never fails a webhook or ``/status``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 import zlib
@@ -46,7 +47,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import WatchError
 from redis.retry import Retry as RedisRetry
-from rq import Queue, Retry
+from rq import Queue, Retry, Worker
+from rq.exceptions import NoSuchJobError
 from rq.job import Dependency, Job, JobStatus
 from rq.serializers import JSONSerializer
 
@@ -159,7 +161,9 @@ class TrainingQueue:
     """The training queue of every project: triggers, the job's start/end bookkeeping, status.
 
     ``connection`` is any Redis client (the web app's has short timeouts, see
-    ``redis_connection``); ``queue_name`` the RQ queue the worker listens on.
+    ``redis_connection``); ``queue_name`` the RQ queue the worker listens on; ``stuck_after_s``
+    how old a started job's heartbeat may be before ``status`` calls the job stuck (the
+    worker's TRAIN_STUCK_AFTER_S, after which RQ treats the job as abandoned).
     """
 
     def __init__(
@@ -168,16 +172,19 @@ class TrainingQueue:
         queue_name: str = "stable-sam-training",
         policy: TrainingPolicy | None = None,
         job_options: JobOptions | None = None,
+        stuck_after_s: float = 30.0,
     ) -> None:
         self.connection = connection
         self.queue = Queue(queue_name, connection=connection, serializer=SERIALIZER)
         self.policy = policy or TrainingPolicy()
         self.job_options = job_options or JobOptions()
+        self.stuck_after_s = stuck_after_s
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TrainingQueue:
         """The queue described by ``settings``: REDIS_URL (short timeouts), TRAINING_QUEUE,
-        TRAIN_ON / MIN_NEW_ANNOTATIONS and the job options (timeout, retries)."""
+        TRAIN_ON / MIN_NEW_ANNOTATIONS, the job options (timeout, retries) and
+        TRAIN_STUCK_AFTER_S."""
         return cls(
             redis_connection(settings.redis_url),
             settings.training_queue,
@@ -187,6 +194,7 @@ class TrainingQueue:
                 retries=settings.train_retries,
                 retry_intervals_s=tuple(settings.train_retry_intervals_s),
             ),
+            stuck_after_s=settings.train_stuck_after_s,
         )
 
     # --- keys ------------------------------------------------------------------------------
@@ -443,10 +451,36 @@ class TrainingQueue:
         return {
             "project": project,
             "queued": _describe(queued) if queued else None,
-            "running": _describe(running) if running else None,
+            "running": {**_describe(running), **self._liveness(running)} if running else None,
             "pending_annotations": int(state.get("pending_annotations", 0)),
             "last_run": _describe(last_run) if last_run else None,
             "last_failure": self._last_failure(state, history, jobs),
+        }
+
+    def _liveness(self, job: Job) -> dict[str, Any]:
+        """How the job in the running slot is doing: ``state`` "running"; "stuck" (started, but
+        its heartbeat is older than ``stuck_after_s`` or its worker is gone: RQ will retry or
+        fail it); or "retry_pending" (between attempts, with ``retry_at`` when scheduled)."""
+        status = job.get_status(refresh=False)
+        if status != JobStatus.STARTED:
+            retry_at = None
+            if status == JobStatus.SCHEDULED:
+                with contextlib.suppress(NoSuchJobError):
+                    retry_at = self.queue.scheduled_job_registry.get_scheduled_time(job.id)
+            return {
+                "state": "retry_pending",
+                "retry_at": retry_at.isoformat() if retry_at else None,
+            }
+        beat = job.last_heartbeat or job.started_at
+        age_s = (datetime.now(UTC) - beat).total_seconds() if beat else None
+        worker_gone = bool(job.worker_name) and not self.connection.exists(
+            Worker.redis_worker_namespace_prefix + job.worker_name
+        )
+        stuck = age_s is None or age_s > self.stuck_after_s or worker_gone
+        return {
+            "state": "stuck" if stuck else "running",
+            "heartbeat_age_s": round(age_s, 1) if age_s is not None else None,
+            "worker": job.worker_name,
         }
 
     def _fetch(self, job_id: str | None) -> Job | None:

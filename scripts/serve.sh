@@ -95,8 +95,8 @@ fi
 
 
 # --- 3. the training worker ----------------------------------------------------------------------
-.venv/bin/rq worker --url "$REDIS_URL" --with-scheduler --serializer rq.serializers.JSONSerializer --name "stable-sam-$(hostname)-$$" \
-    "$TRAINING_QUEUE" &
+# REDIS_URL and TRAINING_QUEUE reach it through the environment (argv shows in `ps`).
+.venv/bin/python -m training.worker &
 WORKER_PID=$!
 log "RQ worker $WORKER_PID listening on queue $TRAINING_QUEUE"
 

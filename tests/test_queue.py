@@ -12,7 +12,7 @@ import logging
 import threading
 import zlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -280,3 +280,26 @@ def test_a_job_meta_that_is_not_json_is_read_as_empty_and_logged(
     assert merged.outcome == "merged" and merged.triggers == 2
     assert Job.fetch(job_id, connection=conn, serializer=SERIALIZER).get_meta()["triggers"] == 2
     assert f"job {job_id}: meta is not a JSON object, read as empty" in caplog.text
+
+
+def test_status_tells_a_running_job_from_one_whose_heartbeat_stopped(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    job = start(tq, tq.trigger("7").job_id)
+    running = tq.status("7")["running"]
+    assert running["state"] == "running"
+    assert 0 <= running["heartbeat_age_s"] < tq.stuck_after_s
+    job.heartbeat(datetime.now(UTC) - timedelta(seconds=tq.stuck_after_s + 30), ttl=60)
+    stuck = tq.status("7")["running"]
+    assert stuck["state"] == "stuck"
+    assert stuck["heartbeat_age_s"] >= tq.stuck_after_s + 30
+    assert stuck["job_id"] == job.id and stuck["status"] == "started"
+
+
+def test_status_shows_a_job_between_attempts_as_retry_pending(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    job = start(tq, tq.trigger("7").job_id)
+    at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=30)
+    tq.queue.schedule_job(job, at)
+    running = tq.status("7")["running"]
+    assert running["state"] == "retry_pending"
+    assert running["retry_at"] == at.isoformat()

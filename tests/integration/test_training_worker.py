@@ -1,6 +1,6 @@
-"""Webhook -> Redis -> a real ``rq worker`` -> RTS training -> a served plugin version.
+"""Webhook -> Redis -> a real worker -> RTS training -> a served plugin version.
 
-Real Redis, real ``rq worker`` subprocesses, the real HTTP app under uvicorn, the real trainer
+Real Redis, real ``python -m training.worker`` subprocesses, the real HTTP app under uvicorn, the real trainer
 (``training.train.train_plugins``) on a seeded random ``mini`` SAM; Label Studio's API is a
 loopback stand-in serving synthetic scenes annotated with brush RLE (the e2e test uses a real
 Label Studio). Each run trains on a handful of 96 px images.
@@ -312,12 +312,13 @@ def test_killed_horse_without_retries_fails_visibly_and_the_next_trigger_trains(
 def test_whole_worker_killed_mid_job_is_retried_after_rq_cleans_it_up(
     settings: Settings, tmp_path: Path
 ) -> None:
-    """SIGKILL of the worker *and* its horse (OOM / machine loss): nothing runs after the kill.
+    """SIGKILL of the worker, its horse and its scheduler (OOM / machine loss): nothing runs
+    after the kill.
 
-    RQ's StartedJobRegistry cleanup retries the job once its heartbeat expired (~65 s with a
-    5 s monitoring interval) and the next worker runs its registry maintenance (an idle worker
-    does every ``worker_ttl - 15`` s: 15 s with ``--worker-ttl 30``); a trigger sent meanwhile
-    becomes one follow-up that runs after it.
+    The next worker on this machine sees that the job's worker and horse processes are gone and
+    RQ's StartedJobRegistry cleanup retries the job at once (tests/integration/
+    test_worker_recovery.py times it); a trigger sent meanwhile becomes one follow-up that runs
+    after it.
     """
     from backend.training_api import training_queue_from_settings
 
@@ -335,11 +336,7 @@ def test_whole_worker_killed_mid_job_is_retried_after_rq_cleans_it_up(
     assert VersionStore(settings.versions_dir).list(PROJECT) == []
 
     with running_worker(
-        settings.redis_url,
-        settings.training_queue,
-        settings_env(settings),
-        tmp_path / "second.log",
-        ("--worker-ttl", "30"),
+        settings.redis_url, settings.training_queue, settings_env(settings), tmp_path / "second.log"
     ) as worker:
         retried = wait_for_job(settings, abandoned, worker, {JobStatus.FINISHED, JobStatus.FAILED})
         assert retried.get_status() == JobStatus.FINISHED, worker.log_tail()
