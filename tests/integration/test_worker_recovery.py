@@ -117,6 +117,7 @@ def test_a_retry_starts_on_time_after_redis_restarts(
         first = wait_for_attempts(settings, job.id, 1, 30, worker)[0]
         times = wait_for_attempts(settings, job.id, 2, RETRY_INTERVAL_S + SLACK_S + 1, worker)
         assert times[1] - first <= RETRY_INTERVAL_S + SLACK_S, worker.log_tail()
+        assert redis_server.password not in worker.log_tail(10_000)  # errors name host:port
 
 
 def test_a_retry_starts_on_time_after_the_worker_is_killed_and_restarted(
