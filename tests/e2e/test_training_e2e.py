@@ -2,11 +2,12 @@
 
 A project with brush-annotated synthetic images (annotations created through Label Studio's
 API, brush RLE exactly as the browser stores it); our backend and a real training worker
-(``python -m training.worker``) run as processes with the same settings; ``POST /api/ml/{id}/train`` makes Label Studio send
-``START_TRAINING`` to our ``/webhook``. The job fetches the annotations and images back from
-Label Studio (with the personal access token, or with the legacy token Label Studio sent in
-``/setup``), trains, and writes a version; the test checks that ``/versions`` lists it, that
-new interactive predictions carry its ``model_version`` and that their masks changed.
+(``python -m training.worker``) run as processes with the same settings;
+``POST /api/ml/{id}/train`` makes Label Studio send ``START_TRAINING`` to our ``/webhook``. The
+job fetches the annotations and images back from Label Studio (with the personal access token,
+or with the legacy token Label Studio sent in ``/setup``), trains, and writes a version; the
+test checks that ``/versions`` lists it, that new interactive predictions carry its
+``model_version`` and that their masks changed.
 """
 
 from __future__ import annotations

@@ -120,6 +120,20 @@ def test_a_retry_starts_on_time_after_redis_restarts(
         assert redis_server.password not in worker.log_tail(10_000)  # errors name host:port
 
 
+def test_a_redis_restart_during_a_job_leaves_the_worker_running_and_the_job_finishes(
+    settings: Settings, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    with worker_running(settings, tmp_path, "worker.log") as worker:
+        job = enqueue(settings, "hang_first_attempt", seconds=6.0)
+        wait_for_attempts(settings, job.id, 1, 30, worker)
+        redis_server.stop()
+        time.sleep(3)  # a few missed heartbeats (TRAIN_HEARTBEAT_S=1)
+        redis_server.start()
+        wait_until(lambda: job_status(settings, job.id) == JobStatus.FINISHED, 20, "the job")
+        assert worker.process.poll() is None, worker.log_tail()
+        assert len(attempts(settings, job.id)) == 1
+
+
 def test_a_retry_starts_on_time_after_the_worker_is_killed_and_restarted(
     settings: Settings, tmp_path: Path
 ) -> None:
