@@ -59,5 +59,5 @@ EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=3s --start-period=60s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2)"
 
-# The backend; the worker service overrides the command (see docker-compose.yml).
+# The backend; the worker service runs `python -m training.worker` instead (docker-compose.yml).
 CMD ["uvicorn", "backend.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "9090"]

@@ -25,12 +25,19 @@ that RQ failed, finished or gave up on (a SIGKILLed worker, cleaned up by RQ's
 Job ids are ``train-<project>-<uuid4 hex>``: unique, and greppable per project. Tokens never go
 into job arguments (they are visible in RQ dashboards): the Label Studio access a job needs is
 kept in a separate Redis hash (``store_label_studio_access``).
+
+Jobs are stored as JSON (``SERIALIZER``, RQ's ``JSONSerializer``), never as pickles: the web
+process reads job metadata and results, and unpickling a value written into Redis runs code. The
+worker (``training.worker``) uses the same serializer. A stored value that is not valid JSON is
+logged and read as empty; it never fails a webhook or ``/status``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,8 +47,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import WatchError
 from redis.retry import Retry as RedisRetry
-from rq import Queue, Retry
+from rq import Queue, Retry, Worker
+from rq.exceptions import NoSuchJobError
 from rq.job import Dependency, Job, JobStatus
+from rq.serializers import JSONSerializer
 
 if TYPE_CHECKING:
     from backend.settings import Settings
@@ -54,6 +63,11 @@ ACCESS_PREFIX = "stable-sam:ls-access"
 HISTORY_LENGTH = 20
 MAX_TRANSACTION_ATTEMPTS = 50
 LOCK_TIMEOUT_S = 2.0
+
+# How every job of this project is stored in Redis (Queue, Job.fetch*, the worker).
+SERIALIZER = JSONSerializer
+# What reading a malformed stored value (not JSON, not base64/zlib, missing fields) raises.
+_MALFORMED = (ValueError, TypeError, KeyError, RecursionError, zlib.error)
 
 # Label Studio webhook actions.
 START_TRAINING = "START_TRAINING"
@@ -147,7 +161,9 @@ class TrainingQueue:
     """The training queue of every project: triggers, the job's start/end bookkeeping, status.
 
     ``connection`` is any Redis client (the web app's has short timeouts, see
-    ``redis_connection``); ``queue_name`` the RQ queue the worker listens on.
+    ``redis_connection``); ``queue_name`` the RQ queue the worker listens on; ``stuck_after_s``
+    how old a started job's heartbeat may be before ``status`` calls the job stuck (the
+    worker's TRAIN_STUCK_AFTER_S, after which RQ treats the job as abandoned).
     """
 
     def __init__(
@@ -156,16 +172,19 @@ class TrainingQueue:
         queue_name: str = "stable-sam-training",
         policy: TrainingPolicy | None = None,
         job_options: JobOptions | None = None,
+        stuck_after_s: float = 30.0,
     ) -> None:
         self.connection = connection
-        self.queue = Queue(queue_name, connection=connection)
+        self.queue = Queue(queue_name, connection=connection, serializer=SERIALIZER)
         self.policy = policy or TrainingPolicy()
         self.job_options = job_options or JobOptions()
+        self.stuck_after_s = stuck_after_s
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TrainingQueue:
         """The queue described by ``settings``: REDIS_URL (short timeouts), TRAINING_QUEUE,
-        TRAIN_ON / MIN_NEW_ANNOTATIONS and the job options (timeout, retries)."""
+        TRAIN_ON / MIN_NEW_ANNOTATIONS, the job options (timeout, retries) and
+        TRAIN_STUCK_AFTER_S."""
         return cls(
             redis_connection(settings.redis_url),
             settings.training_queue,
@@ -175,6 +194,7 @@ class TrainingQueue:
                 retries=settings.train_retries,
                 retry_intervals_s=tuple(settings.train_retry_intervals_s),
             ),
+            stuck_after_s=settings.train_stuck_after_s,
         )
 
     # --- keys ------------------------------------------------------------------------------
@@ -260,8 +280,10 @@ class TrainingQueue:
         if queued_id and self._status(pipe, queued_id) in _WILL_RUN:
             triggers = int(state.get("queued_triggers", 1)) + 1
             meta = self._read_meta(pipe, queued_id)
-            reasons = dict(meta.get("reasons", {}))
-            reasons[reason] = reasons.get(reason, 0) + 1
+            reasons = meta.get("reasons")
+            reasons = dict(reasons) if isinstance(reasons, dict) else {}
+            count = reasons.get(reason, 0)
+            reasons[reason] = (count if isinstance(count, int) else 0) + 1
             meta.update(triggers=triggers, reasons=reasons)
             pipe.multi()
             pipe.hset(state_key, mapping={"queued_triggers": triggers, "pending_annotations": 0})
@@ -306,7 +328,16 @@ class TrainingQueue:
 
     def _read_meta(self, pipe: redis.client.Pipeline, job_id: str) -> dict[str, Any]:
         raw = pipe.hget(Job.key_for(job_id), "meta")
-        return dict(self.queue.serializer.loads(raw)) if raw else {}
+        if not raw:
+            return {}
+        try:
+            meta = self.queue.serializer.loads(raw)
+        except _MALFORMED:
+            meta = None
+        if not isinstance(meta, dict):
+            logger.warning("job %s: meta is not a JSON object, read as empty", job_id)
+            return {}
+        return meta
 
     # --- the job's own bookkeeping (worker process) --------------------------------------
 
@@ -399,7 +430,7 @@ class TrainingQueue:
         history = [h.decode() for h in self.connection.lrange(self.history_key(project), 0, -1)]
         jobs = {
             job.id: job
-            for job in Job.fetch_many(history, connection=self.connection)
+            for job in Job.fetch_many(history, connection=self.connection, serializer=SERIALIZER)
             if job is not None
         }
 
@@ -420,16 +451,42 @@ class TrainingQueue:
         return {
             "project": project,
             "queued": _describe(queued) if queued else None,
-            "running": _describe(running) if running else None,
+            "running": {**_describe(running), **self._liveness(running)} if running else None,
             "pending_annotations": int(state.get("pending_annotations", 0)),
             "last_run": _describe(last_run) if last_run else None,
             "last_failure": self._last_failure(state, history, jobs),
         }
 
+    def _liveness(self, job: Job) -> dict[str, Any]:
+        """How the job in the running slot is doing: ``state`` "running"; "stuck" (started, but
+        its heartbeat is older than ``stuck_after_s`` or its worker is gone: RQ will retry or
+        fail it); or "retry_pending" (between attempts, with ``retry_at`` when scheduled)."""
+        status = job.get_status(refresh=False)
+        if status != JobStatus.STARTED:
+            retry_at = None
+            if status == JobStatus.SCHEDULED:
+                with contextlib.suppress(NoSuchJobError):
+                    retry_at = self.queue.scheduled_job_registry.get_scheduled_time(job.id)
+            return {
+                "state": "retry_pending",
+                "retry_at": retry_at.isoformat() if retry_at else None,
+            }
+        beat = job.last_heartbeat or job.started_at
+        age_s = (datetime.now(UTC) - beat).total_seconds() if beat else None
+        worker_gone = bool(job.worker_name) and not self.connection.exists(
+            Worker.redis_worker_namespace_prefix + job.worker_name
+        )
+        stuck = age_s is None or age_s > self.stuck_after_s or worker_gone
+        return {
+            "state": "stuck" if stuck else "running",
+            "heartbeat_age_s": round(age_s, 1) if age_s is not None else None,
+            "worker": job.worker_name,
+        }
+
     def _fetch(self, job_id: str | None) -> Job | None:
         if not job_id:
             return None
-        jobs = Job.fetch_many([job_id], connection=self.connection)
+        jobs = Job.fetch_many([job_id], connection=self.connection, serializer=SERIALIZER)
         return jobs[0] if jobs else None
 
     def _last_failure(
@@ -441,7 +498,11 @@ class TrainingQueue:
             job = jobs.get(job_id)
             if job is None or job.get_status(refresh=False) != JobStatus.FAILED:
                 continue
-            result = job.latest_result()
+            try:
+                result = job.latest_result()
+            except _MALFORMED:
+                logger.warning("job %s: its stored result is unreadable, ignored", job_id)
+                result = None
             error = (result.exc_string or "").strip() if result is not None else ""
             ended = job.ended_at or (result.created_at if result is not None else None)
             candidates.append(
@@ -504,9 +565,19 @@ class TrainingQueue:
         return raw[b"url"].decode(), raw[b"token"].decode()
 
 
+def _job_meta(job: Job) -> dict[str, Any]:
+    """``job.meta`` as read by RQ, or ``{}`` (logged) when the stored value was not JSON."""
+    meta = job.get_meta(refresh=False)
+    # RQ's Job.restore keeps a meta it cannot deserialize as {"unserialized": <raw bytes>}.
+    if not isinstance(meta, dict) or "unserialized" in meta:
+        logger.warning("job %s: meta is not a JSON object, read as empty", job.id)
+        return {}
+    return meta
+
+
 def _describe(job: Job) -> dict[str, Any]:
     """A JSON view of a training job: ids, times, triggers, progress, report (no arguments)."""
-    meta = job.get_meta(refresh=False)
+    meta = _job_meta(job)
     info: dict[str, Any] = {
         "job_id": job.id,
         "status": str(job.get_status(refresh=False).value),

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelType = Literal["mini", "vit_b", "vit_l", "vit_h", "hq_vit_b", "hq_vit_l", "hq_vit_h"]
@@ -137,7 +137,7 @@ class Settings(BaseSettings):
     # RQ timeout of one training job, seconds.
     train_job_timeout_s: int = Field(default=3600, gt=0)
     # RQ retries of a failed/abandoned training job, and the waits before them (seconds,
-    # JSON list; non-zero waits need `rq worker --with-scheduler`).
+    # JSON list; the worker's scheduler enqueues a retry when its wait is over).
     train_retries: int = Field(default=2, ge=0)
     train_retry_intervals_s: list[int] = Field(default_factory=lambda: [30, 120])
     # Share of a project's annotated tasks held out to decide promotion (deterministic split).
@@ -151,6 +151,17 @@ class Settings(BaseSettings):
     # Promote a new version when its validation robust mIoU (percent) is at least the served
     # one's minus this many points (0: "not worse").
     train_promote_tolerance: float = 0.0
+    # Seconds between the heartbeats a worker sends for its running job (RQ's job monitoring
+    # interval); the worker also checks that its scheduler process is alive then.
+    train_heartbeat_s: int = Field(default=5, gt=0)
+    # A started job whose heartbeat is older than this (seconds) is abandoned: /status calls it
+    # "stuck", and RQ retries or fails it at the next registry cleanup. RQ's own margin is 60 s
+    # past the monitoring interval.
+    train_stuck_after_s: int = Field(default=30, gt=0)
+    # Seconds between a worker's maintenance rounds (RQ's default: 600): clean RQ's registries
+    # (abandoned jobs, of dead local workers at once), restart a dead scheduler process, reclaim
+    # a scheduler lock left by a dead one. An idle worker wakes up for them.
+    train_maintenance_interval_s: int = Field(default=5, gt=0)
 
     # --- Logging ---
     log_level: str = "INFO"
@@ -172,6 +183,15 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         # docker-compose passes unset variables as "": treat them as not configured.
         return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+    @model_validator(mode="after")
+    def _heartbeats_before_stuck(self) -> Settings:
+        if self.train_stuck_after_s <= self.train_heartbeat_s:
+            raise ValueError(
+                "TRAIN_STUCK_AFTER_S must be longer than TRAIN_HEARTBEAT_S (a live job would look "
+                "abandoned between two heartbeats)"
+            )
+        return self
 
     @property
     def basic_auth_enabled(self) -> bool:

@@ -1,7 +1,7 @@
 """How long webhook-triggered training takes: START_TRAINING -> a served new plugin version.
 
 Starts the real pieces as processes, as ``scripts/serve.sh`` runs them: the backend (uvicorn),
-one ``rq worker`` and a private ``redis-server``; Label Studio's API is the loopback stand-in
+one training worker (``python -m training.worker``) and a private ``redis-server``; Label Studio's API is the loopback stand-in
 of the integration tests (``tests/integration/support.LabelStudioAPI``: the same JSON, brush
 RLE made by the sdk encoder, PNG images) serving a project of ``--images`` synthetic scenes
 (sizes 256-1024 px, all objects annotated). Then it posts ``START_TRAINING`` to ``/webhook`` and

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Run the Stable-SAM ML backend for Label Studio on this machine:
 #   1. the Python environment (.venv from requirements.txt, created or updated when needed),
-#   2. Redis (started if none answers on REDIS_URL; `redis-server` installed with apt-get if missing),
-#   3. one RQ worker for training jobs (queue TRAINING_QUEUE),
+#   2. Redis: REDIS_URL as given, or else a password-protected redis-server of its own on
+#      127.0.0.1:SERVE_REDIS_PORT (`redis-server` installed with apt-get if missing),
+#   3. one training worker (`python -m training.worker`, queue TRAINING_QUEUE),
 #   4. the HTTP backend on BACKEND_HOST:BACKEND_PORT (default 0.0.0.0:9090),
 # and prints how to connect it from Label Studio. Ctrl-C stops the backend, the worker (10 s to
 # finish a running training job, then it is stopped) and a Redis this script started.
 #
 # Configuration: the environment variables of backend/settings.py (see the README), plus
-# BACKEND_HOST, BACKEND_PORT and PYTHON (the interpreter that creates .venv).
+# BACKEND_HOST, BACKEND_PORT, SERVE_REDIS_PORT and PYTHON (the interpreter that creates .venv).
 # Not HOST/PORT: Label Studio reads those unprefixed.
 set -euo pipefail
 
@@ -18,7 +19,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
 BACKEND_HOST="${BACKEND_HOST:-0.0.0.0}"
 BACKEND_PORT="${BACKEND_PORT:-9090}"
-export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+SERVE_REDIS_PORT="${SERVE_REDIS_PORT:-6380}"
 export TRAINING_QUEUE="${TRAINING_QUEUE:-stable-sam-training}"
 
 log() { echo "[serve] $*" >&2; }
@@ -26,7 +27,7 @@ log() { echo "[serve] $*" >&2; }
 # --- stopping: whatever this script started, on Ctrl-C, TERM or exit -------------------------------
 WORKER_PID=""
 BACKEND_PID=""
-STARTED_REDIS_PORT=""
+STARTED_REDIS_PIDFILE=""
 cleanup() {
     trap - INT TERM EXIT
     log "stopping"
@@ -41,9 +42,8 @@ cleanup() {
         kill -KILL "$WORKER_PID" 2>/dev/null || true
     fi
     [[ -n "$BACKEND_PID" ]] && wait "$BACKEND_PID" 2>/dev/null || true
-    if [[ -n "$STARTED_REDIS_PORT" ]]; then
-        pidfile="/tmp/stable-sam-redis-$STARTED_REDIS_PORT.pid"
-        [[ -f "$pidfile" ]] && kill -TERM "$(cat "$pidfile")" 2>/dev/null || true
+    if [[ -n "$STARTED_REDIS_PIDFILE" && -f "$STARTED_REDIS_PIDFILE" ]]; then
+        kill -TERM "$(cat "$STARTED_REDIS_PIDFILE")" 2>/dev/null || true
     fi
 }
 trap cleanup EXIT
@@ -63,42 +63,83 @@ if [[ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]]; then
 fi
 
 # --- 2. Redis ----------------------------------------------------------------------------------
-redis_ping() {
-    .venv/bin/python - "$REDIS_URL" <<'PY' >/dev/null 2>&1
-import sys, redis
-redis.Redis.from_url(sys.argv[1], socket_connect_timeout=1).ping()
+# Whoever can write to the queue's Redis chooses what the worker runs, so it needs a password. An
+# explicit REDIS_URL is used as given. Without one, this script runs its own redis-server on
+# 127.0.0.1:SERVE_REDIS_PORT, never whatever answers on 6379 (on a dev machine, an
+# unauthenticated system Redis): the password is generated once into data/redis/password (0600)
+# and reaches redis-server in a 0600 config file, and the processes below in REDIS_URL through
+# the environment, never on a command line (`ps` shows those to every user). Nothing here prints
+# it: messages name host:port/db only.
+redis_location() {
+    .venv/bin/python - <<'PY'
+import os, redis
+k = redis.connection.parse_url(os.environ["REDIS_URL"])
+print(f"unix:{k['path']}" if "path" in k else f"{k.get('host', '127.0.0.1')}:{k.get('port', 6379)}/{k.get('db', 0)}")
 PY
 }
-if ! redis_ping; then
-    read -r redis_host redis_port < <(.venv/bin/python - "$REDIS_URL" <<'PY'
-import sys
-from urllib.parse import urlsplit
-u = urlsplit(sys.argv[1])
-print(u.hostname or "127.0.0.1", u.port or 6379)
+redis_ping() {
+    .venv/bin/python - <<'PY' >/dev/null 2>&1
+import os, redis
+redis.Redis.from_url(os.environ["REDIS_URL"], socket_connect_timeout=1).ping()
 PY
+}
+if [[ -n "${REDIS_URL:-}" ]]; then
+    export REDIS_URL
+    if ! .venv/bin/python -c 'import os, redis, sys; sys.exit(not redis.connection.parse_url(os.environ["REDIS_URL"]).get("password"))'; then
+        log "WARNING: REDIS_URL has no password: anyone who reaches $(redis_location) can make the worker run code"
+    fi
+    redis_ping || { log "no Redis answers at $(redis_location) (REDIS_URL)"; exit 1; }
+else
+    redis_dir="$ROOT/data/redis"
+    password_file="$redis_dir/password"
+    conf="$redis_dir/redis-$SERVE_REDIS_PORT.conf"
+    pidfile="$redis_dir/redis-$SERVE_REDIS_PORT.pid"
+    (umask 077 && mkdir -p "$redis_dir")
+    chmod 700 "$redis_dir"
+    if [[ ! -s "$password_file" ]]; then
+        (umask 077 && .venv/bin/python -c 'import secrets; print(secrets.token_hex(32))' > "$password_file")
+        log "generated a Redis password into $password_file"
+    fi
+    chmod 600 "$password_file"
+    REDIS_URL="redis://:$(cat "$password_file")@127.0.0.1:$SERVE_REDIS_PORT/0"
+    export REDIS_URL
+    if ! redis_ping; then
+        if ! command -v redis-server >/dev/null; then
+            log "installing redis-server (apt-get)"
+            sudo_cmd=""; [[ "$(id -u)" != 0 ]] && sudo_cmd="sudo"
+            $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq redis-server
+        fi
+        (umask 077 && cat > "$conf" <<EOF
+port $SERVE_REDIS_PORT
+bind 127.0.0.1
+protected-mode yes
+requirepass $(cat "$password_file")
+daemonize yes
+pidfile $pidfile
+logfile $redis_dir/redis-$SERVE_REDIS_PORT.log
+dir $redis_dir
+save ""
+appendonly no
+EOF
 )
-    if [[ "$redis_host" != "127.0.0.1" && "$redis_host" != "localhost" ]]; then
-        log "no Redis answers at $REDIS_URL (a remote host: start it there)"; exit 1
+        chmod 600 "$conf"
+        log "starting redis-server on 127.0.0.1:$SERVE_REDIS_PORT (password in $password_file)"
+        redis-server "$conf" >/dev/null
+        for _ in $(seq 50); do redis_ping && break; sleep 0.1; done
+        redis_ping || {
+            log "redis-server did not answer on 127.0.0.1:$SERVE_REDIS_PORT with this password (port taken? set SERVE_REDIS_PORT; log: $redis_dir/redis-$SERVE_REDIS_PORT.log)"
+            exit 1
+        }
+        STARTED_REDIS_PIDFILE="$pidfile"
     fi
-    if ! command -v redis-server >/dev/null; then
-        log "installing redis-server (apt-get)"
-        sudo_cmd=""; [[ "$(id -u)" != 0 ]] && sudo_cmd="sudo"
-        $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq redis-server
-    fi
-    log "starting redis-server on port $redis_port"
-    redis-server --daemonize yes --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
-        --pidfile "/tmp/stable-sam-redis-$redis_port.pid" >/dev/null
-    for _ in $(seq 50); do redis_ping && break; sleep 0.1; done
-    redis_ping || { log "redis-server did not start"; exit 1; }
-    STARTED_REDIS_PORT="$redis_port"
 fi
-
+log "training queue $TRAINING_QUEUE on Redis $(redis_location)"
 
 # --- 3. the training worker ----------------------------------------------------------------------
-.venv/bin/rq worker --url "$REDIS_URL" --with-scheduler --name "stable-sam-$(hostname)-$$" \
-    "$TRAINING_QUEUE" &
+# REDIS_URL and TRAINING_QUEUE reach it through the environment (argv shows in `ps`).
+.venv/bin/python -m training.worker &
 WORKER_PID=$!
-log "RQ worker $WORKER_PID listening on queue $TRAINING_QUEUE"
+log "training worker $WORKER_PID listening on queue $TRAINING_QUEUE"
 
 cat >&2 <<EOT
 

@@ -126,3 +126,10 @@ def test_the_embedded_defaults_version_names_the_shipped_weights(tmp_path, monke
     assert ModelServer(Settings(versions_dir=tmp_path)).default_model_version != (
         stable.default_model_version
     )
+
+
+def test_a_stuck_threshold_within_one_heartbeat_is_refused():
+    with pytest.raises(
+        ValueError, match="TRAIN_STUCK_AFTER_S must be longer than TRAIN_HEARTBEAT_S"
+    ):
+        Settings(train_heartbeat_s=10, train_stuck_after_s=10)

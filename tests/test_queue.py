@@ -7,16 +7,25 @@ real ``rq worker`` process.
 
 from __future__ import annotations
 
-import pickle
+import json
+import logging
 import threading
+import zlib
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from backend.queue import JobOptions, TrainingPolicy, TrainingQueue, redis_connection
+from backend.queue import (
+    SERIALIZER,
+    JobOptions,
+    TrainingPolicy,
+    TrainingQueue,
+    redis_connection,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -42,9 +51,10 @@ def make_queue(conn: redis.Redis, **policy: object) -> TrainingQueue:
 
 def start(tq: TrainingQueue, job_id: str, project: str = "7") -> Job:
     """Play an RQ worker taking ``job_id`` off the queue and the job marking itself started."""
-    job = Job.fetch(job_id, connection=tq.connection)
+    job = Job.fetch(job_id, connection=tq.connection, serializer=SERIALIZER)
     tq.queue.remove(job)
     job.set_status(JobStatus.STARTED)
+    job.heartbeat(datetime.now(UTC), ttl=60)
     tq.mark_started(job, project)
     return job
 
@@ -54,7 +64,7 @@ def test_first_trigger_enqueues_one_job(conn: redis.Redis) -> None:
     result = tq.trigger("7")
     assert result.outcome == "enqueued"
     assert tq.queue.job_ids == [result.job_id]
-    job = Job.fetch(result.job_id, connection=conn)
+    job = Job.fetch(result.job_id, connection=conn, serializer=SERIALIZER)
     assert job.func_name == "training.jobs.train_project"
     assert job.kwargs == {"project": "7"}
     assert job.meta["triggers"] == 1
@@ -70,7 +80,7 @@ def test_trigger_while_queued_merges_into_the_queued_job(conn: redis.Redis) -> N
     assert second.job_id == first.job_id
     assert second.triggers == 2
     assert len(tq.queue) == 1
-    meta = Job.fetch(first.job_id, connection=conn).get_meta()
+    meta = Job.fetch(first.job_id, connection=conn, serializer=SERIALIZER).get_meta()
     assert meta["triggers"] == 2
     assert meta["reasons"] == {"START_TRAINING": 2}
 
@@ -84,7 +94,7 @@ def test_trigger_while_running_creates_exactly_one_deferred_follow_up(conn: redi
     more = [tq.trigger("7") for _ in range(5)]
     assert {r.outcome for r in more} == {"merged"}
     assert {r.job_id for r in more} == {follow.job_id}
-    job = Job.fetch(follow.job_id, connection=conn)
+    job = Job.fetch(follow.job_id, connection=conn, serializer=SERIALIZER)
     assert job.get_status() == JobStatus.DEFERRED
     assert job.dependency_ids == [running.id]
     assert job.allow_dependency_failures
@@ -108,13 +118,13 @@ def test_a_failed_running_job_does_not_block_the_next_trigger(conn: redis.Redis)
     result = tq.trigger("7")
     assert result.outcome == "enqueued"
     assert tq.queue.job_ids == [result.job_id]
-    assert Job.fetch(result.job_id, connection=conn).dependency_ids == []
+    assert Job.fetch(result.job_id, connection=conn, serializer=SERIALIZER).dependency_ids == []
 
 
 def test_a_vanished_queued_job_is_replaced_not_merged_into(conn: redis.Redis) -> None:
     tq = make_queue(conn)
     first = tq.trigger("7")
-    Job.fetch(first.job_id, connection=conn).delete()
+    Job.fetch(first.job_id, connection=conn, serializer=SERIALIZER).delete()
     second = tq.trigger("7")
     assert second.outcome == "enqueued"
     assert second.job_id != first.job_id
@@ -187,7 +197,10 @@ def test_concurrent_triggers_give_one_job_and_count_every_trigger(conn: redis.Re
     assert len(results) == 100
     assert len({r.job_id for r in results}) == 1
     assert sorted(r.outcome for r in results).count("enqueued") == 1
-    assert Job.fetch(results[0].job_id, connection=conn).get_meta()["triggers"] == 100
+    assert (
+        Job.fetch(results[0].job_id, connection=conn, serializer=SERIALIZER).get_meta()["triggers"]
+        == 100
+    )
     assert len(tq.queue) == 1
 
 
@@ -217,7 +230,7 @@ def test_label_studio_token_is_kept_out_of_the_job(conn: redis.Redis) -> None:
     job_id = tq.trigger("7").job_id
     raw_job = conn.hgetall(Job.key_for(job_id))
     assert b"secret-token-123" not in b"".join(raw_job.values())
-    assert "secret-token-123" not in repr(pickle.loads(raw_job[b"meta"]))
+    assert "secret-token-123" not in repr(json.loads(raw_job[b"meta"]))
     assert tq.label_studio_access("7") == ("http://ls:8080", "secret-token-123")
 
 
@@ -231,8 +244,62 @@ def test_unreachable_redis_fails_fast(redis_url: str) -> None:
 def test_attempts_are_counted_even_when_rq_resaves_the_dequeued_meta(conn: redis.Redis) -> None:
     tq = make_queue(conn)
     job = start(tq, tq.trigger("7").job_id)
-    stale = Job.fetch(job.id, connection=conn)
+    stale = Job.fetch(job.id, connection=conn, serializer=SERIALIZER)
     stale.meta = {"project": "7", "triggers": 1}  # what RQ's retry writes back
     stale.save()
     tq.mark_started(stale, "7")
-    assert Job.fetch(job.id, connection=conn).get_meta()["attempt"] == 2
+    assert Job.fetch(job.id, connection=conn, serializer=SERIALIZER).get_meta()["attempt"] == 2
+
+
+def test_jobs_are_stored_as_json_never_as_pickles(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    job_id = tq.trigger("7").job_id
+    raw = conn.hgetall(Job.key_for(job_id))
+    assert json.loads(zlib.decompress(raw[b"data"])) == [
+        "training.jobs.train_project",
+        None,
+        [],
+        {"project": "7"},
+    ]
+    assert json.loads(raw[b"meta"]) == {
+        "project": "7",
+        "triggers": 1,
+        "reasons": {"START_TRAINING": 1},
+    }
+
+
+def test_a_job_meta_that_is_not_json_is_read_as_empty_and_logged(
+    conn: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    tq = make_queue(conn)
+    job_id = tq.trigger("7").job_id
+    conn.hset(Job.key_for(job_id), "meta", b"\x80\x04not json")
+    with caplog.at_level(logging.WARNING, logger="backend.queue"):
+        assert tq.status("7")["queued"]["triggers"] == 1
+        merged = tq.trigger("7")
+    assert merged.outcome == "merged" and merged.triggers == 2
+    assert Job.fetch(job_id, connection=conn, serializer=SERIALIZER).get_meta()["triggers"] == 2
+    assert f"job {job_id}: meta is not a JSON object, read as empty" in caplog.text
+
+
+def test_status_tells_a_running_job_from_one_whose_heartbeat_stopped(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    job = start(tq, tq.trigger("7").job_id)
+    running = tq.status("7")["running"]
+    assert running["state"] == "running"
+    assert 0 <= running["heartbeat_age_s"] < tq.stuck_after_s
+    job.heartbeat(datetime.now(UTC) - timedelta(seconds=tq.stuck_after_s + 30), ttl=60)
+    stuck = tq.status("7")["running"]
+    assert stuck["state"] == "stuck"
+    assert stuck["heartbeat_age_s"] >= tq.stuck_after_s + 30
+    assert stuck["job_id"] == job.id and stuck["status"] == "started"
+
+
+def test_status_shows_a_job_between_attempts_as_retry_pending(conn: redis.Redis) -> None:
+    tq = make_queue(conn)
+    job = start(tq, tq.trigger("7").job_id)
+    at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=30)
+    tq.queue.schedule_job(job, at)
+    running = tq.status("7")["running"]
+    assert running["state"] == "retry_pending"
+    assert running["retry_at"] == at.isoformat()

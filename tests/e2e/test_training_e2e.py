@@ -1,12 +1,13 @@
 """Training through a real Label Studio: annotate, press "train", get a new served version.
 
 A project with brush-annotated synthetic images (annotations created through Label Studio's
-API, brush RLE exactly as the browser stores it); our backend and a real ``rq worker`` run as
-processes with the same settings; ``POST /api/ml/{id}/train`` makes Label Studio send
-``START_TRAINING`` to our ``/webhook``. The job fetches the annotations and images back from
-Label Studio (with the personal access token, or with the legacy token Label Studio sent in
-``/setup``), trains, and writes a version; the test checks that ``/versions`` lists it, that
-new interactive predictions carry its ``model_version`` and that their masks changed.
+API, brush RLE exactly as the browser stores it); our backend and a real training worker
+(``python -m training.worker``) run as processes with the same settings;
+``POST /api/ml/{id}/train`` makes Label Studio send ``START_TRAINING`` to our ``/webhook``. The
+job fetches the annotations and images back from Label Studio (with the personal access token,
+or with the legacy token Label Studio sent in ``/setup``), trains, and writes a version; the
+test checks that ``/versions`` lists it, that new interactive predictions carry its
+``model_version`` and that their masks changed.
 """
 
 from __future__ import annotations
@@ -136,14 +137,7 @@ def setup(
     worker_log = workdir / "worker.log"
     with open(worker_log, "w") as log:
         worker = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("rq")),
-                "worker",
-                "--url",
-                redis_url,
-                "--with-scheduler",
-                env["TRAINING_QUEUE"],
-            ],
+            [sys.executable, "-m", "training.worker"],  # REDIS_URL, TRAINING_QUEUE from env
             env=clean_env({"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **env}),
             cwd=REPO_ROOT,
             stdout=log,

@@ -4,8 +4,10 @@
   training job makes (``/api/projects/<id>/``, paged ``/api/tasks/``, ``/data/upload/...``) in
   LS 1.23's JSON shapes, with synthetic scenes annotated as brush RLE (the sdk's encoder) and a
   legacy token. (tests/e2e/test_training_e2e.py runs against a real Label Studio.)
-- ``RQWorker``: ``rq worker`` as a subprocess (the command ``scripts/serve.sh`` runs), with its
-  log kept for failure messages; ``kill_horse`` / ``kill`` SIGKILL the work horse or everything.
+- ``RQWorker``: the training worker ``python -m training.worker`` as a subprocess (the command
+  ``scripts/serve.sh`` and docker compose run), with its log kept for failure messages;
+  ``kill_horse`` / ``kill_scheduler`` / ``kill`` SIGKILL the work horse, the scheduler or all.
+- ``RedisServer``: a private password-protected ``redis-server`` a test may stop and restart.
 - ``AppServer``: the backend app under uvicorn on a free port, as a subprocess.
 - ``tiny_mini_checkpoint``: a seeded random ``mini`` SAM saved as an official-format ``.pth``,
   so that the worker and the app build the very same base.
@@ -146,39 +148,26 @@ def tiny_mini_checkpoint(path: Path, seed: int = 0) -> Path:
 
 
 class RQWorker:
-    """``rq worker`` on ``queue`` as a subprocess with ``env`` added to a clean environment."""
+    """``python -m training.worker`` on ``queue`` as a subprocess, with ``env`` added to a clean
+    environment (REDIS_URL and TRAINING_QUEUE travel there too, never in argv)."""
 
-    def __init__(
-        self,
-        redis_url: str,
-        queue: str,
-        env: dict[str, str],
-        log_path: Path,
-        extra_args: tuple[str, ...] = (),
-    ) -> None:
+    def __init__(self, redis_url: str, queue: str, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self.redis_url = redis_url
-        command = [
-            str(Path(sys.executable).with_name("rq")),
-            "worker",
-            "--url",
-            redis_url,
-            "--with-scheduler",
-            "--maintenance-interval",
-            "5",
-            "--job-monitoring-interval",
-            "5",
-            "--name",
-            f"test-worker-{os.getpid()}-{time.monotonic_ns()}",
-            *extra_args,
-            queue,
-        ]
+        self.name = f"test-worker-{os.getpid()}-{time.monotonic_ns()}"
+        command = [sys.executable, "-m", "training.worker", "--name", self.name]
         base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             command,
             cwd=REPO_ROOT,
-            env={**base, "PYTHONPATH": str(REPO_ROOT), **env},
+            env={
+                **base,
+                "PYTHONPATH": str(REPO_ROOT),
+                **env,
+                "REDIS_URL": redis_url,
+                "TRAINING_QUEUE": queue,
+            },
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -188,19 +177,37 @@ class RQWorker:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def children(self) -> list[int]:
+        """The worker's child processes now: its scheduler and, while a job runs, the horse."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        with contextlib.suppress(OSError):
+            return [int(p) for p in children.read_text().split()]
+        return []
+
     def horse_pid(self) -> int | None:
         """The work horse (the child forked to run a job), if there is one now.
 
-        The worker has another child with ``--with-scheduler``; the horse is the one that made
-        itself a process group leader (RQ's ``os.setpgrp()`` after the fork).
+        The other child is the scheduler; the horse is the one that made itself a process group
+        leader (RQ's ``os.setpgrp()`` after the fork).
         """
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        with contextlib.suppress(OSError):
-            for pid in (int(p) for p in children.read_text().split()):
-                with contextlib.suppress(ProcessLookupError):
-                    if os.getpgid(pid) == pid:
-                        return pid
+        for pid in self.children():
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(pid) == pid:
+                    return pid
         return None
+
+    def scheduler_pid(self) -> int | None:
+        """The scheduler process (the child in the worker's own process group), if running."""
+        for pid in self.children():
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(pid) != pid:
+                    return pid
+        return None
+
+    def kill_scheduler(self) -> int:
+        pid = wait_until(self.scheduler_pid, 30, "the scheduler process to exist")
+        os.kill(pid, signal.SIGKILL)
+        return pid
 
     def kill_horse(self) -> int:
         pid = wait_until(self.horse_pid, 30, "the work horse to exist")
@@ -208,13 +215,11 @@ class RQWorker:
         return pid
 
     def kill(self) -> None:
-        """SIGKILL the worker and its work horse (a machine/OOM kill: nothing runs after)."""
-        horse = self.horse_pid()
-        if horse is not None:
+        """SIGKILL the worker, its horse and its scheduler (a machine loss or container kill:
+        nothing of it runs after)."""
+        for pid in [*self.children(), self.process.pid]:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(horse, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
@@ -278,14 +283,60 @@ class AppServer:
 
 @contextlib.contextmanager
 def running_worker(
-    redis_url: str,
-    queue: str,
-    env: dict[str, str],
-    log_path: Path,
-    extra_args: tuple[str, ...] = (),
+    redis_url: str, queue: str, env: dict[str, str], log_path: Path
 ) -> Iterator[RQWorker]:
-    worker = RQWorker(redis_url, queue, env, log_path, extra_args)
+    worker = RQWorker(redis_url, queue, env, log_path)
     try:
         yield worker
     finally:
         worker.stop()
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port with a password, which a test may ``stop`` and
+    ``start`` again on the same port (``appendonly``: its data survive, as in docker compose).
+
+    The password reaches the server through a config file, never argv.
+    """
+
+    def __init__(self, workdir: Path, password: str = "test-redis-password-0123") -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.password = password
+        self.url = f"redis://:{password}@127.0.0.1:{self.port}/0"
+        self.config = workdir / "redis.conf"
+        self.config.write_text(
+            f'port {self.port}\nbind 127.0.0.1\nrequirepass {password}\nsave ""\n'
+            f"appendonly yes\ndir {workdir}\n"
+        )
+        self.config.chmod(0o600)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _answers(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(self._answers, 10, f"redis-server to answer on port {self.port}", poll_s=0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

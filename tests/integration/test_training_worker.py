@@ -1,6 +1,6 @@
-"""Webhook -> Redis -> a real ``rq worker`` -> RTS training -> a served plugin version.
+"""Webhook -> Redis -> a real worker -> RTS training -> a served plugin version.
 
-Real Redis, real ``rq worker`` subprocesses, the real HTTP app under uvicorn, the real trainer
+Real Redis, real ``python -m training.worker`` subprocesses, the real HTTP app under uvicorn, the real trainer
 (``training.train.train_plugins``) on a seeded random ``mini`` SAM; Label Studio's API is a
 loopback stand-in serving synthetic scenes annotated with brush RLE (the e2e test uses a real
 Label Studio). Each run trains on a handful of 96 px images.
@@ -19,6 +19,7 @@ import pytest
 import redis
 from rq.job import Job, JobStatus
 
+from backend.queue import SERIALIZER
 from backend.settings import Settings
 from backend.versions import VersionStore
 
@@ -88,13 +89,17 @@ def connection(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis_url)
 
 
+def fetch_job(conn: redis.Redis, job_id: str) -> Job:
+    return Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
+
+
 def wait_for_job(
     settings: Settings, job_id: str, worker: RQWorker, statuses: set[JobStatus]
 ) -> Job:
     conn = connection(settings)
 
     def done() -> Job | None:
-        job = Job.fetch(job_id, connection=conn)
+        job = fetch_job(conn, job_id)
         return job if job.get_status() in statuses else None
 
     try:
@@ -107,7 +112,7 @@ def wait_for_phase(settings: Settings, job_id: str, phases: set[str], worker: RQ
     conn = connection(settings)
 
     def in_phase() -> bool:
-        progress = Job.fetch(job_id, connection=conn).get_meta().get("progress", {})
+        progress = fetch_job(conn, job_id).get_meta().get("progress", {})
         return progress.get("phase") in phases
 
     try:
@@ -200,22 +205,22 @@ def test_progress_is_reported_in_job_meta_while_training(
         conn = connection(settings)
 
         def finished() -> bool:
-            job = Job.fetch(job_id, connection=conn)
+            job = fetch_job(conn, job_id)
             progress = job.get_meta().get("progress")
             if progress and (not seen or progress != seen[-1]):
                 seen.append(progress)
             return job.get_status() in (JobStatus.FINISHED, JobStatus.FAILED)
 
         wait_until(finished, RUN_TIMEOUT_S, "the job to end", poll_s=0.05)
-        assert Job.fetch(job_id, connection=conn).get_status() == JobStatus.FINISHED, (
-            worker.log_tail()
-        )
+        assert fetch_job(conn, job_id).get_status() == JobStatus.FINISHED, worker.log_tail()
     phases = [p["phase"] for p in seen]
     order = ["fetching", "evaluating current", "training", "evaluating new", "saving", "done"]
     first_seen = list(dict.fromkeys(phases))
     assert first_seen == [phase for phase in order if phase in first_seen], phases
     assert phases[-1] == "done"
-    meta = Job.fetch(job_id, connection=conn).get_meta()
+    job = fetch_job(conn, job_id)
+    meta = job.get_meta()
+    assert job.return_value() == meta["report"]  # the result, stored as JSON like the meta
     steps = meta["report"]["training_summary"]["steps"]
     assert steps >= 1
     assert meta["training"]["step"] == meta["training"]["total"] == steps
@@ -307,12 +312,13 @@ def test_killed_horse_without_retries_fails_visibly_and_the_next_trigger_trains(
 def test_whole_worker_killed_mid_job_is_retried_after_rq_cleans_it_up(
     settings: Settings, tmp_path: Path
 ) -> None:
-    """SIGKILL of the worker *and* its horse (OOM / machine loss): nothing runs after the kill.
+    """SIGKILL of the worker, its horse and its scheduler (OOM / machine loss): nothing runs
+    after the kill.
 
-    RQ's StartedJobRegistry cleanup retries the job once its heartbeat expired (~65 s with a
-    5 s monitoring interval) and the next worker runs its registry maintenance (an idle worker
-    does every ``worker_ttl - 15`` s: 15 s with ``--worker-ttl 30``); a trigger sent meanwhile
-    becomes one follow-up that runs after it.
+    The next worker on this machine sees that the job's worker and horse processes are gone and
+    RQ's StartedJobRegistry cleanup retries the job at once (tests/integration/
+    test_worker_recovery.py times it); a trigger sent meanwhile becomes one follow-up that runs
+    after it.
     """
     from backend.training_api import training_queue_from_settings
 
@@ -330,11 +336,7 @@ def test_whole_worker_killed_mid_job_is_retried_after_rq_cleans_it_up(
     assert VersionStore(settings.versions_dir).list(PROJECT) == []
 
     with running_worker(
-        settings.redis_url,
-        settings.training_queue,
-        settings_env(settings),
-        tmp_path / "second.log",
-        ("--worker-ttl", "30"),
+        settings.redis_url, settings.training_queue, settings_env(settings), tmp_path / "second.log"
     ) as worker:
         retried = wait_for_job(settings, abandoned, worker, {JobStatus.FINISHED, JobStatus.FAILED})
         assert retried.get_status() == JobStatus.FINISHED, worker.log_tail()

@@ -1,4 +1,5 @@
-"""``POST /webhook`` through the real HTTP app: validation, tokens kept out, Redis down -> 503.
+"""``POST /webhook`` through the real HTTP app: validation, tokens kept out, Redis down -> 503,
+pickles planted in Redis never loaded.
 
 No worker here (tests/integration/test_training_worker.py has those); the Redis-down test
 points the app at a closed port and checks that ``/predict`` keeps working.
@@ -6,7 +7,9 @@ points the app at a closed port and checks that ``/predict`` keeps working.
 
 from __future__ import annotations
 
+import base64
 import logging
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from rq.job import Job, JobStatus
 
 from backend.app import create_app
 from backend.settings import Settings
@@ -114,6 +118,58 @@ def test_start_training_answers_with_the_job_that_covers_it(client: TestClient) 
     assert status["queued"]["triggers"] == 2
     assert status["current_version"] is None
     assert client.get("/versions", params={"project": "7"}).json() == {"versions": []}
+
+
+class CreatesMarker:
+    """Unpickling this calls ``open(path, "w")``: the file exists iff the pickle was loaded (the
+    shape of any pickle exploit: a callable run at load time, e.g. ``os.system``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+def test_a_pickle_planted_in_a_queued_jobs_meta_is_never_loaded(
+    client: TestClient, redis_url: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled-meta"
+    job_id = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+    job_id = job_id.json()["job_id"]
+    redis.Redis.from_url(redis_url).hset(
+        Job.key_for(job_id), "meta", pickle.dumps(CreatesMarker(marker))
+    )
+    lenient = TestClient(client.app, raise_server_exceptions=False)
+    answers = [
+        lenient.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}}),
+        lenient.get("/status/7"),
+        lenient.get("/status"),
+    ]
+    assert not marker.exists(), "the web process unpickled a value read from Redis"
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[0].json()["status"] == "merged"
+    assert answers[1].json()["queued"]["job_id"] == job_id
+
+
+def test_a_pickle_planted_in_a_failed_jobs_result_is_never_loaded(
+    client: TestClient, redis_url: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled-result"
+    answer = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+    job_id = answer.json()["job_id"]
+    connection = redis.Redis.from_url(redis_url)
+    connection.hset(Job.key_for(job_id), "status", JobStatus.FAILED.value)
+    connection.xadd(
+        f"rq:results:{job_id}",
+        {"type": 2, "return_value": base64.b64encode(pickle.dumps(CreatesMarker(marker)))},
+    )
+    lenient = TestClient(client.app, raise_server_exceptions=False)
+    answers = [lenient.get("/status/7"), lenient.get("/status")]
+    assert not marker.exists(), "the web process unpickled a value read from Redis"
+    assert [a.status_code for a in answers] == [200, 200]
+    failure = answers[0].json()["last_failure"]
+    assert failure["job_id"] == job_id and failure["error"] == "failed"
 
 
 def test_redis_down_gives_503_fast_and_predict_keeps_working(
