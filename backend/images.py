@@ -31,8 +31,9 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -50,6 +51,7 @@ from backend.label_studio_trust import LabelStudioTrust, PinStore, origin_of
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CLOUD_PREFIXES = ("s3:", "gs:", "azure-blob:")
 ACCESS_TOKEN_MARGIN_S = 30.0  # refresh an access token this long before it expires
@@ -346,6 +348,33 @@ def deadline_client(timeout_s: float, transport: httpx.BaseTransport | None = No
     )
 
 
+def within_deadline(
+    timeout_s: float,
+    fetch: Callable[[], T],
+    *,
+    timed_out: Callable[[], Exception],
+    failed: Callable[[httpx.HTTPError], Exception],
+    own_error: type[Exception],
+) -> T:
+    """``fetch()`` (requests of a ``deadline_client``) within a ``DownloadDeadline`` of
+    ``timeout_s``: an httpx error becomes ``failed(exc)``, or ``timed_out()`` once the
+    deadline has passed, as does an ``own_error`` (a token exchange cut short) then."""
+    with DownloadDeadline(timeout_s) as deadline:
+        try:
+            result = fetch()
+        except httpx.HTTPError as exc:
+            if deadline.expired or isinstance(exc, httpx.TimeoutException):
+                raise timed_out() from exc
+            raise failed(exc) from exc
+        except own_error as exc:
+            if deadline.expired:
+                raise timed_out() from exc
+            raise
+        if deadline.expired:  # a shut-down socket can also read as a body that ended early
+            raise timed_out()
+    return result
+
+
 def _apply_deadline(request: httpx.Request) -> None:
     """The client's request hook: every request of a download, the token exchange and
     redirects included, gets the download's deadline (its trace and the time left)."""
@@ -628,20 +657,15 @@ class ImageLoader:
         shown = display_url(url)
         if send_auth and not self.auth.configured:
             logger.warning("fetching %s without a token: set LABEL_STUDIO_API_KEY", shown)
-        with DownloadDeadline(self.settings.image_fetch_timeout_s) as deadline:
-            try:
-                data = self._fetch(url, send_auth, shown)
-            except httpx.HTTPError as exc:
-                if deadline.expired or isinstance(exc, httpx.TimeoutException):
-                    raise self._timed_out(shown) from exc
-                raise ImageFetchError(f"cannot fetch {shown}: {type(exc).__name__}: {exc}") from exc
-            except ImageFetchError as exc:  # the token exchange failed: cut short by the deadline?
-                if deadline.expired:
-                    raise self._timed_out(shown) from exc
-                raise
-            if deadline.expired:  # a shut-down socket can also read as a body that ended early
-                raise self._timed_out(shown)
-        return data
+        return within_deadline(
+            self.settings.image_fetch_timeout_s,
+            lambda: self._fetch(url, send_auth, shown),
+            timed_out=lambda: self._timed_out(shown),
+            failed=lambda exc: ImageFetchError(
+                f"cannot fetch {shown}: {type(exc).__name__}: {exc}"
+            ),
+            own_error=ImageFetchError,  # the token exchange failed: cut short by the deadline?
+        )
 
     def _timed_out(self, shown: str) -> ImageFetchError:
         return ImageFetchError(

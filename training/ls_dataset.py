@@ -37,7 +37,7 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from backend import images
 from backend.errors import ImageDecodeError, ImageTooLargeError
-from backend.images import DownloadDeadline, deadline_client, display_url
+from backend.images import deadline_client, display_url, within_deadline
 from backend.label_studio_trust import origin_of
 from training.data import Sample
 
@@ -138,20 +138,13 @@ class LabelStudioClient:
         """GET ``url``, all of it within ``timeout_s`` (``LabelStudioError`` after), its body
         at most ``max_bytes`` when given."""
         shown = display_url(url)
-        with DownloadDeadline(self.timeout_s) as deadline:
-            try:
-                response = self._get_with_auth(url, params, max_bytes)
-            except httpx.HTTPError as exc:
-                if deadline.expired or isinstance(exc, httpx.TimeoutException):
-                    raise self._timed_out(shown) from exc
-                raise LabelStudioError(f"GET {shown} failed: {type(exc).__name__}") from exc
-            except LabelStudioError as exc:  # the token exchange failed: cut short by the deadline?
-                if deadline.expired:
-                    raise self._timed_out(shown) from exc
-                raise
-            if deadline.expired:  # a shut-down socket can also read as a body that ended early
-                raise self._timed_out(shown)
-        return response
+        return within_deadline(
+            self.timeout_s,
+            lambda: self._get_with_auth(url, params, max_bytes),
+            timed_out=lambda: self._timed_out(shown),
+            failed=lambda exc: LabelStudioError(f"GET {shown} failed: {type(exc).__name__}"),
+            own_error=LabelStudioError,  # the token exchange failed: cut short by the deadline?
+        )
 
     def _get_with_auth(
         self, url: str, params: dict[str, Any] | None, max_bytes: int | None
