@@ -17,12 +17,13 @@ does it all).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -30,7 +31,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from backend.errors import (
@@ -45,6 +46,7 @@ from backend.security import configure_logging, install_auth
 from backend.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class SetupRequest(BaseModel):
@@ -124,8 +126,33 @@ def _http_error(exc: HTTPException) -> BackendError:
     return BackendError(str(exc.detail), code=code, status_code=exc.status_code)
 
 
-def _predict_json(backend: StableSamBackend, request: PredictRequest) -> bytes:
-    """The ``/predict`` answer as JSON bytes; runs on a predict worker thread, start to end."""
+def load_json(body: bytes) -> Any:
+    """``body`` parsed as JSON, or 400 ``malformed_json``.
+
+    Called on worker threads, like ``validate``: parsing and validating a large body is CPU
+    work that must not hold up the event loop, where ``/health`` is answered.
+    """
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError too
+        raise malformed_json(exc) from exc
+
+
+def validate(data: Any, model: type[ModelT]) -> ModelT:
+    """``data`` as ``model``, or 422 ``invalid_request`` naming the fields."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from exc
+
+
+def _predict_json(backend: StableSamBackend, body: bytes) -> bytes:
+    """The ``/predict`` answer as JSON bytes; runs on a predict worker thread, start to end
+    (parsing the body included)."""
+    data = load_json(body)
+    if isinstance(data, dict):
+        backend.limits.check_batch_tasks(data.get("tasks"))  # before validating each one
+    request = validate(data, PredictRequest)
     context = request.params.context if request.params else None
     context = context if context is not None else request.context
     tasks = [task.model_dump() for task in request.tasks]
@@ -206,25 +233,44 @@ def create_app(
             "model_error": backend.models.error,
         }
 
-    @app.post("/setup", response_model=SetupResponse)
-    def setup(request: SetupRequest) -> SetupResponse:
-        """Cheap: remembers the config and Label Studio's address/token; never loads a model."""
+    def _setup(body: bytes) -> SetupResponse:
+        backend.limits.check_setup_body(body)
+        request = validate(load_json(body), SetupRequest)
         backend.limits.check_label_config(request.schema_, "schema")
         version = backend.setup(
             request.project, request.schema_, request.hostname, request.access_token
         )
         return SetupResponse(model_version=version)
 
-    @app.post("/predict", response_model=PredictResponse)
-    async def predict(request: PredictRequest, http: Request) -> Response:
+    # The bodies are read here and parsed on a worker thread (``load_json``): the schemas
+    # below document them (FastAPI would otherwise parse them on the event loop).
+    @app.post("/setup", response_model=SetupResponse, openapi_extra=_body_schema(SetupRequest))
+    async def setup(http: Request) -> SetupResponse:
+        """Cheap: remembers the config and Label Studio's address/token; never loads a model."""
+        return await anyio.to_thread.run_sync(_setup, await http.body())
+
+    @app.post(
+        "/predict", response_model=PredictResponse, openapi_extra=_body_schema(PredictRequest)
+    )
+    async def predict(http: Request) -> Response:
         """Interactive (``params.context``) masks, or the task-open warm-up (no context)."""
-        body = await anyio.to_thread.run_sync(
-            _predict_json, backend, request, limiter=http.app.state.predict_limiter
+        answer = await anyio.to_thread.run_sync(
+            _predict_json, backend, await http.body(), limiter=http.app.state.predict_limiter
         )
-        return Response(body, media_type="application/json")
+        return Response(answer, media_type="application/json")
 
     _include_training_router(app, settings)
     return app
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of an endpoint that parses its body itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
 
 
 def _preload(backend: StableSamBackend) -> None:

@@ -23,6 +23,9 @@ from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# /setup's fields besides its schema (project, hostname, token, extra_params), bytes.
+SETUP_OVERHEAD_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -33,6 +36,7 @@ class RequestLimits:
     max_points_per_prompt: int
     max_points_per_request: int
     max_label_config_bytes: int
+    max_batch_tasks: int = 10_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RequestLimits:
@@ -42,7 +46,25 @@ class RequestLimits:
             max_points_per_prompt=settings.max_points_per_prompt,
             max_points_per_request=settings.max_points_per_request,
             max_label_config_bytes=settings.max_label_config_bytes,
+            max_batch_tasks=settings.max_batch_tasks,
         )
+
+    def check_batch_tasks(self, tasks: object) -> None:
+        """Refuse a ``/predict`` of more tasks than any call may carry (``MAX_BATCH_TASKS``),
+        before each is validated: validating millions holds the interpreter for seconds."""
+        if isinstance(tasks, list) and len(tasks) > self.max_batch_tasks:
+            raise RequestTooLargeError(
+                f"{len(tasks)} tasks in one /predict; the limit is {self.max_batch_tasks} "
+                "(MAX_BATCH_TASKS)"
+            )
+
+    def check_setup_body(self, body: bytes) -> None:
+        """Refuse a ``/setup`` body that cannot be a labeling config and a few fields."""
+        if len(body) > 2 * self.max_label_config_bytes + SETUP_OVERHEAD_BYTES:
+            raise RequestTooLargeError(
+                f"the /setup body is {len(body)} bytes; it carries one labeling config "
+                f"(MAX_LABEL_CONFIG_BYTES={self.max_label_config_bytes}) and a few fields"
+            )
 
     def check_tasks(self, tasks: Sized) -> None:
         """Refuse an interactive ``/predict`` with more than ``max_tasks_per_predict`` tasks."""
