@@ -55,6 +55,7 @@ T = TypeVar("T")
 
 CLOUD_PREFIXES = ("s3:", "gs:", "azure-blob:")
 ACCESS_TOKEN_MARGIN_S = 30.0  # refresh an access token this long before it expires
+MAX_TOKEN_CHARS = 4096  # Label Studio's tokens: 40 hex (legacy) or a JWT of a few hundred
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,11 @@ class LabelStudioAuth:
         token = (access_token or "").strip()
         if not token or self._api_key:
             return False
+        if len(token) > MAX_TOKEN_CHARS or not token.isascii() or not token.isprintable():
+            raise InvalidRequestError(
+                f"/setup access_token must be printable ASCII of at most {MAX_TOKEN_CHARS} "
+                "characters (a Label Studio token)"
+            )
         with self._lock:
             if token in (self._setup_token, self._setup_next):
                 return True
@@ -147,6 +153,11 @@ class LabelStudioAuth:
             else:
                 self._setup_next = token
         return True
+
+    @property
+    def setup_token(self) -> str:
+        """The ``/setup`` token in use ("" when none): what training jobs are given."""
+        return self._setup_token
 
     def confirm(self, headers: dict[str, str]) -> None:
         """Label Studio accepted ``headers`` (from ``headers()``): keep their token."""
@@ -256,6 +267,13 @@ def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[s
     if parts.scheme in ("http", "https") and parts.netloc:
         # Credentials go only to Label Studio's own origin, never to another host.
         same_origin = bool(base_url) and origin_of(value) == origin_of(base_url)
+        if same_origin and "@" in parts.netloc:
+            # httpx would send user:password as its own Authorization header in place of
+            # ours, and Label Studio's 401 to it would look like a refusal of our token.
+            raise InvalidRequestError(
+                f"image URL {display_url(value)!r} on Label Studio's origin carries credentials "
+                "of its own (user:password@); the backend sends Label Studio's token itself"
+            )
         return value, same_origin
     raise InvalidRequestError(f"unsupported image URL scheme in {display_url(value)[:60]!r}")
 

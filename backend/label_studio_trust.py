@@ -6,9 +6,10 @@ training worker:
 
 - ``LABEL_STUDIO_URL`` set: that is Label Studio. With ``LABEL_STUDIO_TRUST_SETUP`` off,
   ``/setup``'s hostname is ignored; with it on, a hostname of another origin is refused (403).
-- ``LABEL_STUDIO_URL`` unset and ``LABEL_STUDIO_TRUST_SETUP`` on: the first hostname ``/setup``
-  reports is pinned (trust on first use, agreed between processes through Redis); any other
-  origin is refused from then on.
+- ``LABEL_STUDIO_URL`` unset and ``LABEL_STUDIO_TRUST_SETUP`` on: the origin of the first
+  hostname ``/setup`` reports is pinned (trust on first use, agreed between processes through
+  Redis); any other origin is refused from then on. Not with ``LABEL_STUDIO_API_KEY``: the
+  operator's key goes only to a Label Studio the operator named (``Settings`` refuses it).
 - ``LABEL_STUDIO_URL`` unset and ``LABEL_STUDIO_TRUST_SETUP`` off (the default): the backend
   knows no Label Studio; relative image URLs fail with an error that says what to set.
 
@@ -121,7 +122,9 @@ class LabelStudioTrust:
             return False
         if not hostname:
             return True  # nothing claimed; a token goes only to the trusted origin anyway
-        candidate = base_url_of(hostname)
+        # The origin only: a path from /setup could point the pin at the wrong place on the
+        # right host (Label Studio under a prefix: set LABEL_STUDIO_URL).
+        candidate = origin_of(hostname)
         if candidate is None:
             raise UntrustedLabelStudioError(
                 "/setup hostname is not an http(s) URL", code="invalid_label_studio_hostname"
@@ -137,11 +140,11 @@ class LabelStudioTrust:
                 origin_of(candidate),
                 origin_of(self.base_url),
             )
+            # Which Label Studio is trusted is for the operator's log, not for any caller.
             raise UntrustedLabelStudioError(
-                f"/setup names Label Studio {origin_of(candidate)}, but this backend trusts "
-                f"{origin_of(self.base_url)} "
-                f"({'LABEL_STUDIO_URL' if self.configured_url else 'the first /setup'}); "
-                "see docs/SECURITY.md"
+                f"/setup names Label Studio {candidate}, which this backend does not trust "
+                f"({'LABEL_STUDIO_URL' if self.configured_url else 'the first /setup'} "
+                "decides; the backend's log names it); see docs/SECURITY.md"
             )
         return True
 

@@ -17,6 +17,7 @@ import functools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from backend.versions import PluginVersion, VersionStore
 
 logger = logging.getLogger(__name__)
 
+ACCESS_RESHARE_S = 60.0  # /setup re-shares LS access with training this often, at most
 MAX_PENDING_PREFETCH = 16  # background embeddings queued at most; more task opens are skipped
 
 
@@ -284,7 +286,8 @@ class StableSamBackend:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._queue: Any = None
-        self._stored_access: dict[str, tuple[str, str]] = {}
+        # project -> (url, token, share again at): what training jobs were last given
+        self._stored_access: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
         self._redis_retry_at = 0.0
 
     def close(self) -> None:
@@ -306,8 +309,10 @@ class StableSamBackend:
         token_usable = self.auth.update_from_setup(hostname, access_token)
         if key is not None and schema:
             self._schemas.put(key, schema)
-        if key is not None and token_usable and access_token and self.auth.base_url:
-            self._share_access_with_training(key, self.auth.base_url, access_token)
+        if key is not None and token_usable and self.auth.setup_token and self.auth.base_url:
+            # The token in use, not the one this caller sent: a stray /setup token waits
+            # behind one that works, for training jobs too.
+            self._share_access_with_training(key, self.auth.base_url, self.auth.setup_token)
         return self.models.model_version(key)
 
     def _pin_label_studio_url(self, url: str) -> str:
@@ -326,13 +331,19 @@ class StableSamBackend:
         """Let training jobs reach LS with /setup's token (once per change; Redis may be down)."""
         import redis
 
-        if self._stored_access.get(project) == (url, token):
+        now = time.monotonic()
+        shared = self._stored_access.get(project)
+        if shared is not None and shared[:2] == (url, token) and now < shared[2]:
             return
-        if time.monotonic() < self._redis_retry_at:
+        if now < self._redis_retry_at:
             return  # Redis was down a moment ago: keep /setup fast
         try:
             self.training_queue().store_label_studio_access(project, url, token)
-            self._stored_access[project] = (url, token)
+            # Shared again after a while: Redis may have lost it (it keeps nothing on disk).
+            self._stored_access[project] = (url, token, now + ACCESS_RESHARE_S)
+            self._stored_access.move_to_end(project)
+            while len(self._stored_access) > self.settings.schema_cache_size:
+                self._stored_access.popitem(last=False)
         except (redis.RedisError, OSError) as exc:  # must not fail /setup (LS gives it 3 s)
             self._redis_retry_at = time.monotonic() + 30.0
             logger.warning("cannot share LS access of project %s with training: %s",

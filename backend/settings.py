@@ -195,6 +195,20 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _api_key_goes_to_a_named_label_studio(self) -> Settings:
+        # Trust on first use would hand the operator's key to whoever calls /setup first.
+        if (
+            self.label_studio_trust_setup
+            and self.label_studio_api_key
+            and not self.label_studio_url
+        ):
+            raise ValueError(
+                "LABEL_STUDIO_TRUST_SETUP=true with LABEL_STUDIO_API_KEY needs LABEL_STUDIO_URL: "
+                "the key must go to the Label Studio you name, not to the first caller of /setup"
+            )
+        return self
+
     @property
     def basic_auth_enabled(self) -> bool:
         """True when both BASIC_AUTH_USER and BASIC_AUTH_PASS are set."""

@@ -261,12 +261,24 @@ def test_tokens_never_reach_the_log(ls, caplog):
 def test_credentials_in_an_image_url_reach_neither_the_log_nor_the_error(ls, caplog):
     caplog.set_level(logging.DEBUG, logger="backend")
     loader = loader_for(ls, image_url_ttl_s=0)
-    with_password = ls.url.replace("http://", "http://user:s3cret@")
+    # Another origin than Label Studio's (localhost, not 127.0.0.1): on Label Studio's own
+    # origin such a URL is refused (the next test).
+    with_password = ls.url.replace("http://127.0.0.1", "http://user:s3cret@localhost")
     loader.load(f"{with_password}/public/scene.png")
     with pytest.raises(ImageFetchError) as info:
         loader.load(f"{with_password}/public/missing.png")
     assert "missing.png" in info.value.detail and "s3cret" not in info.value.detail
     assert "scene.png" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_an_image_url_with_credentials_on_label_studio_s_origin_is_refused(ls):
+    # httpx would send them as its own Authorization in place of our token, and Label
+    # Studio's 401 would look like a refusal of that token (which then gets swapped out).
+    loader = loader_for(ls, image_url_ttl_s=0, label_studio_api_key=SecretStr(ls.legacy_token))
+    before = len(ls.auth_headers)
+    with pytest.raises(InvalidRequestError, match="carries credentials"):
+        loader.load(ls.url.replace("http://", "http://x@") + "/data/upload/1/scene.png")
+    assert len(ls.auth_headers) == before  # nothing was sent
 
 
 def test_unreachable_label_studio_error_hides_its_credentials():

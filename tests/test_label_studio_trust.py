@@ -17,7 +17,12 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from backend.app import create_app
-from backend.label_studio_trust import LabelStudioTrust, base_url_of, origin_of
+from backend.label_studio_trust import (
+    LabelStudioTrust,
+    UntrustedLabelStudioError,
+    base_url_of,
+    origin_of,
+)
 from backend.queue import TrainingQueue, redis_connection
 from backend.settings import Settings
 from training.jobs import label_studio_client
@@ -184,9 +189,10 @@ def test_base_urls_keep_the_path_and_drop_credentials():
 
 def test_the_pin_that_redis_holds_wins_over_this_process():
     trust = LabelStudioTrust("", trust_setup=True, pin_store=lambda url: "http://first:8080")
-    with pytest.raises(Exception, match="trusts http://first:8080"):
+    with pytest.raises(UntrustedLabelStudioError) as refused:
         trust.accept_setup_hostname("http://second:8080")
     assert trust.base_url == "http://first:8080"
+    assert "first:8080" not in refused.value.detail  # the trusted one: the operator's log
 
 
 # --- the worker's side ---------------------------------------------------------------------------
@@ -225,3 +231,43 @@ def test_the_worker_sends_no_token_to_a_host_other_than_the_pinned_one(queue):
     queue.store_label_studio_access("5", "http://ls:8080", "tok")
     with label_studio_client(worker_settings(label_studio_trust_setup=True), queue, "5") as client:
         assert client.url == "http://ls:8080"
+
+
+def test_only_the_origin_of_setup_s_hostname_is_pinned(tmp_path, label_studio, attacker):
+    # A caller pinning the right host with a wrong path would break every image silently.
+    with app_for(tmp_path, label_studio_trust_setup=True) as client:
+        assert setup(client, label_studio.url + "/nowhere").status_code == 200
+        setup(client, label_studio.url, label_studio.legacy_token)
+        assert click(client).status_code == 200
+
+
+def test_an_api_key_with_trusted_setup_needs_a_named_label_studio():
+    with pytest.raises(ValueError, match="needs LABEL_STUDIO_URL"):
+        Settings(label_studio_api_key=SecretStr("k" * 40), label_studio_trust_setup=True)
+
+
+def test_a_setup_token_that_cannot_be_a_token_is_refused(tmp_path, label_studio):
+    with app_for(tmp_path, label_studio_trust_setup=True) as client:
+        answer = setup(client, label_studio.url, "x" * 5000)
+    assert answer.status_code == 400 and "access_token" in answer.json()["detail"]
+
+
+@pytest.mark.integration
+def test_training_jobs_get_the_token_in_use_not_a_stray_one(redis_url, tmp_path, label_studio):
+    settings = Settings(
+        redis_url=redis_url,
+        training_queue=f"trust-{uuid.uuid4().hex[:8]}",
+        versions_dir=tmp_path / "versions",
+        sam_model_type="mini",
+        sam_allow_random_weights=True,
+        preload_model=False,
+        device="cpu",
+        image_url_ttl_s=0,
+        label_studio_trust_setup=True,
+    )
+    with TestClient(create_app(settings)) as client:
+        setup(client, label_studio.url, label_studio.legacy_token)
+        assert click(client).status_code == 200  # the token works
+        setup(client, label_studio.url, "bogus0token0from0anyone")
+    queue = TrainingQueue(redis_connection(redis_url), settings.training_queue)
+    assert queue.label_studio_access("3") == (label_studio.url, label_studio.legacy_token)
