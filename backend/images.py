@@ -354,14 +354,20 @@ def within_deadline(
     *,
     timed_out: Callable[[], Exception],
     failed: Callable[[httpx.HTTPError], Exception],
+    unusable_url: Callable[[Exception], Exception],
     own_error: type[Exception],
 ) -> T:
     """``fetch()`` (requests of a ``deadline_client``) within a ``DownloadDeadline`` of
     ``timeout_s``: an httpx error becomes ``failed(exc)``, or ``timed_out()`` once the
-    deadline has passed, as does an ``own_error`` (a token exchange cut short) then."""
+    deadline has passed, as does an ``own_error`` (a token exchange cut short) then. A URL
+    httpx or IDNA refuses becomes ``unusable_url(exc)``."""
     with DownloadDeadline(timeout_s) as deadline:
         try:
             result = fetch()
+        # Not httpx.HTTPError: httpx.InvalidURL (a NUL in the path, "http://ⓛs.example"), an
+        # IDNAError ("http://xn--") or the socket's own IDNA UnicodeError ("http://a..b").
+        except (httpx.InvalidURL, UnicodeError) as exc:
+            raise unusable_url(exc) from exc
         except httpx.HTTPError as exc:
             if deadline.expired or isinstance(exc, httpx.TimeoutException):
                 raise timed_out() from exc
@@ -485,6 +491,12 @@ class DecodeBudget:
                 self._freed.notify_all()
 
 
+# What Pillow raises for bytes of a format it recognises but cannot read: besides OSError,
+# SyntaxError and ValueError, NotImplementedError (a DDS header with a pixel format it does not
+# support) and TypeError or OverflowError (TIFFs with mutated tags).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, NotImplementedError, TypeError, OverflowError)
+
+
 def decode_image(data: bytes, max_pixels: int, budget: DecodeBudget | None = None) -> np.ndarray:
     """Decode image bytes to RGB (H, W, 3) uint8 as the browser shows them (EXIF orientation).
 
@@ -500,7 +512,7 @@ def decode_image(data: bytes, max_pixels: int, budget: DecodeBudget | None = Non
         raise ImageTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("the downloaded file is not a readable image") from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # a recognised format, broken header
+    except DECODE_ERRORS as exc:  # a recognised format, broken header
         raise ImageDecodeError(
             f"the image is not a readable image (corrupt header: {exc})"
         ) from exc
@@ -519,7 +531,7 @@ def decode_image(data: bytes, max_pixels: int, budget: DecodeBudget | None = Non
                 image.load()
                 orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
                 return _displayed_rgb(image, orientation)
-            except (OSError, SyntaxError, ValueError) as exc:
+            except DECODE_ERRORS as exc:
                 raise ImageDecodeError(f"the image is corrupt or truncated: {exc}") from exc
 
 
@@ -663,6 +675,9 @@ class ImageLoader:
             timed_out=lambda: self._timed_out(shown),
             failed=lambda exc: ImageFetchError(
                 f"cannot fetch {shown}: {type(exc).__name__}: {exc}"
+            ),
+            unusable_url=lambda exc: InvalidRequestError(
+                f"the task's image URL {shown} is not a usable URL ({type(exc).__name__}: {exc})"
             ),
             own_error=ImageFetchError,  # the token exchange failed: cut short by the deadline?
         )
