@@ -200,7 +200,8 @@ class LabelStudioAuth:
                 )
             url = f"{self.base_url}/api/token/refresh/"
             try:
-                response = client.post(url, json={"refresh": refresh})
+                # Not redirected: a 307/308 would re-POST the token to wherever it points.
+                response = client.post(url, json={"refresh": refresh}, follow_redirects=False)
             except httpx.TimeoutException as exc:
                 raise ImageFetchError(
                     "timed out exchanging the personal access token at Label Studio",
@@ -219,10 +220,26 @@ class LabelStudioAuth:
                     "LABEL_STUDIO_API_KEY",
                     code="label_studio_auth_failed",
                 )
-            access = response.json().get("access", "")
+            access = _access_of(response)
             expires = _jwt_expiry(access) or (time.time() + 240.0)
             self._access = (access, expires - ACCESS_TOKEN_MARGIN_S, refresh)
             return access
+
+
+def _access_of(response: httpx.Response) -> str:
+    """The access token of a 200 from ``/api/token/refresh/`` (``{"access": "<JWT>"}``)."""
+    try:
+        body = response.json()
+    except ValueError:  # not JSON, or not UTF-8
+        body = None
+    access = body.get("access") if isinstance(body, dict) else None
+    if not isinstance(access, str) or not access:
+        raise ImageFetchError(
+            "Label Studio answered the personal access token exchange (/api/token/refresh/) "
+            'without an access token (expected JSON {"access": ...}); check LABEL_STUDIO_URL',
+            code="label_studio_auth_failed",
+        )
+    return access
 
 
 def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[str, bool]:

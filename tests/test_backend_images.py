@@ -11,6 +11,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 from backend_support import FakeLabelStudio, fake_jwt, png_bytes, scene
@@ -29,6 +30,7 @@ from backend.images import (
     DecodeBudget,
     ImageLoader,
     LabelStudioAuth,
+    deadline_client,
     decode_image,
     decode_peak_bytes,
     display_url,
@@ -191,6 +193,54 @@ def test_a_rejected_personal_access_token_is_a_clear_error(ls):
     loader = loader_for(ls, label_studio_api_key=SecretStr(bad))
     with pytest.raises(ImageFetchError, match="refused the personal access token"):
         loader.load("/data/upload/1/scene.png")
+
+
+def label_studio_answering_the_exchange(
+    answer: httpx.Response,
+) -> tuple[LabelStudioAuth, list, httpx.Client]:
+    """A ``LabelStudioAuth`` with a PAT, and the requests its Label Studio (``answer``) saw."""
+    settings = Settings(
+        label_studio_url="http://ls.test:8080",
+        label_studio_api_key=SecretStr(fake_jwt({"token_type": "refresh", "exp": 1e10})),
+    )
+    seen: list[httpx.Request] = []
+
+    def label_studio(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answer
+
+    return (
+        LabelStudioAuth(settings),
+        seen,
+        deadline_client(5.0, httpx.MockTransport(label_studio)),  # follows redirects
+    )
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_the_token_exchange_does_not_follow_a_redirect(status):
+    answer = httpx.Response(status, headers={"Location": "http://elsewhere.test/steal"})
+    auth, seen, client = label_studio_answering_the_exchange(answer)
+    with pytest.raises(ImageFetchError, match=f"HTTP {status}"):
+        auth.headers(client)
+    assert [request.url.host for request in seen] == ["ls.test"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(200, text="<html>a login page</html>"),
+        httpx.Response(200, content=b"\xff\xfe{"),
+        httpx.Response(200, json={"detail": "no access here"}),
+        httpx.Response(200, json=["access"]),
+        httpx.Response(200, json={"access": None}),
+    ],
+    ids=["html", "not-utf8", "no-access", "not-an-object", "access-null"],
+)
+def test_a_token_exchange_answer_without_an_access_token_is_502(answer):
+    auth, _, client = label_studio_answering_the_exchange(answer)
+    with pytest.raises(ImageFetchError, match="without an access token") as info:
+        auth.headers(client)
+    assert info.value.status_code == 502
 
 
 def test_missing_image_is_404_naming_the_url(ls):
