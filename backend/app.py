@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from backend.errors import (
+    AsciiJSONResponse,
     BackendError,
     InvalidRequestError,
     RequestTooLargeError,
@@ -195,26 +196,28 @@ def create_app(
     async def _backend_error(request: Request, exc: BackendError) -> JSONResponse:
         logger.warning("%s %s -> %d %s: %s", request.method, request.url.path,
                        exc.status_code, exc.code, exc.detail)  # fmt: skip
-        return JSONResponse(exc.to_json(), status_code=exc.status_code)
+        return AsciiJSONResponse(exc.to_json(), status_code=exc.status_code)
 
     @app.exception_handler(HTTPException)
     async def _starlette_error(request: Request, exc: HTTPException) -> JSONResponse:
         error = _http_error(exc)
         logger.warning("%s %s -> %d %s: %s", request.method, request.url.path,
                        error.status_code, error.code, error.detail)  # fmt: skip
-        return JSONResponse(error.to_json(), status_code=error.status_code, headers=exc.headers)
+        return AsciiJSONResponse(
+            error.to_json(), status_code=error.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         code, detail = _validation_message(exc)
         logger.warning("%s %s -> %s: %s", request.method, request.url.path, code, detail)
         status = 400 if code == "malformed_json" else 422
-        return JSONResponse({"error": code, "detail": detail}, status_code=status)
+        return AsciiJSONResponse({"error": code, "detail": detail}, status_code=status)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(
+        return AsciiJSONResponse(
             {"error": "internal_error", "detail": f"{type(exc).__name__}: see the backend log"},
             status_code=500,
         )

@@ -6,10 +6,26 @@ anywhere below the HTTP layer fails only the request that caused it.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+from starlette.responses import JSONResponse
+
 
 def quoted(text: str, limit: int = 60) -> str:
     """``text`` as an error message shows a caller's value: ``repr``, cut to ``limit`` characters."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+class AsciiJSONResponse(JSONResponse):
+    """A JSON response rendered with ``ensure_ascii``: a caller's value echoed in it (an error
+    naming a field's value, the webhook's ``action``) may hold lone surrogates ("\\ud800" in
+    the request's JSON), which UTF-8 cannot encode; Starlette's ``JSONResponse`` then fails."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, indent=None, separators=(",", ":")
+        ).encode("ascii")
 
 
 class BackendError(Exception):

@@ -211,7 +211,8 @@ class LabelStudioAuth:
                 )
             url = f"{self.base_url}/api/token/refresh/"
             try:
-                response = client.post(url, json={"refresh": refresh})
+                # Not redirected: a 307/308 would re-POST the token to wherever it points.
+                response = client.post(url, json={"refresh": refresh}, follow_redirects=False)
             except httpx.TimeoutException as exc:
                 raise ImageFetchError(
                     "timed out exchanging the personal access token at Label Studio",
@@ -230,10 +231,26 @@ class LabelStudioAuth:
                     "LABEL_STUDIO_API_KEY",
                     code="label_studio_auth_failed",
                 )
-            access = response.json().get("access", "")
+            access = _access_of(response)
             expires = _jwt_expiry(access) or (time.time() + 240.0)
             self._access = (access, expires - ACCESS_TOKEN_MARGIN_S, refresh)
             return access
+
+
+def _access_of(response: httpx.Response) -> str:
+    """The access token of a 200 from ``/api/token/refresh/`` (``{"access": "<JWT>"}``)."""
+    try:
+        body = response.json()
+    except ValueError:  # not JSON, or not UTF-8
+        body = None
+    access = body.get("access") if isinstance(body, dict) else None
+    if not isinstance(access, str) or not access:
+        raise ImageFetchError(
+            "Label Studio answered the personal access token exchange (/api/token/refresh/) "
+            'without an access token (expected JSON {"access": ...}); check LABEL_STUDIO_URL',
+            code="label_studio_auth_failed",
+        )
+    return access
 
 
 def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[str, bool]:
@@ -372,14 +389,20 @@ def within_deadline(
     *,
     timed_out: Callable[[], Exception],
     failed: Callable[[httpx.HTTPError], Exception],
+    unusable_url: Callable[[Exception], Exception],
     own_error: type[Exception],
 ) -> T:
     """``fetch()`` (requests of a ``deadline_client``) within a ``DownloadDeadline`` of
     ``timeout_s``: an httpx error becomes ``failed(exc)``, or ``timed_out()`` once the
-    deadline has passed, as does an ``own_error`` (a token exchange cut short) then."""
+    deadline has passed, as does an ``own_error`` (a token exchange cut short) then. A URL
+    httpx or IDNA refuses becomes ``unusable_url(exc)``."""
     with DownloadDeadline(timeout_s) as deadline:
         try:
             result = fetch()
+        # Not httpx.HTTPError: httpx.InvalidURL (a NUL in the path, "http://ⓛs.example"), an
+        # IDNAError ("http://xn--") or the socket's own IDNA UnicodeError ("http://a..b").
+        except (httpx.InvalidURL, UnicodeError) as exc:
+            raise unusable_url(exc) from exc
         except httpx.HTTPError as exc:
             if deadline.expired or isinstance(exc, httpx.TimeoutException):
                 raise timed_out() from exc
@@ -503,6 +526,12 @@ class DecodeBudget:
                 self._freed.notify_all()
 
 
+# What Pillow raises for bytes of a format it recognises but cannot read: besides OSError,
+# SyntaxError and ValueError, NotImplementedError (a DDS header with a pixel format it does not
+# support) and TypeError or OverflowError (TIFFs with mutated tags).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, NotImplementedError, TypeError, OverflowError)
+
+
 def decode_image(data: bytes, max_pixels: int, budget: DecodeBudget | None = None) -> np.ndarray:
     """Decode image bytes to RGB (H, W, 3) uint8 as the browser shows them (EXIF orientation).
 
@@ -518,7 +547,7 @@ def decode_image(data: bytes, max_pixels: int, budget: DecodeBudget | None = Non
         raise ImageTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("the downloaded file is not a readable image") from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # a recognised format, broken header
+    except DECODE_ERRORS as exc:  # a recognised format, broken header
         raise ImageDecodeError(
             f"the image is not a readable image (corrupt header: {exc})"
         ) from exc
@@ -537,7 +566,7 @@ def decode_image(data: bytes, max_pixels: int, budget: DecodeBudget | None = Non
                 image.load()
                 orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
                 return _displayed_rgb(image, orientation)
-            except (OSError, SyntaxError, ValueError) as exc:
+            except DECODE_ERRORS as exc:
                 raise ImageDecodeError(f"the image is corrupt or truncated: {exc}") from exc
 
 
@@ -681,6 +710,9 @@ class ImageLoader:
             timed_out=lambda: self._timed_out(shown),
             failed=lambda exc: ImageFetchError(
                 f"cannot fetch {shown}: {type(exc).__name__}: {exc}"
+            ),
+            unusable_url=lambda exc: InvalidRequestError(
+                f"the task's image URL {shown} is not a usable URL ({type(exc).__name__}: {exc})"
             ),
             own_error=ImageFetchError,  # the token exchange failed: cut short by the deadline?
         )

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from backend.errors import malformed_json
+from backend.errors import AsciiJSONResponse, malformed_json
 from backend.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
 from backend.queue import ANNOTATION_ACTIONS, START_TRAINING, TrainingQueue
 from backend.settings import Settings
@@ -36,7 +36,7 @@ def training_queue_from_settings(settings: Settings) -> TrainingQueue:
 
 
 def _error(status_code: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status_code)
+    return AsciiJSONResponse({"error": code, "detail": detail}, status_code=status_code)
 
 
 # The numeric project id as a string from an LS ``project`` field (``{"id": 7}``, 7, "007",
@@ -95,7 +95,7 @@ def build_training_router(settings: Settings) -> APIRouter:
         if not isinstance(action, str) or not action:
             return _error(400, "invalid_request", "action: a non-empty string is required")
         if action not in TRAINING_ACTIONS:
-            return JSONResponse({"status": "ignored", "action": action})
+            return AsciiJSONResponse({"status": "ignored", "action": action})  # echoes the caller
         if "project" not in data:
             return _error(400, "invalid_request", f"project: required for {action}")
         project = project_id(data["project"])
@@ -110,7 +110,7 @@ def build_training_router(settings: Settings) -> APIRouter:
             result = await run_in_threadpool(queue.handle_event, project, action)
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
-        return JSONResponse({**result.to_dict(), "action": action})
+        return AsciiJSONResponse({**result.to_dict(), "action": action})
 
     @router.get("/versions")
     def versions(project: str | None = None) -> JSONResponse:

@@ -5,6 +5,8 @@ FastAPI/Starlette's own errors (unknown route, wrong method, a body ``json`` can
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -50,3 +52,29 @@ def test_json_python_cannot_parse_is_a_400_in_our_error_body(client, path, body,
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"] == "malformed_json"
     assert needle in answer.json()["detail"]
+
+
+def post_with_a_lone_surrogate(client, path: str, body: dict):
+    """POST ``body`` with each ``"SURROGATE"`` spelt ``"\\ud800x"`` in the JSON: a lone
+    surrogate and an "x" once parsed, which UTF-8 cannot encode."""
+    raw = json.dumps(body).replace("SURROGATE", "\\ud800x").encode()
+    return client.post(path, content=raw, headers={"Content-Type": "application/json"})
+
+
+def test_a_lone_surrogate_echoed_in_an_error_body_is_escaped_not_a_500(client):
+    region = {"type": "keypointlabels", "from_name": "clicks", "to_name": "SURROGATE",
+              "value": {"x": 5, "y": 5, "width": 1, "keypointlabels": ["Car"]}}  # fmt: skip
+    body = {
+        "tasks": [{"id": 1, "data": {"img": "/a.png"}}],
+        "label_config": '<View><Image name="picture" value="$img"/></View>',
+        "params": {"context": {"result": [region]}},
+    }
+    answer = post_with_a_lone_surrogate(client, "/predict", body)
+    assert 400 <= answer.status_code < 500, answer.text
+    assert set(answer.json()) == {"error", "detail"} and "\ud800x" in answer.json()["detail"]
+
+
+def test_a_lone_surrogate_in_an_ignored_webhook_action_is_echoed_escaped(client):
+    answer = post_with_a_lone_surrogate(client, "/webhook", {"action": "SURROGATE"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"status": "ignored", "action": "\ud800x"}

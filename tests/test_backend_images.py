@@ -11,6 +11,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 from backend_support import FakeLabelStudio, fake_jwt, png_bytes, scene
@@ -29,6 +30,7 @@ from backend.images import (
     DecodeBudget,
     ImageLoader,
     LabelStudioAuth,
+    deadline_client,
     decode_image,
     decode_peak_bytes,
     display_url,
@@ -99,6 +101,24 @@ def test_urls_python_cannot_parse_are_400_naming_the_problem(ls, value, problem)
         loader_for(ls).load(value, 1)
     assert (info.value.status_code, info.value.code) == (400, "invalid_request")
     assert "cannot be parsed" in info.value.detail and problem in info.value.detail
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("http://\u24dbs.example/a.png", "InvalidURL"),  # "ⓛ": no IDNA mapping
+        ("http://a..b/a.png", "UnicodeError"),  # an empty label: the socket's IDNA refuses it
+        ("http://xn--/a.png", "IDNAError"),  # an A-label without Punycode
+        ("http://example.invalid/a\x00.png", "InvalidURL"),  # a NUL in the path
+    ],
+    ids=["unmappable-host", "empty-label", "bad-a-label", "nul-in-path"],
+)
+def test_urls_httpx_refuses_are_400_naming_the_problem(ls, value, problem):
+    with pytest.raises(InvalidRequestError) as info:
+        loader_for(ls).load(value.replace("http://", "http://user:s3cret@"), 1)
+    assert (info.value.status_code, info.value.code) == (400, "invalid_request")
+    assert "not a usable URL" in info.value.detail and problem in info.value.detail
+    assert "s3cret" not in info.value.detail
 
 
 def test_display_url_drops_user_password_query_and_fragment():
@@ -173,6 +193,54 @@ def test_a_rejected_personal_access_token_is_a_clear_error(ls):
     loader = loader_for(ls, label_studio_api_key=SecretStr(bad))
     with pytest.raises(ImageFetchError, match="refused the personal access token"):
         loader.load("/data/upload/1/scene.png")
+
+
+def label_studio_answering_the_exchange(
+    answer: httpx.Response,
+) -> tuple[LabelStudioAuth, list, httpx.Client]:
+    """A ``LabelStudioAuth`` with a PAT, and the requests its Label Studio (``answer``) saw."""
+    settings = Settings(
+        label_studio_url="http://ls.test:8080",
+        label_studio_api_key=SecretStr(fake_jwt({"token_type": "refresh", "exp": 1e10})),
+    )
+    seen: list[httpx.Request] = []
+
+    def label_studio(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answer
+
+    return (
+        LabelStudioAuth(settings),
+        seen,
+        deadline_client(5.0, httpx.MockTransport(label_studio)),  # follows redirects
+    )
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_the_token_exchange_does_not_follow_a_redirect(status):
+    answer = httpx.Response(status, headers={"Location": "http://elsewhere.test/steal"})
+    auth, seen, client = label_studio_answering_the_exchange(answer)
+    with pytest.raises(ImageFetchError, match=f"HTTP {status}"):
+        auth.headers(client)
+    assert [request.url.host for request in seen] == ["ls.test"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(200, text="<html>a login page</html>"),
+        httpx.Response(200, content=b"\xff\xfe{"),
+        httpx.Response(200, json={"detail": "no access here"}),
+        httpx.Response(200, json=["access"]),
+        httpx.Response(200, json={"access": None}),
+    ],
+    ids=["html", "not-utf8", "no-access", "not-an-object", "access-null"],
+)
+def test_a_token_exchange_answer_without_an_access_token_is_502(answer):
+    auth, _, client = label_studio_answering_the_exchange(answer)
+    with pytest.raises(ImageFetchError, match="without an access token") as info:
+        auth.headers(client)
+    assert info.value.status_code == 502
 
 
 def test_missing_image_is_404_naming_the_url(ls):
@@ -499,6 +567,30 @@ def test_a_decode_that_gets_no_budget_in_time_is_refused_with_503():
 def test_corrupt_bytes_are_unreadable():
     with pytest.raises(ImageDecodeError, match="not a readable image"):
         decode_image(b"<html>login page</html>", 1_000_000)
+
+
+def dds_header(pixel_format_flags: int) -> bytes:
+    """A 128-byte DDS file header (magic, header size 124, 8x8) with these pixel-format flags."""
+    header = struct.pack("<7I", 124, 0x1007, 8, 8, 0, 0, 0) + bytes(44)
+    pixel_format = struct.pack("<2I", 32, pixel_format_flags) + bytes(24)
+    return b"DDS " + header + pixel_format + bytes(20)
+
+
+def test_an_image_format_pillow_does_not_implement_is_unreadable():
+    assert len(dds_header(0)) == 128
+    with pytest.raises(ImageDecodeError, match="pixel format"):
+        decode_image(dds_header(0), 1_000_000)
+
+
+@pytest.mark.parametrize("error", [TypeError, OverflowError])
+def test_pillow_type_and_overflow_errors_while_decoding_are_unreadable(monkeypatch, error):
+    # What Pillow raises reading some mutated TIFF tags; raised here from load().
+    def broken_load(self):
+        raise error("mutated tag")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken_load)
+    with pytest.raises(ImageDecodeError, match="mutated tag"):
+        decode_image(png_bytes(np.zeros((8, 8), np.uint8)), 1_000_000)
 
 
 def test_truncated_image_is_unreadable():

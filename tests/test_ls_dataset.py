@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
 import time
 from typing import Any
 
@@ -77,6 +78,8 @@ class FakeLabelStudio:
         self.tasks, self.images, self.token = tasks, images, token
         self.access = make_jwt({"token_type": "access", "exp": time.time() + 300})
         self.seen_auth: list[str] = []
+        self.refresh_answer: httpx.Response | None = None  # instead of the access token
+        self.hosts: list[str] = []
 
     def authorized(self, request: httpx.Request) -> bool:
         header = request.headers.get("authorization", "")
@@ -85,6 +88,9 @@ class FakeLabelStudio:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
+        self.hosts.append(request.url.host)
+        if path == "/api/token/refresh/" and self.refresh_answer is not None:
+            return self.refresh_answer
         if path == "/api/token/refresh/":
             if json.loads(request.content)["refresh"] != self.token:
                 return httpx.Response(401, json={"detail": "bad token"})
@@ -168,6 +174,54 @@ def test_wrong_token_is_a_clear_error_without_the_token(scene) -> None:
     with pytest.raises(ls.LabelStudioError, match="HTTP 401") as info:
         ls.load_project_samples(client, "7")
     assert "wrong-token-1111" not in str(info.value)
+
+
+def test_tasks_whose_image_url_or_bytes_cannot_be_used_are_skipped(scene) -> None:
+    image, a, _ = scene
+    dds = b"DDS " + struct.pack("<7I", 124, 0x1007, 8, 8, 0, 0, 0) + bytes(44)
+    dds += struct.pack("<2I", 32, 0) + bytes(44)  # pixel-format flags 0: not implemented
+    fake = FakeLabelStudio(
+        [
+            task(1, "/data/upload/7/a.png", [brush_result(a)]),
+            task(2, "http://\u24dbs.example/a.png", [brush_result(a)]),  # InvalidURL
+            task(3, "http://xn--/a.png", [brush_result(a)]),  # IDNAError
+            task(4, "/data/upload/7/a\x00.png", [brush_result(a)]),  # InvalidURL
+            task(5, "/data/upload/7/b.dds", [brush_result(a)]),  # NotImplementedError
+        ],
+        {"/data/upload/7/a.png": png_bytes(image), "/data/upload/7/b.dds": dds},
+        token="0123456789abcdef0123456789abcdef01234567",
+    )
+    samples = ls.load_project_samples(client_for(fake), "7")
+    assert [sample.name for sample in samples] == ["task1"]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_the_token_exchange_does_not_follow_a_redirect(scene, status) -> None:
+    fake = FakeLabelStudio([], {}, token=make_jwt({"token_type": "refresh", "exp": 1e10}))
+    fake.refresh_answer = httpx.Response(
+        status, headers={"Location": "http://elsewhere.test/api/token/refresh/"}
+    )
+    with pytest.raises(ls.LabelStudioError, match=f"HTTP {status}"):
+        client_for(fake).image("/data/upload/7/a.png")
+    assert "elsewhere.test" not in fake.hosts
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(200, text="<html>a login page</html>"),
+        httpx.Response(200, content=b"\xff\xfe{"),
+        httpx.Response(200, json={"detail": "no access here"}),
+        httpx.Response(200, json=["access"]),
+        httpx.Response(200, json={"access": None}),
+    ],
+    ids=["html", "not-utf8", "no-access", "not-an-object", "access-null"],
+)
+def test_a_token_exchange_answer_without_an_access_token_is_a_clear_error(answer) -> None:
+    fake = FakeLabelStudio([], {}, token=make_jwt({"token_type": "refresh", "exp": 1e10}))
+    fake.refresh_answer = answer
+    with pytest.raises(ls.LabelStudioError, match="without an access token"):
+        client_for(fake).image("/data/upload/7/a.png")
 
 
 def test_polygon_is_rasterised_from_percent_points() -> None:

@@ -65,6 +65,22 @@ def _jwt_claims(token: str) -> dict[str, Any] | None:
     return claims if isinstance(claims, dict) else None
 
 
+def _access_of(response: httpx.Response) -> str:
+    """The access token of a 200 from ``/api/token/refresh/`` (``{"access": "<JWT>"}``)."""
+    try:
+        body = response.json()
+    except ValueError:  # not JSON, or not UTF-8
+        body = None
+    access = body.get("access") if isinstance(body, dict) else None
+    if not isinstance(access, str) or not access:
+        raise LabelStudioError(
+            "Label Studio answered the personal access token exchange (/api/token/refresh/) "
+            'without an access token (expected JSON {"access": ...}); is LABEL_STUDIO_URL '
+            "Label Studio?"
+        )
+    return access
+
+
 @dataclass
 class LabelStudioClient:
     """A small Label Studio REST client for one base ``url`` and ``token`` (PAT or legacy).
@@ -115,8 +131,11 @@ class LabelStudioClient:
             if self._access is not None and self._access[1] > time.time():
                 return f"Bearer {self._access[0]}"
             try:
+                # Not redirected: a 307/308 would re-POST the token to wherever it points.
                 response = self._http.post(
-                    f"{self.url}/api/token/refresh/", json={"refresh": self.token}
+                    f"{self.url}/api/token/refresh/",
+                    json={"refresh": self.token},
+                    follow_redirects=False,
                 )
             except httpx.HTTPError as exc:
                 raise LabelStudioError(
@@ -127,7 +146,7 @@ class LabelStudioClient:
                     f"Label Studio refused the personal access token (HTTP {response.status_code}"
                     " from /api/token/refresh/)"
                 )
-            access = str(response.json().get("access", ""))
+            access = _access_of(response)
             expires = (_jwt_claims(access) or {}).get("exp", time.time() + 240.0)
             self._access = (access, float(expires) - ACCESS_TOKEN_MARGIN_S)
             return f"Bearer {access}"
@@ -143,6 +162,9 @@ class LabelStudioClient:
             lambda: self._get_with_auth(url, params, max_bytes),
             timed_out=lambda: self._timed_out(shown),
             failed=lambda exc: LabelStudioError(f"GET {shown} failed: {type(exc).__name__}"),
+            unusable_url=lambda exc: LabelStudioError(
+                f"GET {shown}: not a usable URL ({type(exc).__name__}: {exc})"
+            ),
             own_error=LabelStudioError,  # the token exchange failed: cut short by the deadline?
         )
 
