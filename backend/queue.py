@@ -14,6 +14,11 @@ Coalescing, per project (the invariant: at most one queued and one running job):
                                           follow-up run);
 - both                                 -> merge into the queued follow-up.
 
+A new job (enqueued or follow-up) needs room: at most ``max_queued_jobs``
+(MAX_QUEUED_TRAINING_JOBS) jobs wait in the queue (queued or deferred) at once; past that a
+trigger that would create one raises ``QueueFullError`` (merging into a queued job still
+works), so a flood of triggers for distinct projects cannot fill Redis.
+
 The per-project state is a Redis hash (``queued``, ``running`` job ids). Every decision is one
 WATCH/MULTI transaction over that hash, and the job moves itself from ``queued`` to ``running``
 (``mark_started``) in a transaction on the same hash *before* it reads any annotation. So a
@@ -63,6 +68,10 @@ ACCESS_PREFIX = "stable-sam:ls-access"
 HISTORY_LENGTH = 20
 MAX_TRANSACTION_ATTEMPTS = 50
 LOCK_TIMEOUT_S = 2.0
+# Below max_queued_jobs minus this many, a trigger reads the queue's length without WATCHing it
+# (triggers of distinct projects would abort each other's transactions); from there on the
+# length is WATCHed, so the bound is exact unless this many new jobs commit concurrently.
+QUEUE_FULL_WATCH_MARGIN = 64
 
 # How every job of this project is stored in Redis (Queue, Job.fetch*, the worker).
 SERIALIZER = JSONSerializer
@@ -95,6 +104,15 @@ def redis_connection(
         socket_timeout=socket_timeout_s,
         retry=RedisRetry(NoBackoff(), 0),
     )
+
+
+class QueueFullError(Exception):
+    """A trigger would create a job while ``max_queued_jobs`` jobs wait already."""
+
+    def __init__(self, project: str, limit: int) -> None:
+        super().__init__(f"project {project}: {limit} training jobs are queued already")
+        self.project = project
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -163,7 +181,9 @@ class TrainingQueue:
     ``connection`` is any Redis client (the web app's has short timeouts, see
     ``redis_connection``); ``queue_name`` the RQ queue the worker listens on; ``stuck_after_s``
     how old a started job's heartbeat may be before ``status`` calls the job stuck (the
-    worker's TRAIN_STUCK_AFTER_S, after which RQ treats the job as abandoned).
+    worker's TRAIN_STUCK_AFTER_S, after which RQ treats the job as abandoned);
+    ``max_queued_jobs`` how many jobs may wait in the queue (queued or deferred) at once
+    (MAX_QUEUED_TRAINING_JOBS).
     """
 
     def __init__(
@@ -173,18 +193,22 @@ class TrainingQueue:
         policy: TrainingPolicy | None = None,
         job_options: JobOptions | None = None,
         stuck_after_s: float = 30.0,
+        max_queued_jobs: int = 100,
     ) -> None:
+        if max_queued_jobs < 1:
+            raise ValueError("max_queued_jobs must be >= 1")
         self.connection = connection
         self.queue = Queue(queue_name, connection=connection, serializer=SERIALIZER)
         self.policy = policy or TrainingPolicy()
         self.job_options = job_options or JobOptions()
         self.stuck_after_s = stuck_after_s
+        self.max_queued_jobs = max_queued_jobs
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TrainingQueue:
         """The queue described by ``settings``: REDIS_URL (short timeouts), TRAINING_QUEUE,
-        TRAIN_ON / MIN_NEW_ANNOTATIONS, the job options (timeout, retries) and
-        TRAIN_STUCK_AFTER_S."""
+        TRAIN_ON / MIN_NEW_ANNOTATIONS, the job options (timeout, retries),
+        TRAIN_STUCK_AFTER_S and MAX_QUEUED_TRAINING_JOBS."""
         return cls(
             redis_connection(settings.redis_url),
             settings.training_queue,
@@ -195,6 +219,7 @@ class TrainingQueue:
                 retry_intervals_s=tuple(settings.train_retry_intervals_s),
             ),
             stuck_after_s=settings.train_stuck_after_s,
+            max_queued_jobs=settings.max_queued_training_jobs,
         )
 
     # --- keys ------------------------------------------------------------------------------
@@ -290,6 +315,7 @@ class TrainingQueue:
             pipe.hset(Job.key_for(queued_id), "meta", self.queue.serializer.dumps(meta))
             return TriggerResult("merged", project, queued_id, triggers)
 
+        self._check_room(pipe, project)
         running_id = state.get("running")
         running_alive = bool(running_id) and self._status(pipe, running_id) in _RUNNING
         job = self.queue.create_job(
@@ -319,6 +345,22 @@ class TrainingQueue:
         pipe.lpush(self.history_key(project), job.id)
         pipe.ltrim(self.history_key(project), 0, HISTORY_LENGTH - 1)
         return TriggerResult("follow_up" if running_alive else "enqueued", project, job.id, 1)
+
+    def _check_room(self, pipe: redis.client.Pipeline, project: str) -> None:
+        """Raise ``QueueFullError`` when ``max_queued_jobs`` jobs wait (queued or deferred); near
+        the limit, WATCH what was counted, so that concurrent triggers cannot both take the
+        last place."""
+        keys = (self.queue.key, self.queue.deferred_job_registry.key)
+
+        def waiting() -> int:
+            return int(pipe.llen(keys[0])) + int(pipe.zcard(keys[1]))
+
+        count = waiting()
+        if count + QUEUE_FULL_WATCH_MARGIN >= self.max_queued_jobs:
+            pipe.watch(*keys)
+            count = waiting()
+        if count >= self.max_queued_jobs:
+            raise QueueFullError(project, self.max_queued_jobs)
 
     def _status(self, pipe: redis.client.Pipeline, job_id: str) -> JobStatus | None:
         job_key = Job.key_for(job_id)

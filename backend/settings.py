@@ -164,6 +164,10 @@ class Settings(BaseSettings):
     # (abandoned jobs, of dead local workers at once), restart a dead scheduler process, reclaim
     # a scheduler lock left by a dead one. An idle worker wakes up for them.
     train_maintenance_interval_s: int = Field(default=5, gt=0)
+    # At most this many training jobs wait in the queue (queued, or deferred behind a running
+    # one) at once; a trigger that would add one more answers 503 queue_full (one merging into
+    # a project's queued job still works). Bounds what a flood of webhooks leaves in Redis.
+    max_queued_training_jobs: int = Field(default=100, ge=1)
 
     # --- Logging ---
     log_level: str = "INFO"

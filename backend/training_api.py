@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from backend.errors import AsciiJSONResponse, malformed_json
 from backend.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
-from backend.queue import ANNOTATION_ACTIONS, START_TRAINING, TrainingQueue
+from backend.queue import ANNOTATION_ACTIONS, START_TRAINING, QueueFullError, TrainingQueue
 from backend.settings import Settings
 from backend.versions import PluginVersion, VersionStore
 
@@ -85,7 +85,9 @@ def build_training_router(settings: Settings) -> APIRouter:
         """Record a Label Studio training trigger; training runs in the RQ worker."""
         body = await request.body()
         try:
-            data = json.loads(body)
+            # On a worker thread: an annotation event's body can be MBs, and parsing it on
+            # the event loop would hold up /health.
+            data = await run_in_threadpool(json.loads, body)
         except (ValueError, RecursionError) as exc:  # also too deep or too long an integer
             error = malformed_json(exc)
             return _error(error.status_code, error.code, error.detail)
@@ -110,6 +112,14 @@ def build_training_router(settings: Settings) -> APIRouter:
             result = await run_in_threadpool(queue.handle_event, project, action)
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
+        except QueueFullError as exc:
+            logger.warning("training queue full: project %s not queued", project)
+            return _error(
+                503,
+                "queue_full",
+                f"{exc.limit} training jobs are queued already (MAX_QUEUED_TRAINING_JOBS); the "
+                "training request was not recorded, send it again when the queue has room",
+            )
         return AsciiJSONResponse({**result.to_dict(), "action": action})
 
     @router.get("/versions")

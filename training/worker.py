@@ -37,7 +37,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,8 +51,9 @@ from rq.registry import StartedJobRegistry, clean_registries
 from rq.scheduler import RQScheduler
 from rq.scripts import release_lock
 from rq.utils import now
+from rq.worker import WorkerStatus
 
-from backend.queue import SERIALIZER
+from backend.queue import JOB_FUNCTION, SERIALIZER
 from backend.settings import Settings
 
 if TYPE_CHECKING:
@@ -93,6 +94,44 @@ def process_alive(pid: int) -> bool:
         # "pid (comm) state ...": the state follows the last ")".
         return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
+
+
+class TrainingJob(Job):
+    """An RQ job that never imports or runs the callbacks or sends the webhooks a job record
+    names: training jobs use neither, and whoever can write Redis could name any importable
+    function (RQ imports and calls callbacks in the work horse, and the failure callback of an
+    abandoned job in the worker itself, during registry cleanup)."""
+
+    @property
+    def success_callback(self) -> None:
+        return None
+
+    @property
+    def failure_callback(self) -> None:
+        return None
+
+    @property
+    def stopped_callback(self) -> None:
+        return None
+
+    def send_webhooks(self, status: Any, *, exc_string: str | None = None) -> None:
+        return None
+
+
+def refusal(job: Job, allowed_functions: frozenset[str]) -> str | None:
+    """Why the worker must not run ``job`` (read from its record, nothing imported), or
+    ``None``: a function other than ``allowed_functions``, a method of a stored instance,
+    callbacks or webhooks."""
+    if job.func_name not in allowed_functions:
+        return f"function {job.func_name!r} is not a training job function"
+    if job.instance is not None:
+        return "a method of a stored instance"
+    names = (job._success_callback_name, job._failure_callback_name, job._stopped_callback_name)
+    if any(names):
+        return "callbacks"
+    if job.webhooks:
+        return "webhooks"
+    return None
 
 
 class TrainingScheduler(RQScheduler):
@@ -137,17 +176,32 @@ class TrainingWorker(Worker):
     ``stuck_after_s``: how old a running job's heartbeat may get before RQ treats the job as
     abandoned (RQ: the monitoring interval + 60 s). ``job_monitoring_interval`` (the heartbeat
     period) and ``maintenance_interval`` are RQ's own arguments.
+
+    Only jobs of ``backend.queue.JOB_FUNCTION`` run, plus ``extra_job_functions`` (dotted names,
+    for tests' own job modules): any other job is failed without importing or calling anything
+    (``execute_job``), since whoever can write Redis can enqueue any function name. Callbacks
+    and webhooks named in a job record are never used (``TrainingJob``).
     """
 
     # RQ backs off up to 60 s between reconnects; a restarted Redis is used within seconds.
     max_connection_wait_time = 5.0
 
-    def __init__(self, queues: Sequence[str], *, stuck_after_s: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        queues: Sequence[str],
+        *,
+        stuck_after_s: int,
+        extra_job_functions: Iterable[str] = (),
+        **kwargs: Any,
+    ) -> None:
         self.stuck_after_s = stuck_after_s
-        super().__init__(queues, serializer=SERIALIZER, **kwargs)
+        self.allowed_functions = frozenset({JOB_FUNCTION, *extra_job_functions})
+        super().__init__(queues, serializer=SERIALIZER, job_class=TrainingJob, **kwargs)
 
     @classmethod
-    def from_settings(cls, settings: Settings, name: str | None = None) -> TrainingWorker:
+    def from_settings(
+        cls, settings: Settings, name: str | None = None, extra_job_functions: Iterable[str] = ()
+    ) -> TrainingWorker:
         """The worker of TRAINING_QUEUE on REDIS_URL with the settings' heartbeat timings."""
         return cls(
             [settings.training_queue],
@@ -156,7 +210,36 @@ class TrainingWorker(Worker):
             job_monitoring_interval=settings.train_heartbeat_s,
             maintenance_interval=settings.train_maintenance_interval_s,
             stuck_after_s=settings.train_stuck_after_s,
+            extra_job_functions=extra_job_functions,
         )
+
+    # --- which jobs run -------------------------------------------------------------------
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """RQ's ``execute_job`` (fork a work horse that imports and runs the job's function) for
+        the jobs ``refusal`` allows; any other job fails here, in the worker, without a retry,
+        before anything of it is imported."""
+        try:
+            reason = refusal(job, self.allowed_functions)
+        except (ValueError, TypeError):  # a job record RQ cannot read (not [func, inst, ...])
+            reason = "an unreadable job record"
+        if reason is None:
+            super().execute_job(job, queue)
+            return
+        self.log.error(
+            "Worker %s: refused job %s of queue %s (%s): failed without running it",
+            self.name,
+            job.id,
+            queue.name,
+            reason,
+        )
+        job.retries_left = None  # no retry
+        self.prepare_execution(job)
+        job.ended_at = now()
+        self.handle_job_failure(
+            job, queue=queue, exc_string=f"refused by the training worker: {reason}"
+        )
+        self.set_state(WorkerStatus.IDLE)
 
     # --- when a job counts as abandoned -------------------------------------------------------
 
@@ -357,9 +440,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "REDIS_URL, TRAINING_QUEUE, TRAIN_*; see the README).",
     )
     parser.add_argument("--name", help="worker name (default: stable-sam-<host>-<pid>-<random>)")
+    parser.add_argument(
+        "--allow-job-function",
+        action="append",
+        default=[],
+        metavar="DOTTED.NAME",
+        help=f"also run jobs of this function (repeatable; for tests: by default only "
+        f"{JOB_FUNCTION} runs)",
+    )
     args = parser.parse_args(argv)
     settings = Settings()
-    worker = TrainingWorker.from_settings(settings, name=args.name)
+    worker = TrainingWorker.from_settings(
+        settings, name=args.name, extra_job_functions=args.allow_job_function
+    )
     worker.work(with_scheduler=True, logging_level=settings.log_level.upper())
 
 

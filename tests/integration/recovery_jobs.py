@@ -15,6 +15,11 @@ from backend.queue import TrainingQueue
 
 # The name the worker imports this module by (pytest imports it as ``integration.*``).
 MODULE = "tests.integration.recovery_jobs"
+# What a worker of the recovery tests runs besides the training job (`--allow-job-function`).
+FUNCTIONS = tuple(
+    f"{MODULE}.{name}"
+    for name in ("fail_first_attempt", "hang_first_attempt", "hold_training_slot")
+)
 
 
 def attempts_key(job_id: str) -> str:

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -149,13 +149,23 @@ def tiny_mini_checkpoint(path: Path, seed: int = 0) -> Path:
 
 class RQWorker:
     """``python -m training.worker`` on ``queue`` as a subprocess, with ``env`` added to a clean
-    environment (REDIS_URL and TRAINING_QUEUE travel there too, never in argv)."""
+    environment (REDIS_URL and TRAINING_QUEUE travel there too, never in argv).
+    ``allow_functions``: test job functions it runs besides the training job."""
 
-    def __init__(self, redis_url: str, queue: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        queue: str,
+        env: dict[str, str],
+        log_path: Path,
+        allow_functions: Sequence[str] = (),
+    ) -> None:
         self.log_path = log_path
         self.redis_url = redis_url
         self.name = f"test-worker-{os.getpid()}-{time.monotonic_ns()}"
         command = [sys.executable, "-m", "training.worker", "--name", self.name]
+        for function in allow_functions:
+            command += ["--allow-job-function", function]
         base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
@@ -283,9 +293,13 @@ class AppServer:
 
 @contextlib.contextmanager
 def running_worker(
-    redis_url: str, queue: str, env: dict[str, str], log_path: Path
+    redis_url: str,
+    queue: str,
+    env: dict[str, str],
+    log_path: Path,
+    allow_functions: Sequence[str] = (),
 ) -> Iterator[RQWorker]:
-    worker = RQWorker(redis_url, queue, env, log_path)
+    worker = RQWorker(redis_url, queue, env, log_path, allow_functions)
     try:
         yield worker
     finally:

@@ -273,3 +273,35 @@ def test_non_ascii_digits_are_not_a_project_id(client: TestClient, path: str) ->
 def test_a_webhook_with_non_ascii_digits_is_a_400(client: TestClient) -> None:
     answer = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": "٣"}})
     assert answer.status_code == 400 and "project.id" in answer.json()["detail"]
+
+
+def test_a_full_queue_refuses_new_jobs_with_503_and_still_merges(
+    redis_url: str, tmp_path: Path, checkpoint: Path
+) -> None:
+    """MAX_QUEUED_TRAINING_JOBS bounds the jobs a flood of distinct project ids leaves queued."""
+    redis.Redis.from_url(redis_url).flushdb()
+    settings = Settings(
+        redis_url=redis_url,
+        training_queue="webhook-http-full",
+        versions_dir=tmp_path / "versions",
+        sam_model_type="mini",
+        sam_checkpoint=checkpoint,
+        preload_model=False,
+        device="cpu",
+        max_queued_training_jobs=2,
+    )
+    with TestClient(create_app(settings)) as client:
+
+        def start(project: int) -> httpx.Response:
+            return client.post("/webhook", json={"action": "START_TRAINING", "project": project})
+
+        assert [start(p).json()["status"] for p in (1, 2)] == ["enqueued", "enqueued"]
+        for project in (3, 4, 5):
+            full = start(project)
+            assert full.status_code == 503
+            assert full.json()["error"] == "queue_full"
+            assert "MAX_QUEUED_TRAINING_JOBS" in full.json()["detail"]
+        merged = start(1)
+        assert merged.status_code == 200 and merged.json()["status"] == "merged"
+        assert client.get("/status/3").json()["queued"] is None
+        assert redis.Redis.from_url(redis_url).llen("rq:queue:webhook-http-full") == 2

@@ -22,7 +22,7 @@ from rq.job import Job, JobStatus
 from backend.queue import SERIALIZER, TrainingQueue
 from backend.settings import Settings
 
-from .recovery_jobs import MODULE, attempts_key
+from .recovery_jobs import FUNCTIONS, MODULE, attempts_key
 from .support import RedisServer, RQWorker, running_worker, settings_env, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -53,7 +53,11 @@ def settings(redis_server: RedisServer, tmp_path: Path) -> Settings:
 
 def start_worker(settings: Settings, tmp_path: Path, name: str) -> RQWorker:
     return RQWorker(
-        settings.redis_url, settings.training_queue, settings_env(settings), tmp_path / name
+        settings.redis_url,
+        settings.training_queue,
+        settings_env(settings),
+        tmp_path / name,
+        allow_functions=FUNCTIONS,
     )
 
 
@@ -61,7 +65,11 @@ def worker_running(
     settings: Settings, tmp_path: Path, name: str
 ) -> contextlib.AbstractContextManager[RQWorker]:
     return running_worker(
-        settings.redis_url, settings.training_queue, settings_env(settings), tmp_path / name
+        settings.redis_url,
+        settings.training_queue,
+        settings_env(settings),
+        tmp_path / name,
+        allow_functions=FUNCTIONS,
     )
 
 
@@ -196,3 +204,24 @@ def test_status_tells_a_running_job_from_one_whose_worker_was_killed(
     )
     assert stuck["job_id"] == job.id and stuck["status"] == "started"
     assert stuck["heartbeat_age_s"] >= settings.train_stuck_after_s
+
+
+def test_the_worker_refuses_a_job_of_any_other_function_without_running_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Whoever can write Redis can enqueue any function name: the worker fails such a job
+    (no retry) and runs nothing of it, then goes on with the next job."""
+    marker = tmp_path / "marker"
+    connection = redis.Redis.from_url(settings.redis_url)
+    queue = Queue(settings.training_queue, connection=connection, serializer=SERIALIZER)
+    with worker_running(settings, tmp_path, "worker.log") as worker:
+        evil = queue.enqueue("os.system", f"touch {marker}", retry=Retry(max=2, interval=1))
+        ended = (JobStatus.FAILED, JobStatus.FINISHED)
+        wait_until(lambda: job_status(settings, evil.id) in ended, 30, "the job to end")
+        assert not marker.exists(), worker.log_tail()
+        assert job_status(settings, evil.id) == JobStatus.FAILED
+        allowed = enqueue(settings, "fail_first_attempt")  # the worker still works
+        wait_until(lambda: job_status(settings, allowed.id) == JobStatus.FINISHED, 30, "a job")
+        assert f"refused job {evil.id}" in worker.log_tail(200)
+        failed = Job.fetch(evil.id, connection=connection, serializer=SERIALIZER)
+        assert "not a training job function" in failed.latest_result().exc_string
