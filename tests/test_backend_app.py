@@ -171,10 +171,15 @@ def test_bad_input_gets_a_json_error_naming_the_problem(client, context, image, 
 
 
 def test_an_error_body_does_not_echo_the_image_urls_credentials(client, ls):
-    with_password = ls.url.replace("http://", "http://user:s3cret@")
+    # Another origin than Label Studio's (localhost, not 127.0.0.1) ...
+    with_password = ls.url.replace("http://127.0.0.1", "http://user:s3cret@localhost")
     answer = predict(client, [kp(50, 50)], image=f"{with_password}/public/missing.png")
     assert answer.status_code == 404 and answer.json()["error"] == "image_not_found"
     assert "missing.png" in answer.json()["detail"] and "s3cret" not in answer.text
+    # ... and Label Studio's own, where such a URL is refused.
+    with_password = ls.url.replace("http://", "http://user:s3cret@")
+    answer = predict(client, [kp(50, 50)], image=f"{with_password}/public/missing.png")
+    assert answer.status_code == 400 and "s3cret" not in answer.text
 
 
 def test_a_request_whose_image_gets_no_decode_slot_in_time_is_503(settings):

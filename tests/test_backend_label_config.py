@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from backend.errors import InvalidRegionError, LabelConfigError
@@ -103,3 +105,22 @@ def test_the_setup_config_store_keeps_the_most_recently_used_projects():
     assert len(store) == 2
     assert store.get("2") is None
     assert (store.get("1"), store.get("3")) == ("<View>1</View>", "<View>3</View>")
+
+
+def test_a_deeply_nested_config_parses_in_linear_time():
+    # 38,000 nested control tags (1 MB, under MAX_LABEL_CONFIG_BYTES) took 77 s when each
+    # control collected its labels from all its descendants apart.
+    depth = 20_000
+    xml = (
+        '<View><Image name="i" value="$img"/>'
+        + '<C name="a" toName="i">' * depth
+        + '<Label value="Car"/>'
+        + "</C>" * depth
+        + "</View>"
+    )
+    started = time.perf_counter()
+    config = parse_label_config(xml)
+    assert time.perf_counter() - started < 5.0
+    assert len(config.controls) == depth
+    assert config.controls[-1].labels == ("Car",)  # the nearest control gets the label
+    assert config.controls[0].labels == ()
