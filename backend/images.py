@@ -231,26 +231,28 @@ class LabelStudioAuth:
                     "LABEL_STUDIO_API_KEY",
                     code="label_studio_auth_failed",
                 )
-            access = _access_of(response)
+            access = access_token_of(response)
+            if access is None:
+                raise ImageFetchError(
+                    "Label Studio answered the personal access token exchange "
+                    '(/api/token/refresh/) without an access token (expected JSON {"access": '
+                    "...}); check LABEL_STUDIO_URL",
+                    code="label_studio_auth_failed",
+                )
             expires = _jwt_expiry(access) or (time.time() + 240.0)
             self._access = (access, expires - ACCESS_TOKEN_MARGIN_S, refresh)
             return access
 
 
-def _access_of(response: httpx.Response) -> str:
-    """The access token of a 200 from ``/api/token/refresh/`` (``{"access": "<JWT>"}``)."""
+def access_token_of(response: httpx.Response) -> str | None:
+    """The access token of a 200 from ``/api/token/refresh/`` (``{"access": "<JWT>"}``), or
+    ``None`` when the answer holds none (not JSON, not UTF-8, no string ``access``)."""
     try:
         body = response.json()
-    except ValueError:  # not JSON, or not UTF-8
-        body = None
+    except ValueError:
+        return None
     access = body.get("access") if isinstance(body, dict) else None
-    if not isinstance(access, str) or not access:
-        raise ImageFetchError(
-            "Label Studio answered the personal access token exchange (/api/token/refresh/) "
-            'without an access token (expected JSON {"access": ...}); check LABEL_STUDIO_URL',
-            code="label_studio_auth_failed",
-        )
-    return access
+    return access if isinstance(access, str) and access else None
 
 
 def resolve_image_url(value: str, task_id: int | None, base_url: str) -> tuple[str, bool]:

@@ -37,7 +37,7 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from backend import images
 from backend.errors import ImageDecodeError, ImageTooLargeError
-from backend.images import deadline_client, display_url, within_deadline
+from backend.images import access_token_of, deadline_client, display_url, within_deadline
 from backend.label_studio_trust import origin_of
 from training.data import Sample
 
@@ -63,22 +63,6 @@ def _jwt_claims(token: str) -> dict[str, Any] | None:
     except (ValueError, json.JSONDecodeError):
         return None
     return claims if isinstance(claims, dict) else None
-
-
-def _access_of(response: httpx.Response) -> str:
-    """The access token of a 200 from ``/api/token/refresh/`` (``{"access": "<JWT>"}``)."""
-    try:
-        body = response.json()
-    except ValueError:  # not JSON, or not UTF-8
-        body = None
-    access = body.get("access") if isinstance(body, dict) else None
-    if not isinstance(access, str) or not access:
-        raise LabelStudioError(
-            "Label Studio answered the personal access token exchange (/api/token/refresh/) "
-            'without an access token (expected JSON {"access": ...}); is LABEL_STUDIO_URL '
-            "Label Studio?"
-        )
-    return access
 
 
 @dataclass
@@ -146,7 +130,13 @@ class LabelStudioClient:
                     f"Label Studio refused the personal access token (HTTP {response.status_code}"
                     " from /api/token/refresh/)"
                 )
-            access = _access_of(response)
+            access = access_token_of(response)
+            if access is None:
+                raise LabelStudioError(
+                    "Label Studio answered the personal access token exchange "
+                    '(/api/token/refresh/) without an access token (expected JSON {"access": '
+                    "...}); is LABEL_STUDIO_URL Label Studio?"
+                )
             expires = (_jwt_claims(access) or {}).get("exp", time.time() + 240.0)
             self._access = (access, float(expires) - ACCESS_TOKEN_MARGIN_S)
             return f"Bearer {access}"
