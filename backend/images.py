@@ -48,6 +48,7 @@ from backend.errors import (
     InvalidRequestError,
 )
 from backend.label_studio_trust import LabelStudioTrust, PinStore, origin_of
+from backend.limits import declared_length
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -314,7 +315,6 @@ class DownloadDeadline:
     """
 
     def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
         self._expires_at = time.monotonic() + seconds
         self._sockets: list[socket.socket] = []
         self._expired = False
@@ -416,6 +416,23 @@ def within_deadline(
         if deadline.expired:  # a shut-down socket can also read as a body that ended early
             raise timed_out()
     return result
+
+
+def read_limited(
+    response: httpx.Response, limit: int, too_large: Callable[[int | None], Exception]
+) -> bytes:
+    """The body of a streamed ``response``, refused with ``too_large(declared size or None)``
+    as soon as it is known to be over ``limit`` bytes: from Content-Length before reading,
+    else while it streams in."""
+    declared = declared_length(response.headers.get("content-length"))
+    if declared is not None and declared > limit:
+        raise too_large(declared)
+    buffer = bytearray()
+    for chunk in response.iter_bytes():
+        buffer.extend(chunk)
+        if len(buffer) > limit:
+            raise too_large(None)
+    return bytes(buffer)
 
 
 def _apply_deadline(request: httpx.Request) -> None:
@@ -761,14 +778,9 @@ class ImageLoader:
 
     def _read_limited(self, response: httpx.Response, shown: str) -> bytes:
         limit = self.settings.image_max_bytes
-        declared = response.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ImageTooLargeError(
-                f"image {shown} is {declared} bytes, over IMAGE_MAX_BYTES={limit}"
-            )
-        buffer = bytearray()
-        for chunk in response.iter_bytes():
-            buffer.extend(chunk)
-            if len(buffer) > limit:
-                raise ImageTooLargeError(f"image {shown} is over IMAGE_MAX_BYTES={limit}")
-        return bytes(buffer)
+
+        def too_large(declared: int | None) -> ImageTooLargeError:
+            size = f"{declared} bytes, over" if declared is not None else "over"
+            return ImageTooLargeError(f"image {shown} is {size} IMAGE_MAX_BYTES={limit}")
+
+        return read_limited(response, limit, too_large)

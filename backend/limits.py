@@ -36,7 +36,7 @@ class RequestLimits:
     max_points_per_prompt: int
     max_points_per_request: int
     max_label_config_bytes: int
-    max_batch_tasks: int = 10_000
+    max_batch_tasks: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RequestLimits:
@@ -177,7 +177,12 @@ class BodySizeLimit:
 
 def _content_length(scope: Scope) -> int | None:
     """The declared body size; a malformed header is left to the server (the body is counted)."""
-    value = Headers(scope=scope).get("content-length")
+    return declared_length(Headers(scope=scope).get("content-length"))
+
+
+def declared_length(value: str | None) -> int | None:
+    """A ``Content-Length`` header's value as bytes, ``None`` when absent or malformed (count
+    the body instead); never ``int()`` of a 5,000-digit value (Python refuses it)."""
     if value is None or not (value.isascii() and value.isdigit()):
         return None
-    return int(value) if len(value) <= 18 else sys.maxsize  # no int() of a 5,000-digit header
+    return int(value) if len(value) <= 18 else sys.maxsize

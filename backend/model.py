@@ -44,6 +44,7 @@ from backend.versions import PluginVersion, VersionStore
 logger = logging.getLogger(__name__)
 
 ACCESS_RESHARE_S = 60.0  # /setup re-shares LS access with training this often, at most
+REDIS_RETRY_S = 30.0  # after a Redis error, /setup leaves Redis alone this long (LS gives it 3 s)
 MAX_PENDING_PREFETCH = 16  # background embeddings queued at most; more task opens are skipped
 
 
@@ -324,7 +325,7 @@ class StableSamBackend:
         try:
             return self.training_queue().pin_label_studio_url(url)
         except (redis.RedisError, OSError):
-            self._redis_retry_at = time.monotonic() + 30.0
+            self._redis_retry_at = time.monotonic() + REDIS_RETRY_S
             raise
 
     def _share_access_with_training(self, project: str, url: str, token: str) -> None:
@@ -345,7 +346,7 @@ class StableSamBackend:
             while len(self._stored_access) > self.settings.schema_cache_size:
                 self._stored_access.popitem(last=False)
         except (redis.RedisError, OSError) as exc:  # must not fail /setup (LS gives it 3 s)
-            self._redis_retry_at = time.monotonic() + 30.0
+            self._redis_retry_at = time.monotonic() + REDIS_RETRY_S
             logger.warning("cannot share LS access of project %s with training: %s",
                            project, type(exc).__name__)  # fmt: skip
 

@@ -37,7 +37,13 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from backend import images
 from backend.errors import ImageDecodeError, ImageTooLargeError
-from backend.images import access_token_of, deadline_client, display_url, within_deadline
+from backend.images import (
+    access_token_of,
+    deadline_client,
+    display_url,
+    read_limited,
+    within_deadline,
+)
 from backend.label_studio_trust import origin_of
 from training.data import Sample
 
@@ -183,17 +189,13 @@ class LabelStudioClient:
         if max_bytes is None:
             return self._http.get(url, params=params, headers=headers)
         with self._http.stream("GET", url, params=params, headers=headers) as response:
-            declared = response.headers.get("content-length", "")
-            too_large = LabelStudioError(
-                f"{display_url(url)} is over {max_bytes} bytes (IMAGE_MAX_BYTES)"
+            body = read_limited(
+                response,
+                max_bytes,
+                lambda _: LabelStudioError(
+                    f"{display_url(url)} is over {max_bytes} bytes (IMAGE_MAX_BYTES)"
+                ),
             )
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise too_large
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body.extend(chunk)
-                if len(body) > max_bytes:
-                    raise too_large
         # A response holding the decoded body (no Content-Encoding left to decode again).
         kept = [
             (k, v)
@@ -201,7 +203,7 @@ class LabelStudioClient:
             if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
         ]
         return httpx.Response(
-            response.status_code, headers=kept, content=bytes(body), request=response.request
+            response.status_code, headers=kept, content=body, request=response.request
         )
 
     def _timed_out(self, shown: str) -> LabelStudioError:
