@@ -22,10 +22,32 @@ import json
 import time
 from collections import Counter
 
+import httpx
 import numpy as np
 from loopback import LoopbackServer, QuietHandler, png_bytes
 
-__all__ = ["CONFIG", "FakeLabelStudio", "H", "W", "box", "fake_jwt", "kp", "png_bytes", "scene"]
+__all__ = [
+    "CONFIG",
+    "NO_ACCESS_TOKEN_ANSWERS",
+    "FakeLabelStudio",
+    "H",
+    "W",
+    "box",
+    "fake_jwt",
+    "kp",
+    "png_bytes",
+    "scene",
+]
+
+# 200 answers of a token exchange that hold no access token, by name (the web and training
+# clients share the parser: backend.images.access_token_of). A new Response each call.
+NO_ACCESS_TOKEN_ANSWERS = {
+    "html": lambda: httpx.Response(200, text="<html>a login page</html>"),
+    "not-utf8": lambda: httpx.Response(200, content=b"\xff\xfe{"),
+    "no-access": lambda: httpx.Response(200, json={"detail": "no access here"}),
+    "not-an-object": lambda: httpx.Response(200, json=["access"]),
+    "access-null": lambda: httpx.Response(200, json={"access": None}),
+}
 
 # The labeling config of the app tests, and the size of their scene image (scene(H, W)).
 CONFIG = """<View>

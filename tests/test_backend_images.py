@@ -14,7 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from backend_support import FakeLabelStudio, fake_jwt, png_bytes, scene
+from backend_support import (
+    NO_ACCESS_TOKEN_ANSWERS,
+    FakeLabelStudio,
+    fake_jwt,
+    png_bytes,
+    scene,
+)
 from peak_rss import needs_proc, peak_rss_of_decoding
 from PIL import Image, ImageFile, ImageOps
 from pydantic import SecretStr
@@ -225,19 +231,9 @@ def test_the_token_exchange_does_not_follow_a_redirect(status):
     assert [request.url.host for request in seen] == ["ls.test"]
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        httpx.Response(200, text="<html>a login page</html>"),
-        httpx.Response(200, content=b"\xff\xfe{"),
-        httpx.Response(200, json={"detail": "no access here"}),
-        httpx.Response(200, json=["access"]),
-        httpx.Response(200, json={"access": None}),
-    ],
-    ids=["html", "not-utf8", "no-access", "not-an-object", "access-null"],
-)
-def test_a_token_exchange_answer_without_an_access_token_is_502(answer):
-    auth, _, client = label_studio_answering_the_exchange(answer)
+@pytest.mark.parametrize("kind", NO_ACCESS_TOKEN_ANSWERS)
+def test_a_token_exchange_answer_without_an_access_token_is_502(kind):
+    auth, _, client = label_studio_answering_the_exchange(NO_ACCESS_TOKEN_ANSWERS[kind]())
     with pytest.raises(ImageFetchError, match="without an access token") as info:
         auth.headers(client)
     assert info.value.status_code == 502

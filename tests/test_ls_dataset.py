@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from backend_support import NO_ACCESS_TOKEN_ANSWERS
 from backend_support import FakeLabelStudio as LoopbackLabelStudio
 from backend_support import scene as loopback_scene
 from label_studio_sdk.converter.brush import mask2rle
@@ -206,20 +207,10 @@ def test_the_token_exchange_does_not_follow_a_redirect(scene, status) -> None:
     assert "elsewhere.test" not in fake.hosts
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        httpx.Response(200, text="<html>a login page</html>"),
-        httpx.Response(200, content=b"\xff\xfe{"),
-        httpx.Response(200, json={"detail": "no access here"}),
-        httpx.Response(200, json=["access"]),
-        httpx.Response(200, json={"access": None}),
-    ],
-    ids=["html", "not-utf8", "no-access", "not-an-object", "access-null"],
-)
-def test_a_token_exchange_answer_without_an_access_token_is_a_clear_error(answer) -> None:
+@pytest.mark.parametrize("kind", NO_ACCESS_TOKEN_ANSWERS)
+def test_a_token_exchange_answer_without_an_access_token_is_a_clear_error(kind) -> None:
     fake = FakeLabelStudio([], {}, token=make_jwt({"token_type": "refresh", "exp": 1e10}))
-    fake.refresh_answer = answer
+    fake.refresh_answer = NO_ACCESS_TOKEN_ANSWERS[kind]()
     with pytest.raises(ls.LabelStudioError, match="without an access token"):
         client_for(fake).image("/data/upload/7/a.png")
 
