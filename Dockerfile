@@ -47,6 +47,8 @@ RUN set -eu; mkdir -p /models; \
 # Only the code (never .venv or data): backend, model, training, scripts.
 COPY pyproject.toml ./
 COPY stable_sam ./stable_sam
+COPY labelstudio ./labelstudio
+COPY runtime ./runtime
 COPY backend ./backend
 COPY training ./training
 COPY scripts ./scripts

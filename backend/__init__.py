@@ -1,2 +1,2 @@
-"""The Label Studio ML backend serving Stable-SAM: HTTP app, LS regions <-> prompts, brush RLE,
-image fetching with Label Studio auth, webhook -> training queue, model versions."""
+"""The Label Studio ML backend over HTTP: the app, request schemas, auth, errors, the Label
+Studio backend (predict / setup / webhook), regions -> prompts, and the image and embedding caches."""

@@ -34,17 +34,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from backend.errors import (
-    AsciiJSONResponse,
-    BackendError,
-    InvalidRequestError,
-    RequestTooLargeError,
-    malformed_json,
-)
+from backend.auth import install_auth
+from backend.errors import AsciiJSONResponse, RequestTooLargeError, malformed_json
 from backend.limits import BodySizeLimit
 from backend.model import StableSamBackend
-from backend.security import configure_logging, install_auth
-from backend.settings import Settings, get_settings
+from labelstudio.errors import InvalidRequestError, ServiceError
+from runtime.logs import configure_logging
+from runtime.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -112,7 +108,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     return "invalid_request", "; ".join(parts)
 
 
-def _http_error(exc: HTTPException) -> BackendError:
+def _http_error(exc: HTTPException) -> ServiceError:
     """Our error for one of Starlette/FastAPI's own (404 route, 405 method, 400 body parse)."""
     if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
         return malformed_json(exc.__cause__)  # json.loads refused the body
@@ -124,7 +120,7 @@ def _http_error(exc: HTTPException) -> BackendError:
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:
         code = "http_error"
-    return BackendError(str(exc.detail), code=code, status_code=exc.status_code)
+    return ServiceError(str(exc.detail), code=code, status_code=exc.status_code)
 
 
 def load_json(body: bytes) -> Any:
@@ -192,8 +188,8 @@ def create_app(
     install_auth(app, settings)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # outermost
 
-    @app.exception_handler(BackendError)
-    async def _backend_error(request: Request, exc: BackendError) -> JSONResponse:
+    @app.exception_handler(ServiceError)
+    async def _backend_error(request: Request, exc: ServiceError) -> JSONResponse:
         logger.warning("%s %s -> %d %s: %s", request.method, request.url.path,
                        exc.status_code, exc.code, exc.detail)  # fmt: skip
         return AsciiJSONResponse(exc.to_json(), status_code=exc.status_code)
@@ -279,7 +275,7 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
 def _preload(backend: StableSamBackend) -> None:
     try:
         backend.models.warm_up()
-    except BackendError as exc:
+    except ServiceError as exc:
         logger.error("model preload failed: %s", exc.detail)
 
 

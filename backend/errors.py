@@ -1,8 +1,6 @@
-"""Errors the backend answers with: each maps to an HTTP status and a JSON body naming the problem.
-
-The JSON body is ``{"error": <code>, "detail": <human-readable message>}``. Raising one of these
-anywhere below the HTTP layer fails only the request that caused it.
-"""
+"""The web layer's own errors (model unavailable, request limits, malformed JSON) and the ASCII
+JSON response every error body is rendered with. The error shape (``ServiceError``) and the
+errors of Label Studio's data live in ``labelstudio.errors``."""
 
 from __future__ import annotations
 
@@ -11,10 +9,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-
-def quoted(text: str, limit: int = 60) -> str:
-    """``text`` as an error message shows a caller's value: ``repr``, cut to ``limit`` characters."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+from labelstudio.errors import InvalidRequestError, ServiceError
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -28,81 +23,14 @@ class AsciiJSONResponse(JSONResponse):
         ).encode("ascii")
 
 
-class BackendError(Exception):
-    """Base class: ``status_code`` and a short machine-readable ``code``."""
-
-    status_code: int = 500
-    code: str = "internal_error"
-
-    def __init__(self, detail: str, *, code: str | None = None, status_code: int | None = None):
-        super().__init__(detail)
-        self.detail = detail
-        if code is not None:
-            self.code = code
-        if status_code is not None:
-            self.status_code = status_code
-
-    def to_json(self) -> dict[str, str]:
-        """The response body."""
-        return {"error": self.code, "detail": self.detail}
-
-
-class InvalidRequestError(BackendError):
-    """The request is well-formed JSON but its content is unusable (400)."""
-
-    status_code = 400
-    code = "invalid_request"
-
-
-class InvalidRegionError(InvalidRequestError):
-    """A context region is malformed, outside the image, or of an unsupported type (422)."""
-
-    status_code = 422
-    code = "invalid_region"
-
-
-class LabelConfigError(InvalidRequestError):
-    """The project's labeling config cannot serve brush masks (400)."""
-
-    code = "label_config"
-
-
-class ImageFetchError(BackendError):
-    """The task's image could not be downloaded (502 upstream error, 504 timeout, 404)."""
-
-    status_code = 502
-    code = "image_fetch_failed"
-
-
-class ImageDecodeError(BackendError):
-    """The downloaded bytes are not a readable image (corrupt or truncated) (422)."""
-
-    status_code = 422
-    code = "image_unreadable"
-
-
-class ImageTooLargeError(BackendError):
-    """The image exceeds IMAGE_MAX_PIXELS or IMAGE_MAX_BYTES (413)."""
-
-    status_code = 413
-    code = "image_too_large"
-
-
-class ImageDecodeBusyError(BackendError):
-    """No decode slot or decode memory budget came free in IMAGE_DECODE_WAIT_S (503)."""
-
-    status_code = 503
-    code = "image_decode_busy"
-
-
-class ModelUnavailableError(BackendError):
+class ModelUnavailableError(ServiceError):
     """The model could not be built or loaded (503)."""
 
     status_code = 503
     code = "model_unavailable"
 
 
-class RequestTooLargeError(BackendError):
+class RequestTooLargeError(ServiceError):
     """The request exceeds a request limit (MAX_BODY_BYTES, MAX_TASKS_PER_PREDICT, ...) (413)."""
 
     status_code = 413

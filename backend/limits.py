@@ -9,7 +9,6 @@ download or model work, and answered 413 ``request_too_large`` naming the settin
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 
@@ -17,9 +16,11 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend.errors import RequestTooLargeError, quoted
+from backend.errors import RequestTooLargeError
 from backend.regions import RegionGroup
-from backend.settings import Settings
+from labelstudio.errors import quoted
+from labelstudio.images import declared_length
+from runtime.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -178,11 +179,3 @@ class BodySizeLimit:
 def _content_length(scope: Scope) -> int | None:
     """The declared body size; a malformed header is left to the server (the body is counted)."""
     return declared_length(Headers(scope=scope).get("content-length"))
-
-
-def declared_length(value: str | None) -> int | None:
-    """A ``Content-Length`` header's value as bytes, ``None`` when absent or malformed (count
-    the body instead); never ``int()`` of a 5,000-digit value (Python refuses it)."""
-    if value is None or not (value.isascii() and value.isdigit()):
-        return None
-    return int(value) if len(value) <= 18 else sys.maxsize

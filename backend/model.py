@@ -26,20 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from backend.brush import mask_to_rle
-from backend.errors import (
-    BackendError,
-    InvalidRequestError,
-    LabelConfigError,
-    ModelUnavailableError,
-)
-from backend.images import ImageLoader, LabelStudioAuth, LoadedImage
-from backend.label_config import LabelConfig, LabelConfigStore, parse_label_config
+from backend.errors import ModelUnavailableError
 from backend.limits import RequestLimits
-from backend.project_ids import normalize_project_id
 from backend.regions import RegionGroup, brush_region, group_to_prompt, parse_context
-from backend.settings import Settings
-from backend.versions import PluginVersion, VersionStore
+from labelstudio.brush import mask_to_rle
+from labelstudio.errors import InvalidRequestError, LabelConfigError, ServiceError
+from labelstudio.images import ImageLoader, LabelStudioAuth, LoadedImage
+from labelstudio.label_config import LabelConfig, LabelConfigStore, parse_label_config
+from runtime.project_ids import normalize_project_id
+from runtime.settings import Settings
+from runtime.versions import PluginVersion, VersionStore
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +159,7 @@ class ModelServer:
             if self._predictor is None:
                 try:
                     self._predictor = self._build()
-                except BackendError as exc:
+                except ServiceError as exc:
                     self.error = exc.detail
                     raise
                 except (OSError, ValueError, RuntimeError) as exc:
@@ -493,7 +489,7 @@ class StableSamBackend:
                 task.get("id"),
                 (time.perf_counter() - started) * 1000,
             )
-        except BackendError as exc:
+        except ServiceError as exc:
             logger.warning("warm-up of task %s failed: %s", task.get("id"), exc.detail)
         except Exception:  # a background job must never die silently
             logger.exception("warm-up of task %s failed", task.get("id"))
@@ -513,7 +509,7 @@ class StableSamBackend:
 
     # -- training ----------------------------------------------------------------------------
     def training_queue(self) -> Any:
-        """The ``backend.queue.TrainingQueue`` the settings describe (built once; no I/O)."""
+        """The ``runtime.queue.TrainingQueue`` the settings describe (built once; no I/O)."""
         if self._queue is None:
             from backend.training_api import training_queue_from_settings
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from backend.errors import InvalidRegionError
+from labelstudio.errors import InvalidRegionError
 
 # Percent coordinates may carry float noise from the browser; beyond this they are outside.
 PERCENT_TOLERANCE = 1e-3

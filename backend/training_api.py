@@ -1,7 +1,7 @@
 """``POST /webhook``, ``GET /versions``, ``GET /status``: the training side of the HTTP API.
 
 ``backend.app.create_app`` includes ``build_training_router(settings)``. The webhook only records
-the trigger in Redis (``backend.queue``) and answers within milliseconds: Label Studio gives event
+the trigger in Redis (``runtime.queue``) and answers within milliseconds: Label Studio gives event
 webhooks 1 s and never retries them (DESIGN §3). With Redis down the webhook answers 503 at once
 (short socket timeouts, no retries) and ``/predict`` is unaffected, since nothing here runs on
 its path. Webhook bodies carry the project's token: they are never logged, and errors name the
@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from backend.errors import AsciiJSONResponse, malformed_json
-from backend.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
-from backend.queue import ANNOTATION_ACTIONS, START_TRAINING, QueueFullError, TrainingQueue
-from backend.settings import Settings
-from backend.versions import PluginVersion, VersionStore
+from runtime.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
+from runtime.queue import ANNOTATION_ACTIONS, START_TRAINING, QueueFullError, TrainingQueue
+from runtime.settings import Settings
+from runtime.versions import PluginVersion, VersionStore
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The case from the security issue: a 7000x7000 1-bit PNG is ~6 KB on the wire and 147 MB as RGB.
 Each case runs in a fresh interpreter (peak RSS, VmHWM, reset after the imports) and decodes
-``--at-once`` copies in threads through ``backend.images.decode_image``, with the decode budget
+``--at-once`` copies in threads through ``labelstudio.images.decode_image``, with the decode budget
 the settings describe (``IMAGE_DECODE_CONCURRENCY``, ``IMAGE_DECODE_BUDGET_MB``) or with none.
 The baseline of each line is measured in the same run: the RGB bytes the decodes return.
 Run from a checkout of older code (no budget: ``--budget-mb 0``) to compare decoders.
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CASE = """
 import json, sys, threading
-from backend import images
+from labelstudio import images
 decode_image = images.decode_image
 
 path, at_once, budget_mb, concurrency = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

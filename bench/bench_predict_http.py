@@ -216,12 +216,12 @@ def measure_model(name: str, env: dict[str, str], images: ImageServer, sizes: li
 
 
 def rle_benchmark(repeats: int = 5) -> dict:
-    """Brush RLE of 4000x3000 masks: label-studio-sdk ``mask2rle`` vs ``backend.brush``."""
+    """Brush RLE of 4000x3000 masks: label-studio-sdk ``mask2rle`` vs ``labelstudio.brush``."""
     from label_studio_sdk.converter.brush import mask2rle
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # run as a script: make the repo importable
-    from backend.brush import mask_to_rle
+    from labelstudio.brush import mask_to_rle
 
     yy, xx = np.mgrid[:3000, :4000]
     masks = {

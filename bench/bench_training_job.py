@@ -73,7 +73,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from backend.settings import Settings
+    from runtime.settings import Settings
     from stable_sam import default_model_paths
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-training-"))

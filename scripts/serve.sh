@@ -8,7 +8,7 @@
 # and prints how to connect it from Label Studio. Ctrl-C stops the backend, the worker (10 s to
 # finish a running training job, then it is stopped) and a Redis this script started.
 #
-# Configuration: the environment variables of backend/settings.py (see the README), plus
+# Configuration: the environment variables of runtime/settings.py (see the README), plus
 # BACKEND_HOST, BACKEND_PORT, SERVE_REDIS_PORT and PYTHON (the interpreter that creates .venv).
 # Not HOST/PORT: Label Studio reads those unprefixed.
 set -euo pipefail

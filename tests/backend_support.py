@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 # 200 answers of a token exchange that hold no access token, by name (the web and training
-# clients share the parser: backend.images.access_token_of). A new Response each call.
+# clients share the parser: labelstudio.images.access_token_of). A new Response each call.
 NO_ACCESS_TOKEN_ANSWERS = {
     "html": lambda: httpx.Response(200, text="<html>a login page</html>"),
     "not-utf8": lambda: httpx.Response(200, content=b"\xff\xfe{"),

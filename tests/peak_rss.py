@@ -34,7 +34,7 @@ print(rss("VmHWM") - before)
 """
 
 
-def peak_rss_of_decoding(path: Path, decoder: str = "backend.images:decode_image") -> int:
+def peak_rss_of_decoding(path: Path, decoder: str = "labelstudio.images:decode_image") -> int:
     """How much decoding the image file at ``path`` raises a fresh process's peak RSS, bytes."""
     return int(
         subprocess.run(

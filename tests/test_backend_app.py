@@ -14,9 +14,9 @@ from backend_support import CONFIG, FakeLabelStudio, H, W, box, kp, png_bytes, s
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.brush import rle_to_mask
-from backend.security import is_authorized
-from backend.settings import Settings
+from backend.auth import is_authorized
+from labelstudio.brush import rle_to_mask
+from runtime.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +232,7 @@ def test_config_without_brush_labels_is_a_clear_error(client):
 
 
 def test_project_plugin_version_is_served_and_named(client, settings, tmp_path):
-    from backend.versions import VersionStore
+    from runtime.versions import VersionStore
     from stable_sam import save_plugins
 
     model = client.app.state.backend.models.predictor().model

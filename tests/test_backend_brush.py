@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
-from backend.brush import mask_to_rle, rle_to_mask
+from labelstudio.brush import mask_to_rle, rle_to_mask
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 3), (17, 23), (64, 48)])

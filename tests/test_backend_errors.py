@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.settings import Settings
+from runtime.settings import Settings
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,14 @@ from peak_rss import needs_proc, peak_rss_of_decoding
 from PIL import Image, ImageFile, ImageOps
 from pydantic import SecretStr
 
-from backend.errors import (
+from labelstudio.errors import (
     ImageDecodeBusyError,
     ImageDecodeError,
     ImageFetchError,
     ImageTooLargeError,
     InvalidRequestError,
 )
-from backend.images import (
+from labelstudio.images import (
     DecodeBudget,
     ImageLoader,
     LabelStudioAuth,
@@ -42,8 +42,8 @@ from backend.images import (
     display_url,
     resolve_image_url,
 )
-from backend.security import redact
-from backend.settings import Settings
+from runtime.logs import redact
+from runtime.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +323,7 @@ def test_tokens_never_reach_the_log(ls, caplog):
 
 
 def test_credentials_in_an_image_url_reach_neither_the_log_nor_the_error(ls, caplog):
-    caplog.set_level(logging.DEBUG, logger="backend")
+    caplog.set_level(logging.DEBUG, logger="labelstudio")
     loader = loader_for(ls, image_url_ttl_s=0)
     # Another origin than Label Studio's (localhost, not 127.0.0.1): on Label Studio's own
     # origin such a URL is refused (the next test).
@@ -606,7 +606,7 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
 
 
 def test_the_logging_filter_scrubs_records_before_any_handler():
-    from backend.security import RedactingFilter
+    from runtime.logs import RedactingFilter
 
     record = logging.LogRecord(
         "backend", logging.INFO, __file__, 1, "got %s", ("Bearer abcdefabcdef1234",), None

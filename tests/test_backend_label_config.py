@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from backend.errors import InvalidRegionError, LabelConfigError
-from backend.label_config import LabelConfigStore, parse_label_config
+from labelstudio.errors import InvalidRegionError, LabelConfigError
+from labelstudio.label_config import LabelConfigStore, parse_label_config
 
 SAM_CONFIG = """
 <View>

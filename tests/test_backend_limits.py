@@ -13,7 +13,7 @@ from backend_support import CONFIG, FakeLabelStudio, H, W, kp, png_bytes, scene
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.settings import Settings
+from runtime.settings import Settings
 
 MAX_BODY_BYTES = 64 * 1024
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from backend.model import project_key
-from backend.project_ids import MAX_PROJECT_ID, normalize_project_id
 from backend.training_api import project_id
-from backend.versions import VersionStore, check_project
+from runtime.project_ids import MAX_PROJECT_ID, normalize_project_id
+from runtime.versions import VersionStore, check_project
 
 
 @pytest.mark.parametrize(

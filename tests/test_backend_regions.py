@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.errors import InvalidRegionError
 from backend.regions import (
     Rectangle,
     brush_region,
@@ -13,6 +12,7 @@ from backend.regions import (
     parse_context,
     rectangle_to_xyxy,
 )
+from labelstudio.errors import InvalidRegionError
 
 
 def keypoint(x, y, label="Car", positive=None, to_name="img"):

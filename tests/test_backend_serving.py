@@ -24,7 +24,7 @@ from loopback import LoopbackServer, QuietHandler
 
 from backend.app import create_app
 from backend.model import StableSamBackend
-from backend.settings import Settings
+from runtime.settings import Settings
 
 PREDICT_CONCURRENCY = 2
 PILED_UP = 48  # more /predict calls than anyio's default 40 worker threads

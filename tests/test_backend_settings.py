@@ -8,7 +8,7 @@ import torch
 
 from backend.errors import ModelUnavailableError
 from backend.model import ModelServer, project_key
-from backend.settings import Settings
+from runtime.settings import Settings
 
 
 def test_settings_come_from_the_environment(monkeypatch):

@@ -9,8 +9,8 @@ import pytest
 from rq import Queue
 
 from backend.model import StableSamBackend
-from backend.queue import redis_connection
-from backend.settings import Settings
+from runtime.queue import redis_connection
+from runtime.settings import Settings
 
 
 def make_backend(redis_url: str, tmp_path, **overrides) -> StableSamBackend:

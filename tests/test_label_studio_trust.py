@@ -17,14 +17,10 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from backend.app import create_app
-from backend.label_studio_trust import (
-    LabelStudioTrust,
-    UntrustedLabelStudioError,
-    base_url_of,
-    origin_of,
-)
-from backend.queue import TrainingQueue, redis_connection
-from backend.settings import Settings
+from labelstudio.errors import UntrustedLabelStudioError
+from labelstudio.trust import LabelStudioTrust, base_url_of, origin_of
+from runtime.queue import TrainingQueue, redis_connection
+from runtime.settings import Settings
 from training.jobs import label_studio_client
 from training.ls_dataset import LabelStudioError
 

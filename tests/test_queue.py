@@ -1,4 +1,4 @@
-"""backend.queue: per-project coalescing of training triggers on a real Redis + RQ queue.
+"""runtime.queue: per-project coalescing of training triggers on a real Redis + RQ queue.
 
 These tests drive the queue's decisions directly (the job's start is played by calling
 ``mark_started`` the way ``training.jobs`` does); tests/integration/ runs the same flows with a
@@ -19,7 +19,7 @@ import redis
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from backend.queue import (
+from runtime.queue import (
     SERIALIZER,
     JobOptions,
     TrainingPolicy,
@@ -274,7 +274,7 @@ def test_a_job_meta_that_is_not_json_is_read_as_empty_and_logged(
     tq = make_queue(conn)
     job_id = tq.trigger("7").job_id
     conn.hset(Job.key_for(job_id), "meta", b"\x80\x04not json")
-    with caplog.at_level(logging.WARNING, logger="backend.queue"):
+    with caplog.at_level(logging.WARNING, logger="runtime.queue"):
         assert tq.status("7")["queued"]["triggers"] == 1
         merged = tq.trigger("7")
     assert merged.outcome == "merged" and merged.triggers == 2

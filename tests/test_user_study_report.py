@@ -272,7 +272,7 @@ def test_models_from_names_sam_hq_sam_and_project_versions(tmp_path):
     plugin_file = tmp_path / "v1.safetensors"
     save_plugins(build_stable_sam("mini", base, plugins=True, device="cpu"), plugin_file)
 
-    from backend.versions import VersionStore
+    from runtime.versions import VersionStore
 
     store = VersionStore(tmp_path / "versions")
     version = store.write("7", plugin_file, {}, {}, promote=True, reason="test")

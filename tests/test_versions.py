@@ -1,4 +1,4 @@
-"""backend.versions.VersionStore: atomic per-project plugin versions, promotion and pruning."""
+"""runtime.versions.VersionStore: atomic per-project plugin versions, promotion and pruning."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.versions import MANIFEST, VersionStore, check_project
+from runtime.versions import MANIFEST, VersionStore, check_project
 
 
 def _plugin_file(tmp_path: Path, content: bytes, name: str = "new.safetensors") -> Path:
@@ -107,7 +107,7 @@ def test_non_numeric_project_ids_are_refused(tmp_path: Path, project: str) -> No
 
 def _slow_writer(root: str, plugin: str) -> None:
     """Child process: start writing a version, then get killed mid-copy (see the test)."""
-    import backend.versions as versions
+    import runtime.versions as versions
 
     real_fsync = os.fsync
 

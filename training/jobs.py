@@ -1,6 +1,6 @@
 """The RQ job that retrains a project's Stable-SAM plugins: ``training.jobs.train_project``.
 
-Enqueued by ``backend.queue`` (never called in the web process), run by ``rq worker`` in a
+Enqueued by ``runtime.queue`` (never called in the web process), run by ``rq worker`` in a
 forked work horse. Nothing here touches CUDA at import time, so the worker's parent never
 initialises it; the device is chosen inside the job (CUDA when available, else CPU, or
 ``DEVICE``).
@@ -16,12 +16,12 @@ One run, top to bottom:
 4. Evaluate those plugins on the validation part; train with RTS
    (``training.train.train_plugins``), reporting ``(step, total, loss)`` in ``job.meta``;
    evaluate the new plugins on the same prompts.
-5. Write a new version (``backend.versions.VersionStore``: atomic, manifest last), promoted
+5. Write a new version (``runtime.versions.VersionStore``: atomic, manifest last), promoted
    only when its validation score is not worse; the report says why.
 
 A worker killed at any point leaves no partial version (the store's writes are atomic) and the
 served version unchanged; RQ retries or fails the job (its ``Retry`` and timeout are set at
-enqueue time, ``backend.queue.JobOptions``).
+enqueue time, ``runtime.queue.JobOptions``).
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ import numpy as np
 from rq import get_current_job
 from rq.job import Job
 
-from backend.label_studio_trust import base_url_of, origin_of
-from backend.queue import TrainingQueue
-from backend.settings import Settings
-from backend.versions import VersionStore
+from labelstudio.trust import base_url_of, origin_of
+from runtime.queue import TrainingQueue
+from runtime.settings import Settings
+from runtime.versions import VersionStore
 from training.data import Sample
 from training.ls_dataset import (
     LabelStudioClient,
@@ -140,7 +140,7 @@ def resolve_base(settings: Settings) -> BaseModelSpec:
 def label_studio_client(
     settings: Settings, queue: TrainingQueue, project: str
 ) -> LabelStudioClient:
-    """A client for the trusted Label Studio (the rule of ``backend.label_studio_trust``).
+    """A client for the trusted Label Studio (the rule of ``labelstudio.trust``).
 
     LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY when configured. What ``/setup`` shared for
     ``project`` (kept in Redis by the web process) fills in only with LABEL_STUDIO_TRUST_SETUP
@@ -396,7 +396,7 @@ def train_project(project: str) -> dict[str, Any]:
     """
     job = get_current_job()
     if job is None:
-        raise RuntimeError("train_project runs as an RQ job (use backend.queue to enqueue it)")
+        raise RuntimeError("train_project runs as an RQ job (use runtime.queue to enqueue it)")
     settings = Settings()
     _configure_process(settings)
     queue = TrainingQueue(job.connection, settings.training_queue)

@@ -5,15 +5,15 @@ access token (a JWT refresh token, exchanged at ``POST /api/token/refresh/`` for
 access tokens) or a legacy token (``Authorization: Token ...``), lists a project's tasks with
 their annotations (``GET /api/tasks?project=..&fields=all``, paged) and downloads task images
 (LS-relative ``/data/...`` paths, storage URLs resolved by LS, or plain http(s)). Every request
-has one deadline, from connecting to its last byte (``backend.images.DownloadDeadline``), and
-images are decoded by the web process's decoder (``backend.images.decode_image``).
+has one deadline, from connecting to its last byte (``labelstudio.images.DownloadDeadline``), and
+images are decoded by the web process's decoder (``labelstudio.images.decode_image``).
 
 Each ``brushlabels`` region becomes one instance mask (its RLE decodes to H*W*4 RGBA bytes,
 foreground where alpha != 0, ``label_studio_sdk.converter.brush.decode_rle``); each
 ``polygonlabels`` region is rasterised (points are percent of the original image). One
 ``Sample`` per (task, Image tag) that has at least one mask; a task's newest non-cancelled
 annotation is used. Tokens are never logged, and URLs reach logs and errors only through
-``backend.images.display_url`` (no credentials, no signatures).
+``labelstudio.images.display_url`` (no credentials, no signatures).
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ import numpy as np
 from defusedxml import ElementTree as SafeET
 from label_studio_sdk.converter.brush import decode_rle
 
-from backend import images
-from backend.errors import ImageDecodeError, ImageTooLargeError
-from backend.images import (
+from labelstudio import images
+from labelstudio.errors import ImageDecodeError, ImageTooLargeError
+from labelstudio.images import (
     access_token_of,
     deadline_client,
     display_url,
     read_limited,
     within_deadline,
 )
-from backend.label_studio_trust import origin_of
+from labelstudio.trust import origin_of
 from training.data import Sample
 
 logger = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def _raise_for_status(response: httpx.Response, what: str) -> None:
 
 def decode_image(data: bytes, max_pixels: int = 50_000_000) -> np.ndarray:
     """Image bytes -> (H, W, 3) uint8 RGB as the browser shows them (LS's coordinates refer to
-    that view), by ``backend.images.decode_image``: EXIF orientation applied, 16-bit samples
+    that view), by ``labelstudio.images.decode_image``: EXIF orientation applied, 16-bit samples
     scaled to 8 bits, no full-size copies. Images over ``max_pixels`` (W*H) are refused from
     the header, before decoding."""
     try:

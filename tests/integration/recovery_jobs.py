@@ -11,7 +11,7 @@ import time
 
 from rq import get_current_job
 
-from backend.queue import TrainingQueue
+from runtime.queue import TrainingQueue
 
 # The name the worker imports this module by (pytest imports it as ``integration.*``).
 MODULE = "tests.integration.recovery_jobs"

@@ -119,7 +119,7 @@ class LabelStudioAPI(LoopbackServer):
 
 
 def settings_env(settings: Any) -> dict[str, str]:
-    """The environment that makes ``backend.settings.Settings()`` equal ``settings``.
+    """The environment that makes ``runtime.settings.Settings()`` equal ``settings``.
 
     The worker reads its settings from the environment (it is a separate process); deriving
     that environment from the test's Settings object keeps app and worker in agreement.

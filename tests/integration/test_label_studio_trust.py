@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from backend.settings import Settings
+from runtime.settings import Settings
 
 from .support import (
     LEGACY_TOKEN,

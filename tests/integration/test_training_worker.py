@@ -19,9 +19,9 @@ import pytest
 import redis
 from rq.job import Job, JobStatus
 
-from backend.queue import SERIALIZER
-from backend.settings import Settings
-from backend.versions import VersionStore
+from runtime.queue import SERIALIZER
+from runtime.settings import Settings
+from runtime.versions import VersionStore
 
 from .support import (
     LEGACY_TOKEN,

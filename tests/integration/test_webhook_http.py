@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from rq.job import Job, JobStatus
 
 from backend.app import create_app
-from backend.settings import Settings
+from runtime.settings import Settings
 
 from .support import LABEL_CONFIG, LEGACY_TOKEN, LabelStudioAPI, free_port, tiny_mini_checkpoint
 
@@ -254,7 +254,7 @@ def test_a_5000_digit_project_id_is_refused_and_status_keeps_answering(client: T
 def test_status_skips_project_ids_an_older_version_left_in_redis(
     client: TestClient, redis_url: str
 ) -> None:
-    from backend.queue import TrainingQueue
+    from runtime.queue import TrainingQueue
 
     redis.Redis.from_url(redis_url).sadd(TrainingQueue.projects_key(), "9" * 5000, "07", "٣")
     client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})

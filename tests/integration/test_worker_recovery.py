@@ -19,8 +19,8 @@ import redis
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 
-from backend.queue import SERIALIZER, TrainingQueue
-from backend.settings import Settings
+from runtime.queue import SERIALIZER, TrainingQueue
+from runtime.settings import Settings
 
 from .recovery_jobs import FUNCTIONS, MODULE, attempts_key
 from .support import RedisServer, RQWorker, running_worker, settings_env, wait_until

@@ -5,7 +5,7 @@
 - ``hq-sam``: HQ-SAM, only with ``hq_checkpoint`` (an official HQ-SAM ``.pth``);
 - ``project:<path>``: the base with a plugin file, e.g. a project-trained version
   (``VERSIONS_DIR/<project>/<version>.safetensors``), or ``project:VERSIONS_DIR/<project>`` for
-  that project's current (newest promoted) version from ``backend.versions``.
+  that project's current (newest promoted) version from ``runtime.versions``.
 
 ``base_type`` / ``base_checkpoint`` replace the embedded default base (e.g. an official
 ``vit_l`` checkpoint); the shipped plugins only fit the base they were trained on.
@@ -123,7 +123,7 @@ def project_plugin_file(spec: str) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        from backend.versions import VersionStore
+        from runtime.versions import VersionStore
 
         version = VersionStore(path.parent).current(path.name)
         if version is None:

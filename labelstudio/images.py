@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -40,16 +41,15 @@ import httpx
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from backend.errors import (
+from labelstudio.errors import (
     ImageDecodeBusyError,
     ImageDecodeError,
     ImageFetchError,
     ImageTooLargeError,
     InvalidRequestError,
 )
-from backend.label_studio_trust import LabelStudioTrust, PinStore, origin_of
-from backend.limits import declared_length
-from backend.settings import Settings
+from labelstudio.trust import LabelStudioTrust, PinStore, origin_of
+from runtime.settings import Settings
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,7 +102,7 @@ def looks_like_jwt(token: str) -> bool:
 class LabelStudioAuth:
     """Authorization headers for Label Studio, sent only to the trusted Label Studio.
 
-    Where Label Studio is and whether ``/setup`` may say so: ``backend.label_studio_trust``.
+    Where Label Studio is and whether ``/setup`` may say so: ``labelstudio.trust``.
     ``LABEL_STUDIO_API_KEY`` always wins; a token from ``/setup`` is used only without it and
     only when ``LABEL_STUDIO_TRUST_SETUP`` is on. A newer ``/setup`` token never replaces one
     that Label Studio has accepted: it waits as the next one and takes over when the one in
@@ -416,6 +416,14 @@ def within_deadline(
         if deadline.expired:  # a shut-down socket can also read as a body that ended early
             raise timed_out()
     return result
+
+
+def declared_length(value: str | None) -> int | None:
+    """A ``Content-Length`` header's value as bytes, ``None`` when absent or malformed (count
+    the body instead); never ``int()`` of a 5,000-digit value (Python refuses it)."""
+    if value is None or not (value.isascii() and value.isdigit()):
+        return None
+    return int(value) if len(value) <= 18 else sys.maxsize
 
 
 def read_limited(

@@ -13,7 +13,7 @@ training worker:
 - ``LABEL_STUDIO_URL`` unset and ``LABEL_STUDIO_TRUST_SETUP`` off (the default): the backend
   knows no Label Studio; relative image URLs fail with an error that says what to set.
 
-Credentials only ever go to the trusted origin (``backend.images`` sends them with a request
+Credentials only ever go to the trusted origin (``labelstudio.images`` sends them with a request
 only when its origin is the trusted one; the token exchange posts only there).
 """
 
@@ -26,18 +26,11 @@ from urllib.parse import urlsplit
 
 import redis
 
-from backend.errors import BackendError
+from labelstudio.errors import UntrustedLabelStudioError
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class UntrustedLabelStudioError(BackendError):
-    """``/setup`` named a Label Studio other than the trusted one (403)."""
-
-    status_code = 403
-    code = "untrusted_label_studio"
 
 
 def origin_of(url: str) -> str | None:

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     # Image decodes running at once (each holds a full-size decoded copy while it runs).
     image_decode_concurrency: int = Field(default=2, ge=1)
     # Memory the running decodes may hold together, MB, each decode's estimated from the image's
-    # header (backend.images.decode_peak_bytes: W*H * 4 to 15 bytes). An image over the whole
+    # header (labelstudio.images.decode_peak_bytes: W*H * 4 to 15 bytes). An image over the whole
     # budget is decoded alone; IMAGE_MAX_PIXELS is what refuses images.
     image_decode_budget_mb: int = Field(default=1024, gt=0)
     # How long a request waits for a decode slot and budget before answering 503, seconds.
@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # RQ queue the training worker listens on.
     training_queue: str = "stable-sam-training"
-    # Where per-project plugin versions live (backend.versions.VersionStore root).
+    # Where per-project plugin versions live (runtime.versions.VersionStore root).
     versions_dir: Path = Path("data/versions")
     # Plugin versions kept per project.
     versions_keep: int = Field(default=5, ge=1)

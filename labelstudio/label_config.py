@@ -16,7 +16,7 @@ from xml.etree.ElementTree import Element
 
 from defusedxml import ElementTree as SafeET
 
-from backend.errors import InvalidRegionError, LabelConfigError, quoted
+from labelstudio.errors import InvalidRegionError, LabelConfigError, quoted
 
 PROMPT_TAGS = ("keypointlabels", "rectanglelabels", "keypoint", "rectangle")
 

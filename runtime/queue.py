@@ -58,7 +58,7 @@ from rq.job import Dependency, Job, JobStatus
 from rq.serializers import JSONSerializer
 
 if TYPE_CHECKING:
-    from backend.settings import Settings
+    from runtime.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -582,7 +582,7 @@ class TrainingQueue:
 
     def pin_label_studio_url(self, url: str) -> str:
         """Pin ``url`` as the Label Studio every process trusts, unless one is pinned already;
-        return the pinned one (``backend.label_studio_trust``: trust on first use). One pin per
+        return the pinned one (``labelstudio.trust``: trust on first use). One pin per
         queue: the backends and workers of one queue are one deployment."""
         key = self._trusted_url_key()
         with self.connection.pipeline() as pipe:

@@ -32,8 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from backend.errors import quoted
-from backend.project_ids import normalize_project_id
+from labelstudio.errors import quoted
+from runtime.project_ids import normalize_project_id
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def check_project(project: str) -> str:
     ``ValueError``.
 
     Project ids become directory names, so anything but the one spelling of
-    ``backend.project_ids.normalize_project_id`` is refused: "07" would be a second folder of
+    ``runtime.project_ids.normalize_project_id`` is refused: "07" would be a second folder of
     project 7.
     """
     if not isinstance(project, str) or normalize_project_id(project) != project:
