@@ -17,6 +17,7 @@ weights when ``stable_sam/weights/`` has them, else random mini weights (same ti
 
     .venv/bin/python bench/bench_predict_http.py            # everything (~2-4 min on 2 cores)
     .venv/bin/python bench/bench_predict_http.py --skip-vit-b --clicks 20
+    .venv/bin/python bench/bench_predict_http.py --baseline-tree ../base   # before/after a change
 """
 
 from __future__ import annotations
@@ -109,13 +110,16 @@ def free_port() -> int:
 class Backend:
     """The backend in a uvicorn subprocess with the given environment."""
 
-    def __init__(self, env: dict[str, str], startup_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, env: dict[str, str], startup_timeout_s: float = 300.0, root: Path = ROOT
+    ) -> None:
+        """``root``: the checkout whose code runs (another one for a before/after comparison)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING", **env}
+        full_env = {**os.environ, "PYTHONPATH": str(root), "LOG_LEVEL": "WARNING", **env}
         command = [sys.executable, "-m", "uvicorn", "backend.app:create_app", "--factory",
                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
-        self.process = subprocess.Popen(command, cwd=ROOT, env=full_env)
+        self.process = subprocess.Popen(command, cwd=root, env=full_env)
         self.client = httpx.Client(base_url=self.url, timeout=600.0)
         self.response_bytes: list[int] = []  # of every click answer (the RLE dominates)
         deadline = time.monotonic() + startup_timeout_s
@@ -215,6 +219,35 @@ def measure_model(name: str, env: dict[str, str], images: ImageServer, sizes: li
     return results
 
 
+def compare_with_baseline(
+    baseline_root: Path, env: dict[str, str], images: ImageServer, rounds: int, n_clicks: int
+) -> dict:
+    """Cached-click latency of this checkout against ``baseline_root`` (another checkout, e.g. a
+    worktree of the commit before a change), measured in the same run: both backends are up at
+    once, and rounds of ``n_clicks`` alternate between them (ABBA order), so load drift hits
+    both alike. Returns p50 / p95 / mean of each and the ratios this / baseline."""
+    image_url = images.add("ab-1024.jpg", synthetic_jpeg(1024, 1024, 3))
+    backends = {"baseline": Backend(env, root=baseline_root), "this": Backend(env)}
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    try:
+        for backend in backends.values():
+            backend.click(image_url, 50, 50)  # embed once: every later click is cached
+        for index in range(rounds):
+            order = list(backends) if index % 4 in (0, 3) else list(backends)[::-1]
+            for name in order:
+                times[name] += clicks(backends[name], image_url, n_clicks, seed=index)
+    finally:
+        for backend in backends.values():
+            backend.close()
+    result: dict = {"baseline_root": str(baseline_root), "clicks_each": rounds * n_clicks}
+    for name, series in times.items():
+        result[name] = {"p50_ms": round(p(series, 50), 2), "p95_ms": round(p(series, 95), 2),
+                        "mean_ms": round(statistics.fmean(series), 2)}  # fmt: skip
+    for stat in ("p50_ms", "p95_ms", "mean_ms"):
+        result[f"ratio_{stat[:-3]}"] = round(result["this"][stat] / result["baseline"][stat], 3)
+    return result
+
+
 def rle_benchmark(repeats: int = 5) -> dict:
     """Brush RLE of 4000x3000 masks: label-studio-sdk ``mask2rle`` vs ``labelstudio.brush``."""
     from label_studio_sdk.converter.brush import mask2rle
@@ -260,6 +293,10 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="TORCH_THREADS for the backend (0: torch's default)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="only compare cached clicks (embedded default, 1024 px) with the code "
+                             "of this other checkout, alternating rounds in one run")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=8, help="with --baseline-tree: rounds each")
     args = parser.parse_args()
 
     images = ImageServer()
@@ -268,6 +305,15 @@ def main() -> None:
               "TORCH_THREADS": str(args.torch_threads)}  # fmt: skip
     report: dict = {"cpu_count": os.cpu_count(), "torch_threads": args.torch_threads,
                     "load_average_at_start": os.getloadavg()}  # fmt: skip
+    if args.baseline_tree is not None:
+        env = {**common, "SAM_MODEL_TYPE": "mini"}
+        report["ab"] = compare_with_baseline(
+            args.baseline_tree.resolve(), env, images, args.rounds, args.clicks
+        )
+        print(json.dumps(report["ab"], indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return
     print("brush RLE (byte-identical to the sdk):", flush=True)
     report["rle"] = rle_benchmark()
     if not args.skip_default:
