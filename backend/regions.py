@@ -3,8 +3,9 @@
 Interactive ``/predict`` calls carry ``params.context.result``: the regions the annotator placed
 with the smart tools so far. Keypoints (``keypointlabels``, ``is_positive`` may be absent =
 positive) and rectangles (``rectanglelabels``, rotated about their top-left corner) give their
-position in **percent** of the original image. Regions are grouped by (label, image): each
-group is one object to segment and becomes one ``brushlabels`` region in the answer.
+position in **percent** of the original image (``labelstudio.geometry`` turns it into pixels).
+Regions are grouped by (label, image): each group is one object to segment and becomes one
+``brushlabels`` region in the answer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from labelstudio.errors import InvalidRegionError
+from labelstudio.geometry import clip_box, percent_to_pixels, rectangle_to_xyxy
 
 # Percent coordinates may carry float noise from the browser; beyond this they are outside.
 PERCENT_TOLERANCE = 1e-3
@@ -192,24 +194,17 @@ def parse_context(result: Any) -> list[RegionGroup]:
     return list(groups.values())
 
 
-def rectangle_to_xyxy(rect: Rectangle, width: int, height: int) -> np.ndarray:
-    """Axis-aligned box (4,) in pixels enclosing a (possibly rotated) LS rectangle, clipped."""
-    x0 = rect.x / 100.0 * width
-    y0 = rect.y / 100.0 * height
-    w = rect.width / 100.0 * width
-    h = rect.height / 100.0 * height
-    theta = math.radians(rect.rotation)
-    cos, sin = math.cos(theta), math.sin(theta)
-    # Rotation about the top-left corner, clockwise on screen (y points down).
-    offsets = ((0, 0), (w, 0), (0, h), (w, h))
-    xs = [x0 + dx * cos - dy * sin for dx, dy in offsets]
-    ys = [y0 + dx * sin + dy * cos for dx, dy in offsets]
-    left, top = max(0.0, min(xs)), max(0.0, min(ys))
-    right, bottom = min(float(width), max(xs)), min(float(height), max(ys))
-    box = np.array([left, top, right, bottom], dtype=np.float32)
-    if box[2] <= box[0] or box[3] <= box[1]:
+def rectangle_box(rect: Rectangle, width: int, height: int) -> np.ndarray:
+    """Axis-aligned box (4,) float32 xyxy in pixels enclosing a (possibly rotated) LS rectangle,
+    clipped to the image; ``InvalidRegionError`` when none of it is inside."""
+    box, _ = clip_box(
+        rectangle_to_xyxy(rect.x, rect.y, rect.width, rect.height, rect.rotation, width, height),
+        width,
+        height,
+    )
+    if box is None:
         raise InvalidRegionError("rectangle lies outside the image")
-    return box
+    return box.astype(np.float32)
 
 
 def group_to_prompt(group: RegionGroup, width: int, height: int) -> Prompt:
@@ -219,14 +214,13 @@ def group_to_prompt(group: RegionGroup, width: int, height: int) -> Prompt:
     """
     points = labels = box = None
     if group.keypoints:
-        points = np.array(
-            [[k.x / 100.0 * width, k.y / 100.0 * height] for k in group.keypoints], dtype=np.float32
-        )
+        points_pct = np.array([[k.x, k.y] for k in group.keypoints])
+        points = percent_to_pixels(points_pct, width, height).astype(np.float32)
         points[:, 0] = points[:, 0].clip(0, width)
         points[:, 1] = points[:, 1].clip(0, height)
         labels = np.array([1 if k.positive else 0 for k in group.keypoints], dtype=np.int64)
     if group.rectangles:
-        box = rectangle_to_xyxy(group.rectangles[-1], width, height)
+        box = rectangle_box(group.rectangles[-1], width, height)
     return Prompt(points_xy=points, point_labels=labels, box_xyxy=box)
 
 

@@ -22,9 +22,15 @@ run length     token                                       bits
 =============  ==========================================  ====
 
 and finally 1..8 zero bits of padding (always at least one: the sdk pads ``8 - len % 8``).
+
+Decoding (``rle_to_mask``, ``brush_region_mask``) uses the sdk's reference decoder: the training
+job and the user study read brush annotations with it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -118,14 +124,24 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
 
 
 def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
-    """Decode Label Studio brush RLE to a bool mask (H, W) from its alpha channel.
-
-    Uses the sdk's reference decoder; raises ``ValueError`` unless the RLE holds exactly
-    H*W*4 values.
-    """
+    """Decode Label Studio brush RLE to a bool mask (H, W): the pixels the browser paints (alpha
+    not 0). Raises ``ValueError`` unless the RLE holds exactly H*W*4 values."""
     from label_studio_sdk.converter.brush import decode_rle
 
-    flat = decode_rle(rle)
+    flat = np.asarray(decode_rle(rle), dtype=np.uint8)
     if flat.size != height * width * 4:
-        raise ValueError(f"RLE holds {flat.size} values, expected {height}*{width}*4")
+        raise ValueError(f"RLE holds {flat.size} values, expected {height}x{width}x4")
     return flat.reshape(height, width, 4)[:, :, 3] > 0
+
+
+def brush_region_mask(region: Mapping[str, Any]) -> np.ndarray:
+    """A ``brushlabels`` result region as Label Studio stores it -> (H, W) bool mask, at its
+    ``original_height`` x ``original_width``. ``ValueError`` for another format or size."""
+    value = region["value"]
+    if value.get("format", "rle") != "rle" or "rle" not in value:
+        raise ValueError(f"brush region {region.get('id')} is not in RLE format")
+    height, width = int(region["original_height"]), int(region["original_width"])
+    try:
+        return rle_to_mask(value["rle"], height, width)
+    except ValueError as exc:
+        raise ValueError(f"brush region {region.get('id')}: {exc}") from exc

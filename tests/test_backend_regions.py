@@ -5,13 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.regions import (
-    Rectangle,
-    brush_region,
-    group_to_prompt,
-    parse_context,
-    rectangle_to_xyxy,
-)
+from backend.regions import Rectangle, brush_region, group_to_prompt, parse_context, rectangle_box
 from labelstudio.errors import InvalidRegionError
 
 
@@ -82,13 +76,19 @@ def test_the_last_rectangle_of_a_label_wins():
 
 def test_rotated_rectangle_gives_its_enclosing_box():
     # 90 degrees clockwise about the top-left corner: the box swings to the left of x.
-    box = rectangle_to_xyxy(Rectangle(50, 10, 20, 10, rotation=90), width=100, height=100)
+    box = rectangle_box(Rectangle(50, 10, 20, 10, rotation=90), width=100, height=100)
     np.testing.assert_allclose(box, [40, 10, 50, 30], atol=1e-4)
+    assert box.dtype == np.float32
 
 
 def test_rotated_rectangle_is_clipped_to_the_image():
-    box = rectangle_to_xyxy(Rectangle(5, 5, 50, 10, rotation=180), width=100, height=100)
+    box = rectangle_box(Rectangle(5, 5, 50, 10, rotation=180), width=100, height=100)
     np.testing.assert_allclose(box, [0, 0, 5, 5], atol=1e-4)
+
+
+def test_a_rectangle_rotated_out_of_the_image_is_refused():
+    with pytest.raises(InvalidRegionError, match="outside the image"):
+        rectangle_box(Rectangle(0, 0, 10, 10, rotation=180), width=100, height=100)
 
 
 def test_points_on_the_far_edge_are_accepted_and_clipped():

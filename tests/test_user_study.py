@@ -12,13 +12,7 @@ from training.user_study.box_quality import (
     summarize,
 )
 from training.user_study.ground_truth import GtImage, GtObject, from_brush_masks
-from training.user_study.ls_export import (
-    annotator_name,
-    clip_box,
-    image_key_for,
-    parse_export,
-    rectangle_to_xyxy,
-)
+from training.user_study.ls_export import annotator_name, image_key_for, parse_export
 from training.user_study.matching import match_boxes
 from training.user_study.segmentation import (
     ObjectPrompts,
@@ -62,39 +56,6 @@ def task(tid: int, annotations: list, target: str | None = "1", name: str = "img
 
 def ann(aid: int, who: str, result: list, **extra) -> dict:
     return {"id": aid, "completed_by": {"id": aid, "email": who}, "result": result, **extra}
-
-
-# --- Label Studio rectangles ------------------------------------------------------------------
-
-
-def test_percent_rectangle_converts_to_pixels_of_the_original_image():
-    box, rotated = rectangle_to_xyxy({"x": 10, "y": 20, "width": 30, "height": 40}, 200, 100)
-    np.testing.assert_allclose(box, [20, 20, 80, 60])
-    assert not rotated
-
-
-def test_rotated_rectangle_becomes_axis_aligned_bounds_of_its_corners():
-    # rotation 90 deg clockwise about the top-left corner (50, 10): the 20x10 box swings down-left
-    value = {"x": 50, "y": 10, "width": 20, "height": 10, "rotation": 90}
-    box, rotated = rectangle_to_xyxy(value, 100, 100)
-    np.testing.assert_allclose(box, [40, 10, 50, 30], atol=1e-9)
-    assert rotated
-
-
-def test_rotation_is_applied_in_pixels_not_percent_on_a_non_square_image():
-    # 10% x 10% of a 200x100 image is a 20x10 px box; rotated by 90 deg it is 10 wide, 20 tall
-    value = {"x": 50, "y": 10, "width": 10, "height": 10, "rotation": 90}
-    box, _ = rectangle_to_xyxy(value, 200, 100)
-    np.testing.assert_allclose(box, [90, 10, 100, 30], atol=1e-9)
-
-
-def test_box_reaching_outside_is_clipped_and_one_fully_outside_is_dropped():
-    box, clipped = clip_box(np.array([-10.0, 5, 50, 120]), height=100, width=100)
-    np.testing.assert_allclose(box, [0, 5, 50, 100])
-    assert clipped
-    assert clip_box(np.array([110.0, 0, 120, 10]), height=100, width=100) == (None, True)
-    box, clipped = clip_box(np.array([1.0, 2, 3, 4]), height=100, width=100)
-    assert not clipped
 
 
 def test_image_key_is_the_original_name_or_the_upload_name_without_prefix():

@@ -59,11 +59,6 @@ class GtImage:
     image_path: Path | None = None
 
 
-def image_sizes(gt: Mapping[str, GtImage]) -> dict[str, tuple[int, int]]:
-    """image key -> (H, W) px."""
-    return {key: (g.height, g.width) for key, g in gt.items()}
-
-
 def _add(gt: dict[str, GtImage], key: str, obj: GtObject, image_path: Path | None = None) -> None:
     if not obj.mask.any():
         logger.warning("ground truth %s/%s: empty mask, skipped", key, obj.object_id)

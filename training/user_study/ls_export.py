@@ -10,14 +10,14 @@ Everything odd in an export is counted in ``ExportCounts`` rather than raised: s
 (cancelled) annotations, annotations without a box, several boxes in one annotation of a
 single-target task, a second annotation by the same annotator of the same task, boxes that
 reach outside the image (clipped) or lie entirely outside it (dropped), rotated boxes
-(replaced by their axis-aligned bounds), boxes without a known image size.
+(replaced by their axis-aligned bounds), boxes without a known image size. Percent -> pixels:
+``labelstudio.geometry``; brush RLE: ``labelstudio.brush``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from labelstudio.brush import brush_region_mask
+from labelstudio.geometry import clip_box, rectangle_to_xyxy
 
 logger = logging.getLogger(__name__)
 
@@ -132,45 +135,6 @@ def annotator_name(completed_by: Any, users: Mapping[int, str] | None = None) ->
     return f"user{completed_by}"
 
 
-def rectangle_to_xyxy(value: Mapping[str, Any], width: int, height: int) -> tuple[np.ndarray, bool]:
-    """A Label Studio rectangle ``value`` (percent, degrees) as unclipped pixel ``xyxy``.
-
-    Returns ``(box_xyxy (4,) float64, rotated)``. A rotated rectangle (rotation about its
-    top-left corner, clockwise on screen, applied in pixel space) is replaced by the
-    axis-aligned bounds of its four corners.
-    """
-    x = float(value["x"]) / 100.0 * width
-    y = float(value["y"]) / 100.0 * height
-    w = float(value["width"]) / 100.0 * width
-    h = float(value["height"]) / 100.0 * height
-    rotation = float(value.get("rotation") or 0.0) % 360.0
-    if rotation == 0.0:
-        return np.array([x, y, x + w, y + h], dtype=np.float64), False
-    t = math.radians(rotation)
-    c, s = math.cos(t), math.sin(t)
-    dx = np.array([0.0, w, 0.0, w])
-    dy = np.array([0.0, 0.0, h, h])
-    xs = x + dx * c - dy * s
-    ys = y + dx * s + dy * c
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64), True
-
-
-def clip_box(box_xyxy: np.ndarray, height: int, width: int) -> tuple[np.ndarray | None, bool]:
-    """Clip ``box_xyxy`` to ``[0, W] x [0, H]``; ``(None, True)`` when nothing is left inside."""
-    clipped = np.array(
-        [
-            min(max(box_xyxy[0], 0.0), width),
-            min(max(box_xyxy[1], 0.0), height),
-            min(max(box_xyxy[2], 0.0), width),
-            min(max(box_xyxy[3], 0.0), height),
-        ]
-    )
-    was_clipped = bool(np.any(np.abs(clipped - box_xyxy) > 1e-9))
-    if clipped[2] - clipped[0] <= 0 or clipped[3] - clipped[1] <= 0:
-        return None, True
-    return clipped, was_clipped
-
-
 def _annotation_order(annotation: Mapping[str, Any]) -> tuple[str, int]:
     """Sort key: the newest annotation last (updated_at / created_at are ISO strings)."""
     stamp = str(annotation.get("updated_at") or annotation.get("created_at") or "")
@@ -179,15 +143,6 @@ def _annotation_order(annotation: Mapping[str, Any]) -> tuple[str, int]:
 
 def _is_brush(region: Mapping[str, Any]) -> bool:
     return region.get("type") == "brushlabels" and "rle" in (region.get("value") or {})
-
-
-def _decode_brush(region: Mapping[str, Any]) -> np.ndarray:
-    """A brush region's RLE as (H, W) bool (alpha channel of the RGBA image)."""
-    from label_studio_sdk.converter.brush import decode_rle
-
-    height, width = int(region["original_height"]), int(region["original_width"])
-    rgba = np.asarray(decode_rle(region["value"]["rle"]), dtype=np.uint8)
-    return rgba.reshape(height, width, 4)[..., 3] > 0
 
 
 def parse_export(
@@ -230,7 +185,7 @@ def parse_export(
                 for k, region in enumerate(r for r in regions if _is_brush(r)):
                     labels = region["value"].get("brushlabels") or [None]
                     object_id = target_id or str(region.get("id") or k)
-                    mask = _decode_brush(region)
+                    mask = brush_region_mask(region)
                     out.brush_masks.append(
                         BrushMask(task_id, image_key, object_id, mask, labels[0])
                     )
@@ -278,13 +233,13 @@ def _read_boxes(
             counts.unknown_size += 1
             continue
         try:
-            box, rotated = rectangle_to_xyxy(region["value"], width=size[1], height=size[0])
+            box, rotated = _rectangle_box(region["value"], size)
         except (KeyError, TypeError, ValueError):
             counts.malformed += 1
             logger.warning("task %s: malformed rectangle region, skipped", task_id)
             continue
         counts.rotated += int(rotated)
-        box, was_clipped = clip_box(box, height=size[0], width=size[1])
+        box, was_clipped = clip_box(box, width=size[1], height=size[0])
         if box is None:
             counts.outside += 1
             continue
@@ -305,6 +260,23 @@ def _read_boxes(
                 rotated=rotated,
             )
         )
+
+
+def _rectangle_box(value: Mapping[str, Any], size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """A rectangle ``value`` (percent, degrees) on an image of ``size`` (H, W) px as unclipped
+    pixel ``xyxy`` (a rotated one: the axis-aligned bounds of its corners), and whether it was
+    rotated."""
+    rotation = float(value.get("rotation") or 0.0)
+    box = rectangle_to_xyxy(
+        float(value["x"]),
+        float(value["y"]),
+        float(value["width"]),
+        float(value["height"]),
+        rotation,
+        width=size[1],
+        height=size[0],
+    )
+    return box, rotation % 360.0 != 0.0
 
 
 def read_export_file(path: str | Path) -> list[dict[str, Any]]:

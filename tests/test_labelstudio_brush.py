@@ -1,4 +1,5 @@
-"""Brush RLE: our vectorised encoder is byte-identical to label-studio-sdk's ``mask2rle``."""
+"""Brush RLE: our vectorised encoder is byte-identical to label-studio-sdk's ``mask2rle``; the one
+decoder reads brush regions as Label Studio stores them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
-from labelstudio.brush import mask_to_rle, rle_to_mask
+from labelstudio.brush import brush_region_mask, mask_to_rle, rle_to_mask
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 3), (17, 23), (64, 48)])
@@ -68,8 +69,53 @@ def test_rle_decodes_to_exactly_h_w_4_rgba_bytes():
 
 def test_rle_to_mask_rejects_a_wrong_size():
     rle = mask_to_rle(np.zeros((4, 4), np.uint8))
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ValueError, match="expected 4x5x4"):
         rle_to_mask(rle, 4, 5)
+
+
+def mask2rle_of_rgba(rgba: np.ndarray) -> list[int]:
+    """The sdk's RLE of raw RGBA bytes (its encoder repeats one value per pixel four times)."""
+    from label_studio_sdk.converter.brush import encode_rle
+
+    return encode_rle(rgba.ravel())
+
+
+def brush_region(mask: np.ndarray, **changes) -> dict:
+    h, w = mask.shape
+    region = {"id": "b1", "type": "brushlabels", "original_width": w, "original_height": h,
+              "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255),
+                        "brushlabels": ["Object"]}}  # fmt: skip
+    region.update(changes)
+    return region
+
+
+def test_the_pixels_the_browser_paints_are_the_mask():
+    # The browser paints where alpha is not 0, whatever the colour bytes hold.
+    rgba = np.zeros((3, 4, 4), np.uint8)
+    rgba[1, 2] = (0, 0, 0, 1)
+    rgba[0, 0] = (255, 255, 255, 0)
+    rle = mask2rle_of_rgba(rgba)
+    expected = np.zeros((3, 4), bool)
+    expected[1, 2] = True
+    np.testing.assert_array_equal(rle_to_mask(rle, 3, 4), expected)
+
+
+def test_a_brush_region_decodes_at_its_original_size():
+    mask = np.zeros((40, 60), bool)
+    mask[5:20, 10:30] = True
+    np.testing.assert_array_equal(brush_region_mask(brush_region(mask)), mask)
+
+
+def test_a_brush_region_of_the_wrong_size_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"brush region b1: .*expected 40x61x4"):
+        brush_region_mask(brush_region(np.zeros((40, 60), bool), original_width=61))
+
+
+def test_a_brush_region_in_another_format_is_refused():
+    region = brush_region(np.zeros((4, 4), bool))
+    region["value"]["format"] = "png"
+    with pytest.raises(ValueError, match="not in RLE format"):
+        brush_region_mask(region)
 
 
 @pytest.mark.parametrize(
