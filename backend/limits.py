@@ -18,8 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.errors import RequestTooLargeError
 from backend.regions import RegionGroup
+from labelstudio.download import declared_length
 from labelstudio.errors import quoted
-from labelstudio.images import declared_length
 from runtime.settings import Settings
 
 logger = logging.getLogger(__name__)

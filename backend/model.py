@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from backend.errors import ModelUnavailableError
+from backend.image_cache import ImageLoader, LoadedImage
 from backend.limits import RequestLimits
 from backend.regions import RegionGroup, brush_region, group_to_prompt, parse_context
+from labelstudio.auth import LabelStudioAuth
 from labelstudio.brush import mask_to_rle
 from labelstudio.errors import InvalidRequestError, LabelConfigError, ServiceError
-from labelstudio.images import ImageLoader, LabelStudioAuth, LoadedImage
 from labelstudio.label_config import LabelConfig, LabelConfigStore, parse_label_config
 from runtime.project_ids import normalize_project_id
 from runtime.settings import Settings
@@ -270,7 +271,12 @@ class StableSamBackend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.auth = LabelStudioAuth(settings, pin_store=self._pin_label_studio_url)
+        self.auth = LabelStudioAuth(
+            settings.label_studio_url,
+            settings.label_studio_token,
+            settings.label_studio_trust_setup,
+            pin_store=self._pin_label_studio_url,
+        )
         self.images = ImageLoader(settings, self.auth)
         self.models = ModelServer(settings)
         self.limits = RequestLimits.from_settings(settings)

@@ -54,6 +54,13 @@ class LabelConfigError(InvalidRequestError):
     code = "label_config"
 
 
+class LabelStudioError(ServiceError):
+    """Label Studio could not be reached, refused our token, or answered something unusable (502)."""
+
+    status_code = 502
+    code = "label_studio_error"
+
+
 class ImageFetchError(ServiceError):
     """The task's image could not be downloaded (502 upstream error, 504 timeout, 404)."""
 

@@ -1,9 +1,9 @@
-"""What the backend needs from a project's labeling config (Label Studio XML).
+"""What the service needs from a project's labeling config (Label Studio XML).
 
 Tags are found by type, never by name: the ``BrushLabels`` control that writes masks onto the
-same ``Image`` as the smart tool the annotator clicked with, and the task-data key of each
-``Image`` (``value="$image"`` -> ``"image"``). The XML is parsed with ``defusedxml`` because
-the config comes over the network.
+same ``Image`` as the smart tool the annotator clicked with (the backend), and the task-data key
+of each ``Image`` (``value="$image"`` -> ``"image"``: the backend and the training job). The
+XML is parsed with ``defusedxml`` because the config comes over the network.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from xml.etree.ElementTree import Element
 from defusedxml import ElementTree as SafeET
 
 from labelstudio.errors import InvalidRegionError, LabelConfigError, quoted
-
-PROMPT_TAGS = ("keypointlabels", "rectanglelabels", "keypoint", "rectangle")
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class LabelConfig:
     """The parsed config: control tags and the data key of every object (``Image``) tag."""
 
     controls: tuple[ControlTag, ...]
-    image_values: dict[str, str]  # Image tag name -> task data key (without "$")
+    image_data_keys: dict[str, str]  # Image tag name -> task data key (without "$")
 
     def brush_for(self, to_name: str, label: str | None = None) -> ControlTag:
         """The ``BrushLabels`` control attached to the ``Image`` named ``to_name``.
@@ -68,16 +66,16 @@ class LabelConfig:
 
     def image_key(self, to_name: str) -> str:
         """The task data key holding the URL of the ``Image`` named ``to_name``."""
-        if to_name not in self.image_values:
+        if to_name not in self.image_data_keys:
             raise LabelConfigError(f'the labeling config has no <Image name="{to_name}">')
-        return self.image_values[to_name]
+        return self.image_data_keys[to_name]
 
     def default_image_name(self) -> str | None:
         """The ``Image`` to segment when no region names one: one with BrushLabels, or the first."""
-        for name in self.image_values:
+        for name in self.image_data_keys:
             if any(c.tag == "brushlabels" and name in c.to_name for c in self.controls):
                 return name
-        return next(iter(self.image_values), None)
+        return next(iter(self.image_data_keys), None)
 
 
 @lru_cache(maxsize=64)
@@ -118,7 +116,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         )
         for element, labels in found
     ]
-    return LabelConfig(controls=tuple(controls), image_values=images)
+    return LabelConfig(controls=tuple(controls), image_data_keys=images)
 
 
 class LabelConfigStore:

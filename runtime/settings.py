@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from labelstudio.download import DownloadLimits
+
 ModelType = Literal["mini", "vit_b", "vit_l", "vit_h", "hq_vit_b", "hq_vit_l", "hq_vit_h"]
 
 
@@ -222,6 +224,21 @@ class Settings(BaseSettings):
     def plugins_enabled(self) -> bool:
         """False for plain SAM (SAM_PLUGINS=none)."""
         return self.sam_plugins.strip().lower() != "none"
+
+    @property
+    def label_studio_token(self) -> str:
+        """LABEL_STUDIO_API_KEY's value ("" when unset), for the Label Studio adapter."""
+        key = self.label_studio_api_key
+        return key.get_secret_value().strip() if key is not None else ""
+
+    @property
+    def download_limits(self) -> DownloadLimits:
+        """IMAGE_FETCH_TIMEOUT_S, IMAGE_MAX_BYTES and IMAGE_MAX_PIXELS as the adapter takes them."""
+        return DownloadLimits(
+            timeout_s=self.image_fetch_timeout_s,
+            max_bytes=self.image_max_bytes,
+            max_pixels=self.image_max_pixels,
+        )
 
 
 @lru_cache(maxsize=1)

@@ -1,6 +1,6 @@
 """A real loopback HTTP server standing in for Label Studio's file and token endpoints.
 
-Used by the backend tests (``test_backend_*.py``). Routes:
+Used by the backend and Label Studio adapter tests. Routes:
 
 - ``GET /public/<name>``           a file, no auth
 - ``GET /data/upload/<pid>/<name>`` a file, needs ``Authorization: Token <legacy>`` or
@@ -39,8 +39,8 @@ __all__ = [
     "scene",
 ]
 
-# 200 answers of a token exchange that hold no access token, by name (the web and training
-# clients share the parser: labelstudio.images.access_token_of). A new Response each call.
+# 200 answers of a token exchange that hold no access token, by name (the parser:
+# labelstudio.auth.access_token_of). A new Response each call.
 NO_ACCESS_TOKEN_ANSWERS = {
     "html": lambda: httpx.Response(200, text="<html>a login page</html>"),
     "not-utf8": lambda: httpx.Response(200, content=b"\xff\xfe{"),
@@ -97,7 +97,16 @@ def scene(height: int = 120, width: int = 160) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FakeLabelStudio(LoopbackServer):
-    """The server; ``files`` maps a name to bytes; ``requests`` counts requests per path."""
+    """The server; ``files`` maps a name to bytes; ``requests`` counts requests per path.
+
+    ``FakeLabelStudio.serving_a_scene()``: one whose ``scene.png`` is ``scene(60, 80)``.
+    """
+
+    @classmethod
+    def serving_a_scene(cls) -> FakeLabelStudio:
+        server = cls()
+        server.files["scene.png"] = png_bytes(scene(60, 80)[0])
+        return server
 
     def __init__(self, legacy_token: str = "legacy0123456789", pat: str | None = None) -> None:
         self.files: dict[str, bytes] = {}

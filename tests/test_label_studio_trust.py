@@ -17,12 +17,11 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from backend.app import create_app
-from labelstudio.errors import UntrustedLabelStudioError
+from labelstudio.errors import LabelStudioError, UntrustedLabelStudioError
 from labelstudio.trust import LabelStudioTrust, base_url_of, origin_of
 from runtime.queue import TrainingQueue, redis_connection
 from runtime.settings import Settings
 from training.jobs import label_studio_client
-from training.ls_dataset import LabelStudioError
 
 CONFIG = """<View>
   <Image name="picture" value="$img"/>
@@ -226,7 +225,7 @@ def test_the_worker_sends_no_token_to_a_host_other_than_the_pinned_one(queue):
         label_studio_client(worker_settings(label_studio_trust_setup=True), queue, "5")
     queue.store_label_studio_access("5", "http://ls:8080", "tok")
     with label_studio_client(worker_settings(label_studio_trust_setup=True), queue, "5") as client:
-        assert client.url == "http://ls:8080"
+        assert client.base_url == "http://ls:8080"
 
 
 def test_only_the_origin_of_setup_s_hostname_is_pinned(tmp_path, label_studio, attacker):

@@ -39,17 +39,15 @@ import numpy as np
 from rq import get_current_job
 from rq.job import Job
 
+from labelstudio.auth import LabelStudioAuth
+from labelstudio.client import LabelStudioClient
+from labelstudio.errors import LabelStudioError
 from labelstudio.trust import base_url_of, origin_of
 from runtime.queue import TrainingQueue
 from runtime.settings import Settings
 from runtime.versions import VersionStore
 from training.data import Sample
-from training.ls_dataset import (
-    LabelStudioClient,
-    LabelStudioError,
-    load_project_samples,
-    split_train_val,
-)
+from training.ls_dataset import load_project_samples, split_train_val
 
 if TYPE_CHECKING:
     from stable_sam import StableSam, StableSamPlugins, StableSamPredictor
@@ -148,8 +146,7 @@ def label_studio_client(
     process pinned. A token is never sent anywhere else.
     """
     url = base_url_of(settings.label_studio_url) or ""
-    key = settings.label_studio_api_key
-    token = key.get_secret_value().strip() if key is not None else ""
+    token = settings.label_studio_token
     if not (url and token) and settings.label_studio_trust_setup:
         stored = queue.label_studio_access(project)
         trusted = url or queue.pinned_label_studio_url() or ""
@@ -169,13 +166,7 @@ def label_studio_client(
             "LABEL_STUDIO_API_KEY (or LABEL_STUDIO_TRUST_SETUP=true, and connect the backend in "
             "Label Studio: its /setup shares them)"
         )
-    return LabelStudioClient(
-        url,
-        token,
-        timeout_s=settings.image_fetch_timeout_s,
-        max_image_pixels=settings.image_max_pixels,
-        max_image_bytes=settings.image_max_bytes,
-    )
+    return LabelStudioClient(LabelStudioAuth(url, token), settings.download_limits)
 
 
 # --- evaluation ----------------------------------------------------------------------------

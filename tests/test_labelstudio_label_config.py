@@ -1,4 +1,5 @@
-"""Finding the BrushLabels attached to the smart tool's Image, for any tag names; the /setup store."""
+"""Labeling configs: the BrushLabels attached to the smart tool's Image, for any tag names, the
+task-data key of every Image (the backend and the training job), the /setup store."""
 
 from __future__ import annotations
 
@@ -89,6 +90,16 @@ def test_entity_expansion_is_refused():
     bomb = '<?xml version="1.0"?><!DOCTYPE v [<!ENTITY a "aaaa">]><View>&a;</View>'
     with pytest.raises(LabelConfigError):
         parse_label_config(bomb)
+
+
+def test_every_image_tag_maps_to_its_task_data_key():
+    config = parse_label_config(
+        """<View>
+  <Image name="img" value="$image"/><Image name="second" value="$other"/>
+  <PolygonLabels name="poly" toName="img"><Label value="Object"/></PolygonLabels>
+</View>"""
+    )
+    assert config.image_data_keys == {"img": "image", "second": "other"}
 
 
 def test_unknown_image_name_is_an_error():
