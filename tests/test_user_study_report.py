@@ -151,7 +151,7 @@ def test_evaluate_with_real_models_fills_the_table(tmp_path):
     from stable_sam import StableSamPredictor, build_stable_sam
     from training.user_study.evaluate import EvaluationConfig, evaluate_study
     from training.user_study.ground_truth import load_mask_folder
-    from training.user_study.images import ImageLoader
+    from training.user_study.images import OriginalImages
     from training.user_study.ls_export import parse_export, read_export_file
     from training.user_study.models import PredictorSegmenter
     from training.user_study.report import write_report
@@ -164,7 +164,7 @@ def test_evaluate_with_real_models_fills_the_table(tmp_path):
     masks = segmenter.segment_boxes(np.zeros((32, 48, 3), np.uint8), np.zeros((3, 4)) + 4)
     assert masks.shape == (3, 32, 48) and masks.dtype == bool
     config = EvaluationConfig(noisy_per_object=2)
-    result = evaluate_study(export, gt, {"random": segmenter}, ImageLoader(gt), config)
+    result = evaluate_study(export, gt, {"random": segmenter}, OriginalImages(gt), config)
     row = result.table["random"]
     assert row["gt_box"]["objects"] == 2 and row["gt_box"]["prompts"] == 2
     assert row["user"]["prompts"] == 3 and row["noisy"]["prompts"] == 4
@@ -227,35 +227,33 @@ def test_ground_truth_loads_only_the_study_images(tmp_path):
 
 
 def test_images_are_fetched_from_label_studio_when_not_on_disk():
+    from backend_support import FakeLabelStudio
+
     from training.user_study.ground_truth import GtImage
-    from training.user_study.images import ImageLoader
+    from training.user_study.images import OriginalImages
+    from training.user_study.loaders import study_client
 
     image = np.zeros((6, 9, 3), np.uint8)
     image[1, 2] = (250, 10, 10)
     ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     assert ok
-
-    class FakeClient:
-        def __init__(self) -> None:
-            self.urls: list[str] = []
-
-        def download(self, url: str) -> bytes:
-            self.urls.append(url)
-            return png.tobytes()
-
-    client = FakeClient()
-    data = {
-        1: {
-            "image": "/data/upload/1/aa-x__target_1.png",
-            "original_image": "/data/upload/1/bb-x.png",
-            "image_name": "x.png",
+    with FakeLabelStudio() as ls, study_client(ls.url, ls.legacy_token) as client:
+        ls.files["bb-x.png"] = png.tobytes()
+        data = {
+            1: {
+                "image": "/data/upload/1/aa-x__target_1.png",
+                "original_image": "/data/upload/1/bb-x.png",
+                "image_name": "x.png",
+            }
         }
-    }
-    loader = ImageLoader({"x": GtImage("x", 6, 9)}, None, client, data)
-    np.testing.assert_array_equal(loader("x"), image)
-    assert client.urls == ["/data/upload/1/bb-x.png"]  # the original, not the highlighted copy
-    with pytest.raises(FileNotFoundError):
-        loader("missing")
+        images = OriginalImages({"x": GtImage("x", 6, 9)}, None, client, data)
+        np.testing.assert_array_equal(images("x"), image)
+        # the original, with Label Studio's token; not the highlighted copy
+        assert ls.requests["/data/upload/1/bb-x.png"] == 1
+        assert ls.requests["/data/upload/1/aa-x__target_1.png"] == 0
+        assert ls.auth_headers == [f"Token {ls.legacy_token}"]
+        with pytest.raises(FileNotFoundError):
+            images("missing")
 
 
 @pytest.mark.slow  # builds three randomly initialised mini models (~5-15 s on a busy CPU)

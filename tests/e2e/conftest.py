@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import BackendServer, HarnessError, LabelStudioClient, LabelStudioServer
+from .harness import BackendServer, HarnessError, LabelStudioDriver, LabelStudioServer
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,7 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
 
 
 @pytest.fixture(scope="session")
-def ls_client(label_studio: LabelStudioServer) -> Iterator[LabelStudioClient]:
+def ls_client(label_studio: LabelStudioServer) -> Iterator[LabelStudioDriver]:
     """Label Studio's REST API as the admin, through a personal access token."""
     client = label_studio.client()
     try:

@@ -3,14 +3,15 @@
 ``LabelStudioServer`` runs ``label-studio==LS_VERSION`` from its own virtual environment
 (``.venv-ls``, made by ``scripts/install_label_studio.sh``) on 127.0.0.1 and a free port, in a
 fresh data dir copied from a migrated template (``.cache/label-studio/<version>/template``, made
-once: a fresh sqlite DB spends ~50 s in migrations). ``LabelStudioClient`` talks to its REST API
-the way the SDK does, with a personal access token exchanged for short-lived access tokens.
+once: a fresh sqlite DB spends ~50 s in migrations). ``LabelStudioDriver`` talks to its REST API
+through the service's own adapter (``labelstudio.client.LabelStudioClient``, a personal access
+token exchanged for short-lived access tokens), plus the calls only these tests make.
 ``BackendServer`` runs our backend (``uvicorn backend.app:create_app --factory``) as a
 subprocess on another free port. Region builders produce the context the browser sends to
 ``/api/ml/{id}/interactive-annotating``.
 
-Everything here fails loudly (``HarnessError``) with the log tail of the process concerned;
-nothing is skipped.
+Everything here fails loudly (``HarnessError`` with the log tail of the process concerned, or the
+adapter's ``LabelStudioError`` for an API call); nothing is skipped.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
+
+from labelstudio.auth import LabelStudioAuth
+from labelstudio.client import LabelStudioClient
+from labelstudio.download import DownloadLimits
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +72,7 @@ INSTALL_TIMEOUT_S = 900.0
 MIGRATE_TIMEOUT_S = 600.0
 START_TIMEOUT_S = 180.0
 BACKEND_START_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 120.0  # an interactive prediction may build the model first, on a busy CPU
 
 
 class HarnessError(RuntimeError):
@@ -310,19 +315,19 @@ class LabelStudioServer:
         """
         return _personal_access_token_via_session(self.url, ADMIN_EMAIL, ADMIN_PASSWORD)
 
-    def add_user(self, email: str, password: str = ADMIN_PASSWORD) -> LabelStudioClient:
+    def add_user(self, email: str, password: str = ADMIN_PASSWORD) -> LabelStudioDriver:
         """Sign a new member up through the organisation's invite link (as an invited
         annotator would) and return a client acting as that user (its own PAT)."""
         with self.client() as admin:
-            invite = admin._check(admin.http.get("/api/invite"), "invite link")
+            invite = admin.request("GET", "/api/invite").json()
         token = _personal_access_token_via_session(
             self.url, email, password, signup_token=invite["token"]
         )
-        return LabelStudioClient(self.url, token)
+        return LabelStudioDriver(self.url, token)
 
-    def client(self) -> LabelStudioClient:
+    def client(self) -> LabelStudioDriver:
         """A REST client authenticated with the personal access token."""
-        return LabelStudioClient(self.url, self.personal_access_token)
+        return LabelStudioDriver(self.url, self.personal_access_token)
 
     def stop(self) -> None:
         """Stop the server and everything it started."""
@@ -364,35 +369,6 @@ def _personal_access_token_via_session(
 # --------------------------------------------------------------------------------------------
 
 
-class PersonalAccessTokenAuth(httpx.Auth):
-    """``Authorization: Bearer <access>`` from a PAT, refreshed before its 5-minute lifetime ends
-    (what ``label_studio_sdk.LabelStudio(api_key=PAT)`` does)."""
-
-    REFRESH_AFTER_S = 240.0
-
-    def __init__(self, base_url: str, personal_access_token: str) -> None:
-        self._base_url = base_url
-        self._refresh_token = personal_access_token
-        self._access: str | None = None
-        self._issued = 0.0
-
-    def _refresh_request(self) -> httpx.Request:
-        return httpx.Request(
-            "POST", f"{self._base_url}/api/token/refresh/", json={"refresh": self._refresh_token}
-        )
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if self._access is None or time.monotonic() - self._issued > self.REFRESH_AFTER_S:
-            response = yield self._refresh_request()
-            response.read()
-            if response.status_code != 200:
-                raise HarnessError(f"token refresh failed: HTTP {response.status_code}")
-            self._access = response.json()["access"]
-            self._issued = time.monotonic()
-        request.headers["Authorization"] = f"Bearer {self._access}"
-        yield request
-
-
 @dataclass
 class ImportedTask:
     """A task created by uploading one image: ``id`` and ``image_url`` (``/data/upload/...``)."""
@@ -402,40 +378,18 @@ class ImportedTask:
     file_name: str
 
 
-class LabelStudioClient:
-    """The few Label Studio REST calls the end-to-end tests need."""
+class LabelStudioDriver(LabelStudioClient):
+    """The adapter's client, plus the calls only the end-to-end tests make: organisation
+    settings, ML backends and what the labeling page posts."""
 
     def __init__(self, base_url: str, personal_access_token: str) -> None:
-        self.base_url = base_url
-        self.http = httpx.Client(
-            base_url=base_url,
-            auth=PersonalAccessTokenAuth(base_url, personal_access_token),
-            timeout=120.0,
-        )
-
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> LabelStudioClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _check(self, response: httpx.Response, what: str) -> Any:
-        if response.status_code >= 400:
-            raise HarnessError(f"{what}: HTTP {response.status_code} {response.text[:500]}")
-        return response.json() if response.content else None
+        auth = LabelStudioAuth(base_url, personal_access_token)
+        super().__init__(auth, DownloadLimits(timeout_s=REQUEST_TIMEOUT_S))
 
     def set_legacy_tokens(self, enabled: bool) -> None:
         """Enable or disable legacy API tokens for the organisation (Organization settings)."""
         settings = {"api_tokens_enabled": True, "legacy_api_tokens_enabled": enabled}
-        self._check(self.http.post("/api/jwt/settings", json=settings), "jwt settings")
-
-    def create_project(self, title: str, label_config: str) -> dict:
-        """Create a project; returns Label Studio's project dict."""
-        body = {"title": title, "label_config": label_config}
-        return self._check(self.http.post("/api/projects", json=body), "create project")
+        self.request("POST", "/api/jwt/settings", json=settings)
 
     def import_images(self, project_id: int, images: Mapping[str, bytes]) -> list[ImportedTask]:
         """Upload image files (name -> encoded bytes, e.g. PNG) as tasks, in the given order.
@@ -443,14 +397,7 @@ class LabelStudioClient:
         Label Studio stores each upload as ``/data/upload/<project>/<prefix>-<name>`` and makes one
         task per file; the returned tasks follow the order of ``images``.
         """
-        # One form field per file: Label Studio reads ``request.FILES`` as a dict, so files sent
-        # under one repeated field name would collapse into the last one.
-        files = [
-            (f"file{index}", (name, data, _mime(name)))
-            for index, (name, data) in enumerate(images.items())
-        ]
-        response = self.http.post(f"/api/projects/{project_id}/import", files=files)
-        self._check(response, "import images")
+        self.import_files(project_id, images)
         tasks = self.tasks(project_id)
         ordered = []
         for name in images:
@@ -461,45 +408,30 @@ class LabelStudioClient:
             ordered.append(ImportedTask(id=task["id"], image_url=_task_image(task), file_name=name))
         return ordered
 
-    def tasks(self, project_id: int) -> list[dict]:
-        """All tasks of a project."""
-        params = {"project": project_id, "page_size": 1000}
-        body = self._check(self.http.get("/api/tasks", params=params), "list tasks")
-        return body["tasks"] if isinstance(body, dict) else body
-
     def connect_ml_backend(self, project_id: int, url: str, title: str = "stable-sam") -> dict:
         """Connect an interactive ML backend (Settings → Model → Connect Model).
 
         Label Studio checks ``/health`` and calls ``/setup`` before it answers.
         """
-        body = {"url": url, "project": project_id, "title": title, "is_interactive": True}
-        return self._check(self.http.post("/api/ml", json=body), "connect ML backend")
-
-    def open_task(self, task_id: int) -> dict:
-        """GET the task as the labeling page does when an annotator opens it. With "use
-        predictions to pre-label" on (the default), Label Studio first asks the ML backend for
-        predictions of a task that has none (a batch ``/predict`` without context)."""
-        return self._check(self.http.get(f"/api/tasks/{task_id}"), "open task")
+        created = self._call(
+            "connecting an ML backend",
+            lambda sdk: sdk.ml.create(
+                url=url, project=project_id, title=title, is_interactive=True
+            ),
+        )
+        return created.dict()
 
     def ml_backend(self, ml_backend_id: int) -> dict:
         """The ML backend's record (``state``, ``model_version``, ``error_message``, ...)."""
-        return self._check(self.http.get(f"/api/ml/{ml_backend_id}"), "get ML backend")
+        return self._call("an ML backend", lambda sdk: sdk.ml.get(ml_backend_id)).dict()
 
-    def train(self, ml_backend_id: int) -> dict | None:
+    def train(self, ml_backend_id: int) -> None:
         """Press "Start Training" (LS sends ``START_TRAINING`` to the backend's /webhook)."""
-        return self._check(self.http.post(f"/api/ml/{ml_backend_id}/train"), "train")
+        self._call("starting training", lambda sdk: sdk.ml.train(ml_backend_id))
 
-    def create_annotation(self, task_id: int, result: list[dict]) -> dict:
-        """Submit an annotation of ``task_id`` as this client's user."""
-        body = {"result": result}
-        path = f"/api/tasks/{task_id}/annotations/"
-        return self._check(self.http.post(path, json=body), "create annotation")
-
-    def export(self, project_id: int) -> list[dict]:
-        """The project's tasks with their annotations, as Label Studio's JSON export."""
-        params = {"exportType": "JSON", "download_all_tasks": "true"}
-        path = f"/api/projects/{project_id}/export"
-        return self._check(self.http.get(path, params=params), "export")
+    def model_versions(self, ml_backend_id: int) -> str:
+        """What Label Studio answers for the ML backend's versions (it asks our /versions)."""
+        return self.request("GET", f"/api/ml/{ml_backend_id}/versions").text
 
     def interactive_annotating(self, ml_backend_id: int, task_id: int, regions: list[dict]) -> dict:
         """POST what the browser posts after a smart-tool region is drawn; returns LS's answer.
@@ -509,16 +441,12 @@ class LabelStudioClient:
         """
         body = {"task": task_id, "context": {"result": regions}}
         path = f"/api/ml/{ml_backend_id}/interactive-annotating"
-        return self._check(self.http.post(path, json=body), "interactive annotating")
+        return self.request("POST", path, json=body).json()
 
 
 def _task_image(task: dict) -> str:
     data = task.get("data", {})
     return str(data.get("image", ""))
-
-
-def _mime(name: str) -> str:
-    return "image/jpeg" if name.lower().endswith((".jpg", ".jpeg")) else "image/png"
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from training.scenes import make_scene, scene_seed
 from .harness import (
     BackendServer,
     ImportedTask,
-    LabelStudioClient,
+    LabelStudioDriver,
     LabelStudioServer,
     keypoint_region,
     rectangle_region,
@@ -158,7 +158,7 @@ def targets() -> list[Target]:
 def connected(
     request: pytest.FixtureRequest,
     label_studio: LabelStudioServer,
-    ls_client: LabelStudioClient,
+    ls_client: LabelStudioDriver,
     start_backend,
     targets: list[Target],
 ) -> Connected:
@@ -182,7 +182,7 @@ def connected(
 
 
 @pytest.fixture
-def setup(connected: Connected, ls_client: LabelStudioClient) -> Connected:
+def setup(connected: Connected, ls_client: LabelStudioDriver) -> Connected:
     """``connected`` with the organisation's legacy-token switch as that setup assumes: off for
     the PAT setup (so only the PAT can work), on for the legacy one."""
     ls_client.set_legacy_tokens(connected.mode == LEGACY)
@@ -190,7 +190,7 @@ def setup(connected: Connected, ls_client: LabelStudioClient) -> Connected:
 
 
 def predict(
-    ls_client: LabelStudioClient, setup: Connected, task: ImportedTask, regions: list[dict]
+    ls_client: LabelStudioDriver, setup: Connected, task: ImportedTask, regions: list[dict]
 ) -> dict:
     """Ask Label Studio for an interactive prediction; return the result entry it hands over."""
     answer = ls_client.interactive_annotating(setup.ml_backend["id"], task.id, regions)
@@ -221,16 +221,16 @@ def test_connecting_checks_health_and_setup(setup: Connected) -> None:
 
 
 def test_opening_a_task_stores_a_prediction_of_our_model_version(
-    setup: Connected, ls_client: LabelStudioClient
+    setup: Connected, ls_client: LabelStudioDriver
 ) -> None:
     # The batch /predict (no context) Label Studio sends when a task is opened.
-    task = ls_client.open_task(setup.tasks[-1].id)
+    task = ls_client.task(setup.tasks[-1].id)
     versions = [prediction["model_version"] for prediction in task["predictions"]]
     assert versions == [setup.ml_backend["model_version"]]
 
 
 def test_prediction_is_one_brush_region_with_the_prompting_label(
-    setup: Connected, ls_client: LabelStudioClient, targets: list[Target]
+    setup: Connected, ls_client: LabelStudioDriver, targets: list[Target]
 ) -> None:
     target, task = targets[0], setup.tasks[0]
     click = keypoint_region(
@@ -251,7 +251,7 @@ def test_prediction_is_one_brush_region_with_the_prompting_label(
 
 @pytest.mark.parametrize("index", range(N_IMAGES))
 def test_one_keypoint_covers_the_object(
-    setup: Connected, ls_client: LabelStudioClient, targets: list[Target], index: int
+    setup: Connected, ls_client: LabelStudioDriver, targets: list[Target], index: int
 ) -> None:
     target = targets[index]
     click = keypoint_region(
@@ -267,7 +267,7 @@ def test_one_keypoint_covers_the_object(
 
 @pytest.mark.parametrize("index", range(N_IMAGES))
 def test_positive_and_negative_keypoints_cover_the_object(
-    setup: Connected, ls_client: LabelStudioClient, targets: list[Target], index: int
+    setup: Connected, ls_client: LabelStudioDriver, targets: list[Target], index: int
 ) -> None:
     target = targets[index]
     # The second click resends the first: the context holds every keypoint placed so far.
@@ -293,7 +293,7 @@ def test_positive_and_negative_keypoints_cover_the_object(
 
 @pytest.mark.parametrize("index", range(N_IMAGES))
 def test_rectangle_covers_the_object(
-    setup: Connected, ls_client: LabelStudioClient, targets: list[Target], index: int
+    setup: Connected, ls_client: LabelStudioDriver, targets: list[Target], index: int
 ) -> None:
     target = targets[index]
     box = rectangle_region(
@@ -332,7 +332,7 @@ def reference_predictor(random_checkpoint: Path) -> StableSamPredictor:
 @pytest.fixture(scope="module")
 def plain_sam_setup(
     label_studio: LabelStudioServer,
-    ls_client: LabelStudioClient,
+    ls_client: LabelStudioDriver,
     start_backend,
     targets: list[Target],
     random_checkpoint: Path,
@@ -356,7 +356,7 @@ def plain_sam_setup(
 @pytest.mark.parametrize("prompt", ["keypoint", "positive+negative", "rectangle"])
 def test_mask_through_label_studio_is_the_models_mask_for_that_prompt(
     plain_sam_setup: Connected,
-    ls_client: LabelStudioClient,
+    ls_client: LabelStudioDriver,
     targets: list[Target],
     reference_predictor: StableSamPredictor,
     prompt: str,

@@ -33,7 +33,7 @@ from .harness import (
     BackendServer,
     HarnessError,
     ImportedTask,
-    LabelStudioClient,
+    LabelStudioDriver,
     LabelStudioServer,
     clean_env,
     keypoint_region,
@@ -108,7 +108,7 @@ class Setup:
 def setup(
     request: pytest.FixtureRequest,
     label_studio: LabelStudioServer,
-    ls_client: LabelStudioClient,
+    ls_client: LabelStudioDriver,
     start_backend,
     redis_url: str,
     tmp_path_factory: pytest.TempPathFactory,
@@ -155,7 +155,7 @@ def setup(
 
 
 def interactive_mask(
-    ls_client: LabelStudioClient, setup: Setup, scene: Scene, task: ImportedTask
+    ls_client: LabelStudioDriver, setup: Setup, scene: Scene, task: ImportedTask
 ) -> tuple[np.ndarray, str]:
     largest = max(scene.masks, key=lambda m: int(m.sum()))
     click = keypoint_region(
@@ -169,7 +169,7 @@ def interactive_mask(
 
 
 def test_train_button_trains_and_serves_a_new_version(
-    setup: Setup, ls_client: LabelStudioClient
+    setup: Setup, ls_client: LabelStudioDriver
 ) -> None:
     ls_client.set_legacy_tokens(setup.mode == LEGACY)
     images = scenes(N_IMAGES)
@@ -209,8 +209,8 @@ def test_train_button_trains_and_serves_a_new_version(
     assert versions == [report["version"]]
     assert status["current_version"]["name"] == report["version"]
     # Label Studio lists the versions it gets from our /versions.
-    listed = ls_client.http.get(f"/api/ml/{setup.ml_backend['id']}/versions")
-    assert report["version"] in listed.text, listed.text[:500]
+    listed = ls_client.model_versions(setup.ml_backend["id"])
+    assert report["version"] in listed, listed[:500]
 
     mask_after, version_after = interactive_mask(ls_client, setup, images[0], setup.tasks[0])
     assert version_after == report["version"] != version_before

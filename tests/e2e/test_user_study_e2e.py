@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 
 import cv2
-import httpx
 import numpy as np
 import pytest
 
 from training.user_study.cli import main
-from training.user_study.ls_client import LabelStudioClient
 
 from .harness import LabelStudioServer
 
@@ -43,25 +41,6 @@ def write_ground_truth(root) -> None:
             mask[y0:y1, x0:x1] = 255
             cv2.imwrite(str(root / "masks" / f"{key}_{oid}.png"), mask)
         cv2.imwrite(str(root / "images" / f"{key}.png"), image)
-
-
-def signup_annotator(url: str, invite_token: str, email: str) -> str:
-    """Sign up through the invite link (web form, as a person would); returns their PAT."""
-    with httpx.Client(base_url=url, timeout=30.0) as web:
-        web.get("/user/signup/", params={"token": invite_token}).raise_for_status()
-        csrf = web.cookies.get("csrftoken")
-        form = {"email": email, "password": ANNOTATOR_PASSWORD, "csrfmiddlewaretoken": csrf}
-        web.post(
-            "/user/signup/",
-            params={"token": invite_token},
-            data=form,
-            headers={"Referer": f"{url}/user/signup/"},
-        )
-        assert "sessionid" in web.cookies, f"signup of {email} failed"
-        headers = {"X-CSRFToken": web.cookies.get("csrftoken") or csrf, "Referer": url}
-        created = web.post("/api/token/", headers=headers)
-        assert created.status_code == 201, created.text[:300]
-        return created.json()["token"]
 
 
 def rectangle(box, rotation: float = 0.0) -> dict:
@@ -93,24 +72,23 @@ def test_collect_annotate_export_evaluate(label_studio: LabelStudioServer, tmp_p
     argv = ["collect", "--ls-url", label_studio.url, "--api-key", pat, "--gt", str(gt_dir)]
     assert main([*argv, "--title", "box study", "--work-dir", str(tmp_path / "work")]) == 0
     project_id = int(capsys.readouterr().out.split("study project ")[1].split()[0])
-    admin = LabelStudioClient(label_studio.url, pat)
-    tasks = admin.list_tasks(project_id)
+    admin = label_studio.client()
+    tasks = admin.tasks(project_id)
     targets = {(t["data"]["image_name"], t["data"]["target_id"]): t for t in tasks}
     assert sorted(targets) == [("alpha.png", "1"), ("alpha.png", "2"), ("beta.png", "7")]
     assert all(t["data"]["image"].startswith(f"/data/upload/{project_id}/") for t in tasks)
-    project = admin.request("GET", f"/api/projects/{project_id}/").json()
+    project = admin.project(project_id)
     assert (
         "$target_name" in project["label_config"] and "RectangleLabels" in project["label_config"]
     )
-    highlighted = admin.download(targets[("alpha.png", "1")]["data"]["image"])
+    highlighted = admin.file(targets[("alpha.png", "1")]["data"]["image"])
     picture = cv2.imdecode(np.frombuffer(highlighted, np.uint8), cv2.IMREAD_COLOR)
     assert picture.shape == (H, W, 3)
     assert tuple(picture[6, 14]) == (40, 40, 255)  # BGR of the red outline, on object 1's top edge
 
     # --- two annotators, each with their own account and token
-    invite = admin.request("GET", "/api/invite").json()["token"]
     ann = {
-        who: LabelStudioClient(label_studio.url, signup_annotator(label_studio.url, invite, who))
+        who: label_studio.add_user(who, ANNOTATOR_PASSWORD)
         for who in ("ann1@study.test", "ann2@study.test")
     }
     t1, t2, t7 = (

@@ -4,7 +4,8 @@ what each model makes of them. ``python -m training.user_study {collect,evaluate
 Modules: ``ls_export`` (reading Label Studio exports), ``ground_truth`` (mask folders, COCO,
 brushes), ``matching`` (boxes to objects), ``box_quality``, ``segmentation`` (Table 3),
 ``evaluate`` (the pipeline), ``report`` (outputs), ``collect`` (setting up a study),
-``demo`` (a simulated study), ``models``, ``images``, ``ls_client``, ``loaders``, ``cli``.
+``demo`` (a simulated study), ``models``, ``images``, ``loaders``, ``cli``; Label Studio itself
+through the adapter, ``labelstudio``.
 """
 
 from training.user_study.evaluate import EvaluationConfig, StudyResult, evaluate_study

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.user_study.ls_client import LabelStudioClient
+from labelstudio.client import LabelStudioClient
 
 if TYPE_CHECKING:
     from training.user_study.evaluate import StudyResult
@@ -114,11 +114,12 @@ def _models(spec: str) -> list[str]:
 
 def run_evaluate(args: argparse.Namespace, command: str) -> Path:
     """The ``evaluate`` command: inputs from the command line, outputs into ``--out``."""
+    from training.user_study.loaders import study_client
     from training.user_study.report import write_report
 
     client = None
     if args.ls_url:
-        client = LabelStudioClient(args.ls_url, _api_key(args))
+        client = study_client(args.ls_url, _api_key(args))
     elif args.project is not None:
         raise SystemExit("--project needs --ls-url")
     try:
@@ -132,7 +133,7 @@ def run_evaluate(args: argparse.Namespace, command: str) -> Path:
 def _evaluate(args: argparse.Namespace, client: LabelStudioClient | None) -> StudyResult:
     """Gather the inputs named on the command line and run the evaluation."""
     from training.user_study.evaluate import EvaluationConfig, evaluate_study
-    from training.user_study.images import ImageLoader
+    from training.user_study.images import OriginalImages
     from training.user_study.loaders import load_ground_truth, load_tasks
     from training.user_study.ls_export import image_key_for, parse_export
 
@@ -164,7 +165,7 @@ def _evaluate(args: argparse.Namespace, client: LabelStudioClient | None) -> Stu
         )
         segmenters = dict(built)
         descriptions = {n: s.description for n, s in built.items()}
-    loader = ImageLoader(gt, args.images, client, export.task_data)
+    loader = OriginalImages(gt, args.images, client, export.task_data)
     config = EvaluationConfig(
         noisy_per_object=args.noisy_per_object,
         noise_scale=args.noise_scale,

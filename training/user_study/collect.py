@@ -29,9 +29,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from labelstudio.client import LabelStudioClient
 from training.data import read_rgb
 from training.user_study.ground_truth import GtImage
-from training.user_study.ls_client import LabelStudioClient
 from training.user_study.ls_export import (
     IMAGE_KEY,
     IMAGE_NAME_KEY,
@@ -149,12 +149,13 @@ def create_study(
     )
     pid = int(project["id"])
     for start in range(0, len(targets), UPLOAD_BATCH):
-        client.upload_images(
-            pid, [t.highlighted_path for t in targets[start : start + UPLOAD_BATCH]]
+        batch = targets[start : start + UPLOAD_BATCH]
+        client.import_files(
+            pid, {t.highlighted_path.name: t.highlighted_path.read_bytes() for t in batch}
         )
     by_file = {t.highlighted_path.stem: t for t in targets}
     completed = 0
-    for task in client.list_tasks(pid):
+    for task in client.tasks(pid):
         target = by_file.get(image_key_for(task["data"]))
         if target is None:
             logger.warning("task %s: image %s is not a study target", task["id"], task["data"])
@@ -170,25 +171,25 @@ def create_study(
         completed += 1
     if completed != len(targets):
         raise RuntimeError(f"project {pid}: {completed} tasks completed for {len(targets)} targets")
-    client.request("PATCH", f"/api/projects/{pid}/", json={"label_config": STUDY_CONFIG})
+    client.update_project(pid, label_config=STUDY_CONFIG)
     logger.info("user study project %d: %d tasks", pid, completed)
     return project
 
 
 def run_collect(args: argparse.Namespace, api_key: str) -> dict[str, Any]:
     """The ``collect`` command: ground truth in, a Label Studio project out."""
-    from training.user_study.loaders import load_ground_truth
+    from training.user_study.loaders import load_ground_truth, study_client
 
     if not args.ls_url:
         raise SystemExit("collect needs --ls-url")
     gt = load_ground_truth(args.gt, args.images)
     if args.images:
-        from training.user_study.images import ImageLoader
+        from training.user_study.images import OriginalImages
 
-        files = ImageLoader(gt, args.images).files
+        files = OriginalImages(gt, args.images).files
         for key, image in gt.items():
             image.image_path = files.get(key, image.image_path)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="user_study_"))
     targets = plan_targets(gt, work_dir, args.highlight, args.max_targets, args.min_area)
-    with LabelStudioClient(args.ls_url, api_key) as client:
+    with study_client(args.ls_url, api_key) as client:
         return create_study(client, targets, args.title, args.highlight)

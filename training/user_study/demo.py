@@ -138,7 +138,7 @@ def run_demo(args: argparse.Namespace, command: str) -> Path:
     """Render, simulate, evaluate, report; returns the report.md path."""
     from training.user_study.cli import _models
     from training.user_study.evaluate import EvaluationConfig, evaluate_study
-    from training.user_study.images import ImageLoader
+    from training.user_study.images import OriginalImages
     from training.user_study.report import write_report
 
     out = Path(args.out)
@@ -161,7 +161,7 @@ def run_demo(args: argparse.Namespace, command: str) -> Path:
         descriptions = {n: s.description for n, s in built.items()}
     config = EvaluationConfig(seed=args.seed)
     result = evaluate_study(
-        export, gt, segmenters, ImageLoader(gt), config, descriptions, logger.info
+        export, gt, segmenters, OriginalImages(gt), config, descriptions, logger.info
     )
     noise = ", ".join(f"{who} {s}" for who, s in ANNOTATOR_NOISE.items())
     rerun = (

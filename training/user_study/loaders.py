@@ -1,4 +1,4 @@
-"""Input loaders for the CLI: the tasks (export file or API) and the ground truth (by kind)."""
+"""Input loaders for the CLI: Label Studio, the tasks (export file or API), the ground truth."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from labelstudio.auth import LabelStudioAuth
+from labelstudio.client import LabelStudioClient
+from labelstudio.download import DownloadLimits
+from labelstudio.errors import LabelStudioError
 from training.user_study.ground_truth import GtImage, load_coco, load_mask_folder
-from training.user_study.ls_client import LabelStudioClient
 from training.user_study.ls_export import read_export_file
 
 logger = logging.getLogger(__name__)
+
+LABEL_STUDIO_TIMEOUT_S = 60.0  # per API request: an export, or an import of 20 files
+
+
+def study_client(url: str, api_key: str) -> LabelStudioClient:
+    """The Label Studio of the study commands (``--ls-url``, ``--api-key``)."""
+    return LabelStudioClient(
+        LabelStudioAuth(url, api_key), DownloadLimits(timeout_s=LABEL_STUDIO_TIMEOUT_S)
+    )
 
 
 def load_tasks(
@@ -24,8 +34,10 @@ def load_tasks(
     if client is not None:
         try:
             users = client.users()
-        except httpx.HTTPError as exc:  # naming annotators by id still works
-            logger.warning("could not list Label Studio users (%s); annotators named by id", exc)
+        except LabelStudioError as exc:  # naming annotators by id still works
+            logger.warning(
+                "could not list Label Studio users (%s); annotators named by id", exc.detail
+            )
     if export_path is not None:
         return read_export_file(export_path), users
     if client is None or project is None:
