@@ -11,7 +11,8 @@ from stable_sam import build_sam, build_stable_sam, read_plugin_metadata
 from training import rts
 from training.baselines import load_decoder, save_decoder, train_dt_sam
 from training.data import Sample, write_mask_folder
-from training.train import TrainConfig, TrainResult, main, step_loss, train_plugins
+from training.engine import TrainConfig, TrainResult, step_loss, train_plugins
+from training.train import main
 
 
 def _tiny_dataset(n: int = 4, side: int = 96) -> list[Sample]:
@@ -73,7 +74,11 @@ def test_loss_goes_down_on_a_fixed_batch(base_file):
     rng = np.random.default_rng(0)
     cfg = rts.RTSConfig()
     data = _tiny_dataset(2)
-    augmented = [rts.fit_to_frame(s.image, s.masks, model.image_size) for s in data]
+    # No jitter: each image's long side fills the frame, as SAM's own resize does.
+    augmented = [
+        rts.large_scale_jitter(s.image, s.masks, model.image_size, rng, (1.0, 1.0), 0.0)
+        for s in data
+    ]
     prompt_lists = [rts.sample_prompts(a, 6, rng, cfg) for a in augmented]
     params = model.trainable_parameters()
     for p in params:
@@ -171,3 +176,22 @@ def test_empty_dataset_is_refused(base_file):
     model = build_stable_sam("mini", base_file, device="cpu")
     with pytest.raises(ValueError, match="empty"):
         train_plugins(model, [], TrainConfig())
+
+
+def test_the_benchmark_trains_a_variant_exactly_as_the_cli_does(base_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from training.benchmark import train_variant
+
+    cli, api = tmp_path / "cli.safetensors", tmp_path / "api.safetensors"
+    # Fresh plugins draw from torch's global generator: the same state for both runs.
+    torch.manual_seed(5)
+    argv = ["--base", str(base_file), "--n", "2", "--out", str(cli), "--variant", "dsp"]
+    main([*argv, "--max-steps", "1", "--seed", "3", "--no-progress"])
+    torch.manual_seed(5)
+    train_variant("dsp", base_file, "mini", 2, api, max_steps=1, seed=3)
+
+    a, b = load_file(str(cli)), load_file(str(api))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads(read_plugin_metadata(api)["training_summary"])
+    assert summary["variant"] == "dsp" and summary["config"]["seed"] == 3

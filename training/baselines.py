@@ -1,18 +1,25 @@
-"""DT-SAM: the paper's strongest naive alternative to Stable-SAM — fine-tune SAM's mask decoder.
+"""The paper's training variants: Stable-SAM, its Table 5 ablations and the DT-SAM baseline.
 
-Trained with the same RTS loop as the plugins (``training.train.fit``) for a fair comparison;
-the image and prompt encoders stay frozen. The result is saved as the full mask-decoder
-state_dict (``.safetensors``, ~16 MB in fp32 for the 256-wide decoder) with the same metadata
-layout as a plugin file, and loaded back into a plain SAM of the same base.
+Every variant trains with the RTS loop of ``training.engine`` for a fair comparison:
 
-The paper does not publish DT-SAM's learning rate; we use Adam 1e-4 by default (the plugins'
-1e-3 is for freshly initialised weights; a pretrained decoder at 1e-3 drifts far from SAM).
+  ``stable``      DSP + DRP, full RTS (the shipped default plugins)
+  ``dsp``         DSP only (routing fixed to α = (1, 0)), full RTS
+  ``dsp-no-rts``  DSP only, clean prompts (GT boxes), no occlusion synthesis
+  ``dt-sam``      no plugins; SAM's mask decoder fine-tuned with RTS
+
+DT-SAM is the paper's strongest naive alternative to Stable-SAM. Its image and prompt encoders
+stay frozen; the result is saved as the full mask-decoder state_dict (``.safetensors``, ~16 MB in
+fp32 for the 256-wide decoder) with the same metadata layout as a plugin file, and loaded back
+into a plain SAM of the same base. The paper does not publish DT-SAM's learning rate; we use
+Adam 1e-4 (the plugins' 1e-3 is for freshly initialised weights; a pretrained decoder at 1e-3
+drifts far from SAM).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,12 +27,73 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from stable_sam import PluginMismatchError, StableSam
+from stable_sam import PluginConfig, PluginMismatchError, StableSam, build_stable_sam, save_plugins
 from stable_sam.checkpoint import write_safetensors_atomic
+from training import rts
 from training.data import Sample
-from training.train import Progress, TrainConfig, TrainResult, fit
+from training.engine import Progress, TrainConfig, TrainResult, fit, train_plugins
 
 DECODER_FORMAT = "stable-sam-dt-decoder"
+PLUGIN_LR, DT_SAM_LR = 1e-3, 1e-4
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training variant: what trains (the plugins or SAM's decoder), with which prompts."""
+
+    name: str
+    plugins: bool  # False: plain SAM whose mask decoder is fine-tuned (DT-SAM)
+    robust: bool  # the full RTS; False: clean prompts (GT boxes), no occlusion synthesis
+    lr: float  # the variant's default Adam learning rate
+    fixed_alpha: tuple[float, float] | None = None  # routing fixed (DSP without DRP)
+
+    def build_model(
+        self, model_type: str, base: str | Path, device: str | None = None
+    ) -> StableSam:
+        """The untrained model of this variant on the frozen ``base`` checkpoint."""
+        config = PluginConfig(fixed_alpha=self.fixed_alpha) if self.plugins else None
+        return build_stable_sam(
+            model_type, base, plugins=self.plugins, plugin_config=config, device=device
+        )
+
+    def train_config(self, lr: float | None = None, **fields: Any) -> TrainConfig:
+        """A ``TrainConfig`` with this variant's learning rate and RTS mode (``fields`` as
+        ``TrainConfig``'s)."""
+        return TrainConfig(
+            lr=self.lr if lr is None else lr, rts=rts.RTSConfig(robust=self.robust), **fields
+        )
+
+    def train(
+        self,
+        model: StableSam,
+        dataset: Sequence[Sample],
+        config: TrainConfig,
+        progress: Progress | None = None,
+    ) -> TrainResult:
+        """Train ``model`` (from ``build_model``) on ``dataset`` with the RTS loop."""
+        if self.plugins:
+            return train_plugins(model, dataset, config, progress)
+        return train_dt_sam(model, dataset, config, progress)
+
+    def save(self, model: StableSam, path: str | Path, metadata: dict[str, Any]) -> Path:
+        """Write what trained: the plugin file, or DT-SAM's decoder file."""
+        if self.plugins:
+            return save_plugins(model, path, metadata)
+        return save_decoder(model, path, metadata)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("stable", plugins=True, robust=True, lr=PLUGIN_LR),
+        Variant("dsp", plugins=True, robust=True, lr=PLUGIN_LR, fixed_alpha=(1.0, 0.0)),
+        Variant("dsp-no-rts", plugins=True, robust=False, lr=PLUGIN_LR, fixed_alpha=(1.0, 0.0)),
+        Variant("dt-sam", plugins=False, robust=True, lr=DT_SAM_LR),
+    )
+}
+
+
+# ----------------------------------------------------------------------------- DT-SAM
 
 
 def train_dt_sam(
@@ -39,7 +107,7 @@ def train_dt_sam(
         raise ValueError(
             "DT-SAM fine-tunes plain SAM's decoder: build the model with plugins=False"
         )
-    config = config or TrainConfig(lr=1e-4)
+    config = config or TrainConfig(lr=DT_SAM_LR)
     decoder = model.sam.mask_decoder
     params = list(decoder.parameters())
     for p in params:
@@ -89,4 +157,11 @@ def load_decoder(model: StableSam, path: str | Path) -> dict[str, str]:
     return meta
 
 
-__all__ = ["DECODER_FORMAT", "load_decoder", "save_decoder", "train_dt_sam"]
+__all__ = [
+    "DECODER_FORMAT",
+    "VARIANTS",
+    "Variant",
+    "load_decoder",
+    "save_decoder",
+    "train_dt_sam",
+]

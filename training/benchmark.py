@@ -331,30 +331,20 @@ def train_variant(
     out: Path,
     max_steps: int | None,
     seed: int = 0,
+    device: str | None = None,
 ) -> None:
-    """Train one ablation variant on ``n_train`` synthetic train scenes into ``out``."""
-    from training.train import main as train_main
+    """Train one ablation variant on ``n_train`` synthetic train scenes into ``out``: the file
+    ``python -m training.train --variant VARIANT --data synthetic --n N_TRAIN`` writes."""
+    from training.baselines import VARIANTS
+    from training.scenes import SceneDataset
 
-    argv = [
-        "--base",
-        str(base),
-        "--model-type",
-        model_type,
-        "--data",
-        "synthetic",
-        "--n",
-        str(n_train),
-        "--out",
-        str(out),
-        "--variant",
-        variant,
-        "--seed",
-        str(seed),
-        "--no-progress",
-    ]
-    if max_steps is not None:
-        argv += ["--max-steps", str(max_steps)]
-    train_main(argv)
+    setup = VARIANTS[variant]
+    dataset = SceneDataset("train", n_train)
+    model = setup.build_model(model_type, base, device)
+    config = setup.train_config(seed=seed, max_steps=max_steps, device=device)
+    result = setup.train(model, dataset, config)
+    result.summary.update({"variant": variant, "data": "synthetic", "base": base.name})
+    setup.save(model, out, {"version": f"{variant}-seed{seed}", "training_summary": result.summary})
 
 
 def build_rows(args: argparse.Namespace) -> tuple[list[EvalModel], list[str]]:
@@ -402,7 +392,13 @@ def build_rows(args: argparse.Namespace) -> tuple[list[EvalModel], list[str]]:
                 continue
             logger.info("training missing variant %s -> %s", variant, path)
             train_variant(
-                variant, base, args.model_type, args.ablation_n, path, args.train_max_steps
+                variant,
+                base,
+                args.model_type,
+                args.ablation_n,
+                path,
+                args.train_max_steps,
+                device=device,
             )
         if variant == "dt-sam":
             dt = build_stable_sam(args.model_type, base, plugins=False, device=device)

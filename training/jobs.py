@@ -14,7 +14,7 @@ One run, top to bottom:
 3. Build the served base (same model settings as the backend) with the plugins the project is
    served now (its current version, else the default plugins).
 4. Evaluate those plugins on the validation part; train with RTS
-   (``training.train.train_plugins``), reporting ``(step, total, loss)`` in ``job.meta``;
+   (``training.engine.train_plugins``), reporting ``(step, total, loss)`` in ``job.meta``;
    evaluate the new plugins on the same prompts.
 5. Write a new version (``runtime.versions.VersionStore``: atomic, manifest last), promoted
    only when its validation score is not worse; the report says why.
@@ -259,7 +259,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Fetch, train, evaluate and write a version of ``project``'s plugins; return the report."""
     from stable_sam import EmbeddingCache, StableSamPredictor, save_plugins
-    from training.train import TrainConfig, train_plugins
+    from training.engine import TrainConfig, train_plugins
 
     started = time.perf_counter()
     report: dict[str, Any] = {"project": project, "job_id": job_id, "version": None}

@@ -3,7 +3,7 @@
 Per training image: large-scale jittering into SAM's square input frame, occlusion synthesis with
 probability 0.5, then per object a prompt drawn from a mix of good and poor prompts — the GT box,
 a noisy box (noise scale 0.4, IoU ≥ 0.5 to the GT box), 1/3/5/10 positive points, a coarse mask.
-The loss is BCE + Dice.
+The loss is BCE + Dice (``training.engine.bce_dice_loss``), on the logits upsampled to the frame.
 
 Everything here works in the model's input frame: an S x S image (S = 256 for the mini SAM,
 1024 for official SAM) with the content at the top left and zero padding at the bottom right, as
@@ -31,7 +31,6 @@ import cv2
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from stable_sam import prompts
 from stable_sam.transforms import mask_to_low_res_logits
@@ -167,19 +166,6 @@ def large_scale_jitter(
     out_masks = np.zeros((len(masks), side, side), bool)
     out_masks[:, :ch, :cw] = sub_masks
     return AugmentedImage(out_img, out_masks, (ch, cw))
-
-
-def fit_to_frame(image: np.ndarray, masks: np.ndarray, side: int) -> AugmentedImage:
-    """No jitter: resize the long side to ``side`` and pad bottom-right (SAM's own transform)."""
-    h, w = image.shape[:2]
-    scale = side / max(h, w)
-    nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    out_img = np.zeros((side, side, 3), np.uint8)
-    out_img[:nh, :nw] = cv2.resize(image, (nw, nh), interpolation=interp)
-    out_masks = np.zeros((len(masks), side, side), bool)
-    out_masks[:, :nh, :nw] = resize_masks(masks, (nh, nw))
-    return AugmentedImage(out_img, out_masks, (nh, nw))
 
 
 # ----------------------------------------------------------------------------- occlusion
@@ -357,28 +343,6 @@ def prompt_tensors(
     return None, None, logits.float()
 
 
-# ----------------------------------------------------------------------------- loss
-
-
-def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
-    """Soft Dice loss per mask: (B, H, W) logits and {0, 1} targets -> (B,)."""
-    p = logits.sigmoid().flatten(1)
-    t = target.flatten(1)
-    inter = (p * t).sum(1)
-    return 1 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)
-
-
-def bce_dice_loss(low_res_logits: Tensor, target_masks: Tensor) -> Tensor:
-    """RTS loss: BCE + Dice of low-res logits (B, 1, S/4, S/4), upsampled bilinearly to the
-    targets' (B, S, S), against the GT masks in the input frame. Mean over prompts (scalar)."""
-    size = target_masks.shape[-2:]
-    logits = F.interpolate(low_res_logits.float(), size=size, mode="bilinear", align_corners=False)
-    logits = logits[:, 0]
-    target = target_masks.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
-    return (bce + dice_loss(logits, target)).mean()
-
-
 __all__ = [
     "CLEAN_PROMPT_KINDS",
     "PROMPT_KINDS",
@@ -386,9 +350,6 @@ __all__ = [
     "Prompt",
     "RTSConfig",
     "augment",
-    "bce_dice_loss",
-    "dice_loss",
-    "fit_to_frame",
     "group_prompts",
     "large_scale_jitter",
     "make_prompt",

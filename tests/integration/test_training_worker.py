@@ -1,7 +1,7 @@
 """Webhook -> Redis -> a real worker -> RTS training -> a served plugin version.
 
 Real Redis, real ``python -m training.worker`` subprocesses, the real HTTP app under uvicorn, the real trainer
-(``training.train.train_plugins``) on a seeded random ``mini`` SAM; Label Studio's API is a
+(``training.engine.train_plugins``) on a seeded random ``mini`` SAM; Label Studio's API is a
 loopback stand-in serving synthetic scenes annotated with brush RLE (the e2e test uses a real
 Label Studio). Each run trains on a handful of 96 px images.
 """
