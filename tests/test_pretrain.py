@@ -1,4 +1,4 @@
-"""Specification of mini SAM pretraining (training/pretrain.py): a seconds-long smoke version."""
+"""Specification of mini SAM pretraining (training/pretrain/): a seconds-long smoke version."""
 
 from __future__ import annotations
 
@@ -6,28 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from stable_sam.build import build_sam
+from stable_sam import build_sam, build_stable_sam
 from training.data import Sample
-from training.pretrain import (
-    PretrainConfig,
+from training.pretrain.checkpoint import export_fp16
+from training.pretrain.config import PretrainConfig
+from training.pretrain.data import (
     PretrainSamples,
     batch_stream,
     collate_batch,
-    decode,
-    decode_batched,
-    dice_loss,
-    export_fp16,
-    focal_loss,
-    focal_weight_at,
-    lr_at,
     lsj_sample,
     mask_box_xyxy,
     prepare_sample,
-    pretrain,
     sample_mask_points,
-    train_step_loss,
-    write_provenance,
 )
+from training.pretrain.loop import decode_batched, pretrain, train_step_loss
+from training.pretrain.provenance import write_provenance
+from training.pretrain.schedule import focal_weight_at, lr_at
 from training.scenes import SceneDataset, make_scene
 
 
@@ -49,14 +43,6 @@ def test_prompts_come_from_the_mask() -> None:
     np.testing.assert_array_equal(mask_box_xyxy(mask), [10, 5, 24, 8])
     pts = sample_mask_points(mask, 5, np.random.default_rng(0)).astype(int)
     assert mask[pts[:, 1], pts[:, 0]].all()
-
-
-def test_losses_are_small_for_the_right_mask_and_large_for_the_wrong_one() -> None:
-    target = torch.zeros(1, 16, 16)
-    target[0, 4:12, 4:12] = 1
-    good, bad = (target * 2 - 1) * 10, (1 - target * 2) * 10
-    assert focal_loss(good, target) < 1e-3 < focal_loss(bad, target)
-    assert dice_loss(good, target) < 0.05 < 0.9 < dice_loss(bad, target)
 
 
 def test_lr_warms_up_then_decays() -> None:
@@ -115,7 +101,7 @@ def test_the_data_of_a_step_does_not_depend_on_loader_processes_or_resume_point(
 
 def test_batched_decoding_equals_sams_per_image_decoding() -> None:
     torch.manual_seed(0)
-    sam = build_sam("mini").eval()
+    model = build_stable_sam("mini", plugins=False, device="cpu")  # SAM's own decoder forward
     emb = torch.randn(2, 256, 16, 16)
     boxes = torch.tensor([[10.0, 20, 100, 120], [50, 60, 200, 210], [0, 0, 255, 255]])
     points = (torch.rand(3, 2, 2) * 255, torch.tensor([[1.0, 0], [1, 1], [0, 1]]))
@@ -123,12 +109,11 @@ def test_batched_decoding_equals_sams_per_image_decoding() -> None:
     index = torch.tensor([0, 1, 1])
     with torch.no_grad():
         for multimask in (False, True):
-            low, iou = decode_batched(sam, emb[index], points, boxes, mask_in, multimask)
+            low, iou = decode_batched(model.sam, emb[index], points, boxes, mask_in, multimask)
             for i in range(3):
                 pts_i = (points[0][i : i + 1], points[1][i : i + 1])
-                ref_low, ref_iou = decode(
-                    sam, emb[index[i]][None], pts_i, boxes[i : i + 1], mask_in[i : i + 1], multimask
-                )
+                sparse, dense = model.encode_prompts(pts_i, boxes[i : i + 1], mask_in[i : i + 1])
+                ref_low, ref_iou = model.decode(emb[index[i]][None], sparse, dense, multimask)
                 torch.testing.assert_close(low[i : i + 1], ref_low, atol=1e-4, rtol=1e-4)
                 torch.testing.assert_close(iou[i : i + 1], ref_iou, atol=1e-4, rtol=1e-4)
 
@@ -145,7 +130,7 @@ def test_loss_decreases_when_fitting_one_scene() -> None:
     losses = []
     for _ in range(6):
         rng = np.random.default_rng(1)  # the same prompts every step
-        loss = train_step_loss(sam, batch, rng, cfg, torch.device("cpu"))
+        loss = train_step_loss(sam, batch, rng, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()

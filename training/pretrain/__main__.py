@@ -1,0 +1,95 @@
+"""``python -m training.pretrain``: pretrain the mini SAM (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from training.pretrain import __doc__ as package_doc
+from training.pretrain.config import PretrainConfig
+from training.pretrain.loop import pretrain
+from training.pretrain.provenance import write_provenance
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m training.pretrain", description=package_doc.split("\n\n")[0]
+    )
+    p.add_argument("--out", type=Path, default=Path("stable_sam/weights/sam_mini.safetensors"))
+    p.add_argument(
+        "--state", type=Path, default=Path(".cache/pretrain/state.pt"), help="full training state"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from --state")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=50.0, help="training wall-time budget")
+    p.add_argument("--steps", type=int, default=None, help="step budget (instead of --minutes)")
+    p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=PretrainConfig.lr)
+    p.add_argument("--warmup-steps", type=int, default=PretrainConfig.warmup_steps)
+    p.add_argument("--objects-per-image", type=int, default=PretrainConfig.objects_per_image)
+    p.add_argument("--train-size", type=int, nargs=2, default=PretrainConfig.train_size_range)
+    p.add_argument("--heldout-n", type=int, default=PretrainConfig.heldout_n)
+    p.add_argument("--monitor-n", type=int, default=PretrainConfig.monitor_n)
+    p.add_argument("--ckpt-minutes", type=float, default=PretrainConfig.ckpt_minutes)
+    p.add_argument("--mask-loss", choices=["focal_dice", "bce_dice"], default="focal_dice")
+    p.add_argument("--focal-ramp", type=float, default=PretrainConfig.focal_ramp)
+    p.add_argument("--threads", type=int, default=PretrainConfig.threads)
+    p.add_argument(
+        "--workers", type=int, default=PretrainConfig.workers, help="scene-rendering processes"
+    )
+    p.add_argument(
+        "--provenance", type=Path, default=None, help="default: PROVENANCE.md next to --out"
+    )
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    cfg = PretrainConfig(
+        seed=args.seed,
+        minutes=None if args.steps is not None else args.minutes,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        objects_per_image=args.objects_per_image,
+        train_size_range=tuple(args.train_size),
+        heldout_n=args.heldout_n,
+        monitor_n=args.monitor_n,
+        ckpt_minutes=args.ckpt_minutes,
+        threads=args.threads,
+        workers=args.workers,
+        mask_loss=args.mask_loss,
+        focal_ramp=args.focal_ramp,
+    )
+    t0 = time.time()
+    summary = pretrain(
+        cfg,
+        args.out,
+        args.state,
+        resume=args.resume,
+        command=" ".join(argv),
+        progress=not args.no_progress,
+    )
+    wall = time.time() - t0
+    provenance = args.provenance or args.out.parent / "PROVENANCE.md"
+    write_provenance(provenance, argv, cfg, summary, args.out, wall)
+    h = summary["heldout"]
+    print(
+        f"done: {summary['steps']} steps, {summary['images']} images, "
+        f"{summary['images_per_s_this_run']} img/s; held-out GT-box mIoU {h['box_miou']:.1f}, "
+        f"1-point mIoU {h['point1_miou']:.1f} (single output {h['point1_single_miou']:.1f}) "
+        f"over {h['objects']} objects -> {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The hyper-parameters of one pretraining run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODEL_TYPE = "mini"
+
+
+@dataclass
+class PretrainConfig:
+    """Hyper-parameters of one pretraining run (saved in the checkpoint and PROVENANCE)."""
+
+    seed: int = 0
+    minutes: float | None = 50.0  # training wall-time budget (None: use ``steps``)
+    steps: int | None = None  # step budget (overrides ``minutes`` for the schedule)
+    batch_size: int = 2  # images per step
+    objects_per_image: int = 6  # prompted objects per image and prompt group
+    max_points: int = 5  # positive points per point prompt: 1..max_points
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.05
+    scale_range: tuple[float, float] = (0.6, 1.5)  # LSJ-style jitter of the 256 px long side
+    train_size_range: tuple[int, int] = (256, 640)  # scene sides (px) before resizing to 256
+    correction_prob: float = 0.3  # chance of a SAM-style correction round on point prompts
+    box_points_prob: float = 0.3  # chance of a box + points round
+    grad_clip: float = 1.0
+    mask_loss: str = "focal_dice"  # "focal_dice": 20 x focal + dice (SAM); "bce_dice": BCE + dice
+    # Fraction of the budget over which the focal weight ramps from 0 to SAM's 20 (see
+    # ``schedule.focal_weight_at``); 0 starts at 20 right away.
+    focal_ramp: float = 0.4
+    heldout_n: int = 100
+    heldout_size_range: tuple[int, int] = (256, 1024)
+    ckpt_minutes: float = 5.0
+    monitor_n: int = 16  # held-out images scored at each checkpoint
+    threads: int = 0  # torch CPU threads; 0 = adapt to the load average (see ``cpu_threads``)
+    workers: int = 0  # data-loader processes rendering scenes (0: render in the training process)
+    extra: dict = field(default_factory=dict)
