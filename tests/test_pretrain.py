@@ -6,43 +6,42 @@ import numpy as np
 import pytest
 import torch
 
-from stable_sam import build_sam, build_stable_sam
+from stable_sam import build_sam, build_stable_sam, prompts
+from training import rts
 from training.data import Sample
 from training.pretrain.checkpoint import export_fp16
 from training.pretrain.config import PretrainConfig
 from training.pretrain.data import (
+    MIN_TARGET_PIXELS,
     PretrainSamples,
     batch_stream,
     collate_batch,
-    lsj_sample,
-    mask_box_xyxy,
+    jitter_sample,
     prepare_sample,
-    sample_mask_points,
 )
-from training.pretrain.loop import decode_batched, pretrain, train_step_loss
+from training.pretrain.loop import correction_points, decode_batched, pretrain, train_step_loss
 from training.pretrain.provenance import write_provenance
 from training.pretrain.schedule import focal_weight_at, lr_at
 from training.scenes import SceneDataset, make_scene
 
 
-def test_lsj_sample_pads_to_input_size_and_keeps_targets_aligned() -> None:
+def test_scenes_are_jittered_as_rts_jitters_them_without_the_tiny_objects() -> None:
     scene = make_scene(0, (300, 420))
-    sample = Sample(scene.image, scene.masks, "s")
+    speck = np.zeros((1, 300, 420), bool)
+    speck[0, 150:154, 200:204] = True  # 16 px here, about 4 px in the 205 px wide frame
+    sample = Sample(scene.image, np.concatenate([scene.masks, speck]), "s")
     cfg = PretrainConfig(scale_range=(0.8, 0.8))
-    image, masks, (h, w) = lsj_sample(sample, np.random.default_rng(0), cfg, 256)
-    assert image.shape == (256, 256, 3) and masks.shape[1:] == (256, 256)
-    assert (h, w) == (int(300 * 204 / 420 + 0.5), 204)
-    assert not image[h:].any() and not image[:, w:].any()  # bottom-right padding
-    assert not masks[:, h:].any() and not masks[:, :, w:].any()
-    assert 1 <= len(masks) <= len(sample.masks)
-
-
-def test_prompts_come_from_the_mask() -> None:
-    mask = np.zeros((20, 30), bool)
-    mask[5:9, 10:25] = True
-    np.testing.assert_array_equal(mask_box_xyxy(mask), [10, 5, 24, 8])
-    pts = sample_mask_points(mask, 5, np.random.default_rng(0)).astype(int)
-    assert mask[pts[:, 1], pts[:, 0]].all()
+    aug = jitter_sample(sample, np.random.default_rng(0), cfg, 256)
+    ref = rts.large_scale_jitter(
+        sample.image, sample.masks, 256, np.random.default_rng(0), (0.8, 0.8), 0.5
+    )
+    h, w = aug.valid_hw
+    assert aug.image.shape == (256, 256, 3) and (h, w) == ref.valid_hw
+    assert w == round(0.8 * 256) and h == int(300 * 0.8 * 256 / 420 + 0.5)
+    np.testing.assert_array_equal(aug.image, ref.image)
+    big = ref.masks.sum(axis=(1, 2)) >= MIN_TARGET_PIXELS
+    assert big.sum() == len(scene.masks) and not big[-1]  # only the speck is dropped
+    np.testing.assert_array_equal(aug.masks, ref.masks[big])
 
 
 def test_lr_warms_up_then_decays() -> None:
@@ -78,7 +77,7 @@ def test_prepared_prompts_lie_in_their_masks_and_batches_concatenate() -> None:
     for it in items:
         assert len(it.masks) <= 4 and it.images.shape == (1, 256, 256, 3)
         for mask, box, pts, bpts in zip(it.masks, it.boxes, it.points, it.box_points, strict=True):
-            np.testing.assert_array_equal(box, mask_box_xyxy(mask))
+            np.testing.assert_array_equal(box, prompts.gt_box(mask))
             xy = np.concatenate([pts, bpts]).astype(int)
             assert pts.shape == (3, 2) and mask[xy[:, 1], xy[:, 0]].all()
     batch = collate_batch(items)
@@ -177,3 +176,15 @@ def test_resolution_ceiling_is_perfect_for_big_grids_and_lower_for_small_ones() 
     large = resolution_ceiling(2048, n=2)["all"]
     assert 0 < small["area"] < large["area"] and large["signed_distance"] > 97
     assert small["objects"] == large["objects"] > 0
+
+
+def test_correction_clicks_land_on_the_error_at_pixel_centres() -> None:
+    target = np.zeros((2, 8, 8), bool)
+    target[:, 2:6, 2:6] = True
+    pred = target.copy()
+    pred[0, 2:6, 2:4] = False  # a miss: the click must be positive, inside the missed part
+    pred[1, 0, 0] = True  # a false positive: the click must be negative, on it
+    coords, labels = correction_points(pred, target, np.random.default_rng(0))
+    assert labels.tolist() == [[1.0], [0.0]]
+    (x0, y0), (x1, y1) = coords[0, 0], coords[1, 0]
+    assert 2 < x0 < 4 and 2 < y0 < 6 and (x1, y1) == (0.5, 0.5)

@@ -13,8 +13,8 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from stable_sam import prompts
 from training.data import Sample
-from training.pretrain.data import mask_box_xyxy, sample_mask_points
 
 
 def _decode(
@@ -68,9 +68,9 @@ def evaluate(
         x = sam.preprocess(x.float())
         emb = sam.image_encoder(x)
         input_size = resized.shape[:2]
-        boxes = np.stack([mask_box_xyxy(m) for m in sample.masks])
+        boxes = np.stack([prompts.gt_box(m) for m in sample.masks])
         boxes_t = torch.from_numpy(transform.apply_boxes(boxes, (h, w))).float().to(device)
-        pts = np.stack([sample_mask_points(m, 1, rng) for m in sample.masks])
+        pts = np.stack([prompts.sample_points(m, 1, rng) for m in sample.masks])
         pts_t = torch.from_numpy(transform.apply_coords(pts, (h, w))).float().to(device)
         labels = torch.ones(pts_t.shape[:2], device=device)
         gt = torch.from_numpy(sample.masks).to(device)

@@ -66,8 +66,9 @@ def correction_points(
     pred: np.ndarray, target: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """One SAM-style correction click per prompt: uniform from the error region; positive on
-    a false negative, negative on a false positive. pred/target (M,S,S) bool -> (M,1,2) xy,
-    (M,1) labels. A perfect prediction gets a positive point inside the target."""
+    a false negative, negative on a false positive. pred/target (M,S,S) bool -> (M,1,2) xy at
+    pixel centres (as ``stable_sam.prompts`` places points), (M,1) labels. A perfect prediction
+    gets a positive point inside the target."""
     coords = np.zeros((len(pred), 1, 2), np.float32)
     labels = np.ones((len(pred), 1), np.float32)
     for i, (p, t) in enumerate(zip(pred, target, strict=True)):
@@ -75,7 +76,7 @@ def correction_points(
         region = err if err.any() else t
         ys, xs = np.nonzero(region)
         j = int(rng.integers(len(ys)))
-        coords[i, 0] = (xs[j], ys[j])
+        coords[i, 0] = (xs[j] + 0.5, ys[j] + 0.5)
         labels[i, 0] = 1.0 if t[ys[j], xs[j]] else 0.0
     return coords, labels
 
