@@ -147,13 +147,6 @@ class StableSamPredictor:
           multimask_output: ``True`` returns SAM's three masks; ``None`` applies the policy.
           plugins: a plugin set to use instead of the model's own (per-project versions).
         """
-        best_of_three = False
-        if multimask_output is None:
-            lone_click = box_xyxy is None and point_labels is not None and len(point_labels) == 1
-            best_of_three = self.multimask_policy == "best" or (
-                self.multimask_policy == "auto" and lone_click
-            )
-            multimask_output = best_of_three
         batch = self.predict_batch(
             image,
             boxes_xyxy=None if box_xyxy is None else np.asarray(box_xyxy, np.float32)[None],
@@ -166,7 +159,6 @@ class StableSamPredictor:
             embedding=embedding,
             image_key=image_key,
             plugins=plugins,
-            best_of_three=best_of_three,
         )
         return batch[0]
 
@@ -177,17 +169,18 @@ class StableSamPredictor:
         point_coords: np.ndarray | None = None,
         point_labels: np.ndarray | None = None,
         mask_input: np.ndarray | None = None,
-        multimask_output: bool = False,
+        multimask_output: bool | None = False,
         embedding: ImageEmbedding | None = None,
         image_key: str | None = None,
         plugins: StableSamPlugins | None = None,
         return_masks: bool = True,
-        best_of_three: bool = False,
     ) -> BatchPrediction:
         """Masks for B prompts of one image.
 
         Shapes: boxes (B, 4), point_coords (B, N, 2), point_labels (B, N), mask_input
         (B, 1, S/4, S/4); any may be None, but not all. Coordinates in original-image pixels.
+        ``multimask_output``: ``False`` (default) the single-mask output, ``True`` SAM's three
+        masks, ``None`` the predictor's ``multimask_policy`` (as ``predict`` applies it).
         ``return_masks=False`` skips resizing masks to the original size (training, evaluation
         at low resolution).
         """
@@ -197,6 +190,16 @@ class StableSamPredictor:
             embedding = self.embed(image, image_key)
         if boxes_xyxy is None and point_coords is None and mask_input is None:
             raise ValueError("predict needs at least one prompt: points, a box or a mask")
+        best_of_three = False
+        if multimask_output is None:
+            # Every prompt of a batch has the same number of points, so one choice fits all.
+            lone_click = (
+                boxes_xyxy is None and point_labels is not None and np.shape(point_labels)[1] == 1
+            )
+            best_of_three = self.multimask_policy == "best" or (
+                self.multimask_policy == "auto" and lone_click
+            )
+            multimask_output = best_of_three
         logits, scores, alpha = self.decode(
             embedding, boxes_xyxy, point_coords, point_labels, mask_input, multimask_output, plugins
         )

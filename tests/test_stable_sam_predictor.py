@@ -49,6 +49,23 @@ def test_auto_policy_uses_best_of_three_only_for_a_lone_click(model):
     )
 
 
+def test_a_batch_applies_the_policy_when_multimask_output_is_none(model):
+    clicks = dict(point_coords=np.array([[[50, 50]], [[200, 100]]]), point_labels=np.ones((2, 1)))
+    boxes = dict(boxes_xyxy=np.array([[10, 10, 100, 90], [150, 20, 300, 140]]))
+    for policy, click_output in (("single", "single"), ("best", "best"), ("auto", "best")):
+        predictor = StableSamPredictor(model, multimask_policy=policy)
+        for prompt, output in (
+            (clicks, click_output),
+            (boxes, "best" if policy == "best" else "single"),
+        ):
+            batch = predictor.predict_batch(IMAGE, multimask_output=None, **prompt)
+            three = predictor.predict_batch(IMAGE, multimask_output=True, **prompt)
+            single = predictor.predict_batch(IMAGE, **prompt)
+            expected = three.scores.max(axis=1) if output == "best" else single.scores[:, 0]
+            assert batch.masks.shape[1] == 1 and three.masks.shape[1] == 3
+            np.testing.assert_allclose(batch.scores[:, 0], expected, rtol=1e-6)
+
+
 def test_embeddings_are_cached_by_content_not_by_array_identity(model):
     predictor = StableSamPredictor(model)
     predictor.predict(IMAGE, box_xyxy=[10, 10, 100, 90])
