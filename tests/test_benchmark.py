@@ -1,4 +1,7 @@
-"""The paper's benchmark protocol: scoring on hand-made cases and a seconds-long smoke run."""
+"""The paper's benchmark: seconds-long runs of its CLI, its rows against the predictor itself.
+
+The protocol it runs (prompts, decoding, scoring) is tested in ``test_evaluation.py``.
+"""
 
 import json
 
@@ -7,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stable_sam import build_sam, metrics
-from stable_sam.transforms import low_res_to_original
-from training import benchmark
+from stable_sam import StableSamPredictor, build_sam, build_stable_sam, metrics
+from training import benchmark, evaluation
+from training.scenes import SceneDataset
 from training.train import main as train_main
 
 
@@ -19,34 +22,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def test_object_scores_equal_full_image_metrics():
-    rng = np.random.default_rng(0)
-    hw, side = (300, 420), 256
-    gt = np.zeros(hw, bool)
-    gt[80:200, 100:260] = True
-    logits = rng.normal(-3, 1, size=(4, 64, 64)).astype(np.float32)
-    logits[:, 15:40, 15:42] += 6 + rng.normal(0, 2, size=(4, 25, 27))
-    miou, mbiou, st = benchmark.score_object(gt, logits, side, metrics.boundary_dilation(hw))
-    full = [low_res_to_original(lg, hw, side) > 0 for lg in logits]
-    assert miou == pytest.approx(np.mean([metrics.mask_iou(m, gt) for m in full]))
-    assert mbiou == pytest.approx(np.mean([metrics.boundary_iou(m, gt) for m in full]))
-    assert st == pytest.approx(metrics.stability(full))
-    assert 0 < miou < 1 and 0 < st < 1
-
-
-def test_object_prompts_follow_the_protocol():
-    mask = np.zeros((100, 120), bool)
-    mask[20:60, 30:90] = True
-    p = benchmark.object_prompts(mask, np.random.default_rng(0), 20, mask.shape)
-    assert p.boxes["gt_box"].shape == (1, 4) and p.boxes["noisy_box"].shape == (20, 4)
-    gt = p.boxes["gt_box"][0]
-    assert all(metrics.box_iou(b, gt) >= 0.5 for b in p.boxes["noisy_box"])
-    for k in (1, 3, 5, 10):
-        pts = p.points[f"points_{k}"]
-        assert pts.shape == (20, k, 2)
-        assert mask[pts[..., 1].astype(int), pts[..., 0].astype(int)].all()
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +53,18 @@ def test_quick_benchmark_writes_the_tables_and_json(trained, tmp_path):
     argv = ["--out", str(out), "--base", str(base), "--plugins", str(plugins), "--quick"]
     argv += ["--cache-dir", str(root / "cache"), "--train-missing", "--models", "dsp_rts"]
     argv += ["--multimask-study", "--no-progress"]
-    result = benchmark.main(argv)
+    benchmark.main(argv)
 
     data = json.loads((out / "benchmark.json").read_text())
-    assert data == json.loads(json.dumps(result))
     assert set(data["models"]) == {"sam", "stable_sam", "dsp_rts"}
     for table in data["models"].values():
-        assert set(table) == set(benchmark.EVAL_KINDS)
+        assert set(table) == set(evaluation.PROMPT_KINDS)
         for cell in table.values():
             assert set(cell) == {"miou", "mbiou", "st"}
             assert all(0.0 <= v <= 100.0 for v in cell.values())
-    assert data["models"]["sam"]["gt_box"]["st"] == 100.0  # one deterministic prompt
     assert set(data["alpha1"]) == {"stable_sam", "dsp_rts"}
     assert data["alpha1"]["dsp_rts"]["points_1"] == 1.0  # DSP only: α fixed to (1, 0)
-    assert set(data["alpha1"]["stable_sam"]) == set(benchmark.EVAL_KINDS)
+    assert set(data["alpha1"]["stable_sam"]) == set(evaluation.PROMPT_KINDS)
     assert set(data["multimask"]) == {"sam", "stable_sam"}
     assert set(data["multimask"]["sam"]) == {"single", "best", "auto"}
     assert (
@@ -103,7 +76,10 @@ def test_quick_benchmark_writes_the_tables_and_json(trained, tmp_path):
     )
     assert data["meta"]["images"] == 2 and data["meta"]["prompts_per_object_and_type"] == 3
     md = (out / "benchmark.md").read_text()
-    assert "| SAM (mini base) |" in md and "## mBIoU" in md and "α1" in md
+    sam = data["models"]["sam"]
+    row = " | ".join(f"{sam[k]['miou']:.1f}" for k in evaluation.PROMPT_KINDS)
+    assert f"| SAM (mini base) | {row} |" in md  # the mIoU table shows the JSON's numbers
+    assert "## mBIoU" in md and "α1" in md
 
     # The trained variant is cached: a second run does not train again.
     cached = list((root / "cache").glob("dsp-*.plugins.safetensors"))
@@ -120,3 +96,37 @@ def test_missing_variants_are_reported_not_trained(trained, tmp_path):
     result = benchmark.main([*argv, "--no-progress"])
     assert set(result["models"]) == {"sam", "stable_sam"}
     assert "dt_sam" in (tmp_path / "b" / "benchmark.md").read_text()
+
+
+def _protocol_points_1(predictor: StableSamPredictor, images: int) -> tuple[float, float]:
+    """mIoU, mBIoU (percent, 2 decimals) of ``predictor.predict`` itself (its multimask policy)
+    on the benchmark's 1-point prompts, one object and one prompt per image, scored on the
+    whole image."""
+    ious, bious = [], []
+    for index, sample in enumerate(SceneDataset("heldout", images)):
+        objects, prompts = evaluation.image_prompts(sample, index, 0, n_prompts=1, max_objects=1)
+        point = prompts[0].by_kind["points_1"][0]
+        mask = predictor.predict(sample.image, point_coords=point, point_labels=[1]).masks[0]
+        ious.append(metrics.mask_iou(mask, sample.masks[objects[0]]))
+        bious.append(metrics.boundary_iou(mask, sample.masks[objects[0]]))
+    return round(100 * float(np.mean(ious)), 2), round(100 * float(np.mean(bious)), 2)
+
+
+def test_multimask_rows_are_the_predictors_own_answers(trained, tmp_path):
+    _root, base, plugins = trained
+    images = 4
+    argv = ["--out", str(tmp_path / "b"), "--base", str(base), "--plugins", str(plugins)]
+    argv += ["--n-images", str(images), "--n-prompts", "1", "--max-objects", "1", "--models"]
+    result = benchmark.main([*argv, "--multimask-study", "--no-progress"])
+    study = result["multimask"]["sam"]
+    one_point = {policy: study[policy]["points_1"] for policy in benchmark.MULTIMASK_POLICIES}
+    # A case where the policies disagree: best of 3 is not the single output for one click.
+    assert one_point["best"]["miou"] != one_point["single"]["miou"]
+
+    sam = build_stable_sam("mini", base, plugins=False, device="cpu")
+    for policy in benchmark.MULTIMASK_POLICIES:
+        predictor = StableSamPredictor(sam, multimask_policy=policy)
+        expected = _protocol_points_1(predictor, images)
+        assert (one_point[policy]["miou"], one_point[policy]["mbiou"]) == expected, policy
+    assert one_point["auto"] == one_point["best"]  # a lone click: auto takes the best of 3
+    assert study["auto"]["points_3"] == study["single"]["points_3"]

@@ -1,15 +1,17 @@
 """The paper's evaluation protocol on our model (Stable-SAM, ICLR 2025, Tables 1, 5 and 6).
 
-On the held-out synthetic split: per object and prompt type, ``n_prompts`` (20) random prompts —
-GT box (deterministic: one prompt), noisy box (noise scale 0.4, IoU ≥ 0.5 to the GT box), 1, 3,
-5 and 10 positive points. Metrics at the original image size, in percent: mIoU, mBIoU (boundary
-IoU, HQ-SAM's definition) and ST (stability over the prompts of one object). Every model sees the
-same prompts; all share the frozen base encoder, so each image is embedded once.
+On the held-out synthetic split, through ``training.evaluation`` (prompts, decoding, scoring):
+per object and prompt type, ``n_prompts`` (20) random prompts — GT box (deterministic: one
+prompt), noisy box (noise scale 0.4, IoU ≥ 0.5 to the GT box), 1, 3, 5 and 10 positive points.
+Metrics at the original image size, in percent: mIoU, mBIoU (boundary IoU, HQ-SAM's definition)
+and ST (stability over the prompts of one object). Every model sees the same prompts; all share
+the frozen base encoder, so each image is embedded once.
 
 Rows: SAM (the mini base), Stable-SAM (the shipped plugins), the ablations of paper Table 5
-(DSP without RTS, DSP + RTS, DSP + DRP + RTS), DT-SAM (decoder fine-tuned with RTS), the mean
-routing weight α1 per prompt type (appendix Table 6), and a multimask study (single output vs
-best of 3 vs the predictor's ``auto`` policy).
+(DSP without RTS, DSP + RTS, DSP + DRP + RTS), DT-SAM (decoder fine-tuned with RTS), all with
+the decoder's single-mask output; the mean routing weight α1 per prompt type (appendix
+Table 6); and a multimask study: SAM and Stable-SAM through predictors with each
+``multimask_policy`` (single output, best of 3, the served default ``auto``).
 
     python -m training.benchmark --out docs/benchmark --n-images 40 --train-missing
 
@@ -24,7 +26,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,24 +37,14 @@ from stable_sam import (
     build_stable_sam,
     default_model_paths,
     file_sha256,
-    metrics,
-    prompts,
 )
-from stable_sam.modeling import StableSamPlugins
-from stable_sam.transforms import low_res_to_original
+from stable_sam.predictor import MultimaskPolicy
+from training import evaluation
 from training.data import Sample
+from training.evaluation import KIND_TITLES, PROMPT_KINDS, EvalModel, ModelScores, summarize
 
 logger = logging.getLogger(__name__)
 
-EVAL_KINDS = ("gt_box", "noisy_box", "points_1", "points_3", "points_5", "points_10")
-KIND_TITLES = {
-    "gt_box": "GT box",
-    "noisy_box": "Noisy box",
-    "points_1": "1 point",
-    "points_3": "3 points",
-    "points_5": "5 points",
-    "points_10": "10 points",
-}
 # JSON key -> (table title, training variant or None for models not trained here).
 MODEL_ROWS = {
     "sam": ("SAM (mini base)", None),
@@ -63,102 +54,7 @@ MODEL_ROWS = {
     "dsp_drp_rts": ("DSP + DRP + RTS (Table 5)", "stable"),
     "dt_sam": ("DT-SAM (decoder fine-tuned, RTS)", "dt-sam"),
 }
-
-
-@dataclass
-class ObjectPrompts:
-    """The prompts of one object: boxes (n, 4) per box kind, points (n, k, 2) per point kind."""
-
-    boxes: dict[str, np.ndarray] = field(default_factory=dict)
-    points: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def object_prompts(
-    mask: np.ndarray, rng: np.random.Generator, n_prompts: int, image_hw: tuple[int, int]
-) -> ObjectPrompts:
-    """The protocol's prompts for one (H, W) object mask, in original-image pixels."""
-    box = prompts.gt_box(mask)
-    out = ObjectPrompts()
-    out.boxes["gt_box"] = box[None]
-    noisy = []
-    for _ in range(n_prompts):
-        try:
-            noisy.append(prompts.noisy_box(box, rng, 0.4, (0.5, 1.0), image_size=image_hw))
-        except ValueError:  # a degenerate box: no noisy draw lands in the IoU range
-            noisy.append(box)
-    out.boxes["noisy_box"] = np.stack(noisy)
-    for k in (1, 3, 5, 10):
-        out.points[f"points_{k}"] = np.stack(
-            [prompts.sample_points(mask, k, rng) for _ in range(n_prompts)]
-        )
-    return out
-
-
-# ----------------------------------------------------------------------------- scoring
-
-
-def score_object(
-    gt_mask: np.ndarray, logits: np.ndarray, side: int, d_full: int
-) -> tuple[float, float, float]:
-    """mIoU, mBIoU and ST (fractions) of B predictions (B, S/4, S/4) logits for one object.
-
-    Masks are the logits upsampled to the original size, as the predictor returns them; the
-    metrics are computed inside the bounding box of the GT and every prediction, grown by 1 px
-    (the same numbers as on the full image, at a fraction of the cost). ``d_full``: the boundary
-    width of the full image (``metrics.boundary_dilation``).
-    """
-    hw = gt_mask.shape
-    full = [low_res_to_original(lg, hw, side) > 0 for lg in logits]
-    ys, xs = np.nonzero(np.logical_or.reduce([gt_mask, *full]))
-    y0, y1 = max(0, int(ys.min()) - 1), min(hw[0], int(ys.max()) + 2)
-    x0, x1 = max(0, int(xs.min()) - 1), min(hw[1], int(xs.max()) + 2)
-    preds = [m[y0:y1, x0:x1] for m in full]
-    gt = gt_mask[y0:y1, x0:x1]
-    # Same band width as on the full image: ratio chosen so round(ratio · crop diag) = d_full.
-    ratio = d_full / float(np.hypot(*gt.shape))
-    ious = [metrics.mask_iou(p, gt) for p in preds]
-    bious = [metrics.boundary_iou(p, gt, dilation_ratio=ratio) for p in preds]
-    return float(np.mean(ious)), float(np.mean(bious)), metrics.stability(preds)
-
-
-class Accumulator:
-    """Per-object scores of one model, by prompt type; reduced to percent means."""
-
-    def __init__(self) -> None:
-        self.scores: dict[str, list[tuple[float, float, float]]] = {}
-        self.alpha1: dict[str, list[float]] = {}
-
-    def add(self, kind: str, score: tuple[float, float, float], alpha: np.ndarray | None) -> None:
-        self.scores.setdefault(kind, []).append(score)
-        if alpha is not None:
-            self.alpha1.setdefault(kind, []).extend(float(a) for a in alpha[:, 0])
-
-    def table(self) -> dict[str, dict[str, float]]:
-        out = {}
-        for kind in EVAL_KINDS:
-            if kind in self.scores:
-                s = np.array(self.scores[kind]) * 100
-                out[kind] = {
-                    "miou": round(float(s[:, 0].mean()), 2),
-                    "mbiou": round(float(s[:, 1].mean()), 2),
-                    "st": round(float(s[:, 2].mean()), 2),
-                }
-        return out
-
-    def mean_alpha1(self) -> dict[str, float]:
-        return {k: round(float(np.mean(v)), 4) for k, v in self.alpha1.items()}
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class EvalModel:
-    """A model row: a predictor, and the plugin set to decode with (None: the model's own)."""
-
-    key: str
-    predictor: StableSamPredictor
-    plugins: StableSamPlugins | None = None
+MULTIMASK_POLICIES: tuple[MultimaskPolicy, ...] = ("single", "best", "auto")
 
 
 def evaluate(
@@ -172,61 +68,41 @@ def evaluate(
 ) -> dict:
     """Run the protocol; returns the benchmark JSON (``models``, ``alpha1``, ``multimask``, ``meta``).
 
-    All models must share the base encoder: the first model's predictor embeds each image.
-    ``multimask_study`` lists model keys for which single, best-of-3 and auto are compared.
+    The ``models`` rows decode with their predictors' multimask policy (``build_rows``: single
+    output). ``multimask_study`` lists model keys that are also decoded through predictors
+    with each of ``MULTIMASK_POLICIES``; all rows share the first model's image embeddings.
     """
-    acc = {m.key: Accumulator() for m in models}
-    mm = {k: {p: Accumulator() for p in ("single", "best", "auto")} for k in multimask_study}
-    encoder = models[0].predictor
-    n_objects = 0
+    rows = list(models)
+    study: dict[str, dict[str, str]] = {}  # model key -> policy -> row key
+    for key in multimask_study:
+        model = next(m for m in models if m.key == key)
+        study[key] = {}
+        for policy in MULTIMASK_POLICIES:
+            if policy == model.predictor.multimask_policy:
+                study[key][policy] = key
+            else:
+                rows.append(model.with_policy(policy, f"{key}/{policy}"))
+                study[key][policy] = rows[-1].key
     start = time.perf_counter()
-    iterator = range(len(dataset))
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="benchmark", unit="image")
-    for index in iterator:
-        sample = dataset[index]
-        if sample.num_instances == 0:
-            continue
-        rng = np.random.default_rng([seed, index])
-        objects = np.arange(sample.num_instances)
-        if max_objects is not None and objects.size > max_objects:
-            objects = np.sort(rng.choice(objects, max_objects, replace=False))
-        hw = sample.image.shape[:2]
-        d_full = metrics.boundary_dilation(hw)
-        per_object = [object_prompts(sample.masks[o], rng, n_prompts, hw) for o in objects]
-        n_objects += len(objects)
-        embedding = encoder.embed(sample.image)
-        for m in models:
-            side = m.predictor.model.image_size
-            for kind in EVAL_KINDS:
-                logits, alpha = _decode_kind(m, embedding, per_object, kind, False)
-                for j, o in enumerate(objects):
-                    lg = logits[j][:, 0]
-                    acc[m.key].add(
-                        kind,
-                        score_object(sample.masks[o], lg, side, d_full),
-                        None if alpha is None else alpha[j],
-                    )
-                if m.key in mm:
-                    best, _ = _decode_kind(m, embedding, per_object, kind, True)
-                    for j, o in enumerate(objects):
-                        single_s = score_object(sample.masks[o], logits[j][:, 0], side, d_full)
-                        best_s = score_object(sample.masks[o], best[j][:, 0], side, d_full)
-                        mm[m.key]["single"].add(kind, single_s, None)
-                        mm[m.key]["best"].add(kind, best_s, None)
-                        mm[m.key]["auto"].add(
-                            kind, best_s if kind == "points_1" else single_s, None
-                        )
+    scores = evaluation.evaluate(
+        rows, dataset, PROMPT_KINDS, n_prompts, max_objects, seed, progress
+    )
     wall = time.perf_counter() - start
+    first = scores[models[0].key].objects
     return {
-        "models": {m.key: acc[m.key].table() for m in models},
-        "alpha1": {m.key: acc[m.key].mean_alpha1() for m in models if acc[m.key].alpha1},
-        "multimask": {k: {p: a.table() for p, a in v.items()} for k, v in mm.items()},
+        "models": {m.key: _percent_table(scores[m.key]) for m in models},
+        "alpha1": {
+            m.key: {k: round(float(np.mean(v)), 4) for k, v in scores[m.key].alpha1.items()}
+            for m in models
+            if scores[m.key].alpha1
+        },
+        "multimask": {
+            key: {policy: _percent_table(scores[row]) for policy, row in policies.items()}
+            for key, policies in study.items()
+        },
         "meta": {
             "images": len(dataset),
-            "objects": n_objects,
+            "objects": len(first[PROMPT_KINDS[0]]) if first else 0,
             "prompts_per_object_and_type": n_prompts,
             "max_objects_per_image": max_objects,
             "seed": seed,
@@ -235,36 +111,14 @@ def evaluate(
     }
 
 
-def _decode_kind(
-    m: EvalModel, embedding, per_object: Sequence[ObjectPrompts], kind: str, best_of_three: bool
-) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-    """Decode every object's prompts of one kind in a single batch; split back per object."""
-    if kind in per_object[0].boxes:
-        arrays = [p.boxes[kind] for p in per_object]
-        batch = m.predictor.predict_batch(
-            embedding=embedding,
-            boxes_xyxy=np.concatenate(arrays),
-            multimask_output=best_of_three,
-            best_of_three=best_of_three,
-            plugins=m.plugins,
-            return_masks=False,
-        )
-    else:
-        arrays = [p.points[kind] for p in per_object]
-        coords = np.concatenate(arrays)
-        batch = m.predictor.predict_batch(
-            embedding=embedding,
-            point_coords=coords,
-            point_labels=np.ones(coords.shape[:2], dtype=np.int64),
-            multimask_output=best_of_three,
-            best_of_three=best_of_three,
-            plugins=m.plugins,
-            return_masks=False,
-        )
-    splits = np.cumsum([len(a) for a in arrays])[:-1]
-    logits = np.split(batch.low_res_logits, splits)
-    alpha = None if batch.alpha is None else np.split(batch.alpha, splits)
-    return logits, alpha
+def _percent_table(scores: ModelScores) -> dict[str, dict[str, float]]:
+    """mIoU, mBIoU and ST in percent (2 decimals) per prompt kind."""
+    out = {}
+    for kind in PROMPT_KINDS:
+        if kind in scores.objects:
+            summary = summarize(scores.objects[kind])
+            out[kind] = {m: round(100 * summary[m], 2) for m in ("miou", "mbiou", "st")}
+    return out
 
 
 # ----------------------------------------------------------------------------- reports
@@ -280,7 +134,7 @@ def markdown_report(result: dict, notes: Sequence[str] = ()) -> str:
         f"(GT box: 1); metrics in percent at the original resolution."
     )
     lines += ["", *notes, ""] if notes else [""]
-    kinds = [k for k in EVAL_KINDS if any(k in t for t in result["models"].values())]
+    kinds = [k for k in PROMPT_KINDS if any(k in t for t in result["models"].values())]
     for metric, title in (("miou", "mIoU"), ("mbiou", "mBIoU"), ("st", "ST")):
         lines += [f"## {title}", ""]
         lines.append("| model | " + " | ".join(KIND_TITLES[k] for k in kinds) + " |")
@@ -357,10 +211,11 @@ def build_rows(args: argparse.Namespace) -> tuple[list[EvalModel], list[str]]:
     device = args.device
     notes: list[str] = []
     sam = build_stable_sam(args.model_type, base, plugins=False, device=device)
-    sam_pred = StableSamPredictor(sam)
+    # The paper's tables are the decoder's single-mask output; the multimask study adds the rest.
+    sam_pred = StableSamPredictor(sam, multimask_policy="single")
     rows = [EvalModel("sam", sam_pred)]
     stable = build_stable_sam(args.model_type, base, plugins=True, device=device)
-    stable_pred = StableSamPredictor(stable, cache=sam_pred.cache)
+    stable_pred = StableSamPredictor(stable, cache=sam_pred.cache, multimask_policy="single")
 
     def plugin_row(key: str, path: Path) -> None:
         try:
@@ -408,7 +263,8 @@ def build_rows(args: argparse.Namespace) -> tuple[list[EvalModel], list[str]]:
                 f"- `{key}`: `{path.name}` trained on {summary.get('images', '?')} images, "
                 f"{summary.get('steps', '?')} steps"
             )
-            rows.append(EvalModel(key, StableSamPredictor(dt, cache=sam_pred.cache)))
+            dt_pred = StableSamPredictor(dt, cache=sam_pred.cache, multimask_policy="single")
+            rows.append(EvalModel(key, dt_pred))
         else:
             plugin_row(key, path)
     return rows, notes
@@ -488,14 +344,12 @@ def _argv() -> list[str]:
 
 
 __all__ = [
-    "EVAL_KINDS",
     "MODEL_ROWS",
-    "EvalModel",
+    "MULTIMASK_POLICIES",
+    "build_rows",
     "evaluate",
     "main",
     "markdown_report",
-    "object_prompts",
-    "score_object",
 ]
 
 if __name__ == "__main__":
