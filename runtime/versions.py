@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PLUGIN_SUFFIX = ".safetensors"
+# Validation metrics written before the training job named its prompt kinds as the evaluation
+# protocol does (``training.evaluation``: points_1, not 1_point); read with today's names.
+_RENAMED_METRICS = {"miou_1_point": "miou_points_1", "miou_3_points": "miou_points_3"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,17 @@ def check_project(project: str) -> str:
             f"project must be a canonical numeric Label Studio project id, got {quoted(str(project))}"
         )
     return project
+
+
+def _current_metric_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` (nested dicts, e.g. ``{"new": {...}, "current": {...}}``) with every key of
+    ``_RENAMED_METRICS`` under its new name; values unchanged."""
+    return {
+        _RENAMED_METRICS.get(key, key): _current_metric_names(value)
+        if isinstance(value, dict)
+        else value
+        for key, value in metrics.items()
+    }
 
 
 def _fsync_dir(path: Path) -> None:
@@ -209,7 +223,7 @@ class VersionStore:
                 path=path.parent / entry["file"],
                 created=entry["created"],
                 promoted=bool(entry["promoted"]),
-                metrics=dict(entry.get("metrics", {})),
+                metrics=_current_metric_names(entry.get("metrics", {})),
                 reason=str(entry.get("reason", "")),
                 metadata=dict(entry.get("metadata", {})),
             )

@@ -194,3 +194,19 @@ def test_evaluate_scores_every_object_and_kind_with_shared_prompts(model):
         evaluation.score_object(masks[1], decoded[2:]),
     ]
 
+
+def test_the_promotion_check_is_the_protocol_with_one_prompt_per_kind(model):
+    from training.jobs import EVAL_PROMPTS, evaluate_plugins
+
+    masks = np.stack([square_mask(96, 128, 10, 10, 50, 40), square_mask(96, 128, 60, 50, 120, 90)])
+    data = [Sample(IMAGE, masks, "a"), Sample(IMAGE[::-1].copy(), masks, "b")]
+    predictor = StableSamPredictor(model)
+    result = evaluate_plugins(predictor, data, model.plugins, seed=3)
+    assert list(result) == [f"miou_{kind}" for kind in EVAL_PROMPTS] + ["robust_miou", "objects"]
+    assert EVAL_PROMPTS == ("gt_box", "noisy_box", "points_1", "points_3")
+    row = evaluation.EvalModel("v", predictor, model.plugins)
+    scores = evaluation.evaluate([row], data, EVAL_PROMPTS, n_prompts=1, seed=3)["v"].objects
+    for kind in EVAL_PROMPTS:
+        assert result[f"miou_{kind}"] == round(100 * evaluation.summarize(scores[kind])["miou"], 3)
+    mean = np.mean([100 * evaluation.summarize(scores[k])["miou"] for k in EVAL_PROMPTS])
+    assert result["robust_miou"] == round(float(mean), 3) and result["objects"] == 4.0

@@ -89,6 +89,39 @@ def test_a_second_store_on_the_same_root_sees_new_versions(tmp_path: Path) -> No
     assert reader.current("7") == v2
 
 
+def test_a_manifest_with_the_old_prompt_kind_names_loads_with_the_new_ones(
+    tmp_path: Path,
+) -> None:
+    # As the training job wrote it before its prompt kinds were named points_1 / points_3.
+    old = {"miou_gt_box": 61.0, "miou_1_point": 40.5, "miou_3_points": 52.0, "robust_miou": 51.2}
+    folder = tmp_path / "versions" / "7"
+    folder.mkdir(parents=True)
+    (folder / "stable-sam-p7-v1.safetensors").write_bytes(b"weights")
+    entry = {
+        "name": "stable-sam-p7-v1",
+        "file": "stable-sam-p7-v1.safetensors",
+        "created": "2025-01-01T00:00:00+00:00",
+        "promoted": True,
+        "metrics": {"new": old, "current": {**old, "miou_1_point": 39.0}},
+        "reason": "promoted",
+        "metadata": {"val_samples": 2},
+    }
+    manifest = {"project": "7", "next_sequence": 2, "versions": [entry]}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    store = VersionStore(tmp_path / "versions")
+
+    current = store.current("7")
+    assert current is not None
+    expected = {"miou_gt_box": 61.0, "miou_points_1": 40.5, "miou_points_3": 52.0}
+    assert current.metrics["new"] == {**expected, "robust_miou": 51.2}
+    assert current.metrics["current"]["miou_points_1"] == 39.0
+    assert current.to_dict()["metrics"] == current.metrics
+    # The next write stores the old version under the new names too.
+    store.write("7", _plugin_file(tmp_path, b"v2"), {}, {"new": {}}, False, "worse")
+    rewritten = json.loads((folder / MANIFEST).read_text())["versions"][0]["metrics"]
+    assert rewritten == current.metrics
+
+
 def test_unserialisable_metadata_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     store = VersionStore(tmp_path / "versions")
     with pytest.raises(TypeError):

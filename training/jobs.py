@@ -58,8 +58,8 @@ EVAL_SEED = 0
 MIN_SAMPLES = 2  # one to train on, one to validate
 PROGRESS_INTERVAL_S = 1.0
 
-# Validation prompts per object (DESIGN §2's prompt types, one draw each, fixed seed).
-EVAL_PROMPTS = ("gt_box", "noisy_box", "1_point", "3_points")
+# Validation prompt kinds (training.evaluation's names; one draw each per object, fixed seed).
+EVAL_PROMPTS = ("gt_box", "noisy_box", "points_1", "points_3")
 
 
 class JobProgress:
@@ -172,55 +172,27 @@ def label_studio_client(
 # --- evaluation ----------------------------------------------------------------------------
 
 
-def _prompts(sample: Sample, rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
-    """One prompt of each ``EVAL_PROMPTS`` type for every object of ``sample`` (batched)."""
-    from stable_sam import prompts
-
-    boxes = np.stack([prompts.gt_box(m) for m in sample.masks])
-    noisy = []
-    for box in boxes:
-        try:
-            noisy.append(prompts.noisy_box(box, rng, 0.4, image_size=sample.image.shape[:2]))
-        except ValueError:  # a box too small to jitter within IoU >= 0.5
-            noisy.append(box)
-    one = np.stack([prompts.sample_points(m, 1, rng) for m in sample.masks])
-    three = np.stack([prompts.sample_points(m, 3, rng) for m in sample.masks])
-    return {
-        "gt_box": {"boxes_xyxy": boxes},
-        "noisy_box": {"boxes_xyxy": np.stack(noisy)},
-        "1_point": {"point_coords": one, "point_labels": np.ones(one.shape[:2], np.int64)},
-        "3_points": {"point_coords": three, "point_labels": np.ones(three.shape[:2], np.int64)},
-    }
-
-
 def evaluate_plugins(
     predictor: StableSamPredictor,
     samples: Sequence[Sample],
     plugins: StableSamPlugins | None,
     seed: int = EVAL_SEED,
 ) -> dict[str, float]:
-    """Mask mIoU (percent) per prompt type on ``samples``, and their mean ``robust_miou``.
+    """Mask mIoU (percent) per ``EVAL_PROMPTS`` kind on ``samples``, their mean ``robust_miou``
+    and the number of ``objects``.
 
-    Prompts are drawn from ``seed`` in sample order, so two plugin sets evaluated with the same
-    seed see exactly the same prompts. Image embeddings come from the predictor's cache.
+    The evaluation protocol (``training.evaluation``) with one prompt of each kind per object,
+    drawn from ``seed`` and each sample's index, so two plugin sets evaluated with the same seed
+    see exactly the same prompts; masks as ``predictor`` serves them (its multimask policy).
+    Image embeddings come from the predictor's cache.
     """
-    from stable_sam import metrics
+    from training.evaluation import EvalModel, evaluate, summarize
 
-    rng = np.random.default_rng(seed)
-    ious: dict[str, list[float]] = {name: [] for name in EVAL_PROMPTS}
-    for sample in samples:
-        if sample.num_instances == 0:
-            continue
-        embedding = predictor.embed(sample.image)
-        for name, prompt in _prompts(sample, rng).items():
-            masks = predictor.predict_batch(embedding=embedding, plugins=plugins, **prompt).masks
-            assert masks is not None
-            ious[name].extend(
-                metrics.mask_iou(pred[0], gt) for pred, gt in zip(masks, sample.masks, strict=True)
-            )
-    result = {f"miou_{name}": 100.0 * float(np.mean(v)) for name, v in ious.items() if v}
+    model = EvalModel("validation", predictor, plugins)
+    scores = evaluate([model], samples, EVAL_PROMPTS, n_prompts=1, seed=seed)[model.key].objects
+    result = {f"miou_{kind}": 100.0 * summarize(scores[kind])["miou"] for kind in scores}
     result["robust_miou"] = float(np.mean(list(result.values()))) if result else 0.0
-    result["objects"] = float(len(ious[EVAL_PROMPTS[0]]))
+    result["objects"] = float(len(scores.get(EVAL_PROMPTS[0], [])))
     return {k: round(v, 3) for k, v in result.items()}
 
 
@@ -287,6 +259,7 @@ def run_training(
     model, start_name = _build_model(spec, store, project, device)
     report["device"] = str(model.device)
     report["started_from"] = start_name
+    # The predictor's default multimask policy, as the backend serves the plugins.
     predictor = StableSamPredictor(model, cache=EmbeddingCache(max_bytes=512 * 1024 * 1024))
 
     progress("evaluating current", 0, len(val))
