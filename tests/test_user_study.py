@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+from stable_sam.predictor import BatchPrediction
+from training.evaluation import EvalModel, ObjectPrompts, ObjectScore
 from training.user_study.box_quality import (
     equivalent_noise_scale,
     iou_histogram,
@@ -15,7 +19,7 @@ from training.user_study.ground_truth import GtImage, GtObject, from_brush_masks
 from training.user_study.ls_export import annotator_name, image_key_for, parse_export
 from training.user_study.matching import match_boxes
 from training.user_study.segmentation import (
-    ObjectPrompts,
+    StudyObject,
     aggregate,
     evaluate_segmentation,
 )
@@ -250,14 +254,29 @@ def test_equivalent_noise_scale_reports_a_bound_when_out_of_reach():
 
 
 class BoxFiller:
-    """A 'model' whose mask is exactly the (rounded) prompt box: IoUs are computable by hand."""
+    """A 'predictor' whose mask is exactly the (rounded) prompt box: IoUs are computable by hand."""
 
-    def segment_boxes(self, image_rgb: np.ndarray, boxes_xyxy: np.ndarray) -> np.ndarray:
-        h, w = image_rgb.shape[:2]
-        out = np.zeros((len(boxes_xyxy), h, w), bool)
+    multimask_policy = "single"
+
+    def embed(self, image: np.ndarray) -> SimpleNamespace:
+        return SimpleNamespace(original_size=image.shape[:2])
+
+    def predict_batch(
+        self, embedding: SimpleNamespace, boxes_xyxy: np.ndarray, **_: object
+    ) -> BatchPrediction:
+        h, w = embedding.original_size
+        masks = np.zeros((len(boxes_xyxy), 1, h, w), bool)
         for i, (x0, y0, x1, y1) in enumerate(np.round(boxes_xyxy).astype(int)):
-            out[i, y0:y1, x0:x1] = True
-        return out
+            masks[i, 0, y0:y1, x0:x1] = True
+        ones = np.ones((len(boxes_xyxy), 1))
+        return BatchPrediction(masks=masks, scores=ones, low_res_logits=ones, alpha=None)
+
+
+def study_object(user_boxes: list[list[float]], **more_boxes: np.ndarray) -> StudyObject:
+    """Object "1" of image "img": GT box [0,10)x[0,10), boxes by annotators a, b, ..."""
+    boxes = {"gt_box": np.array([[0.0, 0, 10, 10]]), "user": np.array(user_boxes), **more_boxes}
+    annotators = ["a", "b", "c"][: len(user_boxes)]
+    return StudyObject("img", "1", annotators, ObjectPrompts(by_kind=boxes))
 
 
 def test_miou_mbiou_and_st_of_known_masks():
@@ -265,22 +284,19 @@ def test_miou_mbiou_and_st_of_known_masks():
     # (IoU 0.5). ST = (IoU(A, A∪B) + IoU(B, A∪B)) / 2 = (0.5 + 1) / 2 = 0.75.
     gt_mask = square_mask(20, 20, 0, 0, 10, 10)
     gt = {"img": GtImage("img", 20, 20, {"1": GtObject("1", gt_mask)})}
-    obj = ObjectPrompts(
-        "img",
-        "1",
-        gt_box=np.array([0.0, 0, 10, 10]),
-        user_boxes=np.array([[0.0, 0, 10, 10], [0.0, 0, 10, 20]]),
-        annotators=["a", "b"],
-        noisy_boxes=np.array([[0.0, 0, 20, 10]]),  # IoU 0.5, a single prompt: no ST
+    obj = study_object(
+        [[0.0, 0, 10, 10], [0.0, 0, 10, 20]],
+        noisy=np.array([[0.0, 0, 20, 10]]),  # IoU 0.5, a single prompt: no ST
     )
     image = np.zeros((20, 20, 3), np.uint8)
-    result = evaluate_segmentation({"box": BoxFiller()}, [obj], gt, lambda key: image)
+    model = EvalModel("box", BoxFiller())
+    result = evaluate_segmentation({"box": model}, [obj], gt, lambda key: image)
     scores = result["box"][("img", "1")]
-    assert scores["gt_box"]["iou"] == pytest.approx(1.0) and scores["gt_box"]["st"] is None
-    assert scores["user"]["ious"] == pytest.approx([1.0, 0.5])
-    assert scores["user"]["iou"] == pytest.approx(0.75)
-    assert scores["user"]["st"] == pytest.approx(0.75)
-    assert scores["noisy"]["iou"] == pytest.approx(0.5) and scores["noisy"]["st"] is None
+    assert scores["gt_box"].iou == pytest.approx(1.0) and scores["gt_box"].n == 1
+    assert scores["user"].ious == pytest.approx([1.0, 0.5])
+    assert scores["user"].iou == pytest.approx(0.75)
+    assert scores["user"].st == pytest.approx(0.75)
+    assert scores["noisy"].iou == pytest.approx(0.5) and scores["noisy"].n == 1
     # boundary IoU: 20x20 image, d = max(1, round(0.02 * 28.3)) = 1, so the band is the mask
     # minus its 1-px erosion. A's band equals the GT band (1.0); B's band (rows 0..19 outline
     # of [0,10)x[0,20)) shares the top row and the left/right columns of rows 0..9 with it.
@@ -288,18 +304,49 @@ def test_miou_mbiou_and_st_of_known_masks():
     b_band = 10 + 10 + 18 + 18  # 56 px
     shared = 10 + 9 + 9  # top row, left and right columns of rows 1..9
     expected_b = shared / (gt_band + b_band - shared)
-    assert scores["user"]["biou"] == pytest.approx((1.0 + expected_b) / 2)
+    assert scores["user"].biou == pytest.approx((1.0 + expected_b) / 2)
     table = aggregate(result["box"])
     assert table["user"]["miou"] == pytest.approx(0.75) and table["user"]["st"] == pytest.approx(
         0.75
     )
-    assert table["gt_box"]["st"] is None and table["user"]["prompts"] == 2
+    assert table["gt_box"]["st"] is None and table["noisy"]["st"] is None
+    assert table["user"]["prompts"] == 2 and table["noisy"]["miou"] == pytest.approx(0.5)
+
+
+def test_a_source_without_boxes_is_not_scored():
+    gt_mask = square_mask(20, 20, 0, 0, 10, 10)
+    gt = {"img": GtImage("img", 20, 20, {"1": GtObject("1", gt_mask)})}
+    obj = study_object([[0.0, 0, 10, 10]])  # no noisy boxes
+    image = np.zeros((20, 20, 3), np.uint8)
+    result = evaluate_segmentation(
+        {"box": EvalModel("box", BoxFiller())}, [obj], gt, lambda k: image
+    )
+    assert set(result["box"][("img", "1")]) == {"gt_box", "user"}
+    assert aggregate(result["box"])["noisy"] == {
+        "miou": None,
+        "mbiou": None,
+        "st": None,
+        "objects": 0,
+        "prompts": 0,
+    }
+
+
+def test_an_image_of_another_size_than_its_ground_truth_is_refused():
+    gt = {"img": GtImage("img", 20, 20, {"1": GtObject("1", square_mask(20, 20, 0, 0, 10, 10))})}
+    image = np.zeros((20, 24, 3), np.uint8)
+    with pytest.raises(ValueError, match="differs from its ground truth"):
+        evaluate_segmentation(
+            {"box": EvalModel("box", BoxFiller())},
+            [study_object([[0.0, 0, 9, 9]])],
+            gt,
+            lambda k: image,
+        )
 
 
 def test_aggregate_weighs_every_object_equally():
     per_object = {
-        ("i", "1"): {"user": {"n": 3, "iou": 0.9, "biou": 0.8, "st": 0.7}},
-        ("i", "2"): {"user": {"n": 1, "iou": 0.5, "biou": 0.4, "st": None}},
+        ("i", "1"): {"user": ObjectScore((0.9, 0.8, 1.0), (0.7, 0.8, 0.9), st=0.7)},
+        ("i", "2"): {"user": ObjectScore((0.5,), (0.4,), st=1.0)},
     }
     table = aggregate(per_object)
     assert table["user"]["miou"] == pytest.approx(0.7)
@@ -314,15 +361,10 @@ def test_per_annotator_scores_follow_each_persons_boxes():
 
     gt_mask = square_mask(20, 20, 0, 0, 10, 10)
     gt = {"img": GtImage("img", 20, 20, {"1": GtObject("1", gt_mask)})}
-    obj = ObjectPrompts(
-        "img",
-        "1",
-        gt_box=np.array([0.0, 0, 10, 10]),
-        user_boxes=np.array([[0.0, 0, 10, 10], [0.0, 0, 10, 20]]),
-        annotators=["a", "b"],
-    )
+    obj = study_object([[0.0, 0, 10, 10], [0.0, 0, 10, 20]])
     image = np.zeros((20, 20, 3), np.uint8)
-    result = evaluate_segmentation({"box": BoxFiller()}, [obj], gt, lambda key: image)
+    model = EvalModel("box", BoxFiller())
+    result = evaluate_segmentation({"box": model}, [obj], gt, lambda key: image)
     rows = by_annotator([obj], result["box"])
     assert rows["a"]["miou"] == pytest.approx(1.0) and rows["a"]["mbiou"] == pytest.approx(1.0)
     assert rows["b"]["miou"] == pytest.approx(0.5) and rows["b"]["n"] == 1

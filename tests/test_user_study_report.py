@@ -149,22 +149,21 @@ def test_command_line_in_the_report_never_shows_the_api_key():
 @pytest.mark.slow  # builds a randomly initialised mini SAM (~2-5 s on a busy 2-core CPU)
 def test_evaluate_with_real_models_fills_the_table(tmp_path):
     from stable_sam import StableSamPredictor, build_stable_sam
+    from training.evaluation import EvalModel
     from training.user_study.evaluate import EvaluationConfig, evaluate_study
     from training.user_study.ground_truth import load_mask_folder
     from training.user_study.images import OriginalImages
     from training.user_study.ls_export import parse_export, read_export_file
-    from training.user_study.models import PredictorSegmenter
     from training.user_study.report import write_report
 
     export_path, gt_dir = tiny_study(tmp_path)
     gt = load_mask_folder(gt_dir)
     export = parse_export(read_export_file(export_path))
     model = build_stable_sam("mini", None, plugins=True, device="cpu")  # random weights
-    segmenter = PredictorSegmenter(StableSamPredictor(model), "mini, random weights")
-    masks = segmenter.segment_boxes(np.zeros((32, 48, 3), np.uint8), np.zeros((3, 4)) + 4)
-    assert masks.shape == (3, 32, 48) and masks.dtype == bool
+    random = EvalModel("random", StableSamPredictor(model), description="mini, random weights")
     config = EvaluationConfig(noisy_per_object=2)
-    result = evaluate_study(export, gt, {"random": segmenter}, OriginalImages(gt), config)
+    result = evaluate_study(export, gt, {"random": random}, OriginalImages(gt), config)
+    assert result.models == {"random": "mini, random weights"}
     row = result.table["random"]
     assert row["gt_box"]["objects"] == 2 and row["gt_box"]["prompts"] == 2
     assert row["user"]["prompts"] == 3 and row["noisy"]["prompts"] == 4
@@ -175,12 +174,21 @@ def test_evaluate_with_real_models_fills_the_table(tmp_path):
 
 
 def test_unknown_model_name_is_refused():
-    from training.user_study.models import build_segmenters
+    from training.user_study.models import build_models
 
     with pytest.raises(ValueError, match="unknown model"):
-        build_segmenters(["sam2"], base_type="mini")
+        build_models(["sam2"], base_type="mini")
     with pytest.raises(ValueError, match="hq-checkpoint"):
-        build_segmenters(["hq-sam"], base_type="mini")
+        build_models(["hq-sam"], base_type="mini")
+
+
+def test_models_option_is_a_comma_list_or_none():
+    from training.user_study.models import build_models, model_names
+
+    assert model_names(" sam, stable-sam ,") == ["sam", "stable-sam"]
+    assert model_names("none") == [] and model_names("") == []
+    # No models: nothing is built or looked up (box quality only, even without weights).
+    assert build_models([], base_checkpoint="/no/such/base.pth", allow_random_base=False) == {}
 
 
 def test_demo_report_says_it_is_simulated(tmp_path):
@@ -261,7 +269,8 @@ def test_models_from_names_sam_hq_sam_and_project_versions(tmp_path):
     import torch
 
     from stable_sam import build_sam, build_stable_sam, save_plugins
-    from training.user_study.models import build_segmenters
+    from training.evaluation import decode
+    from training.user_study.models import build_models
 
     base = tmp_path / "mini.pth"
     torch.save(build_sam("mini").state_dict(), base)
@@ -276,7 +285,7 @@ def test_models_from_names_sam_hq_sam_and_project_versions(tmp_path):
     version = store.write("7", plugin_file, {}, {}, promote=True, reason="test")
     project_dir = tmp_path / "versions" / "7"  # means: project 7's current version
     names = ["sam", "hq-sam", f"project:{plugin_file}", f"project:{project_dir}"]
-    models = build_segmenters(
+    models = build_models(
         names,
         base_type="mini",
         base_checkpoint=base,
@@ -289,10 +298,12 @@ def test_models_from_names_sam_hq_sam_and_project_versions(tmp_path):
     assert "v1.safetensors" in models[f"project:{plugin_file}"].description
     assert version.path.name in models[f"project:{project_dir}"].description
     with pytest.raises(FileNotFoundError):
-        build_segmenters(["project:/no/such/file"], base_type="mini", base_checkpoint=base)
+        build_models(["project:/no/such/file"], base_type="mini", base_checkpoint=base)
     image = np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8)
-    for segmenter in models.values():
-        masks = segmenter.segment_boxes(image, np.array([[2.0, 3, 20, 18], [0, 0, 40, 24]]))
+    for name, model in models.items():
+        assert model.key == name
+        boxes = np.array([[2.0, 3, 20, 18], [0, 0, 40, 24]])
+        masks, _ = decode(model, model.predictor.embed(image), boxes)
         assert masks.shape == (2, 24, 40) and masks.dtype == bool
 
 

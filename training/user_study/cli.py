@@ -107,11 +107,6 @@ def _api_key(args: argparse.Namespace) -> str:
     return key
 
 
-def _models(spec: str) -> list[str]:
-    names = [m.strip() for m in spec.split(",") if m.strip()]
-    return [] if names == ["none"] else names
-
-
 def run_evaluate(args: argparse.Namespace, command: str) -> Path:
     """The ``evaluate`` command: inputs from the command line, outputs into ``--out``."""
     from training.user_study.loaders import study_client
@@ -136,6 +131,7 @@ def _evaluate(args: argparse.Namespace, client: LabelStudioClient | None) -> Stu
     from training.user_study.images import OriginalImages
     from training.user_study.loaders import load_ground_truth, load_tasks
     from training.user_study.ls_export import image_key_for, parse_export
+    from training.user_study.models import build_models, model_names
 
     tasks, users = load_tasks(args.export, client, args.project)
     brush = args.gt == "brush"
@@ -149,22 +145,14 @@ def _evaluate(args: argparse.Namespace, client: LabelStudioClient | None) -> Stu
         from training.user_study.ground_truth import from_brush_masks
 
         gt = from_brush_masks(export.brush_masks)
-    names = _models(args.models)
-    segmenters = {}
-    descriptions = {}
-    if names:
-        from training.user_study.models import build_segmenters
-
-        built = build_segmenters(
-            names,
-            base_type=args.base_type,
-            base_checkpoint=args.base_checkpoint,
-            hq_checkpoint=args.hq_checkpoint,
-            hq_model_type=args.hq_model_type,
-            device=args.device,
-        )
-        segmenters = dict(built)
-        descriptions = {n: s.description for n, s in built.items()}
+    models = build_models(
+        model_names(args.models),
+        base_type=args.base_type,
+        base_checkpoint=args.base_checkpoint,
+        hq_checkpoint=args.hq_checkpoint,
+        hq_model_type=args.hq_model_type,
+        device=args.device,
+    )
     loader = OriginalImages(gt, args.images, client, export.task_data)
     config = EvaluationConfig(
         noisy_per_object=args.noisy_per_object,
@@ -172,7 +160,7 @@ def _evaluate(args: argparse.Namespace, client: LabelStudioClient | None) -> Stu
         min_match_iou=args.min_match_iou,
         seed=args.seed,
     )
-    return evaluate_study(export, gt, segmenters, loader, config, descriptions, logger.info)
+    return evaluate_study(export, gt, models, loader, config, logger.info)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,9 +136,9 @@ def simulate_export(
 
 def run_demo(args: argparse.Namespace, command: str) -> Path:
     """Render, simulate, evaluate, report; returns the report.md path."""
-    from training.user_study.cli import _models
     from training.user_study.evaluate import EvaluationConfig, evaluate_study
     from training.user_study.images import OriginalImages
+    from training.user_study.models import build_models, model_names
     from training.user_study.report import write_report
 
     out = Path(args.out)
@@ -151,18 +151,9 @@ def run_demo(args: argparse.Namespace, command: str) -> Path:
 
     gt = load_mask_folder(data_dir / "gt")
     export = parse_export(json.loads(export_path.read_text(encoding="utf-8")))
-    names = _models(args.models)
-    segmenters, descriptions = {}, {}
-    if names:
-        from training.user_study.models import build_segmenters
-
-        built = build_segmenters(names, allow_random_base=True)
-        segmenters = dict(built)
-        descriptions = {n: s.description for n, s in built.items()}
+    models = build_models(model_names(args.models), allow_random_base=True)
     config = EvaluationConfig(seed=args.seed)
-    result = evaluate_study(
-        export, gt, segmenters, OriginalImages(gt), config, descriptions, logger.info
-    )
+    result = evaluate_study(export, gt, models, OriginalImages(gt), config, logger.info)
     noise = ", ".join(f"{who} {s}" for who, s in ANNOTATOR_NOISE.items())
     rerun = (
         f"python -m training.user_study evaluate --export {shlex.quote(str(export_path))} "

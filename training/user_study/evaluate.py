@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from training.evaluation import EvalModel, ObjectPrompts
 from training.user_study.box_quality import BoxQuality, box_quality
 from training.user_study.ground_truth import GtImage
 from training.user_study.ls_export import StudyExport
 from training.user_study.matching import DEFAULT_MIN_IOU, Matching, match_boxes
 from training.user_study.segmentation import (
-    BoxSegmenter,
-    ObjectPrompts,
+    PerObjectScores,
+    StudyObject,
     aggregate,
     by_annotator,
     evaluate_segmentation,
@@ -49,33 +50,35 @@ class StudyResult:
     counts: dict[str, int]
     matching: Matching
     box_quality: BoxQuality
-    objects: list[ObjectPrompts]
+    objects: list[StudyObject]
     labels: dict[tuple[str, str], str | None]
     objects_without_boxes: list[tuple[str, str]]
     models: dict[str, str] = field(default_factory=dict)  # name -> description
-    per_object: dict[str, dict[tuple[str, str], dict[str, dict[str, Any]]]] = field(
-        default_factory=dict
-    )
+    per_object: PerObjectScores = field(default_factory=dict)
     table: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     # model -> annotator -> {miou, mbiou, n}: each model prompted with one person's boxes
     by_annotator: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
 
-def study_objects(matching: Matching, gt: Mapping[str, GtImage]) -> list[ObjectPrompts]:
-    """One ``ObjectPrompts`` per object some annotator drew, in (image, object) order."""
+def study_objects(matching: Matching, gt: Mapping[str, GtImage]) -> list[StudyObject]:
+    """One ``StudyObject`` per object some annotator drew, in (image, object) order, with its
+    GT box and user boxes (noisy boxes come later: ``make_noisy_boxes``)."""
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for m in matching.matched:
         groups[(m.image_key, m.object_id)].append(m)
     objects = []
     for (image_key, object_id), group in sorted(groups.items()):
         group.sort(key=lambda m: m.box.annotator)
+        boxes = {
+            "gt_box": gt[image_key].objects[object_id].box_xyxy[None],
+            "user": np.stack([m.box.box_xyxy for m in group]),
+        }
         objects.append(
-            ObjectPrompts(
+            StudyObject(
                 image_key=image_key,
                 object_id=object_id,
-                gt_box=gt[image_key].objects[object_id].box_xyxy,
-                user_boxes=np.stack([m.box.box_xyxy for m in group]),
                 annotators=[m.box.annotator for m in group],
+                prompts=ObjectPrompts(by_kind=boxes),
             )
         )
     return objects
@@ -84,10 +87,9 @@ def study_objects(matching: Matching, gt: Mapping[str, GtImage]) -> list[ObjectP
 def evaluate_study(
     export: StudyExport,
     gt: Mapping[str, GtImage],
-    models: Mapping[str, BoxSegmenter],
+    models: Mapping[str, EvalModel],
     load_image: Callable[[str], np.ndarray] | None,
     config: EvaluationConfig | None = None,
-    model_descriptions: Mapping[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> StudyResult:
     """Run the evaluation; ``models`` may be empty (box quality only, no images needed)."""
@@ -110,7 +112,7 @@ def evaluate_study(
         objects=objects,
         labels={k: gt[k[0]].objects[k[1]].label for k in gt_boxes},
         objects_without_boxes=sorted(k for k in gt_boxes if k not in drawn),
-        models={name: (model_descriptions or {}).get(name, name) for name in models},
+        models={name: model.description or name for name, model in models.items()},
     )
     result.counts["matched"] = len(matching.matched)
     result.counts["unmatched"] = len(matching.unmatched)

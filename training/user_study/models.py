@@ -14,38 +14,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from training.evaluation import EvalModel
 
 logger = logging.getLogger(__name__)
 
-BATCH = 16  # prompts per decoder call: bounds memory for studies with many annotators
+
+def model_names(spec: str) -> list[str]:
+    """The model names of a ``--models`` value: a comma list, or ``none`` for no models."""
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    return [] if names == ["none"] else names
 
 
-@dataclass
-class PredictorSegmenter:
-    """``BoxSegmenter`` over a ``stable_sam.StableSamPredictor``; ``description`` for reports."""
-
-    predictor: object
-    description: str
-
-    def segment_boxes(self, image_rgb: np.ndarray, boxes_xyxy: np.ndarray) -> np.ndarray:
-        """``image_rgb`` (H, W, 3) uint8, ``boxes_xyxy`` (B, 4) px -> masks (B, H, W) bool."""
-        h, w = image_rgb.shape[:2]
-        if len(boxes_xyxy) == 0:
-            return np.zeros((0, h, w), dtype=bool)
-        out = []
-        for start in range(0, len(boxes_xyxy), BATCH):
-            chunk = np.asarray(boxes_xyxy[start : start + BATCH], dtype=np.float32)
-            prediction = self.predictor.predict_batch(image_rgb, boxes_xyxy=chunk)
-            masks = np.asarray(prediction.masks)
-            out.append(masks.reshape(len(chunk), h, w).astype(bool))
-        return np.concatenate(out)
-
-
-def build_segmenters(
+def build_models(
     names: list[str],
     *,
     base_type: str | None = None,
@@ -54,14 +36,16 @@ def build_segmenters(
     hq_model_type: str = "hq_vit_l",
     device: str | None = None,
     allow_random_base: bool = False,
-) -> dict[str, PredictorSegmenter]:
-    """Build one segmenter per name (see the module docstring); raises on an unknown name.
+) -> dict[str, EvalModel]:
+    """Build one model per name (see the module docstring); raises on an unknown name.
 
     Without ``base_type`` the embedded default (``stable_sam.default_model_paths()``) is the
     base; if its files are missing this raises ``FileNotFoundError``, unless
     ``allow_random_base`` (the demo), which builds a randomly initialised base (or untrained
-    plugins) instead and says so in every description.
+    plugins) instead and says so in every description. No names: no models, nothing checked.
     """
+    if not names:
+        return {}
     from stable_sam import StableSamPredictor, build_stable_sam, default_model_paths
 
     defaults = default_model_paths()
@@ -75,7 +59,7 @@ def build_segmenters(
                     raise FileNotFoundError(f"embedded default base missing: {base_checkpoint}")
                 logger.warning("embedded default base missing: RANDOM weights, numbers meaningless")
                 base_checkpoint, shipped_plugins = None, None
-    out: dict[str, PredictorSegmenter] = {}
+    out: dict[str, EvalModel] = {}
     for name in names:
         if name == "sam":
             model = build_stable_sam(base_type, base_checkpoint, plugins=False, device=device)
@@ -112,7 +96,7 @@ def build_segmenters(
                 f"unknown model {name!r}; expected sam, stable-sam, hq-sam or project:<plugin file>"
             )
         logger.info("user study model %s: %s", name, description)
-        out[name] = PredictorSegmenter(StableSamPredictor(model), description)
+        out[name] = EvalModel(name, StableSamPredictor(model), description=description)
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from training.user_study.evaluate import StudyResult
-from training.user_study.segmentation import SOURCE_TITLES, SOURCES
+from training.user_study.segmentation import SOURCE_TITLES, SOURCES, ST_MIN_PROMPTS
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,12 @@ def write_per_object_csv(result: StudyResult, path: Path) -> None:
             row += [_csv(stats[k]) for k in ("mean", "median", "min", "max")]
             for rows in result.per_object.values():
                 for source in SOURCES:
-                    s = rows.get(key, {}).get(source, {})
-                    row += [_csv(s.get("iou")), _csv(s.get("biou")), _csv(s.get("st"))]
+                    s = rows.get(key, {}).get(source)
+                    if s is None:
+                        row += ["", "", ""]
+                        continue
+                    st = s.st if s.n >= ST_MIN_PROMPTS else None
+                    row += [_csv(s.iou), _csv(s.biou), _csv(st)]
             writer.writerow(row)
 
 
