@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from stable_sam import build_sam, build_stable_sam, read_plugin_metadata
 from training import rts
 from training.baselines import load_decoder, save_decoder, train_dt_sam
 from training.data import Sample, write_mask_folder
-from training.engine import TrainConfig, TrainResult, step_loss, train_plugins
+from training.engine import TrainConfig, step_loss, train_plugins
 from training.train import main
 
 
@@ -54,7 +54,7 @@ def test_train_plugins_runs_and_only_touches_the_plugins(base_file):
     cfg = TrainConfig(batch_prompts=8, prompts_per_image=4, max_steps=2)
     result = train_plugins(model, _tiny_dataset(), cfg, progress=lambda *a: calls.append(a))
 
-    assert isinstance(result, TrainResult)
+    assert result.final_loss == pytest.approx(result.losses[-1])  # last 10 % of 2 steps: 1
     assert result.steps == 2 and len(result.losses) == 2 and np.isfinite(result.final_loss)
     assert result.wall_s > 0 and result.images_per_s > 0
     assert [c[:2] for c in calls] == [(1, 2), (2, 2)]
@@ -124,7 +124,8 @@ def test_cli_writes_a_plugin_file_with_the_training_summary(base_file, tmp_path)
     assert summary["steps"] == 1 and summary["variant"] == "stable"
     assert summary["config"]["lr"] == 1e-3 and summary["config"]["weight_decay"] == 0.0
     reloaded = build_stable_sam("mini", base_file, plugin_checkpoint=out, device="cpu")
-    assert reloaded.plugins is not None
+    saved, state = load_file(str(out)), reloaded.plugins.state_dict()
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
 
 
 def test_dsp_variant_keeps_routing_fixed(base_file, tmp_path):
