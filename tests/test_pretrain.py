@@ -19,7 +19,13 @@ from training.pretrain.data import (
     jitter_sample,
     prepare_sample,
 )
-from training.pretrain.loop import correction_points, decode_batched, pretrain, train_step_loss
+from training.pretrain.loop import (
+    correction_points,
+    decode_batched,
+    heldout_metrics,
+    pretrain,
+    train_step_loss,
+)
 from training.pretrain.provenance import write_provenance
 from training.pretrain.schedule import focal_weight_at, lr_at
 from training.scenes import SceneDataset, make_scene
@@ -115,6 +121,32 @@ def test_batched_decoding_equals_sams_per_image_decoding() -> None:
                 ref_low, ref_iou = model.decode(emb[index[i]][None], sparse, dense, multimask)
                 torch.testing.assert_close(low[i : i + 1], ref_low, atol=1e-4, rtol=1e-4)
                 torch.testing.assert_close(iou[i : i + 1], ref_iou, atol=1e-4, rtol=1e-4)
+
+
+def test_heldout_score_is_the_protocols_and_leaves_the_model_trainable() -> None:
+    from stable_sam import StableSam, StableSamPredictor
+    from training import evaluation
+
+    torch.manual_seed(0)
+    sam = build_sam("mini").train()
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    scenes = SceneDataset("heldout", 2, (256, 256))
+    got = heldout_metrics(sam, scenes, torch.device("cpu"))
+    assert sam.training and all(p.requires_grad for p in sam.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in sam.state_dict().items())
+
+    model = StableSam(sam, "mini", "x")  # may freeze sam now: the checks above are done
+    best = evaluation.EvalModel("best", StableSamPredictor(model, multimask_policy="best"))
+    single = best.with_policy("single", "single")
+    scores = evaluation.evaluate([best, single], scenes, ("gt_box", "points_1"), n_prompts=1)
+
+    def miou(row: str, kind: str) -> float:
+        return 100 * evaluation.summarize(scores[row].objects[kind])["miou"]
+
+    assert got["objects"] == sum(s.num_instances for s in scenes)
+    assert got["box_miou"] == miou("single", "gt_box")
+    assert got["point1_miou"] == miou("best", "points_1")  # best of 3 for one click
+    assert got["point1_single_miou"] == miou("single", "points_1")
 
 
 @pytest.mark.slow

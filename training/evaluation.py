@@ -1,7 +1,7 @@
 """The evaluation protocol: prompts per object, decoding through the predictor, scoring.
 
-The benchmark (paper Tables 1, 5, 6), the training job's promotion check and the user study
-measure masks this one way:
+The benchmark (paper Tables 1, 5, 6), the training job's promotion check, pretraining's held-out
+score and the user study measure masks this one way:
 
 - **Prompts** (``object_prompts``), per object and prompt kind: the GT box (deterministic: one
   prompt); ``n_prompts`` noisy boxes (``stable_sam.prompts.noisy_box``: noise scale 0.4, IoU

@@ -20,7 +20,7 @@ With ``--minutes`` the learning-rate schedule runs on training wall time (so it 
 budget); with ``--steps`` it runs on steps (reproducible across machines).
 
 The package: ``config`` (hyper-parameters), ``data`` (scenes -> jittered, prompted batches),
-``schedule`` (learning rate, focal weight), ``loop`` (the step loss and the loop),
-``checkpoint`` (fp16 export, training state, resume), ``heldout`` (the held-out evaluation),
+``schedule`` (learning rate, focal weight), ``loop`` (the step loss, the loop, and the held-out
+score through ``training.evaluation``), ``checkpoint`` (fp16 export, training state, resume),
 ``provenance`` (machine, commit, the PROVENANCE.md record) and ``__main__`` (the CLI).
 """

@@ -7,6 +7,7 @@ Each step decodes all prompts of a kind, over every image of the batch, in one d
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -23,7 +24,6 @@ from tqdm import tqdm
 from stable_sam.build import build_sam
 from training import engine
 from training.data import Sample
-from training.pretrain import heldout
 from training.pretrain.checkpoint import export_fp16, load_state, save_state
 from training.pretrain.config import MODEL_TYPE, PretrainConfig
 from training.pretrain.data import PretrainBatch, batch_stream
@@ -146,14 +146,34 @@ def train_step_loss(
 
 
 def heldout_metrics(sam: Sam, scenes: Sequence[Sample], device: torch.device) -> dict:
-    """Held-out mIoU (percent) of ``sam`` on ``scenes``: {"box_miou", "point1_miou",
-    "point1_single_miou", "objects"}.
+    """Held-out mIoU (percent) of ``sam`` on ``scenes`` by the evaluation protocol
+    (``training.evaluation``, one prompt per object): the GT box (``box_miou``), one positive
+    point with the best of SAM's 3 outputs (``point1_miou``: SAM's rule, the predictor's
+    ``auto``) and with the single output (``point1_single_miou``); and ``objects``.
 
-    EVALUATION: pretraining's single call site of an evaluator (the monitor at each checkpoint
-    and the final held-out score both come through here); ``training.evaluation``'s protocol
-    replaces ``heldout.evaluate`` at this line.
+    Pretraining's one evaluator call (the monitor at each checkpoint and the final held-out
+    score). It scores a copy: ``StableSam`` freezes what it wraps, and the weights in training
+    must stay trainable. ``device`` is where ``sam`` is; the copy stays there.
     """
-    return heldout.evaluate(sam, scenes, device)
+    from stable_sam import StableSam, StableSamPredictor
+    from training.evaluation import EvalModel, evaluate, summarize
+
+    frozen = StableSam(copy.deepcopy(sam).to(device), MODEL_TYPE, "pretraining in progress")
+    # A new predictor, so no embedding cached from earlier weights is used.
+    auto = EvalModel("auto", StableSamPredictor(frozen, multimask_policy="auto"))
+    rows = [auto, auto.with_policy("single", "single")]
+    scores = evaluate(rows, scenes, ("gt_box", "points_1"), n_prompts=1)
+
+    def miou(row: str, kind: str) -> float:
+        value = summarize(scores[row].objects.get(kind, []))["miou"]
+        return float("nan") if value is None else 100 * value
+
+    return {
+        "box_miou": miou("auto", "gt_box"),
+        "point1_miou": miou("auto", "points_1"),
+        "point1_single_miou": miou("single", "points_1"),
+        "objects": len(scores["auto"].objects.get("gt_box", [])),
+    }
 
 
 def cpu_threads(requested: int) -> int:
