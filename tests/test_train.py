@@ -196,3 +196,26 @@ def test_the_benchmark_trains_a_variant_exactly_as_the_cli_does(base_file, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads(read_plugin_metadata(api)["training_summary"])
     assert summary["variant"] == "dsp" and summary["config"]["seed"] == 3
+
+
+def test_a_variant_built_with_a_seed_has_the_same_fresh_plugins_every_time(base_file):
+    from training.baselines import VARIANTS
+
+    def plugin_state(seed):
+        model = VARIANTS["stable"].build_model("mini", base_file, "cpu", seed=seed)
+        return {k: v.clone() for k, v in model.plugins.state_dict().items()}
+
+    first, again, other = plugin_state(3), plugin_state(3), plugin_state(4)
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_building_a_seeded_variant_leaves_the_callers_generator_alone(base_file):
+    from training.baselines import VARIANTS
+
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    VARIANTS["stable"].build_model("mini", base_file, "cpu", seed=0)
+    assert torch.equal(torch.rand(3), expected)

@@ -17,6 +17,7 @@ drifts far from SAM).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -48,13 +50,19 @@ class Variant:
     fixed_alpha: tuple[float, float] | None = None  # routing fixed (DSP without DRP)
 
     def build_model(
-        self, model_type: str, base: str | Path, device: str | None = None
+        self, model_type: str, base: str | Path, device: str | None = None, seed: int | None = None
     ) -> StableSam:
-        """The untrained model of this variant on the frozen ``base`` checkpoint."""
+        """The untrained model of this variant on the frozen ``base`` checkpoint. With ``seed``,
+        the fresh plugins are initialised from it (the same file every run); without, from
+        torch's global generator, which this torch build seeds differently in every process."""
         config = PluginConfig(fixed_alpha=self.fixed_alpha) if self.plugins else None
-        return build_stable_sam(
-            model_type, base, plugins=self.plugins, plugin_config=config, device=device
-        )
+        # fork_rng: the caller's generator state is left as it was.
+        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+            if seed is not None:
+                torch.manual_seed(seed)
+            return build_stable_sam(
+                model_type, base, plugins=self.plugins, plugin_config=config, device=device
+            )
 
     def train_config(self, lr: float | None = None, **fields: Any) -> TrainConfig:
         """A ``TrainConfig`` with this variant's learning rate and RTS mode (``fields`` as

@@ -194,7 +194,7 @@ def train_variant(
 
     setup = VARIANTS[variant]
     dataset = SceneDataset("train", n_train)
-    model = setup.build_model(model_type, base, device)
+    model = setup.build_model(model_type, base, device, seed=seed)
     config = setup.train_config(seed=seed, max_steps=max_steps, device=device)
     result = setup.train(model, dataset, config)
     result.summary.update({"variant": variant, "data": "synthetic", "base": base.name})

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     # Data.
     dataset = load_dataset(args.data, args.n)
     # Model: a frozen SAM, with fresh plugins (or, for DT-SAM, its decoder to fine-tune).
-    model = variant.build_model(args.model_type, args.base, args.device)
+    model = variant.build_model(args.model_type, args.base, args.device, seed=args.seed)
     # Optimiser and loop: Adam inside the engine's RTS loop.
     config = variant.train_config(
         lr=args.lr,
