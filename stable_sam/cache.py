@@ -57,11 +57,15 @@ class EmbeddingCache:
 
     def get(self, key: str) -> ImageEmbedding | None:
         with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-            return item
+            return self._get_locked(key)
+
+    def _get_locked(self, key: str) -> ImageEmbedding | None:
+        """The item for ``key`` (marked most recently used, counted as a hit), or ``None``."""
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+        return item
 
     def put(self, item: ImageEmbedding) -> None:
         with self._lock:
@@ -83,10 +87,8 @@ class EmbeddingCache:
         """The cached embedding for ``key``, computing it once even under concurrent calls."""
         while True:
             with self._lock:
-                item = self._items.get(key)
+                item = self._get_locked(key)
                 if item is not None:
-                    self._items.move_to_end(key)
-                    self.hits += 1
                     return item
                 waiter = self._inflight.get(key)
                 if waiter is None:
