@@ -5,6 +5,10 @@ session gets its own private server on a free port (so a test may ``FLUSHALL`` w
 a teammate's data or a developer's queue); otherwise the Redis on ``REDIS_URL`` (default
 ``redis://127.0.0.1:6379/0``) is used if it answers. With neither, the test fails with a clear
 message rather than being skipped.
+
+``one_torch_thread``: torch on one CPU thread for a module (on the shared 2-core machines
+torch's 2-thread kernels were ~8x slower than one). ``random_mini_base``: a random-weight mini
+SAM saved as a ``.safetensors`` base checkpoint, once per session.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+import torch
+from safetensors.torch import save_file
+
+from stable_sam import build_sam
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -66,3 +74,20 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def random_mini_base(tmp_path_factory: pytest.TempPathFactory):
+    """The path of a random-weight mini SAM base checkpoint (seeded: the same weights each run)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in build_sam("mini").state_dict().items()}, str(path))
+    return path

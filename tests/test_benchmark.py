@@ -7,29 +7,19 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from stable_sam import StableSamPredictor, build_sam, build_stable_sam, metrics
+from stable_sam import StableSamPredictor, build_stable_sam, metrics
 from training import benchmark, evaluation
 from training.scenes import SceneDataset
 from training.train import main as train_main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, random_mini_base):
     root = tmp_path_factory.mktemp("bench")
-    torch.manual_seed(0)
-    base = root / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in build_sam("mini").state_dict().items()}, str(base))
+    base = random_mini_base
     plugins = root / "plugins.safetensors"
     train_main(
         [

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from stable_sam import build_sam, build_stable_sam, read_plugin_metadata
+from stable_sam import build_stable_sam, read_plugin_metadata
 from training import rts
 from training.baselines import load_decoder, save_decoder, train_dt_sam
 from training.data import Sample, write_mask_folder
@@ -29,21 +29,12 @@ def _tiny_dataset(n: int = 4, side: int = 96) -> list[Sample]:
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core machine torch's 2-thread kernels were ~8x slower than 1 thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def base_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base") / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in build_sam("mini").state_dict().items()}, str(path))
-    return path
+def base_file(random_mini_base):
+    return random_mini_base
 
 
 def test_train_plugins_runs_and_only_touches_the_plugins(base_file):
