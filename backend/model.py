@@ -3,7 +3,8 @@
 ``predict(tasks, context, ...)`` answers ``/predict``: with a context (regions the annotator
 placed with the smart tools) it returns one ``brushlabels`` region per label; without one (a
 task was opened) it returns empty results and starts computing the task's image embedding in
-the background, so the first click is fast. ``fit(event, data)`` hands training to the queue.
+the background, so the first click is fast. Training events go to ``/webhook``
+(``backend.training_api``), never here.
 
 The model is built lazily (or in the background at start-up), never in ``/setup``. One frozen
 SAM base serves every project; a project's newest promoted plugin version (``VersionStore``) is
@@ -35,6 +36,8 @@ from labelstudio.brush import mask_to_rle
 from labelstudio.errors import InvalidRequestError, LabelConfigError, ServiceError
 from labelstudio.label_config import LabelConfig, LabelConfigStore, parse_label_config
 from runtime.project_ids import normalize_project_id
+from runtime.queue.access import LabelStudioAccess
+from runtime.queue.connection import redis_connection
 from runtime.settings import Settings
 from runtime.versions import PluginVersion, VersionStore
 
@@ -58,10 +61,6 @@ def file_fingerprint(path: Path) -> str:
     when the shipped weights change, so does the version Label Studio sees."""
     stat = path.stat()
     return _file_fingerprint(path.resolve(), stat.st_mtime_ns, stat.st_size)
-
-
-# Label Studio's project reference as our key: "7.1700000000", "007" or {"id": 7} -> "7".
-project_key = normalize_project_id
 
 
 @dataclass(frozen=True)
@@ -267,7 +266,7 @@ class ModelServer:
 
 
 class StableSamBackend:
-    """The Label Studio ML backend: ``predict(tasks, context)`` and ``fit(event, data)``."""
+    """The Label Studio ML backend: ``setup(project, schema, ...)`` and ``predict(tasks, context)``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -288,7 +287,7 @@ class StableSamBackend:
         )
         self._pending = 0
         self._pending_lock = threading.Lock()
-        self._queue: Any = None
+        self._access: LabelStudioAccess | None = None
         # project -> (url, token, share again at): what training jobs were last given
         self._stored_access: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
         self._redis_retry_at = 0.0
@@ -308,7 +307,7 @@ class StableSamBackend:
     ) -> str:
         """Remember the project's config (and, if trusted, LS's address/token); return the
         model version. ``UntrustedLabelStudioError`` (403) for a Label Studio not trusted."""
-        key = project_key(project)
+        key = normalize_project_id(project)
         token_usable = self.auth.update_from_setup(hostname, access_token)
         if key is not None and schema:
             self._schemas.put(key, schema)
@@ -325,7 +324,7 @@ class StableSamBackend:
         if time.monotonic() < self._redis_retry_at:
             return url  # Redis was down a moment ago: keep /setup fast, pin locally
         try:
-            return self.training_queue().pin_label_studio_url(url)
+            return self.label_studio_access().pin_url(url)
         except (redis.RedisError, OSError):
             self._redis_retry_at = time.monotonic() + REDIS_RETRY_S
             raise
@@ -341,7 +340,7 @@ class StableSamBackend:
         if now < self._redis_retry_at:
             return  # Redis was down a moment ago: keep /setup fast
         try:
-            self.training_queue().store_label_studio_access(project, url, token)
+            self.label_studio_access().store(project, url, token)
             # Shared again after a while: Redis may have lost it (it keeps nothing on disk).
             self._stored_access[project] = (url, token, now + ACCESS_RESHARE_S)
             self._stored_access.move_to_end(project)
@@ -365,7 +364,7 @@ class StableSamBackend:
         The request limits (``self.limits``) and the regions are checked first, before any
         image download or model work.
         """
-        key = project_key(project)
+        key = normalize_project_id(project)
         self.limits.check_label_config(label_config, "label_config")
         result = (context or {}).get("result") if isinstance(context, dict) else None
         if context is not None and not isinstance(context, dict):
@@ -514,21 +513,10 @@ class StableSamBackend:
         return False
 
     # -- training ----------------------------------------------------------------------------
-    def training_queue(self) -> Any:
-        """The ``runtime.queue.TrainingQueue`` the settings describe (built once; no I/O)."""
-        if self._queue is None:
-            from backend.training_api import training_queue_from_settings
-
-            self._queue = training_queue_from_settings(self.settings)
-        return self._queue
-
-    def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
-        """Hand a Label Studio training event to the queue; returns what the queue did.
-
-        ``data`` is the webhook body (``{"action": ..., "project": {"id": ...}, ...}``). Training
-        itself runs in the RQ worker (``training.jobs.train_project``), never here.
-        """
-        project = project_key(data.get("project"))
-        if project is None:
-            raise InvalidRequestError("the training event names no project id")
-        return self.training_queue().handle_event(project, event).to_dict()
+    def label_studio_access(self) -> LabelStudioAccess:
+        """Where ``/setup`` shares Label Studio access with training jobs (built once; no I/O)."""
+        if self._access is None:
+            self._access = LabelStudioAccess(
+                redis_connection(self.settings.redis_url), self.settings.training_queue
+            )
+        return self._access

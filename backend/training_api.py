@@ -21,27 +21,17 @@ from starlette.concurrency import run_in_threadpool
 
 from backend.errors import AsciiJSONResponse, malformed_json
 from runtime.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
-from runtime.queue import ANNOTATION_ACTIONS, START_TRAINING, QueueFullError, TrainingQueue
+from runtime.queue.connection import redis_connection
+from runtime.queue.status import TrainingStatus
+from runtime.queue.triggers import TRAINING_ACTIONS, QueueFullError, TrainingTriggers
 from runtime.settings import Settings
 from runtime.versions import PluginVersion, VersionStore
 
 logger = logging.getLogger(__name__)
 
-TRAINING_ACTIONS = ANNOTATION_ACTIONS | {START_TRAINING}
-
-
-def training_queue_from_settings(settings: Settings) -> TrainingQueue:
-    """The ``TrainingQueue`` described by ``settings`` (see ``TrainingQueue.from_settings``)."""
-    return TrainingQueue.from_settings(settings)
-
 
 def _error(status_code: int, code: str, detail: str) -> JSONResponse:
     return AsciiJSONResponse({"error": code, "detail": detail}, status_code=status_code)
-
-
-# The numeric project id as a string from an LS ``project`` field (``{"id": 7}``, 7, "007",
-# "7.1700000000" -> "7"), or ``None``.
-project_id = normalize_project_id
 
 
 def _redis_down(settings: Settings, exc: Exception) -> JSONResponse:
@@ -77,7 +67,9 @@ def _version_view(version: PluginVersion | None) -> dict[str, Any] | None:
 def build_training_router(settings: Settings) -> APIRouter:
     """The router with ``/webhook``, ``/versions``, ``/status`` and ``/status/{project}``."""
     router = APIRouter()
-    queue = training_queue_from_settings(settings)
+    connection = redis_connection(settings.redis_url)
+    triggers = TrainingTriggers.from_settings(settings, connection)
+    status = TrainingStatus.from_settings(settings, connection)
     store = VersionStore(settings.versions_dir, keep=settings.versions_keep)
 
     @router.post("/webhook")
@@ -100,7 +92,7 @@ def build_training_router(settings: Settings) -> APIRouter:
             return AsciiJSONResponse({"status": "ignored", "action": action})  # echoes the caller
         if "project" not in data:
             return _error(400, "invalid_request", f"project: required for {action}")
-        project = project_id(data["project"])
+        project = normalize_project_id(data["project"])
         if project is None:
             return _error(
                 400,
@@ -109,7 +101,7 @@ def build_training_router(settings: Settings) -> APIRouter:
                 f"{MAX_PROJECT_ID_DIGITS} ASCII digits",
             )
         try:
-            result = await run_in_threadpool(queue.handle_event, project, action)
+            result = await run_in_threadpool(triggers.handle_event, project, action)
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
         except QueueFullError as exc:
@@ -125,7 +117,7 @@ def build_training_router(settings: Settings) -> APIRouter:
     @router.get("/versions")
     def versions(project: str | None = None) -> JSONResponse:
         """``{"versions": [...]}``: plugin version names of ``project`` (or of all), oldest first."""
-        key = project_id(project) if project is not None else None
+        key = normalize_project_id(project) if project is not None else None
         if project is not None and key is None:
             return _error(400, "invalid_request", "project: must be a numeric project id")
         return JSONResponse({"versions": [v.name for v in store.list(key)]})
@@ -136,9 +128,9 @@ def build_training_router(settings: Settings) -> APIRouter:
         try:
             # Only canonical ids: Redis may still hold what an older version let in ("07", a
             # 5,000-digit id), which must not break the listing of every other project.
-            known = set(queue.projects()) | set(store.projects())
-            projects = sorted((p for p in known if project_id(p) == p), key=int)
-            statuses = [_project_status(queue, store, p) for p in projects]
+            known = set(status.projects()) | set(store.projects())
+            projects = sorted((p for p in known if normalize_project_id(p) == p), key=int)
+            statuses = [_project_status(status, store, p) for p in projects]
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
         return JSONResponse({"projects": statuses})
@@ -146,18 +138,18 @@ def build_training_router(settings: Settings) -> APIRouter:
     @router.get("/status/{project}")
     def status_one(project: str) -> JSONResponse:
         """Queued/running job, progress, last run, last failure, current version of one project."""
-        key = project_id(project)
+        key = normalize_project_id(project)
         if key is None:
             return _error(400, "invalid_request", "project: must be a numeric project id")
         try:
-            return JSONResponse(_project_status(queue, store, key))
+            return JSONResponse(_project_status(status, store, key))
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
 
     return router
 
 
-def _project_status(queue: TrainingQueue, store: VersionStore, project: str) -> dict[str, Any]:
-    status = queue.status(project)
-    status["current_version"] = _version_view(store.current(project))
-    return status
+def _project_status(status: TrainingStatus, store: VersionStore, project: str) -> dict[str, Any]:
+    view = status.status(project)
+    view["current_version"] = _version_view(store.current(project))
+    return view

@@ -1,4 +1,4 @@
-"""One spelling per Label Studio project id: ``normalize_project_id`` and every backend caller."""
+"""One spelling per Label Studio project id: ``normalize_project_id`` and the version store."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from backend.model import project_key
-from backend.training_api import project_id
 from runtime.project_ids import MAX_PROJECT_ID, normalize_project_id
 from runtime.versions import VersionStore, check_project
 
@@ -65,11 +63,6 @@ def test_project_ids_have_one_canonical_spelling(value, expected):
 )
 def test_anything_else_is_no_project_id(value):
     assert normalize_project_id(value) is None
-
-
-def test_the_backend_callers_share_the_one_normaliser():
-    for value in ("07", "٣", "9" * 5000, {"id": "007"}, True):
-        assert project_key(value) == project_id(value) == normalize_project_id(value)
 
 
 @pytest.mark.parametrize("project", ["07", "٣", "9" * 20, "7.1"])

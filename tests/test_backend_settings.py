@@ -1,4 +1,4 @@
-"""Model selection by environment, model_version naming, and project keys."""
+"""Model selection by environment and model_version naming."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backend.errors import ModelUnavailableError
-from backend.model import ModelServer, project_key
+from backend.model import ModelServer
 from runtime.settings import Settings
 
 
@@ -27,15 +27,6 @@ def test_settings_come_from_the_environment(monkeypatch):
 def test_unknown_model_type_is_refused():
     with pytest.raises(ValueError):
         Settings(sam_model_type="vit_x")
-
-
-@pytest.mark.parametrize(
-    ("project", "key"),
-    [("7.1700000000", "7"), ("12", "12"), (7, "7"), ({"id": 3, "token": "x"}, "3"),
-     (None, None), ("", None), ("../etc", None)],
-)  # fmt: skip
-def test_project_key_is_the_numeric_id(project, key):
-    assert project_key(project) == key
 
 
 def test_model_version_names_base_and_plugins_without_building(tmp_path):

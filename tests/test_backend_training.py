@@ -1,4 +1,4 @@
-"""``fit`` hands training to the RQ queue; ``/setup`` shares Label Studio access with the jobs."""
+"""``/setup`` shares Label Studio access with the training jobs (``runtime.queue.access``)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import time
 import uuid
 
 import pytest
-from rq import Queue
 
 from backend.model import StableSamBackend
-from runtime.queue import redis_connection
+from runtime.queue.access import LabelStudioAccess
+from runtime.queue.connection import redis_connection
 from runtime.settings import Settings
 
 
@@ -22,6 +22,12 @@ def make_backend(redis_url: str, tmp_path, **overrides) -> StableSamBackend:
         **overrides,
     )
     return StableSamBackend(settings)
+
+
+def access_of(backend: StableSamBackend) -> LabelStudioAccess:
+    """What a training job of ``backend``'s queue reads (its own connection)."""
+    settings = backend.settings
+    return LabelStudioAccess(redis_connection(settings.redis_url), settings.training_queue)
 
 
 @pytest.fixture
@@ -39,31 +45,19 @@ def trusting_backend(redis_url, tmp_path):
 
 
 @pytest.mark.integration
-def test_fit_enqueues_one_training_job_and_coalesces_the_next(backend):
-    first = backend.fit("START_TRAINING", {"action": "START_TRAINING", "project": {"id": 41}})
-    again = backend.fit("START_TRAINING", {"action": "START_TRAINING", "project": {"id": 41}})
-    assert first["status"] == "enqueued" and first["project"] == "41"
-    assert again["status"] == "merged" and again["job_id"] == first["job_id"]
-    queue = Queue(
-        backend.settings.training_queue, connection=redis_connection(backend.settings.redis_url)
-    )
-    assert queue.job_ids == [first["job_id"]]
-
-
-@pytest.mark.integration
 def test_setup_shares_label_studio_access_with_training_jobs(trusting_backend):
     trusting_backend.setup("42.1700000000", "<View/>", hostname="http://ls:8080/",
                            access_token="tok123")  # fmt: skip
-    queue = trusting_backend.training_queue()
-    assert queue.label_studio_access("42") == ("http://ls:8080", "tok123")
-    assert queue.pinned_label_studio_url() == "http://ls:8080"
+    access = access_of(trusting_backend)
+    assert access.of_project("42") == ("http://ls:8080", "tok123")
+    assert access.pinned_url() == "http://ls:8080"
 
 
 @pytest.mark.integration
 def test_setup_shares_nothing_unless_the_operator_trusts_it(backend):
     backend.setup("42.1700000000", "<View/>", hostname="http://ls:8080", access_token="tok123")
-    assert backend.training_queue().label_studio_access("42") is None
-    assert backend.training_queue().pinned_label_studio_url() is None
+    assert access_of(backend).of_project("42") is None
+    assert access_of(backend).pinned_url() is None
 
 
 def test_setup_stays_fast_when_redis_is_down(tmp_path):

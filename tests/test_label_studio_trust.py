@@ -19,7 +19,8 @@ from pydantic import SecretStr
 from backend.app import create_app
 from labelstudio.errors import LabelStudioError, UntrustedLabelStudioError
 from labelstudio.trust import LabelStudioTrust, base_url_of, origin_of
-from runtime.queue import TrainingQueue, redis_connection
+from runtime.queue.access import LabelStudioAccess
+from runtime.queue.connection import redis_connection
 from runtime.settings import Settings
 from training.jobs import label_studio_client
 
@@ -198,33 +199,33 @@ def worker_settings(**overrides) -> Settings:
 
 
 @pytest.fixture
-def queue(redis_url):
-    return TrainingQueue(redis_connection(redis_url), f"trust-{uuid.uuid4().hex[:8]}")
+def access(redis_url):
+    return LabelStudioAccess(redis_connection(redis_url), f"trust-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.mark.integration
-def test_the_worker_ignores_setup_access_unless_trusted(queue):
-    queue.store_label_studio_access("5", "http://attacker:666", "tok")
+def test_the_worker_ignores_setup_access_unless_trusted(access):
+    access.store("5", "http://attacker:666", "tok")
     with pytest.raises(LabelStudioError, match="LABEL_STUDIO_URL"):
-        label_studio_client(worker_settings(), queue, "5")
+        label_studio_client(worker_settings(), access, "5")
 
 
 @pytest.mark.integration
-def test_the_worker_sends_no_token_to_a_host_other_than_the_configured_one(queue):
-    queue.store_label_studio_access("5", "http://attacker:666", "tok")
+def test_the_worker_sends_no_token_to_a_host_other_than_the_configured_one(access):
+    access.store("5", "http://attacker:666", "tok")
     settings = worker_settings(label_studio_url="http://ls:8080", label_studio_trust_setup=True)
     with pytest.raises(LabelStudioError):
-        label_studio_client(settings, queue, "5")
+        label_studio_client(settings, access, "5")
 
 
 @pytest.mark.integration
-def test_the_worker_sends_no_token_to_a_host_other_than_the_pinned_one(queue):
-    queue.pin_label_studio_url("http://ls:8080")
-    queue.store_label_studio_access("5", "http://attacker:666", "tok")
+def test_the_worker_sends_no_token_to_a_host_other_than_the_pinned_one(access):
+    access.pin_url("http://ls:8080")
+    access.store("5", "http://attacker:666", "tok")
     with pytest.raises(LabelStudioError):
-        label_studio_client(worker_settings(label_studio_trust_setup=True), queue, "5")
-    queue.store_label_studio_access("5", "http://ls:8080", "tok")
-    with label_studio_client(worker_settings(label_studio_trust_setup=True), queue, "5") as client:
+        label_studio_client(worker_settings(label_studio_trust_setup=True), access, "5")
+    access.store("5", "http://ls:8080", "tok")
+    with label_studio_client(worker_settings(label_studio_trust_setup=True), access, "5") as client:
         assert client.base_url == "http://ls:8080"
 
 
@@ -264,5 +265,5 @@ def test_training_jobs_get_the_token_in_use_not_a_stray_one(redis_url, tmp_path,
         setup(client, label_studio.url, label_studio.legacy_token)
         assert click(client).status_code == 200  # the token works
         setup(client, label_studio.url, "bogus0token0from0anyone")
-    queue = TrainingQueue(redis_connection(redis_url), settings.training_queue)
-    assert queue.label_studio_access("3") == (label_studio.url, label_studio.legacy_token)
+    access = LabelStudioAccess(redis_connection(redis_url), settings.training_queue)
+    assert access.of_project("3") == (label_studio.url, label_studio.legacy_token)

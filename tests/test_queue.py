@@ -1,8 +1,9 @@
 """runtime.queue: per-project coalescing of training triggers on a real Redis + RQ queue.
 
-These tests drive the queue's decisions directly (the job's start is played by calling
-``mark_started`` the way ``training.jobs`` does); tests/integration/ runs the same flows with a
-real ``rq worker`` process.
+These tests drive the queue's decisions directly, through ``TrainingTriggers.handle_event`` as
+the webhook does (the job's start is played by calling ``mark_started`` the way
+``training.jobs`` does); tests/integration/ runs the same flows with a real ``rq worker``
+process.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ import redis
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from runtime.queue import (
+from runtime.queue.access import LabelStudioAccess
+from runtime.queue.connection import (
+    MAX_TRANSACTION_ATTEMPTS,
     SERIALIZER,
-    JobOptions,
-    TrainingPolicy,
-    TrainingQueue,
+    ContentionError,
     redis_connection,
+    transaction,
 )
+from runtime.queue.jobs import JobOptions, mark_finished, mark_started, record_failure
+from runtime.queue.state import state_key
+from runtime.queue.status import TrainingStatus
+from runtime.queue.triggers import START_TRAINING, TrainingPolicy, TrainingTriggers
 
 pytestmark = pytest.mark.integration
 
@@ -40,8 +46,8 @@ def conn(redis_url: str) -> Iterator[redis.Redis]:
     connection.flushdb()
 
 
-def make_queue(conn: redis.Redis, **policy: object) -> TrainingQueue:
-    return TrainingQueue(
+def make_queue(conn: redis.Redis, **policy: object) -> TrainingTriggers:
+    return TrainingTriggers(
         conn,
         QUEUE,
         policy=TrainingPolicy(**policy),  # type: ignore[arg-type]
@@ -49,19 +55,23 @@ def make_queue(conn: redis.Redis, **policy: object) -> TrainingQueue:
     )
 
 
-def start(tq: TrainingQueue, job_id: str, project: str = "7") -> Job:
+def status_of(conn: redis.Redis) -> TrainingStatus:
+    return TrainingStatus(conn, QUEUE)
+
+
+def start(tq: TrainingTriggers, job_id: str, project: str = "7") -> Job:
     """Play an RQ worker taking ``job_id`` off the queue and the job marking itself started."""
     job = Job.fetch(job_id, connection=tq.connection, serializer=SERIALIZER)
     tq.queue.remove(job)
     job.set_status(JobStatus.STARTED)
     job.heartbeat(datetime.now(UTC), ttl=60)
-    tq.mark_started(job, project)
+    mark_started(job, project)
     return job
 
 
 def test_first_trigger_enqueues_one_job(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    result = tq.trigger("7")
+    result = tq.handle_event("7", START_TRAINING)
     assert result.outcome == "enqueued"
     assert tq.queue.job_ids == [result.job_id]
     job = Job.fetch(result.job_id, connection=conn, serializer=SERIALIZER)
@@ -74,8 +84,8 @@ def test_first_trigger_enqueues_one_job(conn: redis.Redis) -> None:
 
 def test_trigger_while_queued_merges_into_the_queued_job(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    first = tq.trigger("7", "START_TRAINING")
-    second = tq.handle_event("7", "START_TRAINING")
+    first = tq.handle_event("7", START_TRAINING)
+    second = tq.handle_event("7", START_TRAINING)
     assert second.outcome == "merged"
     assert second.job_id == first.job_id
     assert second.triggers == 2
@@ -87,11 +97,11 @@ def test_trigger_while_queued_merges_into_the_queued_job(conn: redis.Redis) -> N
 
 def test_trigger_while_running_creates_exactly_one_deferred_follow_up(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    running = start(tq, tq.trigger("7").job_id)
-    follow = tq.trigger("7")
+    running = start(tq, tq.handle_event("7", START_TRAINING).job_id)
+    follow = tq.handle_event("7", START_TRAINING)
     assert follow.outcome == "follow_up"
     assert follow.job_id != running.id
-    more = [tq.trigger("7") for _ in range(5)]
+    more = [tq.handle_event("7", START_TRAINING) for _ in range(5)]
     assert {r.outcome for r in more} == {"merged"}
     assert {r.job_id for r in more} == {follow.job_id}
     job = Job.fetch(follow.job_id, connection=conn, serializer=SERIALIZER)
@@ -104,8 +114,8 @@ def test_trigger_while_running_creates_exactly_one_deferred_follow_up(conn: redi
 
 def test_follow_up_is_enqueued_when_the_running_job_fails(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    running = start(tq, tq.trigger("7").job_id)
-    follow = tq.trigger("7")
+    running = start(tq, tq.handle_event("7", START_TRAINING).job_id)
+    follow = tq.handle_event("7", START_TRAINING)
     running.set_status(JobStatus.FAILED)
     tq.queue.enqueue_dependents(running)
     assert tq.queue.job_ids == [follow.job_id]
@@ -113,9 +123,9 @@ def test_follow_up_is_enqueued_when_the_running_job_fails(conn: redis.Redis) -> 
 
 def test_a_failed_running_job_does_not_block_the_next_trigger(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    running = start(tq, tq.trigger("7").job_id)
+    running = start(tq, tq.handle_event("7", START_TRAINING).job_id)
     running.set_status(JobStatus.FAILED)  # e.g. RQ cleaned up a SIGKILLed worker's job
-    result = tq.trigger("7")
+    result = tq.handle_event("7", START_TRAINING)
     assert result.outcome == "enqueued"
     assert tq.queue.job_ids == [result.job_id]
     assert Job.fetch(result.job_id, connection=conn, serializer=SERIALIZER).dependency_ids == []
@@ -123,9 +133,9 @@ def test_a_failed_running_job_does_not_block_the_next_trigger(conn: redis.Redis)
 
 def test_a_vanished_queued_job_is_replaced_not_merged_into(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    first = tq.trigger("7")
+    first = tq.handle_event("7", START_TRAINING)
     Job.fetch(first.job_id, connection=conn, serializer=SERIALIZER).delete()
-    second = tq.trigger("7")
+    second = tq.handle_event("7", START_TRAINING)
     assert second.outcome == "enqueued"
     assert second.job_id != first.job_id
     assert tq.queue.job_ids == [second.job_id]
@@ -133,25 +143,25 @@ def test_a_vanished_queued_job_is_replaced_not_merged_into(conn: redis.Redis) ->
 
 def test_job_moves_from_queued_to_running_when_it_starts(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    job_id = tq.trigger("7").job_id
-    tq.trigger("7")
+    job_id = tq.handle_event("7", START_TRAINING).job_id
+    tq.handle_event("7", START_TRAINING)
     job = start(tq, job_id)
-    state = conn.hgetall(tq.state_key("7"))
+    state = conn.hgetall(state_key("7"))
     assert b"queued" not in state
     assert state[b"running"].decode() == job_id
     assert job.get_meta()["triggers"] == 2
     assert job.get_meta()["attempt"] == 1
-    tq.mark_finished(job, "7")
-    assert b"running" not in conn.hgetall(tq.state_key("7"))
+    mark_finished(job, "7")
+    assert b"running" not in conn.hgetall(state_key("7"))
 
 
 def test_projects_coalesce_independently(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    a, b = tq.trigger("7"), tq.trigger("8")
+    a, b = tq.handle_event("7", START_TRAINING), tq.handle_event("8", START_TRAINING)
     assert a.outcome == b.outcome == "enqueued"
     assert a.job_id != b.job_id
     assert len(tq.queue) == 2
-    assert tq.projects() == ["7", "8"]
+    assert status_of(conn).projects() == ["7", "8"]
 
 
 def test_annotation_events_are_ignored_when_training_on_start_training_only(
@@ -187,7 +197,7 @@ def test_concurrent_triggers_give_one_job_and_count_every_trigger(conn: redis.Re
     def fire() -> None:
         barrier.wait()
         for _ in range(5):
-            results.append(tq.trigger("7"))
+            results.append(tq.handle_event("7", START_TRAINING))
 
     threads = [threading.Thread(target=fire) for _ in range(20)]
     for t in threads:
@@ -206,15 +216,15 @@ def test_concurrent_triggers_give_one_job_and_count_every_trigger(conn: redis.Re
 
 def test_status_reports_queued_running_and_recorded_failure(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    running = start(tq, tq.trigger("7").job_id)
-    follow = tq.trigger("7")
-    tq.record_failure(running, "7", "RuntimeError: no annotated tasks")
-    status = tq.status("7")
+    running = start(tq, tq.handle_event("7", START_TRAINING).job_id)
+    follow = tq.handle_event("7", START_TRAINING)
+    record_failure(running, "7", "RuntimeError: no annotated tasks")
+    status = status_of(conn).status("7")
     assert status["running"]["job_id"] == running.id
     assert status["queued"]["job_id"] == follow.job_id
     assert status["queued"]["status"] == "deferred"
     assert status["last_failure"]["error"] == "RuntimeError: no annotated tasks"
-    assert tq.status("99") == {
+    assert status_of(conn).status("99") == {
         "project": "99",
         "queued": None,
         "running": None,
@@ -226,34 +236,35 @@ def test_status_reports_queued_running_and_recorded_failure(conn: redis.Redis) -
 
 def test_label_studio_token_is_kept_out_of_the_job(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    tq.store_label_studio_access("7", "http://ls:8080", "secret-token-123")
-    job_id = tq.trigger("7").job_id
+    access = LabelStudioAccess(conn, QUEUE)
+    access.store("7", "http://ls:8080", "secret-token-123")
+    job_id = tq.handle_event("7", START_TRAINING).job_id
     raw_job = conn.hgetall(Job.key_for(job_id))
     assert b"secret-token-123" not in b"".join(raw_job.values())
     assert "secret-token-123" not in repr(json.loads(raw_job[b"meta"]))
-    assert tq.label_studio_access("7") == ("http://ls:8080", "secret-token-123")
+    assert access.of_project("7") == ("http://ls:8080", "secret-token-123")
 
 
 def test_unreachable_redis_fails_fast(redis_url: str) -> None:
-    tq = TrainingQueue(redis_connection("redis://127.0.0.1:1/0"), QUEUE)
+    tq = TrainingTriggers(redis_connection("redis://127.0.0.1:1/0"), QUEUE)
     with pytest.raises(redis.ConnectionError):
-        tq.trigger("7")
+        tq.handle_event("7", START_TRAINING)
     assert Queue(QUEUE, connection=redis_connection(redis_url)).count == 0
 
 
 def test_attempts_are_counted_even_when_rq_resaves_the_dequeued_meta(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    job = start(tq, tq.trigger("7").job_id)
+    job = start(tq, tq.handle_event("7", START_TRAINING).job_id)
     stale = Job.fetch(job.id, connection=conn, serializer=SERIALIZER)
     stale.meta = {"project": "7", "triggers": 1}  # what RQ's retry writes back
     stale.save()
-    tq.mark_started(stale, "7")
+    mark_started(stale, "7")
     assert Job.fetch(job.id, connection=conn, serializer=SERIALIZER).get_meta()["attempt"] == 2
 
 
 def test_jobs_are_stored_as_json_never_as_pickles(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    job_id = tq.trigger("7").job_id
+    job_id = tq.handle_event("7", START_TRAINING).job_id
     raw = conn.hgetall(Job.key_for(job_id))
     assert json.loads(zlib.decompress(raw[b"data"])) == [
         "training.jobs.train_project",
@@ -272,11 +283,11 @@ def test_a_job_meta_that_is_not_json_is_read_as_empty_and_logged(
     conn: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     tq = make_queue(conn)
-    job_id = tq.trigger("7").job_id
+    job_id = tq.handle_event("7", START_TRAINING).job_id
     conn.hset(Job.key_for(job_id), "meta", b"\x80\x04not json")
     with caplog.at_level(logging.WARNING, logger="runtime.queue"):
-        assert tq.status("7")["queued"]["triggers"] == 1
-        merged = tq.trigger("7")
+        assert status_of(conn).status("7")["queued"]["triggers"] == 1
+        merged = tq.handle_event("7", START_TRAINING)
     assert merged.outcome == "merged" and merged.triggers == 2
     assert Job.fetch(job_id, connection=conn, serializer=SERIALIZER).get_meta()["triggers"] == 2
     assert f"job {job_id}: meta is not a JSON object, read as empty" in caplog.text
@@ -284,22 +295,75 @@ def test_a_job_meta_that_is_not_json_is_read_as_empty_and_logged(
 
 def test_status_tells_a_running_job_from_one_whose_heartbeat_stopped(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    job = start(tq, tq.trigger("7").job_id)
-    running = tq.status("7")["running"]
+    job = start(tq, tq.handle_event("7", START_TRAINING).job_id)
+    status = status_of(conn)
+    running = status.status("7")["running"]
     assert running["state"] == "running"
-    assert 0 <= running["heartbeat_age_s"] < tq.stuck_after_s
-    job.heartbeat(datetime.now(UTC) - timedelta(seconds=tq.stuck_after_s + 30), ttl=60)
-    stuck = tq.status("7")["running"]
+    assert 0 <= running["heartbeat_age_s"] < status.stuck_after_s
+    job.heartbeat(datetime.now(UTC) - timedelta(seconds=status.stuck_after_s + 30), ttl=60)
+    stuck = status.status("7")["running"]
     assert stuck["state"] == "stuck"
-    assert stuck["heartbeat_age_s"] >= tq.stuck_after_s + 30
+    assert stuck["heartbeat_age_s"] >= status.stuck_after_s + 30
     assert stuck["job_id"] == job.id and stuck["status"] == "started"
 
 
 def test_status_shows_a_job_between_attempts_as_retry_pending(conn: redis.Redis) -> None:
     tq = make_queue(conn)
-    job = start(tq, tq.trigger("7").job_id)
+    job = start(tq, tq.handle_event("7", START_TRAINING).job_id)
     at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=30)
     tq.queue.schedule_job(job, at)
-    running = tq.status("7")["running"]
+    running = status_of(conn).status("7")["running"]
     assert running["state"] == "retry_pending"
     assert running["retry_at"] == at.isoformat()
+
+
+def test_a_transaction_interrupted_every_time_gives_up_after_max_attempts(
+    conn: redis.Redis, redis_url: str
+) -> None:
+    other = redis_connection(redis_url)
+    attempts = []
+
+    def body(pipe: redis.client.Pipeline) -> None:
+        attempts.append(pipe.get("contended"))
+        other.incr("contended")  # a concurrent write after the WATCH: EXEC must fail
+        pipe.multi()
+        pipe.set("written", 1)
+
+    with pytest.raises(ContentionError, match="the contended key"):
+        transaction(conn, ["contended"], body, "the contended key")
+    assert len(attempts) == MAX_TRANSACTION_ATTEMPTS
+    assert conn.get("written") is None
+
+
+def test_a_transaction_retries_until_its_watched_key_stays_unchanged(
+    conn: redis.Redis, redis_url: str
+) -> None:
+    other = redis_connection(redis_url)
+    attempts = []
+
+    def body(pipe: redis.client.Pipeline) -> int:
+        attempts.append(1)
+        if len(attempts) < 3:
+            other.incr("contended")
+        value = int(pipe.get("contended") or 0)
+        pipe.multi()
+        pipe.set("written", value)
+        return value
+
+    value, results = transaction(conn, ["contended"], body, "the contended key")
+    assert len(attempts) == 3
+    assert value == 2 and results == [True]
+    assert conn.get("written") == b"2"
+
+
+def test_a_job_whose_meta_is_not_json_still_starts(
+    conn: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    tq = make_queue(conn)
+    job_id = tq.handle_event("7", START_TRAINING).job_id
+    conn.hset(Job.key_for(job_id), "meta", b"\x80\x04not json")
+    with caplog.at_level(logging.WARNING, logger="runtime.queue"):
+        job = start(tq, job_id)
+    meta = Job.fetch(job.id, connection=conn, serializer=SERIALIZER).get_meta()
+    assert meta["triggers"] == 1 and meta["attempt"] == 1
+    assert f"job {job_id}: meta is not a JSON object, read as empty" in caplog.text

@@ -1,6 +1,6 @@
 """The RQ job that retrains a project's Stable-SAM plugins: ``training.jobs.train_project``.
 
-Enqueued by ``runtime.queue`` (never called in the web process), run by ``rq worker`` in a
+Enqueued by ``runtime.queue.triggers`` (never called in the web process), run by ``rq worker`` in a
 forked work horse. Nothing here touches CUDA at import time, so the worker's parent never
 initialises it; the device is chosen inside the job (CUDA when available, else CPU, or
 ``DEVICE``).
@@ -21,7 +21,7 @@ One run, top to bottom:
 
 A worker killed at any point leaves no partial version (the store's writes are atomic) and the
 served version unchanged; RQ retries or fails the job (its ``Retry`` and timeout are set at
-enqueue time, ``runtime.queue.JobOptions``).
+enqueue time, ``runtime.queue.jobs.JobOptions``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from labelstudio.auth import LabelStudioAuth
 from labelstudio.client import LabelStudioClient
 from labelstudio.errors import LabelStudioError
 from labelstudio.trust import base_url_of, origin_of
-from runtime.queue import TrainingQueue
+from runtime.queue.access import LabelStudioAccess
+from runtime.queue.jobs import mark_finished, mark_started, record_failure
 from runtime.settings import Settings
 from runtime.versions import VersionStore
 from training.data import Sample
@@ -136,7 +137,7 @@ def resolve_base(settings: Settings) -> BaseModelSpec:
 
 
 def label_studio_client(
-    settings: Settings, queue: TrainingQueue, project: str
+    settings: Settings, access: LabelStudioAccess, project: str
 ) -> LabelStudioClient:
     """A client for the trusted Label Studio (the rule of ``labelstudio.trust``).
 
@@ -148,8 +149,8 @@ def label_studio_client(
     url = base_url_of(settings.label_studio_url) or ""
     token = settings.label_studio_token
     if not (url and token) and settings.label_studio_trust_setup:
-        stored = queue.label_studio_access(project)
-        trusted = url or queue.pinned_label_studio_url() or ""
+        stored = access.of_project(project)
+        trusted = url or access.pinned_url() or ""
         if stored is not None and trusted and origin_of(stored[0]) == origin_of(trusted):
             url, token = url or trusted, token or stored[1]
         elif stored is not None:
@@ -360,23 +361,25 @@ def train_project(project: str) -> dict[str, Any]:
     """
     job = get_current_job()
     if job is None:
-        raise RuntimeError("train_project runs as an RQ job (use runtime.queue to enqueue it)")
+        raise RuntimeError(
+            "train_project runs as an RQ job (use runtime.queue.triggers to enqueue it)"
+        )
     settings = Settings()
     _configure_process(settings)
-    queue = TrainingQueue(job.connection, settings.training_queue)
-    queue.mark_started(job, project)
+    mark_started(job, project)
+    access = LabelStudioAccess(job.connection, settings.training_queue)
     progress = JobProgress(job)
     store = VersionStore(settings.versions_dir, keep=settings.versions_keep)
     try:
-        with label_studio_client(settings, queue, project) as client:
+        with label_studio_client(settings, access, project) as client:
             report = run_training(project, settings, client, store, progress, job.id)
     except Exception as exc:
-        queue.record_failure(job, project, f"{type(exc).__name__}: {exc}")
+        record_failure(job, project, f"{type(exc).__name__}: {exc}")
         logger.exception("project %s: training job %s failed", project, job.id)
         raise
     report["triggers"] = job.meta.get("triggers", 1)
     job.meta["report"] = report
     job.meta["progress"] = {"phase": "done", "step": 1, "total": 1}
     job.save_meta()
-    queue.mark_finished(job, project)
+    mark_finished(job, project)
     return report

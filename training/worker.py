@@ -3,7 +3,7 @@
 An ``rq.Worker`` with its scheduler, configured from ``runtime.settings.Settings`` (REDIS_URL,
 TRAINING_QUEUE, TRAIN_HEARTBEAT_S, TRAIN_STUCK_AFTER_S, TRAIN_MAINTENANCE_INTERVAL_S: the
 connection comes from the environment, never from argv, where ``ps`` would show a password).
-Jobs are JSON (``runtime.queue.SERIALIZER``), never pickles.
+Jobs are JSON (``runtime.queue.connection.SERIALIZER``), never pickles.
 
 Plain ``rq worker --with-scheduler`` (rq 2.12) stalls retries for 10-15 minutes after two common
 faults; this worker closes the gaps with RQ's own mechanisms:
@@ -53,7 +53,8 @@ from rq.scripts import release_lock
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from runtime.queue import JOB_FUNCTION, SERIALIZER
+from runtime.queue.connection import SERIALIZER
+from runtime.queue.jobs import JOB_FUNCTION
 from runtime.settings import Settings
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ class TrainingWorker(Worker):
     abandoned (RQ: the monitoring interval + 60 s). ``job_monitoring_interval`` (the heartbeat
     period) and ``maintenance_interval`` are RQ's own arguments.
 
-    Only jobs of ``runtime.queue.JOB_FUNCTION`` run, plus ``extra_job_functions`` (dotted names,
+    Only jobs of ``runtime.queue.jobs.JOB_FUNCTION`` run, plus ``extra_job_functions`` (dotted names,
     for tests' own job modules): any other job is failed without importing or calling anything
     (``execute_job``), since whoever can write Redis can enqueue any function name. Callbacks
     and webhooks named in a job record are never used (``TrainingJob``).

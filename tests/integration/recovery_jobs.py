@@ -11,7 +11,7 @@ import time
 
 from rq import get_current_job
 
-from runtime.queue import TrainingQueue
+from runtime.queue.jobs import mark_started
 
 # The name the worker imports this module by (pytest imports it as ``integration.*``).
 MODULE = "tests.integration.recovery_jobs"
@@ -47,12 +47,12 @@ def hang_first_attempt(seconds: float = 120.0) -> str:
     return "ok"
 
 
-def hold_training_slot(project: str, queue_name: str, seconds: float) -> str:
+def hold_training_slot(project: str, seconds: float) -> str:
     """A training job's bookkeeping without the training: the job marks itself running for
     ``project`` (as ``training.jobs.train_project`` does), then sleeps."""
     job = get_current_job()
     assert job is not None
     _record_attempt()
-    TrainingQueue(job.connection, queue_name).mark_started(job, project)
+    mark_started(job, project)
     time.sleep(seconds)
     return "ok"

@@ -19,7 +19,9 @@ import pytest
 import redis
 from rq.job import Job, JobStatus
 
-from runtime.queue import SERIALIZER
+from runtime.queue.connection import SERIALIZER
+from runtime.queue.status import TrainingStatus
+from runtime.queue.triggers import START_TRAINING, TrainingTriggers
 from runtime.settings import Settings
 from runtime.versions import VersionStore
 
@@ -195,12 +197,12 @@ def test_burst_of_50_webhooks_runs_at_most_twice_and_serves_the_new_version(
 def test_progress_is_reported_in_job_meta_while_training(
     settings: Settings, tmp_path: Path
 ) -> None:
-    from backend.training_api import training_queue_from_settings
-
     with running_worker(
         settings.redis_url, settings.training_queue, settings_env(settings), tmp_path / "w.log"
     ) as worker:
-        job_id = training_queue_from_settings(settings).trigger(PROJECT).job_id
+        job_id = (
+            TrainingTriggers.from_settings(settings).handle_event(PROJECT, START_TRAINING).job_id
+        )
         seen: list[dict[str, Any]] = []
         conn = connection(settings)
 
@@ -228,13 +230,11 @@ def test_progress_is_reported_in_job_meta_while_training(
 
 
 def test_a_worse_version_is_written_but_not_served(settings: Settings, tmp_path: Path) -> None:
-    from backend.training_api import training_queue_from_settings
-
     strict = settings.model_copy(update={"train_promote_tolerance": -1000.0})  # never good enough
     with running_worker(
         strict.redis_url, strict.training_queue, settings_env(strict), tmp_path / "w.log"
     ) as worker:
-        job_id = training_queue_from_settings(strict).trigger(PROJECT).job_id
+        job_id = TrainingTriggers.from_settings(strict).handle_event(PROJECT, START_TRAINING).job_id
         job = wait_for_job(strict, job_id, worker, {JobStatus.FINISHED, JobStatus.FAILED})
     report = job.get_meta()["report"]
     assert report["promoted"] is False
@@ -248,9 +248,7 @@ def test_a_worse_version_is_written_but_not_served(settings: Settings, tmp_path:
 def test_killed_work_horse_is_retried_and_never_leaves_a_half_version(
     settings: Settings, tmp_path: Path
 ) -> None:
-    from backend.training_api import training_queue_from_settings
-
-    queue = training_queue_from_settings(settings)
+    queue = TrainingTriggers.from_settings(settings)
     store = VersionStore(settings.versions_dir)
     with (
         running_worker(
@@ -258,12 +256,12 @@ def test_killed_work_horse_is_retried_and_never_leaves_a_half_version(
         ) as worker,
         AppServer(settings, tmp_path / "app.log") as app,
     ):
-        first = queue.trigger(PROJECT).job_id
+        first = queue.handle_event(PROJECT, START_TRAINING).job_id
         wait_for_job(settings, first, worker, {JobStatus.FINISHED})
         served = store.current(PROJECT)
         assert served is not None
 
-        second = queue.trigger(PROJECT).job_id
+        second = queue.handle_event(PROJECT, START_TRAINING).job_id
         wait_for_phase(settings, second, {"evaluating current", "training"}, worker)
         worker.kill_horse()
         # RQ's worker notices the dead horse and applies the job's retry policy.
@@ -285,24 +283,22 @@ def test_killed_work_horse_is_retried_and_never_leaves_a_half_version(
 def test_killed_horse_without_retries_fails_visibly_and_the_next_trigger_trains(
     settings: Settings, tmp_path: Path
 ) -> None:
-    from backend.training_api import training_queue_from_settings
-
     no_retry = settings.model_copy(update={"train_retries": 0})
-    queue = training_queue_from_settings(no_retry)
+    queue = TrainingTriggers.from_settings(no_retry)
     with running_worker(
         no_retry.redis_url, no_retry.training_queue, settings_env(no_retry), tmp_path / "w.log"
     ) as worker:
-        killed = queue.trigger(PROJECT).job_id
+        killed = queue.handle_event(PROJECT, START_TRAINING).job_id
         wait_for_phase(no_retry, killed, {"evaluating current", "training"}, worker)
         worker.kill_horse()
         wait_for_job(no_retry, killed, worker, {JobStatus.FAILED})
-        status = queue.status(PROJECT)
+        status = TrainingStatus.from_settings(no_retry).status(PROJECT)
         assert status["last_failure"]["job_id"] == killed
         assert "Work-horse terminated unexpectedly" in status["last_failure"]["error"]
         assert status["running"] is None
         assert VersionStore(no_retry.versions_dir).list(PROJECT) == []
 
-        again = queue.trigger(PROJECT)
+        again = queue.handle_event(PROJECT, START_TRAINING)
         assert again.outcome == "enqueued"
         job = wait_for_job(no_retry, again.job_id, worker, {JobStatus.FINISHED, JobStatus.FAILED})
         assert job.get_status() == JobStatus.FINISHED, worker.log_tail()
@@ -320,19 +316,17 @@ def test_whole_worker_killed_mid_job_is_retried_after_rq_cleans_it_up(
     test_worker_recovery.py times it); a trigger sent meanwhile becomes one follow-up that runs
     after it.
     """
-    from backend.training_api import training_queue_from_settings
-
-    queue = training_queue_from_settings(settings)
+    queue = TrainingTriggers.from_settings(settings)
     first_worker = worker_for(settings, tmp_path, "first")
     try:
-        abandoned = queue.trigger(PROJECT).job_id
+        abandoned = queue.handle_event(PROJECT, START_TRAINING).job_id
         wait_for_phase(settings, abandoned, {"evaluating current", "training"}, first_worker)
         first_worker.kill()
     finally:
         first_worker.stop()
-    follow_up = queue.trigger(PROJECT)
+    follow_up = queue.handle_event(PROJECT, START_TRAINING)
     assert follow_up.outcome == "follow_up"
-    assert queue.trigger(PROJECT).outcome == "merged"
+    assert queue.handle_event(PROJECT, START_TRAINING).outcome == "merged"
     assert VersionStore(settings.versions_dir).list(PROJECT) == []
 
     with running_worker(

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from rq.job import Job, JobStatus
 
 from backend.app import create_app
+from runtime.queue.connection import training_queue
 from runtime.settings import Settings
 
 from .support import LABEL_CONFIG, LEGACY_TOKEN, LabelStudioAPI, free_port, tiny_mini_checkpoint
@@ -106,13 +107,17 @@ def test_other_actions_are_acknowledged_and_ignored(client: TestClient) -> None:
     assert answer.json() == {"status": "ignored", "action": "TASKS_CREATED"}
 
 
-def test_start_training_answers_with_the_job_that_covers_it(client: TestClient) -> None:
+def test_start_training_answers_with_the_job_that_covers_it(
+    client: TestClient, redis_url: str
+) -> None:
     first = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
     second = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
     assert first.status_code == second.status_code == 200
-    assert first.json()["status"] == "enqueued"
+    assert first.json()["status"] == "enqueued" and first.json()["project"] == "7"
     assert second.json()["status"] == "merged"
     assert second.json()["job_id"] == first.json()["job_id"]
+    queue = training_queue(redis.Redis.from_url(redis_url), "webhook-http-test")
+    assert queue.job_ids == [first.json()["job_id"]]
     status = client.get("/status/7").json()
     assert status["queued"]["job_id"] == first.json()["job_id"]
     assert status["queued"]["triggers"] == 2
@@ -254,9 +259,9 @@ def test_a_5000_digit_project_id_is_refused_and_status_keeps_answering(client: T
 def test_status_skips_project_ids_an_older_version_left_in_redis(
     client: TestClient, redis_url: str
 ) -> None:
-    from runtime.queue import TrainingQueue
+    from runtime.queue.state import projects_key
 
-    redis.Redis.from_url(redis_url).sadd(TrainingQueue.projects_key(), "9" * 5000, "07", "٣")
+    redis.Redis.from_url(redis_url).sadd(projects_key(), "9" * 5000, "07", "٣")
     client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
     answer = client.get("/status")
     assert answer.status_code == 200

@@ -19,7 +19,8 @@ import redis
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 
-from runtime.queue import SERIALIZER, TrainingQueue
+from runtime.queue.connection import SERIALIZER
+from runtime.queue.status import TrainingStatus
 from runtime.settings import Settings
 
 from .recovery_jobs import FUNCTIONS, MODULE, attempts_key
@@ -177,19 +178,18 @@ def test_a_killed_scheduler_process_is_restarted_by_its_worker(
 def test_status_tells_a_running_job_from_one_whose_worker_was_killed(
     settings: Settings, tmp_path: Path
 ) -> None:
-    queue = TrainingQueue.from_settings(settings)
+    status = TrainingStatus.from_settings(settings)
     worker = start_worker(settings, tmp_path, "worker.log")
     try:
         job = enqueue(
             settings,
             "hold_training_slot",
             project=PROJECT,
-            queue_name=settings.training_queue,
             seconds=120,
         )
-        wait_until(lambda: queue.status(PROJECT)["running"], 30, "the job to start")
+        wait_until(lambda: status.status(PROJECT)["running"], 30, "the job to start")
         time.sleep(settings.train_stuck_after_s + 1)  # longer than the threshold: heartbeats
-        running = queue.status(PROJECT)["running"]
+        running = status.status(PROJECT)["running"]
         assert running["job_id"] == job.id
         assert running["state"] == "running", worker.log_tail()
         assert running["heartbeat_age_s"] <= settings.train_heartbeat_s + 1
@@ -198,7 +198,7 @@ def test_status_tells_a_running_job_from_one_whose_worker_was_killed(
         worker.stop()
 
     stuck = wait_until(
-        lambda: (s := queue.status(PROJECT)["running"]) and s["state"] == "stuck" and s,
+        lambda: (s := status.status(PROJECT)["running"]) and s["state"] == "stuck" and s,
         settings.train_stuck_after_s + 3,
         "the job to be reported stuck",
     )
