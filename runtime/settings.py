@@ -14,8 +14,10 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from labelstudio.download import DownloadLimits
+from stable_sam import MODEL_TYPES
 
-ModelType = Literal["mini", "vit_b", "vit_l", "vit_h", "hq_vit_b", "hq_vit_l", "hq_vit_h"]
+# The SAM bases stable_sam can build (its registry), so that a new one needs no change here.
+ModelType = Literal[MODEL_TYPES]  # type: ignore[valid-type]
 
 
 class Settings(BaseSettings):
@@ -38,7 +40,7 @@ class Settings(BaseSettings):
     label_studio_trust_setup: bool = False
 
     # --- Model selection ---
-    # SAM base: "mini" (the embedded default), vit_b/vit_l/vit_h, or HQ-SAM hq_vit_*.
+    # SAM base: "mini" (the embedded default), vit_b/vit_l/vit_h, or HQ-SAM hq_* (MODEL_TYPES).
     sam_model_type: ModelType = "mini"
     # Official-format SAM checkpoint (.pth) or our .safetensors; empty with "mini" = shipped one.
     sam_checkpoint: Path | None = None
@@ -152,6 +154,9 @@ class Settings(BaseSettings):
     # shared with the backend, more threads oversubscribe the cores and run ~5-10x slower, and
     # one core stays free for interactive predictions. Irrelevant on a GPU.
     train_torch_threads: int = Field(default=1, ge=0)
+    # Image-embedding cache of a training job's predictor, MB: the validation images are
+    # embedded once and evaluated twice (served plugins, then the new ones).
+    train_embedding_cache_mb: int = Field(default=512, ge=0)
     # Promote a new version when its validation robust mIoU (percent) is at least the served
     # one's minus this many points (0: "not worse").
     train_promote_tolerance: float = 0.0

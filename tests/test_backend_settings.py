@@ -29,6 +29,14 @@ def test_unknown_model_type_is_refused():
         Settings(sam_model_type="vit_x")
 
 
+def test_every_base_stable_sam_builds_can_be_configured():
+    from stable_sam import MODEL_TYPES
+
+    assert "hq_mini" in MODEL_TYPES
+    for model_type in MODEL_TYPES:
+        assert Settings(sam_model_type=model_type).sam_model_type == model_type
+
+
 def test_model_version_names_base_and_plugins_without_building(tmp_path):
     plain = ModelServer(Settings(sam_plugins="none", versions_dir=tmp_path))
     assert plain.model_version("1").startswith("sam-")

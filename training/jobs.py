@@ -261,7 +261,8 @@ def run_training(
     report["device"] = str(model.device)
     report["started_from"] = start_name
     # The predictor's default multimask policy, as the backend serves the plugins.
-    predictor = StableSamPredictor(model, cache=EmbeddingCache(max_bytes=512 * 1024 * 1024))
+    cache = EmbeddingCache(max_bytes=settings.train_embedding_cache_mb * 1024 * 1024)
+    predictor = StableSamPredictor(model, cache=cache)
 
     progress("evaluating current", 0, len(val))
     current_plugins = copy.deepcopy(model.plugins)

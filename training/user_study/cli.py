@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -101,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _api_key(args: argparse.Namespace) -> str:
-    key = args.api_key or os.environ.get(API_KEY_ENV)
+    from runtime.settings import Settings
+
+    configured = Settings().label_studio_api_key
+    key = args.api_key or (configured.get_secret_value() if configured is not None else "")
     if not key:
         raise SystemExit(f"a Label Studio API key is needed: --api-key or ${API_KEY_ENV}")
     return key
