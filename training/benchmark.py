@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.logs import configure_logging
 from stable_sam import (
     PluginMismatchError,
     StableSamPredictor,
@@ -305,7 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging("INFO")
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

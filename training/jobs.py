@@ -43,6 +43,7 @@ from labelstudio.auth import LabelStudioAuth
 from labelstudio.client import LabelStudioClient
 from labelstudio.errors import LabelStudioError
 from labelstudio.trust import base_url_of, origin_of
+from runtime.logs import configure_logging
 from runtime.queue.access import LabelStudioAccess
 from runtime.queue.jobs import mark_finished, mark_started, record_failure
 from runtime.settings import Settings
@@ -337,16 +338,9 @@ def run_training(
 
 
 def _configure_process(settings: Settings) -> None:
-    """Logging (rq configures only its own logger) and torch threads, in the work horse."""
-    # Our packages' loggers only: the root logger would duplicate rq's own lines.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("training", "backend", "stable_sam"):
-        package_logger = logging.getLogger(name)
-        if not package_logger.handlers:
-            package_logger.addHandler(handler)
-            package_logger.setLevel(settings.log_level.upper())
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per image otherwise
+    """Logging and torch threads, in the work horse."""
+    # Inherited from ``training.worker`` (a no-op there); configured here for any other worker.
+    configure_logging(settings.log_level)
     if settings.train_torch_threads > 0:
         import torch
 

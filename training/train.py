@@ -18,7 +18,6 @@ Variants (``--variant``; the rows of paper Table 5 and the DT-SAM baseline):
 from __future__ import annotations
 
 import argparse
-import logging
 import platform
 import sys
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.logs import configure_logging
 from training.baselines import VARIANTS
 from training.data import MaskFolderDataset, Sample
 from training.engine import TrainResult
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging("INFO")
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -53,6 +53,7 @@ from rq.scripts import release_lock
 from rq.utils import now
 from rq.worker import WorkerStatus
 
+from runtime.logs import configure_logging
 from runtime.queue.connection import SERIALIZER
 from runtime.queue.jobs import JOB_FUNCTION
 from runtime.settings import Settings
@@ -451,6 +452,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     settings = Settings()
+    # Before RQ's own set-up, which then logs through this handler (one format, tokens
+    # redacted) instead of adding its own; the scheduler and work horses inherit it.
+    configure_logging(settings.log_level)
     worker = TrainingWorker.from_settings(
         settings, name=args.name, extra_job_functions=args.allow_job_function
     )

@@ -36,6 +36,7 @@ import httpx
 from labelstudio.auth import LabelStudioAuth
 from labelstudio.client import LabelStudioClient
 from labelstudio.download import DownloadLimits
+from runtime.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -573,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["prepare"])
     parser.add_argument("--version", default=LS_VERSION, help="label-studio version")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging("INFO")
     t0 = time.monotonic()
     executable = ensure_label_studio(args.version)
     t1 = time.monotonic()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
+from runtime.logs import configure_logging
 from training.pretrain import __doc__ as package_doc
 from training.pretrain.config import PretrainConfig
 from training.pretrain.loop import pretrain
@@ -50,9 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging("INFO")
     cfg = PretrainConfig(
         seed=args.seed,
         minutes=None if args.steps is not None else args.minutes,

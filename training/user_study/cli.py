@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from labelstudio.client import LabelStudioClient
+from runtime.logs import configure_logging
 
 if TYPE_CHECKING:
     from training.user_study.evaluate import StudyResult
@@ -168,10 +169,7 @@ def _evaluate(args: argparse.Namespace, client: LabelStudioClient | None) -> Stu
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging("DEBUG" if args.verbose else "INFO")
     command = command_line(argv)
     if args.command == "evaluate":
         report = run_evaluate(args, command)
