@@ -226,7 +226,7 @@ def create_app(
         return {
             "status": "UP",
             "model_class": type(backend).__name__,
-            "model_version": backend.models.default_model_version,
+            "model_version": backend.models.spec.version,
             "model_loaded": backend.models.loaded,
             "model_warm": backend.models.warm,
             "model_error": backend.models.error,

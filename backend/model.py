@@ -14,7 +14,6 @@ swapped in per call, so new versions are served without a restart.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from labelstudio.auth import LabelStudioAuth
 from labelstudio.brush import mask_to_rle
 from labelstudio.errors import InvalidRequestError, LabelConfigError, ServiceError
 from labelstudio.label_config import LabelConfig, LabelConfigStore, parse_label_config
+from runtime.models import ModelConfigError, resolve_model
 from runtime.project_ids import normalize_project_id
 from runtime.queue.access import LabelStudioAccess
 from runtime.queue.connection import redis_connection
@@ -46,21 +46,6 @@ logger = logging.getLogger(__name__)
 ACCESS_RESHARE_S = 60.0  # /setup re-shares LS access with training this often, at most
 REDIS_RETRY_S = 30.0  # after a Redis error, /setup leaves Redis alone this long (LS gives it 3 s)
 MAX_PENDING_PREFETCH = 16  # background embeddings queued at most; more task opens are skipped
-
-
-@functools.lru_cache(maxsize=8)
-def _file_fingerprint(path: Path, mtime_ns: int, size: int) -> str:
-    """The first 8 hex digits of the file's SHA-256 (cached per path, mtime and size)."""
-    from stable_sam.build import file_sha256
-
-    return file_sha256(path)[:8]
-
-
-def file_fingerprint(path: Path) -> str:
-    """A short content hash of a weights file, so that a model version names what it serves:
-    when the shipped weights change, so does the version Label Studio sees."""
-    stat = path.stat()
-    return _file_fingerprint(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
 @dataclass(frozen=True)
@@ -83,46 +68,7 @@ class ModelServer:
         self._plugin_cache: dict[tuple[Path, int], Any] = {}
         self._slots = threading.BoundedSemaphore(settings.model_concurrency)
         self._versions = VersionStore(settings.versions_dir, keep=settings.versions_keep)
-        self.base_tag = self._base_tag()
-        self.default_plugin_tag = self._default_plugin_tag()
-
-    # -- naming (cheap: used by /setup) ------------------------------------------------------
-    def _base_tag(self) -> str:
-        s = self.settings
-        if s.sam_checkpoint is not None:
-            return f"{s.sam_model_type}-{s.sam_checkpoint.stem}"
-        base = self._default_paths().base_checkpoint
-        if s.sam_model_type == "mini" and base.is_file():
-            # With plugins, the plugin tag's hash covers the base too (plugins name their base).
-            return "mini" if s.plugins_enabled else f"mini-{file_fingerprint(base)}"
-        return f"{s.sam_model_type}-random"
-
-    def _default_plugin_tag(self) -> str:
-        s = self.settings
-        choice = s.sam_plugins.strip()
-        if not s.plugins_enabled:
-            return "plain"
-        if choice.lower() != "default":
-            return Path(choice).stem
-        plugins = self._default_paths().plugin_checkpoint
-        if self._uses_embedded_base() and plugins.is_file():
-            return f"default-{file_fingerprint(plugins)}"
-        return "untrained"
-
-    @property
-    def default_model_version(self) -> str:
-        if not self.settings.plugins_enabled:
-            return f"sam-{self.base_tag}"
-        return f"stable-sam-{self.base_tag}-{self.default_plugin_tag}"
-
-    @staticmethod
-    def _default_paths() -> Any:
-        from stable_sam import default_model_paths
-
-        return default_model_paths()
-
-    def _uses_embedded_base(self) -> bool:
-        return self.settings.sam_model_type == "mini" and self.settings.sam_checkpoint is None
+        self.spec = resolve_model(settings)  # base, default plugins, version name
 
     def current_version(self, project: str | None) -> PluginVersion | None:
         """The project's served plugin version, if plugins are on and it has one."""
@@ -137,7 +83,7 @@ class ModelServer:
     def model_version(self, project: str | None) -> str:
         """What ``/setup`` and every prediction report as ``model_version`` (no model load)."""
         version = self.current_version(project)
-        return version.name if version is not None else self.default_model_version
+        return version.name if version is not None else self.spec.version
 
     # -- the model ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -169,50 +115,24 @@ class ModelServer:
         return self._predictor
 
     def _build(self) -> Any:
-        from stable_sam import EmbeddingCache, StableSamPredictor, build_stable_sam
+        from stable_sam import EmbeddingCache, StableSamPredictor
 
         s = self.settings
         started = time.perf_counter()
-        plugins_on = s.plugins_enabled
-        plugin_file: Path | None = None
-        choice = s.sam_plugins.strip()
-        if plugins_on and choice.lower() != "default":
-            plugin_file = Path(choice)
-            if not plugin_file.is_file():
-                raise ModelUnavailableError(f"SAM_PLUGINS file not found: {plugin_file}")
-        checkpoint = s.sam_checkpoint
-        if checkpoint is None and self._uses_embedded_base():
-            paths = self._default_paths()
-            if paths.base_checkpoint.is_file():
-                checkpoint = paths.base_checkpoint
-                if plugins_on and plugin_file is None and paths.plugin_checkpoint.is_file():
-                    plugin_file = paths.plugin_checkpoint
-        if checkpoint is None:
-            if not s.sam_allow_random_weights:
-                raise ModelUnavailableError(
-                    f"no weights for SAM_MODEL_TYPE={s.sam_model_type}: set SAM_CHECKPOINT "
-                    "(or SAM_ALLOW_RANDOM_WEIGHTS=true for benchmarks and tests)"
-                )
-            logger.warning("serving %s with RANDOM weights (benchmark/test)", s.sam_model_type)
-        elif not Path(checkpoint).is_file():
-            raise ModelUnavailableError(f"SAM_CHECKPOINT not found: {checkpoint}")
-        device = None if s.device == "auto" else s.device
+        try:
+            self.spec.check()
+        except ModelConfigError as exc:
+            raise ModelUnavailableError(str(exc)) from exc
         if s.torch_threads > 0:
             import torch
 
             torch.set_num_threads(s.torch_threads)
-        model = build_stable_sam(
-            s.sam_model_type,
-            checkpoint,
-            plugins=plugins_on,
-            plugin_checkpoint=plugin_file,
-            device=device,
-        )
+        model = self.spec.build()
         cache = EmbeddingCache(max_bytes=s.embedding_cache_mb * 1024 * 1024)
         predictor = StableSamPredictor(model, cache=cache)
         logger.info(
             "model %s ready on %s in %.1f s",
-            self.default_model_version,
+            self.spec.version,
             model.device,
             time.perf_counter() - started,
         )
@@ -239,7 +159,7 @@ class ModelServer:
         """The project's newest promoted plugins (cached by file), else the default ones."""
         version = self.current_version(project)
         if version is None:
-            return PluginChoice(None, self.default_model_version)
+            return PluginChoice(None, self.spec.version)
         from stable_sam import read_plugins
 
         try:
@@ -262,7 +182,7 @@ class ModelServer:
                 version.name,
                 exc,
             )
-            return PluginChoice(None, self.default_model_version)
+            return PluginChoice(None, self.spec.version)
 
 
 class StableSamBackend:

@@ -72,7 +72,7 @@ def test_official_format_checkpoint_loads_as_plain_sam(tmp_path):
     server = ModelServer(
         Settings(sam_checkpoint=path, sam_plugins="none", device="cpu", versions_dir=tmp_path)
     )
-    assert server.default_model_version == "sam-mini-sam_mini_official"
+    assert server.spec.version == "sam-mini-sam_mini_official"
     predictor = server.predictor()
     assert not predictor.model.has_plugins
     image = np.zeros((40, 50, 3), np.uint8)
@@ -101,30 +101,6 @@ def test_torch_threads_setting_is_applied_when_the_model_is_built(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-
-
-def test_the_embedded_defaults_version_names_the_shipped_weights(tmp_path, monkeypatch):
-    import hashlib
-
-    from stable_sam import default_model_paths
-
-    paths = default_model_paths()
-    plugin_hash = hashlib.sha256(paths.plugin_checkpoint.read_bytes()).hexdigest()[:8]
-    base_hash = hashlib.sha256(paths.base_checkpoint.read_bytes()).hexdigest()[:8]
-    stable = ModelServer(Settings(versions_dir=tmp_path))
-    assert stable.default_model_version == f"stable-sam-mini-default-{plugin_hash}"
-    plain = ModelServer(Settings(sam_plugins="none", versions_dir=tmp_path))
-    assert plain.default_model_version == f"sam-mini-{base_hash}"
-
-    # New shipped plugins (a retrained default) give a new version, so Label Studio sees that
-    # its stored predictions came from another model.
-    copy = tmp_path / "plugins.safetensors"
-    copy.write_bytes(paths.plugin_checkpoint.read_bytes() + b" ")
-    moved = type(paths)(paths.model_type, paths.base_checkpoint, copy)
-    monkeypatch.setattr(ModelServer, "_default_paths", staticmethod(lambda: moved))
-    assert ModelServer(Settings(versions_dir=tmp_path)).default_model_version != (
-        stable.default_model_version
-    )
 
 
 def test_a_stuck_threshold_within_one_heartbeat_is_refused():

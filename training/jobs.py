@@ -11,8 +11,8 @@ One run, top to bottom:
    a trigger arriving from now on causes a follow-up run instead of being lost.
 2. Fetch the project's annotated tasks and images from Label Studio (``training.ls_dataset``:
    brush and polygon regions -> instance masks); split off a deterministic validation part.
-3. Build the served base (same model settings as the backend) with the plugins the project is
-   served now (its current version, else the default plugins).
+3. Build the served base (``runtime.models``, as the backend resolves it) with the plugins the
+   project is served now (its current version, else the default plugins).
 4. Evaluate those plugins on the validation part; train with RTS
    (``training.engine.train_plugins``), reporting ``(step, total, loss)`` in ``job.meta``;
    evaluate the new plugins on the same prompts.
@@ -31,7 +31,6 @@ import logging
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +43,7 @@ from labelstudio.client import LabelStudioClient
 from labelstudio.errors import LabelStudioError
 from labelstudio.trust import base_url_of, origin_of
 from runtime.logs import configure_logging
+from runtime.models import ModelSpec, resolve_model
 from runtime.queue.access import LabelStudioAccess
 from runtime.queue.jobs import mark_finished, mark_started, record_failure
 from runtime.settings import Settings
@@ -97,44 +97,6 @@ class JobProgress:
             if phase == "training" and total > 0:
                 self.job.meta["training"] = {k: v for k, v in progress.items() if k != "phase"}
             self.job.save_meta()
-
-
-@dataclass
-class BaseModelSpec:
-    """The SAM base and starting plugins the backend serves, resolved from the settings."""
-
-    model_type: str
-    checkpoint: Path | None
-    default_plugins: Path | None
-
-
-def resolve_base(settings: Settings) -> BaseModelSpec:
-    """The base the backend serves (``backend.model`` resolves it the same way).
-
-    SAM_CHECKPOINT if set; else, for the embedded ``mini``, the shipped checkpoint; else random
-    weights if SAM_ALLOW_RANDOM_WEIGHTS (tests, benchmarks). Default plugins: SAM_PLUGINS when it
-    names a file, the shipped plugins for the embedded base, else freshly initialised ones.
-    """
-    from stable_sam import default_model_paths
-
-    checkpoint = settings.sam_checkpoint
-    default_plugins: Path | None = None
-    choice = settings.sam_plugins.strip()
-    if choice.lower() not in ("default", "none"):
-        default_plugins = Path(choice)
-    if checkpoint is None and settings.sam_model_type == "mini":
-        paths = default_model_paths()
-        if paths.base_checkpoint.is_file():
-            checkpoint = paths.base_checkpoint
-            if default_plugins is None and paths.plugin_checkpoint.is_file():
-                default_plugins = paths.plugin_checkpoint
-    if checkpoint is None and not settings.sam_allow_random_weights:
-        raise ValueError(
-            f"no weights for SAM_MODEL_TYPE={settings.sam_model_type}: set SAM_CHECKPOINT"
-        )
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"SAM_CHECKPOINT not found: {checkpoint}")
-    return BaseModelSpec(settings.sam_model_type, checkpoint, default_plugins)
 
 
 def label_studio_client(
@@ -201,13 +163,12 @@ def evaluate_plugins(
 # --- the run -------------------------------------------------------------------------------
 
 
-def _build_model(
-    spec: BaseModelSpec, store: VersionStore, project: str, device: str | None
-) -> tuple[StableSam, str]:
-    """The base with the plugins ``project`` is served now; returns (model, their name)."""
-    from stable_sam import PluginMismatchError, build_stable_sam, load_plugins
+def _build_model(spec: ModelSpec, store: VersionStore, project: str) -> tuple[StableSam, str]:
+    """The served base with the plugins ``project`` is served now (its current version, else
+    the default plugins); returns (model, their name)."""
+    from stable_sam import PluginMismatchError, load_plugins
 
-    model = build_stable_sam(spec.model_type, spec.checkpoint, plugins=True, device=device)
+    model = spec.build(plugins=True)  # with the default plugins
     current = store.current(project)
     if current is not None:
         try:
@@ -218,7 +179,6 @@ def _build_model(
                 "project %s: current version %s unusable (%s)", project, current.name, exc
             )
     if spec.default_plugins is not None:
-        load_plugins(model, spec.default_plugins)
         return model, f"default ({spec.default_plugins.name})"
     return model, "untrained plugins"
 
@@ -256,9 +216,8 @@ def run_training(
     train, val = split_train_val(samples, settings.train_val_fraction)
     report.update(train_samples=len(train), val_samples=len(val))
 
-    spec = resolve_base(settings)
-    device = None if settings.device == "auto" else settings.device
-    model, start_name = _build_model(spec, store, project, device)
+    spec = resolve_model(settings)
+    model, start_name = _build_model(spec, store, project)
     report["device"] = str(model.device)
     report["started_from"] = start_name
     # The predictor's default multimask policy, as the backend serves the plugins.
