@@ -38,6 +38,7 @@ from backend.auth import install_auth
 from backend.errors import AsciiJSONResponse, RequestTooLargeError, malformed_json
 from backend.limits import BodySizeLimit
 from backend.model import StableSamBackend
+from backend.training_api import build_training_router
 from labelstudio.errors import InvalidRequestError, ServiceError
 from runtime.logs import configure_logging
 from runtime.settings import Settings, get_settings
@@ -258,7 +259,7 @@ def create_app(
         )
         return Response(answer, media_type="application/json")
 
-    _include_training_router(app, settings)
+    app.include_router(build_training_router(settings))  # /webhook, /versions, /status
     return app
 
 
@@ -277,13 +278,3 @@ def _preload(backend: StableSamBackend) -> None:
         backend.models.warm_up()
     except ServiceError as exc:
         logger.error("model preload failed: %s", exc.detail)
-
-
-def _include_training_router(app: FastAPI, settings: Settings) -> None:
-    """``/webhook``, ``/versions``, ``/status`` come from the training router when present."""
-    try:
-        from backend.training_api import build_training_router
-    except ImportError as exc:
-        logger.warning("training API not available (%s): /webhook and /versions are off", exc)
-        return
-    app.include_router(build_training_router(settings))
