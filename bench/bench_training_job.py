@@ -2,7 +2,7 @@
 
 Starts the real pieces as processes, as ``scripts/serve.sh`` runs them: the backend (uvicorn),
 one training worker (``python -m training.worker``) and a private ``redis-server``; Label Studio's API is the loopback stand-in
-of the integration tests (``tests/integration/support.LabelStudioAPI``: the same JSON, brush
+of the integration tests (``bench.label_studio_api.LabelStudioAPI``: the same JSON, brush
 RLE made by the sdk encoder, PNG images) serving a project of ``--images`` synthetic scenes
 (sizes 256-1024 px, all objects annotated). Then it posts ``START_TRAINING`` to ``/webhook`` and
 polls ``/setup`` until the project's ``model_version`` is the new version.
@@ -35,12 +35,12 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.support import (  # noqa: E402 - after the path setup above
-    LEGACY_TOKEN,
+from bench.label_studio_api import LEGACY_TOKEN, LabelStudioAPI  # noqa: E402 - after sys.path
+from bench.processes import (  # noqa: E402
     AppServer,
-    LabelStudioAPI,
     RQWorker,
     free_port,
+    settings_env,
     tiny_mini_checkpoint,
     wait_until,
 )
@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 train_retries=0,
                 train_promote_tolerance=100.0,  # time the path to a *served* version
             )
-            worker = RQWorker(redis_url, settings.training_queue, _env(settings), workdir / "w.log")
+            env = settings_env(settings)
+            worker = RQWorker(redis_url, settings.training_queue, env, workdir / "w.log")
             try:
                 with AppServer(settings, workdir / "app.log") as app:
                     result = _time_one_run(app, worker)
@@ -120,12 +121,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_average_1m=round(os.getloadavg()[0], 2),
     )
     return result
-
-
-def _env(settings: Any) -> dict[str, str]:
-    from tests.integration.support import settings_env
-
-    return settings_env(settings)
 
 
 def _time_one_run(app: AppServer, worker: RQWorker) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from collections import Counter
 
 import httpx
 import numpy as np
-from loopback import LoopbackServer, QuietHandler, png_bytes
+
+from bench.loopback import LoopbackServer, QuietHandler, png_bytes
 
 __all__ = [
     "CONFIG",

@@ -20,10 +20,10 @@ import httpx
 import pytest
 import uvicorn
 from backend_support import CONFIG, FakeLabelStudio, kp, png_bytes, scene
-from loopback import LoopbackServer, QuietHandler
 
 from backend.app import create_app
 from backend.model import StableSamBackend
+from bench.loopback import LoopbackServer, QuietHandler
 from runtime.settings import Settings
 
 PREDICT_CONCURRENCY = 2

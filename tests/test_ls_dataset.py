@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from loopback import png_bytes
 from ls_api import LS_URL, FakeLabelStudioAPI, task
-from ls_shapes import brush_region
 from PIL import Image
 
 import labelstudio.client
 import training.ls_dataset as ls
+from bench.loopback import png_bytes
+from bench.ls_shapes import brush_region
 from labelstudio.auth import LabelStudioAuth
 from labelstudio.client import LabelStudioClient
 from training.data import Sample

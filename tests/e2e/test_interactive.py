@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 from label_studio_sdk.converter.brush import decode_rle
-from loopback import png_bytes
 
+from bench.loopback import png_bytes
 from stable_sam import StableSamPredictor, build_stable_sam
 from stable_sam.build import build_sam
 from stable_sam.metrics import mask_iou

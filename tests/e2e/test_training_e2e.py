@@ -23,9 +23,9 @@ import httpx
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
-from loopback import png_bytes
-from ls_shapes import brush_region
 
+from bench.loopback import png_bytes
+from bench.ls_shapes import brush_region
 from training.scenes import make_scene, scene_seed
 
 from .harness import (

@@ -13,16 +13,9 @@ import httpx
 import pytest
 import redis
 
+from bench.label_studio_api import LEGACY_TOKEN, LabelStudioAPI
+from bench.processes import AppServer, running_worker, settings_env, wait_until
 from runtime.settings import Settings
-
-from .support import (
-    LEGACY_TOKEN,
-    AppServer,
-    LabelStudioAPI,
-    running_worker,
-    settings_env,
-    wait_until,
-)
 
 pytestmark = [pytest.mark.integration]
 

@@ -19,22 +19,20 @@ import pytest
 import redis
 from rq.job import Job, JobStatus
 
-from runtime.queue.connection import SERIALIZER
-from runtime.queue.status import TrainingStatus
-from runtime.queue.triggers import START_TRAINING, TrainingTriggers
-from runtime.settings import Settings
-from runtime.versions import VersionStore
-
-from .support import (
-    LEGACY_TOKEN,
+from bench.label_studio_api import LEGACY_TOKEN, LabelStudioAPI
+from bench.processes import (
     AppServer,
-    LabelStudioAPI,
     RQWorker,
     running_worker,
     settings_env,
     tiny_mini_checkpoint,
     wait_until,
 )
+from runtime.queue.connection import SERIALIZER
+from runtime.queue.status import TrainingStatus
+from runtime.queue.triggers import START_TRAINING, TrainingTriggers
+from runtime.settings import Settings
+from runtime.versions import VersionStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

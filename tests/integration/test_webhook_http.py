@@ -21,10 +21,10 @@ from fastapi.testclient import TestClient
 from rq.job import Job, JobStatus
 
 from backend.app import create_app
+from bench.label_studio_api import LABEL_CONFIG, LEGACY_TOKEN, LabelStudioAPI
+from bench.processes import free_port, tiny_mini_checkpoint
 from runtime.queue.connection import training_queue
 from runtime.settings import Settings
-
-from .support import LABEL_CONFIG, LEGACY_TOKEN, LabelStudioAPI, free_port, tiny_mini_checkpoint
 
 pytestmark = pytest.mark.integration
 

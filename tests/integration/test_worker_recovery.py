@@ -19,12 +19,12 @@ import redis
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 
+from bench.processes import RedisServer, RQWorker, running_worker, settings_env, wait_until
 from runtime.queue.connection import SERIALIZER
 from runtime.queue.status import TrainingStatus
 from runtime.settings import Settings
 
 from .recovery_jobs import FUNCTIONS, MODULE, attempts_key
-from .support import RedisServer, RQWorker, running_worker, settings_env, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

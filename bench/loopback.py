@@ -1,4 +1,4 @@
-"""Loopback HTTP servers for tests: the plumbing the stand-in Label Studios share.
+"""Loopback HTTP servers: the plumbing the stand-in Label Studios (benchmarks, tests) share.
 
 ``LoopbackServer(handler_class)`` serves on 127.0.0.1 at a free port from a daemon thread, as a
 context manager; ``QuietHandler`` is a request handler that does not log and answers with

@@ -1,4 +1,4 @@
-"""Label Studio JSON shapes that several test packages build."""
+"""Label Studio JSON shapes that the stand-in Label Studio and the tests build."""
 
 from __future__ import annotations
 
