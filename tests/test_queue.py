@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -279,12 +279,17 @@ def test_jobs_are_stored_as_json_never_as_pickles(conn: redis.Redis) -> None:
     }
 
 
+def queue_a_job_whose_meta_is_not_json(tq: TrainingTriggers) -> str:
+    job_id = tq.handle_event("7", START_TRAINING).job_id
+    tq.connection.hset(Job.key_for(job_id), "meta", b"\x80\x04not json")
+    return job_id
+
+
 def test_a_job_meta_that_is_not_json_is_read_as_empty_and_logged(
     conn: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     tq = make_queue(conn)
-    job_id = tq.handle_event("7", START_TRAINING).job_id
-    conn.hset(Job.key_for(job_id), "meta", b"\x80\x04not json")
+    job_id = queue_a_job_whose_meta_is_not_json(tq)
     with caplog.at_level(logging.WARNING, logger="runtime.queue"):
         assert status_of(conn).status("7")["queued"]["triggers"] == 1
         merged = tq.handle_event("7", START_TRAINING)
@@ -317,18 +322,30 @@ def test_status_shows_a_job_between_attempts_as_retry_pending(conn: redis.Redis)
     assert running["retry_at"] == at.isoformat()
 
 
+def interrupted_body(
+    redis_url: str, interruptions: int
+) -> tuple[Callable[[redis.client.Pipeline], int], list[int]]:
+    """A transaction body that another client interrupts on its first ``interruptions``
+    attempts (a write to the watched key after the WATCH), and the list of its attempts."""
+    other = redis_connection(redis_url)
+    attempts: list[int] = []
+
+    def body(pipe: redis.client.Pipeline) -> int:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) <= interruptions:
+            other.incr("contended")
+        value = int(pipe.get("contended") or 0)
+        pipe.multi()
+        pipe.set("written", value)
+        return value
+
+    return body, attempts
+
+
 def test_a_transaction_interrupted_every_time_gives_up_after_max_attempts(
     conn: redis.Redis, redis_url: str
 ) -> None:
-    other = redis_connection(redis_url)
-    attempts = []
-
-    def body(pipe: redis.client.Pipeline) -> None:
-        attempts.append(pipe.get("contended"))
-        other.incr("contended")  # a concurrent write after the WATCH: EXEC must fail
-        pipe.multi()
-        pipe.set("written", 1)
-
+    body, attempts = interrupted_body(redis_url, MAX_TRANSACTION_ATTEMPTS + 10)
     with pytest.raises(ContentionError, match="the contended key"):
         transaction(conn, ["contended"], body, "the contended key")
     assert len(attempts) == MAX_TRANSACTION_ATTEMPTS
@@ -338,18 +355,7 @@ def test_a_transaction_interrupted_every_time_gives_up_after_max_attempts(
 def test_a_transaction_retries_until_its_watched_key_stays_unchanged(
     conn: redis.Redis, redis_url: str
 ) -> None:
-    other = redis_connection(redis_url)
-    attempts = []
-
-    def body(pipe: redis.client.Pipeline) -> int:
-        attempts.append(1)
-        if len(attempts) < 3:
-            other.incr("contended")
-        value = int(pipe.get("contended") or 0)
-        pipe.multi()
-        pipe.set("written", value)
-        return value
-
+    body, attempts = interrupted_body(redis_url, 2)
     value, results = transaction(conn, ["contended"], body, "the contended key")
     assert len(attempts) == 3
     assert value == 2 and results == [True]
@@ -360,8 +366,7 @@ def test_a_job_whose_meta_is_not_json_still_starts(
     conn: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     tq = make_queue(conn)
-    job_id = tq.handle_event("7", START_TRAINING).job_id
-    conn.hset(Job.key_for(job_id), "meta", b"\x80\x04not json")
+    job_id = queue_a_job_whose_meta_is_not_json(tq)
     with caplog.at_level(logging.WARNING, logger="runtime.queue"):
         job = start(tq, job_id)
     meta = Job.fetch(job.id, connection=conn, serializer=SERIALIZER).get_meta()
