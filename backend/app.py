@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 from backend.auth import install_auth
 from backend.errors import AsciiJSONResponse, RequestTooLargeError, malformed_json
 from backend.limits import BodySizeLimit
-from backend.model import StableSamBackend
+from backend.ls_backend import StableSamBackend
 from backend.training_api import build_training_router
 from labelstudio.errors import InvalidRequestError, ServiceError
 from runtime.logs import configure_logging

@@ -22,7 +22,7 @@ import uvicorn
 from backend_support import CONFIG, FakeLabelStudio, kp, png_bytes, scene
 
 from backend.app import create_app
-from backend.model import StableSamBackend
+from backend.ls_backend import StableSamBackend
 from bench.loopback import LoopbackServer, QuietHandler
 from runtime.settings import Settings
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backend.errors import ModelUnavailableError
-from backend.model import ModelServer
+from backend.model_server import ModelServer
 from runtime.settings import Settings
 
 

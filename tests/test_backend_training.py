@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from backend.model import StableSamBackend
+from backend.ls_backend import StableSamBackend
 from runtime.queue.access import LabelStudioAccess
 from runtime.queue.connection import redis_connection
 from runtime.settings import Settings

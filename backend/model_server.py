@@ -1,0 +1,163 @@
+"""``ModelServer``: the one frozen SAM base, built lazily (or warmed up in the background at
+start-up, never in ``/setup``), and per call the plugins of a project's newest promoted version
+(``runtime.versions``), so new versions are served without a restart. ``slot()`` bounds
+concurrent model work (``MODEL_CONCURRENCY``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backend.errors import ModelUnavailableError
+from labelstudio.errors import ServiceError
+from runtime.models import ModelConfigError, resolve_model
+from runtime.settings import Settings
+from runtime.versions import PluginVersion, VersionStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PluginChoice:
+    """The plugin set to use for one call and the ``model_version`` it is served as."""
+
+    plugins: Any  # stable_sam.StableSamPlugins, or None for the model's own
+    model_version: str
+
+
+class ModelServer:
+    """Builds the model once (thread-safe) and picks the plugin set per project."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._predictor: Any = None
+        self.error: str | None = None  # why the model could not be built, for /health
+        self.warm = False  # True once warm_up ran
+        self._plugin_cache: dict[tuple[Path, int], Any] = {}
+        self._slots = threading.BoundedSemaphore(settings.model_concurrency)
+        self._versions = VersionStore(settings.versions_dir, keep=settings.versions_keep)
+        self.spec = resolve_model(settings)  # base, default plugins, version name
+
+    def current_version(self, project: str | None) -> PluginVersion | None:
+        """The project's served plugin version, if plugins are on and it has one."""
+        if project is None or not self.settings.plugins_enabled:
+            return None
+        try:
+            return self._versions.current(project)
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot read plugin versions of project %s: %s", project, exc)
+            return None
+
+    def model_version(self, project: str | None) -> str:
+        """What ``/setup`` and every prediction report as ``model_version`` (no model load)."""
+        version = self.current_version(project)
+        return version.name if version is not None else self.spec.version
+
+    # -- the model ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of the MODEL_CONCURRENCY model slots (waits for one) while running the
+        model: requests may be many, model calls at once are few."""
+        with self._slots:
+            yield
+
+    @property
+    def loaded(self) -> bool:
+        return self._predictor is not None
+
+    def predictor(self) -> Any:
+        """The ``StableSamPredictor``, built on first use; ``ModelUnavailableError`` if it cannot be."""
+        if self._predictor is not None:
+            return self._predictor
+        with self._lock:
+            if self._predictor is None:
+                try:
+                    self._predictor = self._build()
+                except ServiceError as exc:
+                    self.error = exc.detail
+                    raise
+                except (OSError, ValueError, RuntimeError) as exc:
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    logger.exception("building the model failed")
+                    raise ModelUnavailableError(f"the model cannot be built: {exc}") from exc
+        return self._predictor
+
+    def _build(self) -> Any:
+        from stable_sam import EmbeddingCache, StableSamPredictor
+
+        s = self.settings
+        started = time.perf_counter()
+        try:
+            self.spec.check()
+        except ModelConfigError as exc:
+            raise ModelUnavailableError(str(exc)) from exc
+        if s.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
+        model = self.spec.build()
+        cache = EmbeddingCache(max_bytes=s.embedding_cache_mb * 1024 * 1024)
+        predictor = StableSamPredictor(model, cache=cache)
+        logger.info(
+            "model %s ready on %s in %.1f s",
+            self.spec.version,
+            model.device,
+            time.perf_counter() - started,
+        )
+        return predictor
+
+    def warm_up(self) -> None:
+        """Build the model and run one tiny prediction, so the first real click pays neither.
+
+        The first forward pass of a torch model is several times slower than the next ones
+        (kernel selection, allocator growth); measured ~8 s vs ~0.8 s for a cold image on the
+        mini model on a busy 2-core CPU (bench/bench_predict_http.py).
+        """
+        started = time.perf_counter()
+        predictor = self.predictor()
+        image = np.zeros((64, 64, 3), np.uint8)
+        point = np.array([[32.0, 32.0]], np.float32)
+        predictor.predict(
+            image, point_coords=point, point_labels=np.array([1]), image_key="warm-up"
+        )
+        self.warm = True
+        logger.info("model warm-up done in %.1f s", time.perf_counter() - started)
+
+    def plugins_for(self, project: str | None) -> PluginChoice:
+        """The project's newest promoted plugins (cached by file), else the default ones."""
+        version = self.current_version(project)
+        if version is None:
+            return PluginChoice(None, self.spec.version)
+        from stable_sam import read_plugins
+
+        try:
+            stamp = version.path.stat().st_mtime_ns
+            key = (version.path, stamp)
+            plugins = self._plugin_cache.get(key)
+            if plugins is None:
+                plugins, _ = read_plugins(self.predictor().model, version.path)
+                with self._lock:
+                    self._plugin_cache = {
+                        k: v for k, v in self._plugin_cache.items() if k[0] != version.path
+                    }
+                    self._plugin_cache[key] = plugins
+                logger.info("project %s: serving plugin version %s", project, version.name)
+            return PluginChoice(plugins, version.name)
+        except (OSError, ValueError, KeyError) as exc:  # PluginMismatchError is a ValueError
+            logger.error(
+                "project %s: plugin version %s unusable (%s); serving the default plugins",
+                project,
+                version.name,
+                exc,
+            )
+            return PluginChoice(None, self.spec.version)

@@ -1,0 +1,55 @@
+"""The layering of docs/ARCHITECTURE.md, checked on the source: which package may import which,
+the adapter free of torch and web frameworks, and no import cycle anywhere."""
+
+from __future__ import annotations
+
+from tests.import_graph import Import, cycles, imports, layer_violations, project_modules
+
+
+def test_every_package_imports_only_the_floors_below_it():
+    assert layer_violations(imports()) == []
+
+
+def test_the_import_graph_has_no_cycle():
+    assert cycles(imports()) == []
+
+
+def test_training_and_the_adapter_import_nothing_from_backend():
+    edges = imports()
+    offending = [
+        e
+        for e in edges
+        if e.source.split(".")[0] in {"training", "labelstudio", "runtime"}
+        and e.target.split(".")[0] == "backend"
+    ]
+    assert offending == []
+
+
+def test_the_graph_sees_imports_inside_functions():
+    # A deferred import (inside a function) is a dependency all the same: the graph must see
+    # them, or a cycle through one would go unnoticed.
+    sources = {e.source for e in imports()}
+    assert {"backend.app", "training.worker", "labelstudio.images"} <= sources
+    assert len(project_modules()) > 50
+
+
+def test_a_cycle_is_reported():
+    edges = [
+        Import("training.a", "training.b", 1),
+        Import("training.b", "training.c", 1),
+        Import("training.c", "training.a", 1),
+        Import("training.c", "stable_sam.x", 2),
+    ]
+    assert cycles(edges) == [["training.a", "training.b", "training.c"]]
+
+
+def test_an_upward_import_and_a_forbidden_framework_are_reported():
+    edges = [
+        Import("training.jobs", "backend.queue", 3),
+        Import("labelstudio.images", "torch", 4),
+        Import("backend.app", "runtime.settings", 5),
+    ]
+    assert layer_violations(edges) == [
+        "training.jobs:3 imports backend.queue",
+        "labelstudio.images:4 imports torch",
+    ]
