@@ -14,6 +14,10 @@ images processed per second of training). Uses the embedded default model when
 
     .venv/bin/python bench/bench_training_job.py                  # 100 images (~3-5 min)
     .venv/bin/python bench/bench_training_job.py --images 20 --threads 2 --out /tmp/b.json
+    .venv/bin/python bench/bench_training_job.py --images 40 --baseline-tree ../base  # before/after
+
+With ``--baseline-tree`` the same run is made ``--rounds`` times with each checkout's code,
+alternating (ABBA), and the ratios this / baseline of throughput and end-to-end time printed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,7 +77,8 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, root: Path = ROOT) -> dict[str, Any]:
+    """One webhook-to-served-version run with the code of checkout ``root``."""
     from runtime.settings import Settings
     from stable_sam import default_model_paths
 
@@ -102,9 +108,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 train_promote_tolerance=100.0,  # time the path to a *served* version
             )
             env = settings_env(settings)
-            worker = RQWorker(redis_url, settings.training_queue, env, workdir / "w.log")
+            worker = RQWorker(redis_url, settings.training_queue, env, workdir / "w.log", root=root)
             try:
-                with AppServer(settings, workdir / "app.log") as app:
+                with AppServer(settings, workdir / "app.log", root=root) as app:
                     result = _time_one_run(app, worker)
             finally:
                 worker.stop()
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         redis_process.terminate()
         redis_process.wait()
     result.update(
+        code=str(root),
         images=args.images,
         epochs=args.epochs,
         torch_threads=args.threads or "default",
@@ -161,6 +168,25 @@ def _time_one_run(app: AppServer, worker: RQWorker) -> dict[str, Any]:
     }
 
 
+def compare_with_baseline(args: argparse.Namespace, baseline_root: Path) -> dict[str, Any]:
+    """``args.rounds`` runs with each checkout's code, in ABBA order so that load drift hits both
+    alike; medians of each and the ratios this / baseline."""
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "this": []}
+    roots = {"baseline": baseline_root, "this": ROOT}
+    for index in range(args.rounds):
+        order = ["baseline", "this"] if index % 2 == 0 else ["this", "baseline"]
+        for name in order:
+            print(f"round {index + 1}: {name} ({roots[name]})", file=sys.stderr)
+            runs[name].append(run(args, roots[name]))
+    summary: dict[str, Any] = {"baseline_root": str(baseline_root), "rounds": args.rounds}
+    for key in ("train_images_per_s", "start_training_to_served_s"):
+        for name, results in runs.items():
+            summary.setdefault(name, {})[key] = statistics.median(r[key] for r in results)
+        summary[f"ratio_{key}"] = round(summary["this"][key] / summary["baseline"][key], 3)
+    summary["runs"] = runs
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=100, help="annotated images in the project")
@@ -169,8 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="DEVICE for the job")
     parser.add_argument("--seed", type=int, default=300, help="first synthetic scene seed")
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="compare with the code of this other checkout, in the same run")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=2, help="with --baseline-tree: runs each")
     args = parser.parse_args(argv)
-    result = run(args)
+    if args.baseline_tree is None:
+        result = run(args)
+    else:
+        result = compare_with_baseline(args, args.baseline_tree.resolve())
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -92,7 +92,9 @@ class RQWorker:
         env: dict[str, str],
         log_path: Path,
         allow_functions: Sequence[str] = (),
+        root: Path = REPO_ROOT,
     ) -> None:
+        """``root``: the checkout whose code runs (another one for a before/after comparison)."""
         self.log_path = log_path
         self.redis_url = redis_url
         self.name = f"test-worker-{os.getpid()}-{time.monotonic_ns()}"
@@ -103,10 +105,10 @@ class RQWorker:
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             command,
-            cwd=REPO_ROOT,
+            cwd=root,
             env={
                 **base,
-                "PYTHONPATH": str(REPO_ROOT),
+                "PYTHONPATH": str(root),
                 **env,
                 "REDIS_URL": redis_url,
                 "TRAINING_QUEUE": queue,
@@ -181,7 +183,8 @@ class AppServer:
     Its settings come from ``settings`` through the environment, exactly as in production.
     """
 
-    def __init__(self, settings: Any, log_path: Path) -> None:
+    def __init__(self, settings: Any, log_path: Path, root: Path = REPO_ROOT) -> None:
+        """``root``: the checkout whose code runs (another one for a before/after comparison)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -191,8 +194,8 @@ class AppServer:
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in __exit__
         self.process = subprocess.Popen(
             command,
-            cwd=REPO_ROOT,
-            env={**base, "PYTHONPATH": str(REPO_ROOT), **settings_env(settings)},
+            cwd=root,
+            env={**base, "PYTHONPATH": str(root), **settings_env(settings)},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
