@@ -150,7 +150,13 @@ def _time_one_run(app: AppServer, worker: RQWorker) -> dict[str, Any]:
 
     version = wait_until(served, 3600, "the new version to be served", poll_s=0.5)
     served_s = time.perf_counter() - started
-    status = http.get(f"/status/{PROJECT}").json()
+    # The job writes the version first and its report just after: wait for the report.
+    status = wait_until(
+        lambda: s if (s := http.get(f"/status/{PROJECT}").json())["last_run"] else None,
+        60,
+        "the job's report",
+        poll_s=0.2,
+    )
     report = status["last_run"]["report"]
     http.close()
     return {
