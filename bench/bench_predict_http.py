@@ -30,9 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -40,6 +38,10 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: make the repo importable
+
+from bench.loopback import ImageServer  # noqa: E402 - after sys.path
+
 CONFIG = """<View>
   <Image name="image" value="$image"/>
   <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
@@ -70,35 +72,6 @@ def synthetic_jpeg(width: int, height: int, seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-class ImageServer:
-    """Serves ``files`` on a loopback port (stands in for Label Studio's /data/upload)."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        files = self.files
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                body = files.get(self.path.rsplit("/", 1)[-1])
-                self.send_response(200 if body else 404)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body or b"")))
-                self.end_headers()
-                self.wfile.write(body or b"")
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_port}"
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
-
-    def add(self, name: str, data: bytes) -> str:
-        self.files[name] = data
-        return f"{self.url}/data/upload/1/{name}"
 
 
 def free_port() -> int:
@@ -253,8 +226,6 @@ def rle_benchmark(repeats: int = 5) -> dict:
     """Brush RLE of 4000x3000 masks: label-studio-sdk ``mask2rle`` vs ``labelstudio.brush``."""
     from label_studio_sdk.converter.brush import mask2rle
 
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # run as a script: make the repo importable
     from labelstudio.brush import mask_to_rle
 
     yy, xx = np.mgrid[:3000, :4000]

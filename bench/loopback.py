@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
@@ -57,3 +58,49 @@ class LoopbackServer:
     def __exit__(self, *exc: object) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+class ImageServer:
+    """Task images on a loopback port, standing in for Label Studio's ``/data/upload``:
+    ``add(name, data)`` serves ``data`` at ``/data/upload/1/<name>`` and returns that URL;
+    ``/slow/<anything>`` trickles an endless PNG one byte per ``trickle_interval_s`` (a slow
+    image server; ``slow_started`` counts them). Started on creation; ``close()`` stops it."""
+
+    def __init__(self, trickle_interval_s: float = 1.0) -> None:
+        self.files: dict[str, bytes] = {}
+        self.slow_started = 0
+        server = self
+
+        class Handler(QuietHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/slow/"):
+                    server.slow_started += 1
+                    self._trickle()
+                    return
+                body = server.files.get(self.path.rsplit("/", 1)[-1])
+                self.send_body(200 if body else 404, body or b"", "image/jpeg")
+
+            def _trickle(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                try:
+                    for _ in range(600):  # at most 10 minutes, then give up
+                        self.wfile.write(b"\x89")
+                        self.wfile.flush()
+                        time.sleep(trickle_interval_s)
+                except OSError:  # the client gave up: what a backend must do
+                    return
+
+        self._server = LoopbackServer(Handler).__enter__()
+        self.url = self._server.url
+
+    def add(self, name: str, data: bytes) -> str:
+        self.files[name] = data
+        return f"{self.url}/data/upload/1/{name}"
+
+    def close(self) -> None:
+        self._server.__exit__(None, None, None)

@@ -38,7 +38,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -49,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_predict_http import CONFIG, synthetic_jpeg  # noqa: E402
+
+from bench.loopback import ImageServer  # noqa: E402
 
 PROJECT = 77
 HEALTH_TARGET_P99_S = 1.0
@@ -68,51 +69,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 # --- the image server ----------------------------------------------------------------------------
-
-
-class ImageServer:
-    """``/data/upload/1/<name>`` from ``files``; ``/slow/<anything>`` trickles 1 byte/s."""
-
-    def __init__(self, trickle_interval_s: float = 1.0) -> None:
-        self.files: dict[str, bytes] = {}
-        self.slow_started = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                if self.path.startswith("/slow/"):
-                    server.slow_started += 1
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/png")
-                    self.send_header("Content-Length", "100000")
-                    self.end_headers()
-                    try:
-                        for _ in range(600):  # at most 10 minutes, then give up
-                            self.wfile.write(b"\x89")
-                            self.wfile.flush()
-                            time.sleep(trickle_interval_s)
-                    except OSError:  # the backend gave up: what it must do
-                        return
-                    return
-                body = server.files.get(self.path.rsplit("/", 1)[-1])
-                self.send_response(200 if body else 404)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body or b"")))
-                self.end_headers()
-                self.wfile.write(body or b"")
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_port}"
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._httpd.shutdown()
 
 
 # --- processes -----------------------------------------------------------------------------------
