@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from labelstudio.errors import InvalidRegionError
 from labelstudio.geometry import clip_box, percent_to_pixels, rectangle_to_xyxy
+from stable_sam.prompts import Prompt
 
 # Percent coordinates may carry float noise from the browser; beyond this they are outside.
 PERCENT_TOLERANCE = 1e-3
@@ -86,15 +87,6 @@ class RegionGroup:
     keypoints: list[Keypoint] = field(default_factory=list)
     rectangles: list[Rectangle] = field(default_factory=list)
     original_size: tuple[int, int] | None = None  # (width, height) as the browser reported it
-
-
-@dataclass
-class Prompt:
-    """A SAM prompt in pixels of the original image (as the browser shows it)."""
-
-    points_xy: np.ndarray | None  # (N, 2) float32, x then y
-    point_labels: np.ndarray | None  # (N,) int64, 1 positive / 0 negative
-    box_xyxy: np.ndarray | None  # (4,) float32: x0, y0, x1, y1
 
 
 def _field_errors(exc: ValidationError) -> str:

@@ -6,10 +6,24 @@ row + 0.5) of the original image. All randomness comes from the ``numpy.random.G
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
 from .metrics import box_iou, box_iou_matrix
+
+
+@dataclass(kw_only=True)
+class Prompt:
+    """A SAM prompt for one object, in pixels of the image it comes with: points (N, 2) float32
+    xy with labels (N,) (1 positive, 0 negative; ``None``: all positive), a box (4,) float32
+    xyxy, and/or mask logits (1, S/4, S/4) such as a previous ``low_res_logits``."""
+
+    points_xy: np.ndarray | None = None
+    point_labels: np.ndarray | None = None
+    box_xyxy: np.ndarray | None = None
+    mask_logits: np.ndarray | None = None
 
 
 def gt_box(mask: np.ndarray) -> np.ndarray:

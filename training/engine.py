@@ -207,7 +207,7 @@ class TrainResult:
 def step_loss(
     model: StableSam,
     augmented: Sequence[rts.AugmentedImage],
-    prompt_lists: Sequence[Sequence[rts.Prompt]],
+    prompt_lists: Sequence[Sequence[rts.TargetPrompt]],
     scale: float,
     backward: bool = True,
 ) -> tuple[float, int]:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from stable_sam import prompts
+from stable_sam.prompts import Prompt
 from stable_sam.transforms import mask_to_low_res_logits
 from training.data import Sample
 
@@ -99,15 +100,13 @@ class AugmentedImage:
     valid_hw: tuple[int, int]
 
 
-@dataclass
-class Prompt:
-    """One prompt for one target, in input-frame pixels."""
+@dataclass(kw_only=True)
+class TargetPrompt(Prompt):
+    """One RTS prompt (a ``stable_sam.prompts.Prompt`` in input-frame pixels; points all
+    positive) for one target, with the kind it was drawn as."""
 
     kind: str
     target: int  # index into AugmentedImage.masks
-    box_xyxy: np.ndarray | None = None  # (4,)
-    points_xy: np.ndarray | None = None  # (k, 2), all positive
-    mask_logits: np.ndarray | None = None  # (1, S/4, S/4)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -275,10 +274,10 @@ def augment(
 
 def make_prompt(
     kind: str, mask: np.ndarray, target: int, side: int, rng: np.random.Generator, config: RTSConfig
-) -> Prompt:
+) -> TargetPrompt:
     """A prompt of ``kind`` for one (S, S) target mask, in input-frame pixels."""
     if kind == "gt_box":
-        return Prompt(kind, target, box_xyxy=prompts.gt_box(mask))
+        return TargetPrompt(kind=kind, target=target, box_xyxy=prompts.gt_box(mask))
     if kind == "noisy_box":
         box = prompts.gt_box(mask)
         try:
@@ -287,19 +286,21 @@ def make_prompt(
             )
         except ValueError:  # degenerate box at the frame edge: fall back to the clean box
             noisy = box
-        return Prompt(kind, target, box_xyxy=noisy)
+        return TargetPrompt(kind=kind, target=target, box_xyxy=noisy)
     if kind.startswith("points_"):
         k = int(kind.removeprefix("points_"))
-        return Prompt(kind, target, points_xy=prompts.sample_points(mask, k, rng))
+        return TargetPrompt(kind=kind, target=target, points_xy=prompts.sample_points(mask, k, rng))
     if kind == "coarse_mask":
         coarse = prompts.coarse_mask(mask, rng)
-        return Prompt(kind, target, mask_logits=mask_to_low_res_logits(coarse, side))
+        return TargetPrompt(
+            kind=kind, target=target, mask_logits=mask_to_low_res_logits(coarse, side)
+        )
     raise ValueError(f"unknown prompt kind {kind!r}")
 
 
 def sample_prompts(
     aug: AugmentedImage, n: int, rng: np.random.Generator, config: RTSConfig
-) -> list[Prompt]:
+) -> list[TargetPrompt]:
     """``n`` prompts for the image's objects (each object at least once when n allows), each
     of a kind drawn from the RTS mix. Objects under ``min_target_pixels`` are skipped."""
     areas = aug.masks.reshape(len(aug.masks), -1).sum(axis=1)
@@ -318,16 +319,16 @@ def sample_prompts(
     ]
 
 
-def group_prompts(batch: Sequence[Prompt]) -> dict[str, list[Prompt]]:
+def group_prompts(batch: Sequence[TargetPrompt]) -> dict[str, list[TargetPrompt]]:
     """Prompts grouped by kind: SAM's prompt encoder takes one prompt layout per call."""
-    groups: dict[str, list[Prompt]] = {}
+    groups: dict[str, list[TargetPrompt]] = {}
     for p in batch:
         groups.setdefault(p.kind, []).append(p)
     return groups
 
 
 def prompt_tensors(
-    group: Sequence[Prompt], device: torch.device
+    group: Sequence[TargetPrompt], device: torch.device
 ) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None, Tensor | None]:
     """SAM prompt-encoder inputs for prompts of one kind: points (coords (B,k,2), labels (B,k)),
     boxes (B,4) or mask logits (B,1,S/4,S/4), all in the input frame."""
@@ -347,8 +348,8 @@ __all__ = [
     "CLEAN_PROMPT_KINDS",
     "PROMPT_KINDS",
     "AugmentedImage",
-    "Prompt",
     "RTSConfig",
+    "TargetPrompt",
     "augment",
     "group_prompts",
     "large_scale_jitter",
