@@ -61,12 +61,12 @@ class Settings(BaseSettings):
 
     # --- Images ---
     # Largest accepted image in pixels (W*H), checked from the header before decoding.
-    image_max_pixels: int = Field(default=50_000_000, gt=0)
+    image_max_pixels: int = Field(default=DownloadLimits.max_pixels, gt=0)
     # Largest accepted image download in bytes.
-    image_max_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    image_max_bytes: int = Field(default=DownloadLimits.max_bytes, gt=0)
     # Deadline of one image download, seconds: connecting, the token exchange, headers and body
     # together (a server trickling bytes cannot hold a request longer), answered 504.
-    image_fetch_timeout_s: float = Field(default=30.0, gt=0)
+    image_fetch_timeout_s: float = Field(default=DownloadLimits.timeout_s, gt=0)
     # Decoded-image cache size, MB (RGB bytes), keyed by content hash.
     image_cache_mb: int = Field(default=512, ge=0)
     # How long a URL is trusted to keep its content (skips re-downloading while clicking), s.
