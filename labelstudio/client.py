@@ -198,10 +198,15 @@ class LabelStudioClient:
                     f"Label Studio's answer for {what} is not in the shape of its API"
                 ) from exc
 
+        return self._within_deadline(what, answered)
+
+    def _within_deadline(self, what: str, answer: Callable[[], T]) -> T:
+        """``answer()`` within one deadline; a transport error or the deadline as
+        ``LabelStudioError`` naming ``what``."""
         shown = display_url(self.base_url)
         return within_deadline(
             self.limits.timeout_s,
-            answered,
+            answer,
             timed_out=lambda: LabelStudioError(
                 f"timed out after {self.limits.timeout_s:g} s: {what} at {shown}"
             ),
@@ -214,9 +219,10 @@ class LabelStudioClient:
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One API call the SDK has no method for: ``path`` under the base URL, ``kwargs`` as
-        httpx takes them. ``LabelStudioError`` for an answer of HTTP 400 or more."""
+        httpx takes them. ``LabelStudioError`` for an answer of HTTP 400 or more. Sent by
+        this client's httpx client directly: the SDK is neither needed nor built for it."""
 
-        def send(_: LabelStudio) -> httpx.Response:
+        def send() -> httpx.Response:
             response = self._http.request(method, f"{self._api_url()}{path}", **kwargs)
             if response.status_code >= 400:
                 raise LabelStudioError(
@@ -224,7 +230,7 @@ class LabelStudioClient:
                 )
             return response
 
-        return self._call(f"{method} {path}", send)
+        return self._within_deadline(f"{method} {path}", send)
 
     def project(self, project: int | str) -> dict[str, Any]:
         """The project (``label_config``, ``title``, ...)."""
