@@ -32,6 +32,7 @@ from runtime.project_ids import normalize_project_id
 from runtime.queue.access import LabelStudioAccess
 from runtime.queue.connection import redis_connection
 from runtime.settings import Settings
+from stable_sam.refinement import PromptKey
 
 logger = logging.getLogger(__name__)
 
@@ -201,25 +202,33 @@ class StableSamBackend:
                     image.height,
                 )
             prompt = group_to_prompt(group, image.width, image.height)
+            chain = PromptKey.of(prompt.points_xy, prompt.point_labels, prompt.box_xyxy)
+            embedding_key = predictor.embedding_key(image.rgb, image.sha256)
+            scope = (project, task.get("id"), group.to_name, group.label, choice.model_version)
+            refinement = self.models.refinement
             started = time.perf_counter()
             with self.models.slot():
+                mask_input = refinement.mask_input(embedding_key, scope, chain)
                 prediction = predictor.predict(
                     image.rgb,
                     point_coords=prompt.points_xy,
                     point_labels=prompt.point_labels,
                     box_xyxy=prompt.box_xyxy,
+                    mask_input=mask_input,
                     image_key=image.sha256,
                     plugins=choice.plugins,
                 )
+            refinement.remember(embedding_key, scope, chain, prediction.low_res_logits[0])
             mask = np.asarray(prediction.masks[0])
             score = float(prediction.scores[0])
             rle = mask_to_rle(mask)
             logger.info(
-                "task %s label %r: %d points, box=%s -> mask %.1f%% in %.0f ms (%s)",
+                "task %s label %r: %d points, box=%s, refined=%s -> mask %.1f%% in %.0f ms (%s)",
                 task.get("id"),
                 group.label,
                 0 if prompt.points_xy is None else len(prompt.points_xy),
                 prompt.box_xyxy is not None,
+                mask_input is not None,
                 100.0 * mask.mean(),
                 (time.perf_counter() - started) * 1000,
                 choice.model_version,

@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from backend.click_refinement import ClickRefinement
 from backend.errors import ModelUnavailableError
 from labelstudio.errors import ServiceError
 from runtime.models import ModelConfigError, resolve_model
 from runtime.settings import Settings
 from runtime.versions import PluginVersion, VersionStore
+from stable_sam.refinement import ClickMemory
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,13 @@ class ModelServer:
         self._slots = threading.BoundedSemaphore(settings.model_concurrency)
         self._versions = VersionStore(settings.versions_dir, keep=settings.versions_keep)
         self.spec = resolve_model(settings)  # base, default plugins, version name
+        # The click loop's memory of previous answers; emptied of an image with its embedding.
+        self.click_memory = ClickMemory(max_bytes=settings.click_memory_mb * 1024 * 1024)
+        self.refinement = ClickRefinement(
+            settings.refine_masks,
+            "stable_sam" if self.spec.plugins_enabled else "sam",
+            self.click_memory,
+        )
 
     def current_version(self, project: str | None) -> PluginVersion | None:
         """The project's served plugin version, if plugins are on and it has one."""
@@ -107,6 +116,7 @@ class ModelServer:
             torch.set_num_threads(s.torch_threads)
         model = self.spec.build()
         cache = EmbeddingCache(max_bytes=s.embedding_cache_mb * 1024 * 1024)
+        cache.on_evict(self.click_memory.forget_image)
         predictor = StableSamPredictor(model, cache=cache)
         logger.info(
             "model %s ready on %s in %.1f s",

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     image_url_ttl_s: float = Field(default=300.0, ge=0)
     # Image-embedding cache size, MB (the predictor's cache).
     embedding_cache_mb: int = Field(default=1024, ge=0)
+    # Refinement across clicks: pass the previous answer's low-res logits as the next click's
+    # mask prompt. "auto": where the click-loop benchmark measured that it helps
+    # (backend.click_refinement), "on": always, "off": never.
+    refine_masks: Literal["auto", "on", "off"] = "auto"
+    # Memory for those logits, MB (16 KB per answer on the embedded default, 256 KB on SAM);
+    # an image's answers also go when its embedding leaves the embedding cache.
+    click_memory_mb: int = Field(default=64, ge=0)
     # Threads computing embeddings in the background when a task opens (batch /predict).
     prefetch_workers: int = Field(default=1, ge=0)
     # Image decodes running at once (each holds a full-size decoded copy while it runs).

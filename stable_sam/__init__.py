@@ -27,10 +27,12 @@ from .modeling import (
     StableSamPlugins,
 )
 from .predictor import BatchPrediction, Prediction, StableSamPredictor, image_content_key
+from .refinement import ClickMemory, PromptKey
 
 __all__ = [
     "MODEL_TYPES",
     "BatchPrediction",
+    "ClickMemory",
     "DeformableSamplingPlugin",
     "DynamicRoutingPlugin",
     "EmbeddingCache",
@@ -38,6 +40,7 @@ __all__ = [
     "PluginConfig",
     "PluginMismatchError",
     "Prediction",
+    "PromptKey",
     "StableSam",
     "StableSamPlugins",
     "StableSamPredictor",

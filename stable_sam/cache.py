@@ -2,7 +2,8 @@
 
 Keys are ``(encoder identity, image content hash)``: plugins never invalidate an embedding, since
 they only act inside the mask decoder. Concurrent requests for the same key compute it once (the
-task-open warm-up and the first click often race for the same image).
+task-open warm-up and the first click often race for the same image). What is kept beside an
+embedding (the click loop's ``ClickMemory``) subscribes to evictions with ``on_evict``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ class EmbeddingCache:
         self._inflight: dict[str, threading.Event] = {}
         self.hits = 0
         self.misses = 0
+        self._evict_listeners: list[Callable[[str], None]] = []
+
+    def on_evict(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(key)`` whenever an embedding leaves the cache (evicted or cleared).
+        Called with the cache's lock held: it must not call back into the cache."""
+        self._evict_listeners.append(listener)
+
+    def _evicted(self, key: str) -> None:
+        for listener in self._evict_listeners:
+            listener(key)
 
     def __len__(self) -> int:
         with self._lock:
@@ -74,7 +85,7 @@ class EmbeddingCache:
     def _put_locked(self, item: ImageEmbedding) -> None:
         old = self._items.pop(item.key, None)
         if old is not None:
-            self._bytes -= old.nbytes
+            self._bytes -= old.nbytes  # the same key: the same content and encoder
         if item.nbytes > self.max_bytes:
             return  # larger than the whole cache: serve it, do not keep it
         self._items[item.key] = item
@@ -82,6 +93,7 @@ class EmbeddingCache:
         while self._bytes > self.max_bytes:
             _, evicted = self._items.popitem(last=False)
             self._bytes -= evicted.nbytes
+            self._evicted(evicted.key)
 
     def get_or_compute(self, key: str, compute: Callable[[], ImageEmbedding]) -> ImageEmbedding:
         """The cached embedding for ``key``, computing it once even under concurrent calls."""
@@ -109,5 +121,8 @@ class EmbeddingCache:
 
     def clear(self) -> None:
         with self._lock:
+            keys = list(self._items)
             self._items.clear()
             self._bytes = 0
+            for key in keys:
+                self._evicted(key)

@@ -101,8 +101,12 @@ class StableSamPredictor:
         by default the pixels are hashed.
         """
         _check_image(image)
-        key = f"{self.encoder_id}/{image_key or image_content_key(image)}"
+        key = self.embedding_key(image, image_key)
         return self.cache.get_or_compute(key, lambda: self._compute_embedding(key, image))
+
+    def embedding_key(self, image: np.ndarray, image_key: str | None = None) -> str:
+        """The cache key of an image's embedding: this encoder and the image's content hash."""
+        return f"{self.encoder_id}/{image_key or image_content_key(image)}"
 
     prefetch = embed  # same call; the name documents background use on task open
 
@@ -276,7 +280,7 @@ class StableSamPredictor:
                 raise ValueError(f"boxes must be (B, 4); got {tuple(boxes.shape)}")
         masks = None
         if mask_input is not None:
-            masks = torch.as_tensor(np.asarray(mask_input, np.float32), device=device)
+            masks = torch.tensor(np.asarray(mask_input, np.float32), device=device)  # a copy
         return points, boxes, masks
 
 
