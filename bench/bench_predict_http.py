@@ -18,6 +18,7 @@ weights when ``stable_sam/weights/`` has them, else random mini weights (same ti
     .venv/bin/python bench/bench_predict_http.py            # everything (~2-4 min on 2 cores)
     .venv/bin/python bench/bench_predict_http.py --skip-vit-b --clicks 20
     .venv/bin/python bench/bench_predict_http.py --baseline-tree ../base   # before/after a change
+    .venv/bin/python bench/bench_predict_http.py --refinement-ab    # REFINE_MASKS on vs off
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -112,11 +114,19 @@ class Backend:
 
     def click(self, image_url: str, x: float, y: float, task_id: int = 1) -> float:
         """One interactive keypoint /predict; returns the wall time in ms."""
-        region = {"type": "keypointlabels", "from_name": "point", "to_name": "image",
-                  "is_positive": True,
-                  "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": ["Object"]}}  # fmt: skip
+        return self.click_all(image_url, [(x, y, True)], task_id)
+
+    def click_all(
+        self, image_url: str, points: list[tuple[float, float, bool]], task_id: int = 1
+    ) -> float:
+        """An interactive /predict with every keypoint so far ``(x %, y %, positive)``, as
+        Label Studio sends the n-th click of a region; returns the wall time in ms."""
+        regions = [{"type": "keypointlabels", "from_name": "point", "to_name": "image",
+                    "is_positive": positive,
+                    "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": ["Object"]}}
+                   for x, y, positive in points]  # fmt: skip
         body = {"tasks": [{"id": task_id, "data": {"image": image_url}}], "project": "1.1",
-                "label_config": CONFIG, "params": {"context": {"result": [region]}}}  # fmt: skip
+                "label_config": CONFIG, "params": {"context": {"result": regions}}}  # fmt: skip
         started = time.perf_counter()
         answer = self.client.post("/predict", json=body)
         elapsed = (time.perf_counter() - started) * 1000
@@ -192,34 +202,73 @@ def measure_model(name: str, env: dict[str, str], images: ImageServer, sizes: li
     return results
 
 
-def compare_with_baseline(
-    baseline_root: Path, env: dict[str, str], images: ImageServer, rounds: int, n_clicks: int
-) -> dict:
-    """Cached-click latency of this checkout against ``baseline_root`` (another checkout, e.g. a
-    worktree of the commit before a change), measured in the same run: both backends are up at
-    once, and rounds of ``n_clicks`` alternate between them (ABBA order), so load drift hits
-    both alike. Returns p50 / p95 / mean of each and the ratios this / baseline."""
+def click_chains(
+    backend: Backend, image_url: str, n_clicks: int, seed: int, length: int = 5
+) -> list[float]:
+    """Chains of ``length`` clicks on one spot's surroundings, each click resending the earlier
+    ones (a positive first, then alternating negative / positive), until ``n_clicks`` clicks
+    that extend a chain were timed; returns those times (a chain's first click is not one)."""
+    rng = np.random.default_rng(seed)
+    times: list[float] = []
+    while len(times) < n_clicks:
+        centre = rng.uniform(25, 75, 2)
+        points = [(*centre, True)]
+        backend.click_all(image_url, points)
+        for k in range(1, length):
+            x, y = (centre + rng.uniform(-15, 15, 2)).clip(1, 99)
+            points.append((x, y, k % 2 == 0))
+            times.append(backend.click_all(image_url, points))
+    return times[:n_clicks]
+
+
+def compare_backends(
+    backends: dict[str, Backend], images: ImageServer, rounds: int, n_clicks: int,
+    series: Callable[[Backend, str, int, int], list[float]] = clicks,
+) -> dict:  # fmt: skip
+    """Cached-click latency of the two ``backends`` (``{"baseline": .., "this": ..}``), measured
+    in the same run: both are up at once and rounds of ``n_clicks`` clicks (``series``)
+    alternate between them (ABBA order), so load drift hits both alike. Closes them. Returns
+    p50 / p95 / mean of each and the ratios this / baseline."""
     image_url = images.add("ab-1024.jpg", synthetic_jpeg(1024, 1024, 3))
-    backends = {"baseline": Backend(env, root=baseline_root), "this": Backend(env)}
     times: dict[str, list[float]] = {name: [] for name in backends}
     try:
         for backend in backends.values():
             backend.click(image_url, 50, 50)  # embed once: every later click is cached
-            clicks(backend, image_url, n_clicks, seed=-1 % 2**32)  # warm-up round, not counted
+            series(backend, image_url, n_clicks, -1 % 2**32)  # warm-up round, not counted
         for index in range(rounds):
             order = list(backends) if index % 4 in (0, 3) else list(backends)[::-1]
             for name in order:
-                times[name] += clicks(backends[name], image_url, n_clicks, seed=index)
+                times[name] += series(backends[name], image_url, n_clicks, index)
     finally:
         for backend in backends.values():
             backend.close()
-    result: dict = {"baseline_root": str(baseline_root), "clicks_each": rounds * n_clicks}
-    for name, series in times.items():
-        result[name] = {"p50_ms": round(p(series, 50), 2), "p95_ms": round(p(series, 95), 2),
-                        "mean_ms": round(statistics.fmean(series), 2)}  # fmt: skip
+    result: dict = {"clicks_each": rounds * n_clicks}
+    for name, values in times.items():
+        result[name] = {"p50_ms": round(p(values, 50), 2), "p95_ms": round(p(values, 95), 2),
+                        "mean_ms": round(statistics.fmean(values), 2)}  # fmt: skip
     for stat in ("p50_ms", "p95_ms", "mean_ms"):
         result[f"ratio_{stat[:-3]}"] = round(result["this"][stat] / result["baseline"][stat], 3)
     return result
+
+
+def compare_with_baseline(
+    baseline_root: Path, env: dict[str, str], images: ImageServer, rounds: int, n_clicks: int
+) -> dict:
+    """This checkout's cached clicks against ``baseline_root``'s (another checkout, e.g. a
+    worktree of the commit before a change), with the same settings (``compare_backends``)."""
+    backends = {"baseline": Backend(env, root=baseline_root), "this": Backend(env)}
+    result = compare_backends(backends, images, rounds, n_clicks)
+    return {"baseline_root": str(baseline_root), **result}
+
+
+def compare_refinement(
+    env: dict[str, str], images: ImageServer, rounds: int, n_clicks: int
+) -> dict:
+    """The clicks that extend a chain (``click_chains``) with refinement on ("this") against
+    off ("baseline"): this checkout's code, two backends (``compare_backends``)."""
+    backends = {"baseline": Backend({**env, "REFINE_MASKS": "off"}),
+                "this": Backend({**env, "REFINE_MASKS": "on"})}  # fmt: skip
+    return compare_backends(backends, images, rounds, n_clicks, series=click_chains)
 
 
 def rle_benchmark(repeats: int = 5) -> dict:
@@ -268,7 +317,11 @@ def main() -> None:
     parser.add_argument("--baseline-tree", type=Path,
                         help="only compare cached clicks (embedded default, 1024 px) with the code "
                              "of this other checkout, alternating rounds in one run")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=8, help="with --baseline-tree: rounds each")
+    parser.add_argument("--refinement-ab", action="store_true",
+                        help="only compare the clicks that extend a chain with REFINE_MASKS on "
+                             "and off (embedded default, 1024 px), alternating rounds in one run")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="with --baseline-tree or --refinement-ab: rounds each")  # fmt: skip
     args = parser.parse_args()
 
     images = ImageServer()
@@ -277,11 +330,14 @@ def main() -> None:
               "TORCH_THREADS": str(args.torch_threads)}  # fmt: skip
     report: dict = {"cpu_count": os.cpu_count(), "torch_threads": args.torch_threads,
                     "load_average_at_start": os.getloadavg()}  # fmt: skip
-    if args.baseline_tree is not None:
+    if args.baseline_tree is not None or args.refinement_ab:
         env = {**common, "SAM_MODEL_TYPE": "mini"}
-        report["ab"] = compare_with_baseline(
-            args.baseline_tree.resolve(), env, images, args.rounds, args.clicks
-        )
+        if args.refinement_ab:
+            report["ab"] = compare_refinement(env, images, args.rounds, args.clicks)
+        else:
+            report["ab"] = compare_with_baseline(
+                args.baseline_tree.resolve(), env, images, args.rounds, args.clicks
+            )
         print(json.dumps(report["ab"], indent=2))
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))

@@ -23,6 +23,7 @@ from bench.loopback import png_bytes
 from stable_sam import StableSamPredictor, build_stable_sam
 from stable_sam.build import build_sam
 from stable_sam.metrics import mask_iou
+from training.click_loop import next_click
 from training.scenes import make_scene, scene_seed
 
 from .harness import (
@@ -291,6 +292,30 @@ def test_positive_and_negative_keypoints_cover_the_object(
     assert data["model_version"]
 
 
+def test_three_successive_clicks_each_answer_at_least_as_well_as_the_last(
+    setup: Connected, ls_client: LabelStudioDriver, targets: list[Target]
+) -> None:
+    # The annotator's loop: each click goes where the last mask is most wrong (the simulated
+    # annotator of the click-loop benchmark), and Label Studio resends every click so far.
+    target, task = targets[1], setup.tasks[1]
+    mask = np.zeros_like(target.mask)
+    regions: list[dict] = []
+    ious = []
+    for _ in range(3):
+        click = next_click(target.mask, mask)
+        assert click is not None, "the mask is exact already: pick another target"
+        regions.append(
+            keypoint_region(
+                (click.x, click.y), target.size_wh, "Object", click.positive,
+                KEYPOINT_NAME, IMAGE_NAME,
+            )
+        )  # fmt: skip
+        mask = decoded_mask(only_brush_region(predict(ls_client, setup, task, list(regions))))
+        ious.append(mask_iou(mask, target.mask))
+    assert ious[0] >= MIN_IOU
+    assert ious[1] >= ious[0] and ious[2] >= ious[1], ious
+
+
 @pytest.mark.parametrize("index", range(N_IMAGES))
 def test_rectangle_covers_the_object(
     setup: Connected, ls_client: LabelStudioDriver, targets: list[Target], index: int
@@ -345,6 +370,7 @@ def plain_sam_setup(
         "SAM_MODEL_TYPE": "mini",
         "SAM_CHECKPOINT": str(random_checkpoint),
         "SAM_PLUGINS": "none",
+        "REFINE_MASKS": "on",  # so the refined second click's transport is pinned too
     }
     backend = start_backend("backend-plain-sam", env)
     project = ls_client.create_project("Stable-SAM e2e (plain SAM)", SAM_CONFIG)
@@ -380,12 +406,21 @@ def test_mask_through_label_studio_is_the_models_mask_for_that_prompt(
         points = np.array([xy for xy, _ in clicks], dtype=np.float32)
         labels = np.array([int(positive) for _, positive in clicks])
 
+    mask_input = None
+    if prompt == "positive+negative":
+        # The second click of a chain: the backend refines it with its answer to the first.
+        predict(ls_client, plain_sam_setup, task, regions[:1])
+        first = reference_predictor.predict(
+            target.image, point_coords=points[:1], point_labels=labels[:1]
+        )
+        mask_input = first.low_res_logits[:1]
     data = predict(ls_client, plain_sam_setup, task, regions)
     served = decoded_mask(only_brush_region(data))
 
     expected = reference_predictor.predict(
-        target.image, point_coords=points, point_labels=labels, box_xyxy=box
-    )
+        target.image, point_coords=points, point_labels=labels, box_xyxy=box,
+        mask_input=mask_input,
+    )  # fmt: skip
     reference = np.asarray(expected.masks[0])
     assert 0.05 < reference.mean() < 0.95, "degenerate reference mask: pick another seed"
     # Identical up to float noise between two processes: at most 0.1 % of the pixels differ.
