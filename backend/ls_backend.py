@@ -1,7 +1,8 @@
 """``StableSamBackend``: the familiar Label Studio ML backend shape over Stable-SAM.
 
 ``predict(tasks, context, ...)`` answers ``/predict``: with a context (regions the annotator
-placed with the smart tools) it returns one ``brushlabels`` region per label; without one (a
+placed with the smart tools) it returns one ``brushlabels`` region per label (or its
+``polygonlabels`` regions, in a ``PolygonLabels`` project); without one (a
 task was opened) it returns empty results and starts computing the task's image embedding in
 the background, so the first click is fast. Training events go to ``/webhook``
 (``backend.training_api``), never here.
@@ -23,9 +24,8 @@ import numpy as np
 from backend.image_cache import ImageLoader, LoadedImage
 from backend.limits import RequestLimits
 from backend.model_server import ModelServer
-from backend.regions import RegionGroup, brush_region, group_to_prompt, parse_context
+from backend.regions import RegionGroup, group_to_prompt, mask_regions, parse_context
 from labelstudio.auth import LabelStudioAuth
-from labelstudio.brush import mask_to_rle
 from labelstudio.errors import InvalidRequestError, LabelConfigError, ServiceError
 from labelstudio.label_config import LabelConfig, LabelConfigStore, parse_label_config
 from runtime.project_ids import normalize_project_id
@@ -184,12 +184,12 @@ class StableSamBackend:
         config: LabelConfig,
         project: str | None,
     ) -> dict[str, Any]:
-        brushes = [config.brush_for(g.to_name, g.label) for g in groups]  # config errors first
+        controls = [config.mask_control_for(g.to_name, g.label) for g in groups]  # errors first
         choice = self.models.plugins_for(project)
         predictor = self.models.predictor()
         images: dict[str, LoadedImage] = {}
         regions, scores = [], []
-        for group, brush in zip(groups, brushes, strict=True):
+        for group, control in zip(groups, controls, strict=True):
             if group.to_name not in images:
                 images[group.to_name] = self._image_of(task, config, group.to_name)
             image = images[group.to_name]
@@ -221,7 +221,10 @@ class StableSamBackend:
             refinement.remember(embedding_key, scope, chain, prediction.low_res_logits[0])
             mask = np.asarray(prediction.masks[0])
             score = float(prediction.scores[0])
-            rle = mask_to_rle(mask)
+            answer = mask_regions(
+                mask, group.label, control, group.to_name, score,
+                self.settings.polygon_tolerance_px, self.settings.polygon_min_part_px,
+            )  # fmt: skip
             logger.info(
                 "task %s label %r: %d points, box=%s, refined=%s -> mask %.1f%% in %.0f ms (%s)",
                 task.get("id"),
@@ -233,10 +236,7 @@ class StableSamBackend:
                 (time.perf_counter() - started) * 1000,
                 choice.model_version,
             )
-            region = brush_region(
-                rle, group.label, brush.name, group.to_name, image.width, image.height, score
-            )
-            regions.append(region)
+            regions.extend(answer)
             scores.append(score)
         return {
             "result": regions,

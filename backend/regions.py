@@ -5,7 +5,9 @@ with the smart tools so far. Keypoints (``keypointlabels``, ``is_positive`` may 
 positive) and rectangles (``rectanglelabels``, rotated about their top-left corner) give their
 position in **percent** of the original image (``labelstudio.geometry`` turns it into pixels).
 Regions are grouped by (label, image): each group is one object to segment and becomes one
-``brushlabels`` region in the answer.
+``brushlabels`` region in the answer, or, in a ``PolygonLabels`` project, one
+``polygonlabels`` region per connected part of the mask (``mask_regions``, the one way every
+answer turns a mask into regions).
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from labelstudio.brush import mask_to_rle
 from labelstudio.errors import InvalidRegionError
 from labelstudio.geometry import clip_box, percent_to_pixels, rectangle_to_xyxy
+from labelstudio.label_config import ControlTag
+from labelstudio.polygon import (
+    DEFAULT_MIN_PART_PX,
+    DEFAULT_TOLERANCE_PX,
+    mask_to_polygons,
+    pixels_to_percent,
+)
 from stable_sam.prompts import Prompt
 
 # Percent coordinates may carry float noise from the browser; beyond this they are outside.
@@ -240,3 +250,55 @@ def brush_region(
     if score is not None:
         region["score"] = float(score)
     return region
+
+
+def polygon_region(
+    points_pct: list[list[float]],
+    label: str,
+    from_name: str,
+    to_name: str,
+    width: int,
+    height: int,
+    score: float | None = None,
+) -> dict[str, Any]:
+    """A ``polygonlabels`` result region as Label Studio stores it (points in percent)."""
+    region: dict[str, Any] = {
+        "id": uuid.uuid4().hex[:10],
+        "type": "polygonlabels",
+        "from_name": from_name,
+        "to_name": to_name,
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {"points": points_pct, "closed": True, "polygonlabels": [label]},
+        "readonly": False,
+    }
+    if score is not None:
+        region["score"] = float(score)
+    return region
+
+
+def mask_regions(
+    mask: np.ndarray,
+    label: str,
+    control: ControlTag,
+    to_name: str,
+    score: float | None = None,
+    polygon_tolerance_px: float = DEFAULT_TOLERANCE_PX,
+    polygon_min_part_px: int = DEFAULT_MIN_PART_PX,
+) -> list[dict[str, Any]]:
+    """The result regions of an (H, W) mask under ``control``: one brush region (even for an
+    empty mask: Label Studio shows nothing), or one polygon region per part (none for an empty
+    mask), all with ``label``."""
+    height, width = mask.shape
+    if control.tag == "polygonlabels":
+        polygons = mask_to_polygons(mask, polygon_tolerance_px, polygon_min_part_px)
+        points = [pixels_to_percent(p, width, height) for p in polygons]
+        return [
+            polygon_region(pct, label, control.name, to_name, width, height, score)
+            for pct in points
+        ]
+    if control.tag != "brushlabels":
+        raise ValueError(f"no mask output for a <{control.tag}> control")
+    rle = mask_to_rle(mask)
+    return [brush_region(rle, label, control.name, to_name, width, height, score)]

@@ -1,7 +1,8 @@
 """What the service needs from a project's labeling config (Label Studio XML).
 
-Tags are found by type, never by name: the ``BrushLabels`` control that writes masks onto the
-same ``Image`` as the smart tool the annotator clicked with (the backend), and the task-data key
+Tags are found by type, never by name: the ``BrushLabels`` (or, without one offering the label,
+``PolygonLabels``) control that writes masks onto the same ``Image`` as the smart tool the
+annotator clicked with (the backend), and the task-data key
 of each ``Image`` (``value="$image"`` -> ``"image"``: the backend and the training job). The
 XML is parsed with ``defusedxml`` because the config comes over the network.
 """
@@ -17,6 +18,10 @@ from xml.etree.ElementTree import Element
 from defusedxml import ElementTree as SafeET
 
 from labelstudio.errors import InvalidRegionError, LabelConfigError, quoted
+
+# The tags a mask can be written as, in order of preference, and how the config spells them.
+MASK_CONTROLS = ("brushlabels", "polygonlabels")
+TAG_TITLES = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
 
 
 @dataclass(frozen=True)
@@ -38,29 +43,42 @@ class LabelConfig:
     image_data_keys: dict[str, str]  # Image tag name -> task data key (without "$")
 
     def brush_for(self, to_name: str, label: str | None = None) -> ControlTag:
-        """The ``BrushLabels`` control attached to the ``Image`` named ``to_name``.
+        """The ``BrushLabels`` control attached to the ``Image`` named ``to_name`` (offering
+        ``label``, when given); errors as ``mask_control_for``."""
+        return self._control_for(to_name, label, ("brushlabels",))
 
-        With ``label``, the one that offers it (Label Studio shows a brush region only under a
-        label of its control). Raises ``LabelConfigError`` when the image has no BrushLabels,
-        ``InvalidRegionError`` (422) when none of them offers ``label``.
+    def mask_control_for(self, to_name: str, label: str | None = None) -> ControlTag:
+        """The control a mask for ``label`` on the ``Image`` named ``to_name`` is written as:
+        the ``BrushLabels`` offering the label, else the ``PolygonLabels`` offering it (Label
+        Studio shows a region only under a label of its own control).
+
+        Raises ``LabelConfigError`` when the image has neither tag, ``InvalidRegionError``
+        (422) when none of them offers ``label``.
         """
-        brushes = [c for c in self.controls if c.tag == "brushlabels" and to_name in c.to_name]
-        if not brushes:
+        return self._control_for(to_name, label, MASK_CONTROLS)
+
+    def _control_for(self, to_name: str, label: str | None, tags: tuple[str, ...]) -> ControlTag:
+        candidates = [
+            c for tag in tags for c in self.controls if c.tag == tag and to_name in c.to_name
+        ]
+        if not candidates:
+            names = " or ".join(f"<{TAG_TITLES[t]}>" for t in tags)
             raise LabelConfigError(
-                f'the labeling config has no <BrushLabels> with toName="{to_name}"; add one next '
+                f'the labeling config has no {names} with toName="{to_name}"; add one next '
                 "to the smart KeyPointLabels/RectangleLabels so the backend can return masks"
             )
         if label is None:
-            return brushes[0]
-        for brush in brushes:
-            if label in brush.labels:
-                return brush
-        offered = [value for brush in brushes for value in brush.labels]
+            return candidates[0]
+        for control in candidates:
+            if label in control.labels:
+                return control
+        offered = list(dict.fromkeys(value for c in candidates for value in c.labels))
         shown = ", ".join(repr(value) for value in offered[:10])
         if len(offered) > 10:
             shown += ", ..."
+        names = " or ".join(f"<{TAG_TITLES[t]}>" for t in {c.tag: 0 for c in candidates})
         raise InvalidRegionError(
-            f"label {quoted(label)} is not a label of the <BrushLabels> on image {to_name!r} "
+            f"label {quoted(label)} is not a label of the {names} on image {to_name!r} "
             f"(it offers {shown or 'none'}); add it to the labeling config or pick another label"
         )
 

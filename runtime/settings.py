@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from labelstudio.download import DownloadLimits
+from labelstudio.polygon import DEFAULT_MIN_PART_PX, DEFAULT_TOLERANCE_PX
 from stable_sam import MODEL_TYPES
 
 # The SAM bases stable_sam can build (its registry), so that a new one needs no change here.
@@ -80,6 +81,11 @@ class Settings(BaseSettings):
     # Memory for those logits, MB (16 KB per answer on the embedded default, 256 KB on SAM);
     # an image's answers also go when its embedding leaves the embedding cache.
     click_memory_mb: int = Field(default=64, ge=0)
+    # PolygonLabels projects: how far a polygon may stray from the mask's outline, pixels
+    # (Douglas-Peucker; chosen by bench/bench_polygon_tolerance.py), and the smallest separate
+    # part of a mask that gets a polygon of its own (the largest part always does).
+    polygon_tolerance_px: float = Field(default=DEFAULT_TOLERANCE_PX, ge=0)
+    polygon_min_part_px: int = Field(default=DEFAULT_MIN_PART_PX, ge=1)
     # Threads computing embeddings in the background when a task opens (batch /predict).
     prefetch_workers: int = Field(default=1, ge=0)
     # Image decodes running at once (each holds a full-size decoded copy while it runs).

@@ -222,13 +222,32 @@ def test_task_without_the_image_field_names_it(client):
     assert answer.status_code == 400 and "'img'" in answer.json()["detail"]
 
 
-def test_config_without_brush_labels_is_a_clear_error(client):
-    config = CONFIG.replace("BrushLabels", "PolygonLabels")
+def test_config_without_brush_or_polygon_labels_is_a_clear_error(client):
+    config = CONFIG.replace("BrushLabels", "EllipseLabels")
     body = {"tasks": [{"id": 1, "data": {"img": "/public/scene.png"}}], "label_config": config,
             "params": {"context": {"result": [kp(50, 50)]}}}  # fmt: skip
     answer = client.post("/predict", json=body)
     assert answer.status_code == 400 and answer.json()["error"] == "label_config"
-    assert "BrushLabels" in answer.json()["detail"]
+    assert "<BrushLabels> or <PolygonLabels>" in answer.json()["detail"]
+
+
+def test_a_polygon_project_gets_polygon_regions_of_the_mask(client):
+    config = CONFIG.replace("BrushLabels", "PolygonLabels")
+    body = {"tasks": [{"id": 1, "data": {"img": "/public/scene.png"}}], "label_config": config,
+            "params": {"context": {"result": [kp(50, 50), box(20, 20, 60, 60, label="Tree")]}}}  # fmt: skip
+    answer = client.post("/predict", json=body)
+    assert answer.status_code == 200, answer.text
+    [result] = answer.json()["results"]
+    assert result["result"], "a random-weight mini still masks something here"
+    for region in result["result"]:
+        assert region["type"] == "polygonlabels" and region["from_name"] == "masks"
+        assert region["value"]["closed"] is True
+        assert region["value"]["polygonlabels"][0] in ("Car", "Tree")
+        points = np.array(region["value"]["points"])
+        assert points.ndim == 2 and points.shape[1] == 2 and len(points) >= 3
+        assert points.min() >= 0 and points.max() <= 100
+    labels = {region["value"]["polygonlabels"][0] for region in result["result"]}
+    assert labels <= {"Car", "Tree"}  # random weights: one of the two masks may be empty
 
 
 def test_project_plugin_version_is_served_and_named(client, settings, tmp_path):

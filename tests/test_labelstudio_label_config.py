@@ -135,3 +135,44 @@ def test_a_deeply_nested_config_parses_in_linear_time():
     assert len(config.controls) == depth
     assert config.controls[-1].labels == ("Car",)  # the nearest control gets the label
     assert config.controls[0].labels == ()
+
+
+# -- which control a mask is written as -------------------------------------------------------
+
+MIXED_CONFIG = """
+<View>
+  <Image name="img" value="$image"/>
+  <BrushLabels name="brush" toName="img"><Label value="Road"/><Label value="Car"/></BrushLabels>
+  <PolygonLabels name="poly" toName="img"><Label value="Car"/><Label value="Tree"/></PolygonLabels>
+  <KeyPointLabels name="kp" toName="img" smart="true">
+    <Label value="Road"/><Label value="Car"/><Label value="Tree"/></KeyPointLabels>
+</View>
+"""
+
+
+def test_a_label_both_tags_offer_is_written_as_a_brush():
+    assert parse_label_config(MIXED_CONFIG).mask_control_for("img", "Car").name == "brush"
+
+
+def test_a_label_only_polygons_offer_is_written_as_a_polygon():
+    control = parse_label_config(MIXED_CONFIG).mask_control_for("img", "Tree")
+    assert (control.tag, control.name) == ("polygonlabels", "poly")
+
+
+def test_a_polygon_only_project_writes_polygons():
+    config = parse_label_config(SAM_CONFIG.replace("BrushLabels", "PolygonLabels"))
+    assert config.mask_control_for("photo", "Dog").tag == "polygonlabels"
+    assert config.mask_control_for("photo").tag == "polygonlabels"
+
+
+def test_a_label_neither_offers_is_a_422_naming_both_tags_labels():
+    with pytest.raises(InvalidRegionError) as info:
+        parse_label_config(MIXED_CONFIG).mask_control_for("img", "Horse")
+    assert "'Road', 'Car', 'Tree'" in info.value.detail
+    assert "<BrushLabels> or <PolygonLabels>" in info.value.detail
+
+
+def test_an_image_without_brush_or_polygon_labels_is_a_config_error():
+    config = parse_label_config(SAM_CONFIG.replace("BrushLabels", "EllipseLabels"))
+    with pytest.raises(LabelConfigError, match="no <BrushLabels> or <PolygonLabels>"):
+        config.mask_control_for("photo", "Dog")
