@@ -226,6 +226,32 @@ def group_to_prompt(group: RegionGroup, width: int, height: int) -> Prompt:
     return Prompt(points_xy=points, point_labels=labels, box_xyxy=box)
 
 
+def result_region(
+    kind: str,
+    value: dict[str, Any],
+    from_name: str,
+    to_name: str,
+    width: int,
+    height: int,
+    score: float | None = None,
+) -> dict[str, Any]:
+    """A result region of type ``kind`` (e.g. ``brushlabels``) as Label Studio stores it."""
+    region: dict[str, Any] = {
+        "id": uuid.uuid4().hex[:10],
+        "type": kind,
+        "from_name": from_name,
+        "to_name": to_name,
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": value,
+        "readonly": False,
+    }
+    if score is not None:
+        region["score"] = float(score)
+    return region
+
+
 def brush_region(
     rle: list[int],
     label: str,
@@ -236,46 +262,8 @@ def brush_region(
     score: float | None = None,
 ) -> dict[str, Any]:
     """A ``brushlabels`` result region as Label Studio stores it."""
-    region: dict[str, Any] = {
-        "id": uuid.uuid4().hex[:10],
-        "type": "brushlabels",
-        "from_name": from_name,
-        "to_name": to_name,
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
-        "readonly": False,
-    }
-    if score is not None:
-        region["score"] = float(score)
-    return region
-
-
-def polygon_region(
-    points_pct: list[list[float]],
-    label: str,
-    from_name: str,
-    to_name: str,
-    width: int,
-    height: int,
-    score: float | None = None,
-) -> dict[str, Any]:
-    """A ``polygonlabels`` result region as Label Studio stores it (points in percent)."""
-    region: dict[str, Any] = {
-        "id": uuid.uuid4().hex[:10],
-        "type": "polygonlabels",
-        "from_name": from_name,
-        "to_name": to_name,
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {"points": points_pct, "closed": True, "polygonlabels": [label]},
-        "readonly": False,
-    }
-    if score is not None:
-        region["score"] = float(score)
-    return region
+    value = {"format": "rle", "rle": rle, "brushlabels": [label]}
+    return result_region("brushlabels", value, from_name, to_name, width, height, score)
 
 
 def mask_regions(
@@ -293,10 +281,17 @@ def mask_regions(
     height, width = mask.shape
     if control.tag == "polygonlabels":
         polygons = mask_to_polygons(mask, polygon_tolerance_px, polygon_min_part_px)
-        points = [pixels_to_percent(p, width, height) for p in polygons]
+        values = [
+            {
+                "points": pixels_to_percent(p, width, height),
+                "closed": True,
+                "polygonlabels": [label],
+            }
+            for p in polygons
+        ]
         return [
-            polygon_region(pct, label, control.name, to_name, width, height, score)
-            for pct in points
+            result_region("polygonlabels", value, control.name, to_name, width, height, score)
+            for value in values
         ]
     if control.tag != "brushlabels":
         raise ValueError(f"no mask output for a <{control.tag}> control")
