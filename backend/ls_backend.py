@@ -25,6 +25,7 @@ from backend.image_cache import ImageLoader, LoadedImage
 from backend.limits import RequestLimits
 from backend.model_server import ModelServer
 from backend.regions import RegionGroup, group_to_prompt, mask_regions, parse_context
+from backend.task_boxes import consensus_mask, group_boxes, task_boxes, task_sources
 from labelstudio.auth import LabelStudioAuth
 from labelstudio.errors import InvalidRequestError, LabelConfigError, ServiceError
 from labelstudio.label_config import LabelConfig, LabelConfigStore, parse_label_config
@@ -154,9 +155,105 @@ class StableSamBackend:
             self.limits.check_points(groups)
             config = self._config(key, label_config)
             return [self._predict_interactive(task, groups, config, key) for task in tasks]
-        self._start_prefetch(tasks, key, label_config)
+        # Batch (Retrieve predictions, or a task opened): the boxes tasks already have become
+        # masks; the other tasks' embeddings are warmed up for the first click.
         version = self.models.model_version(key)
-        return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
+        answers: list[dict[str, Any] | None] = [None] * len(tasks)
+        config = self._batch_config(key, label_config)
+        if config is not None:
+            for index, task in enumerate(tasks):
+                answers[index] = self._predict_task_boxes(task, config, key)
+        self._start_prefetch(
+            [t for t, a in zip(tasks, answers, strict=True) if a is None], key, label_config
+        )
+        empty = {"result": [], "score": 0.0, "model_version": version}
+        return [dict(empty) if a is None else a for a in answers]
+
+    def _batch_config(self, project: str | None, label_config: str | None) -> LabelConfig | None:
+        try:
+            return self._config(project, label_config)
+        except LabelConfigError as exc:
+            logger.info("batch /predict without a usable labeling config: %s", exc.detail)
+            return None
+
+    def _predict_task_boxes(
+        self, task: dict[str, Any], config: LabelConfig, project: str | None
+    ) -> dict[str, Any] | None:
+        """One mask region set per object the task's boxes outline (``backend.task_boxes``),
+        or None when the task has no boxes (or its image cannot be had: logged)."""
+        choice = self.models.plugins_for(project)
+        own = {choice.model_version, self.models.model_version(project)}
+        to_names = {
+            region.get("to_name")
+            for _, result in task_sources(task, own)
+            for region in result
+            if isinstance(region, dict) and str(region.get("type", "")).lower() == "rectanglelabels"
+        }
+        to_names = {n for n in to_names if isinstance(n, str) and n in config.image_data_keys}
+        if not to_names:
+            return None
+        try:
+            images = {name: self._image_of(task, config, name) for name in sorted(to_names)}
+        except ServiceError as exc:
+            logger.warning("task %s: boxes not converted, %s", task.get("id"), exc.detail)
+            return None
+        boxes = task_boxes(task, own, {n: (i.width, i.height) for n, i in images.items()})
+        groups = group_boxes(boxes.sources)
+        if not groups:
+            logger.info("task %s: no usable box (skipped: %s)", task.get("id"), dict(boxes.skipped))
+            return None
+        started = time.perf_counter()
+        predictor = self.models.predictor()
+        regions, scores = [], []
+        for name, image in images.items():
+            here = [g for g in groups if g[0].to_name == name]
+            if not here:
+                continue
+            flat = [b for g in here for b in g]
+            with self.models.slot():
+                batch = predictor.predict_batch(
+                    image.rgb,
+                    boxes_xyxy=np.stack([b.box_xyxy for b in flat]).astype(np.float32),
+                    image_key=image.sha256,
+                    plugins=choice.plugins,
+                )
+            assert batch.masks is not None
+            start = 0
+            for group in here:
+                masks = batch.masks[start : start + len(group), 0]
+                predicted = batch.scores[start : start + len(group), 0]
+                start += len(group)
+                try:
+                    control = config.mask_control_for(name, group[0].label)
+                except ServiceError as exc:
+                    boxes.skipped[f"label {group[0].label!r} has no mask tag"] += len(group)
+                    logger.info("task %s: %s", task.get("id"), exc.detail)
+                    continue
+                mask, agreement = consensus_mask(masks)
+                score = float(predicted[0]) if len(group) == 1 else agreement
+                notes = []
+                if len(group) > 1:
+                    notes.append(f"consensus of {len(group)} boxes, agreement {agreement:.2f}")
+                if any(b.rotated for b in group):
+                    notes.append("rotated rectangle: its axis-aligned hull was used")
+                for region in mask_regions(
+                    mask, group[0].label, control, name, score,
+                    self.settings.polygon_tolerance_px, self.settings.polygon_min_part_px,
+                ):  # fmt: skip
+                    if notes:
+                        region["meta"] = {"text": notes}
+                    regions.append(region)
+                scores.append(score)
+        logger.info(
+            "task %s: %d boxes -> %d objects in %.0f ms (skipped: %s; %s)",
+            task.get("id"), boxes.count, len(scores), (time.perf_counter() - started) * 1000,
+            dict(boxes.skipped) or "none", choice.model_version,
+        )  # fmt: skip
+        return {
+            "result": regions,
+            "score": float(np.mean(scores)) if scores else 0.0,
+            "model_version": choice.model_version,
+        }
 
     def _config(self, project: str | None, label_config: str | None) -> LabelConfig:
         xml = label_config or (self._schemas.get(project) if project else None)

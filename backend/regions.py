@@ -124,7 +124,7 @@ def _parse_keypoint(region: ContextRegion, index: int) -> tuple[str | None, Keyp
     return label, Keypoint(x=value.x, y=value.y, positive=positive)
 
 
-def _parse_rectangle(region: ContextRegion, index: int) -> tuple[str | None, Rectangle]:
+def parse_rectangle(region: ContextRegion, index: int) -> tuple[str | None, Rectangle]:
     try:
         value = _RectangleValue.model_validate(region.value)
     except ValidationError as exc:
@@ -168,7 +168,7 @@ def parse_context(result: Any) -> list[RegionGroup]:
         if kind == "keypointlabels":
             label, prompt = _parse_keypoint(region, index)
         elif kind == "rectanglelabels":
-            label, prompt = _parse_rectangle(region, index)
+            label, prompt = parse_rectangle(region, index)
         else:
             raise InvalidRegionError(
                 f"region {index}: unsupported region type {region.type!r}; "

@@ -434,6 +434,23 @@ class LabelStudioDriver(LabelStudioClient):
         """What Label Studio answers for the ML backend's versions (it asks our /versions)."""
         return self.request("GET", f"/api/ml/{ml_backend_id}/versions").text
 
+    def create_prediction(self, task_id: int, result: list[dict], model_version: str) -> dict:
+        """Import a prediction (e.g. a detector's rectangles) for a task."""
+        created = self._call(
+            f"importing a prediction for task {task_id}",
+            lambda sdk: sdk.predictions.create(
+                task=task_id, result=result, model_version=model_version
+            ),
+        )
+        return created.dict()
+
+    def retrieve_predictions(self, project_id: int) -> dict:
+        """Data Manager → select all → Actions → "Retrieve Predictions": Label Studio sends the
+        tasks that hold no prediction of the backend's model version in batch ``/predict``."""
+        path = f"/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}"
+        body = {"selectedItems": {"all": True, "excluded": []}}
+        return self.request("POST", path, json=body).json()
+
     def interactive_annotating(self, ml_backend_id: int, task_id: int, regions: list[dict]) -> dict:
         """POST what the browser posts after a smart-tool region is drawn; returns LS's answer.
 
