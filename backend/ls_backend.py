@@ -158,15 +158,26 @@ class StableSamBackend:
         # Batch (Retrieve predictions, or a task opened): the boxes tasks already have become
         # masks; the other tasks' embeddings are warmed up for the first click.
         version = self.models.model_version(key)
+        empty = {"result": [], "score": 0.0, "model_version": version}
         answers: list[dict[str, Any] | None] = [None] * len(tasks)
         config = self._batch_config(key, label_config)
         if config is not None:
+            deadline = time.monotonic() + self.settings.batch_predict_budget_s
             for index, task in enumerate(tasks):
+                if index > 0 and time.monotonic() > deadline:
+                    # Label Studio drops every answer of a batch that misses its 100 s, but
+                    # asks again task by task when a batch gets a single answer (its fallback
+                    # for backends without batches; label_studio/ml/models.py): that one it
+                    # gets, and each task then has 100 s of its own.
+                    logger.warning(
+                        "batch /predict of %d tasks: BATCH_PREDICT_BUDGET_S (%.0f s) spent after "
+                        "%d; answering one task so that Label Studio asks task by task",
+                        len(tasks), self.settings.batch_predict_budget_s, index,
+                    )  # fmt: skip
+                    return [answers[0] or dict(empty)]
                 answers[index] = self._predict_task_boxes(task, config, key)
-        self._start_prefetch(
-            [t for t, a in zip(tasks, answers, strict=True) if a is None], key, label_config
-        )
-        empty = {"result": [], "score": 0.0, "model_version": version}
+        waiting = [t for t, a in zip(tasks, answers, strict=True) if a is None]
+        self._start_prefetch(waiting, key, label_config)
         return [dict(empty) if a is None else a for a in answers]
 
     def _batch_config(self, project: str | None, label_config: str | None) -> LabelConfig | None:

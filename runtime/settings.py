@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     # part of a mask that gets a polygon of its own (the largest part always does).
     polygon_tolerance_px: float = Field(default=DEFAULT_TOLERANCE_PX, ge=0)
     polygon_min_part_px: int = Field(default=DEFAULT_MIN_PART_PX, ge=1)
+    # Batch /predict (Retrieve Predictions) converting boxes: past this many seconds, the
+    # backend answers only the batch's first task, so that Label Studio (whose predict timeout
+    # is 100 s) asks for the rest task by task (backend.ls_backend).
+    batch_predict_budget_s: float = Field(default=60.0, gt=0)
     # Threads computing embeddings in the background when a task opens (batch /predict).
     prefetch_workers: int = Field(default=1, ge=0)
     # Image decodes running at once (each holds a full-size decoded copy while it runs).

@@ -192,3 +192,23 @@ def test_a_polygon_project_gets_polygons_in_batch_too(client):
             "annotations": [annotation(1, 7, [rect(25, 25, 50, 50)])]}  # fmt: skip
     [entry] = batch(client, [task], CONFIG.replace("BrushLabels", "PolygonLabels"))
     assert all(r["type"] == "polygonlabels" for r in entry["result"])
+
+
+def test_a_batch_past_its_budget_answers_one_task_so_label_studio_asks_one_by_one(
+    tmp_path, random_mini_base
+):
+    with FakeLabelStudio() as ls:
+        ls.files["scene.png"] = png_bytes(scene(H, W)[0])
+        settings = Settings(
+            label_studio_url=ls.url, sam_model_type="mini", sam_checkpoint=random_mini_base,
+            sam_plugins="none", preload_model=False, device="cpu", versions_dir=tmp_path,
+            batch_predict_budget_s=1e-6,
+        )  # fmt: skip
+        with TestClient(create_app(settings)) as client:
+            tasks = [{"id": i, "data": {"img": "/public/scene.png"},
+                      "annotations": [annotation(i, 7, [rect(25, 25, 50, 50)])]}
+                     for i in (1, 2, 3)]  # fmt: skip
+            [only] = batch(client, tasks)
+            assert only["result"], "the first task is converted"
+            [single] = batch(client, tasks[1:2])  # a batch of one is always answered
+            assert single["result"]
