@@ -347,6 +347,7 @@ def evaluate(
 
 # ----------------------------------------------------------------------------- report
 
+TITLES = {"synthetic": "synthetic scenes", "composites": "real-picture composites"}
 ROW_TITLES = {
     "sam": "SAM (mini base)",
     "sam+refine": "SAM, refining with the last mask",
@@ -361,7 +362,8 @@ def markdown_report(result: dict) -> str:
     lines = [
         "# The click loop: NoC with a simulated annotator",
         "",
-        f"Held-out synthetic scenes: {meta['images']} images, {meta['objects']} objects; at most "
+        f"Held-out {TITLES.get(meta.get('data', 'synthetic'), meta.get('data'))}: "
+        f"{meta['images']} images, {meta['objects']} objects; at most "
         f"{meta['max_clicks']} interactions; IoU at the original resolution.",
         "",
         f"- Command: `{meta['command']}`",
@@ -420,6 +422,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", default=None, help="SAM base (default: the embedded mini)")
     parser.add_argument("--model-type", default=None)
     parser.add_argument("--plugins", default=None, help="Stable-SAM plugins (default: shipped)")
+    parser.add_argument("--data", choices=["synthetic", "composites"], default="synthetic",
+                        help="held-out synthetic scenes, or held-out real-picture composites "
+                             "(training.composites; needs its Debian packages)")  # fmt: skip
     parser.add_argument("--n-images", type=int, default=30, help="held-out images")
     parser.add_argument("--max-objects", type=int, default=3, help="objects per image")
     parser.add_argument("--max-clicks", type=int, default=MAX_CLICKS)
@@ -445,7 +450,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = build_models(args)
-    dataset = SceneDataset("heldout", args.n_images)
+    if args.data == "composites":
+        from training.composites import CompositeDataset
+
+        dataset = CompositeDataset("heldout", args.n_images)
+    else:
+        dataset = SceneDataset("heldout", args.n_images)
     started = time.perf_counter()
     result = evaluate(
         models, dataset, args.first_prompts, args.max_objects, args.seed, args.max_clicks,
@@ -453,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     some_row = next(iter(next(iter(result["rows"].values())).values()))
     result["meta"] = {
+        "data": args.data,
         "images": len(dataset),
         "objects": some_row["objects"],
         "max_objects_per_image": args.max_objects,
@@ -464,12 +475,13 @@ def main(argv: list[str] | None = None) -> dict:
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "click_loop.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "click_loop.md").write_text(markdown_report(result) + "\n")
+    name = "click_loop" if args.data == "synthetic" else f"click_loop_{args.data}"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(markdown_report(result) + "\n")
     benchmark = args.out / "benchmark.json"
     if benchmark.is_file():  # the benchmark JSON carries the click-loop rows too
         table = json.loads(benchmark.read_text())
-        table["click_loop"] = {"rows": result["rows"], "meta": result["meta"]}
+        table[name] = {"rows": result["rows"], "meta": result["meta"]}
         benchmark.write_text(json.dumps(table, indent=2) + "\n")
     print(markdown_report(result))
     return result
