@@ -107,7 +107,7 @@ def _radial_polygon(
     return np.stack([cx + xr, cy + yr], axis=1)
 
 
-def _draw_shape(
+def draw_shape(
     rng: np.random.Generator, kind: str, h: int, w: int, cx: float, cy: float, r: float
 ) -> np.ndarray:
     """Rasterise one shape of radius ~``r`` px at (cx, cy); (h, w) uint8 0/1."""
@@ -209,7 +209,7 @@ def _render_background(
     for _ in range(n_clutter):
         kind = SHAPES[rng.choice(len(SHAPES), p=SHAPE_WEIGHTS)]
         r = short * rng.uniform(0.02, 0.12)
-        m = _draw_shape(rng, kind, h, w, rng.uniform(0, w), rng.uniform(0, h), r)
+        m = draw_shape(rng, kind, h, w, rng.uniform(0, w), rng.uniform(0, h), r)
         box = _bbox(m)
         if box is None:
             continue
@@ -268,7 +268,7 @@ def make_scene(
                 j = int(rng.integers(len(ys)))
                 cx = x0 + xs[j] + rng.normal(0, r * 0.3)
                 cy = y0 + ys[j] + rng.normal(0, r * 0.3)
-        m = _draw_shape(rng, kind, h, w, cx, cy, r)
+        m = draw_shape(rng, kind, h, w, cx, cy, r)
         box = _bbox(m)
         if box is None:
             continue

@@ -1,0 +1,149 @@
+"""Specification of the real-picture composites (training/composites.py).
+
+On a catalogue of generated stand-in pictures (``tests/fake_pictures.py``), so they run where
+the Debian packages are not installed; the test marked for the installed packages renders from
+the repository's catalogue.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fake_pictures import write_fake_catalogue
+from training.composites import (
+    MAX_OBJECTS,
+    MIN_OBJECTS,
+    CompositeDataset,
+    make_composite,
+)
+from training.data import Sample
+from training.real_pictures import (
+    CATALOGUE_PATH,
+    INSTALL_COMMAND,
+    Catalogue,
+    RealPicturesMissingError,
+    installed_versions,
+)
+
+SIZE = (256, 320)
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Catalogue, Path]:
+    return write_fake_catalogue(tmp_path_factory.mktemp("packages"))
+
+
+def test_same_seed_and_split_give_the_same_composite(fake) -> None:
+    _, path = fake
+    a, b = (make_composite(3, "train", SIZE, catalogue=path) for _ in range(2))
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.masks, b.masks)
+    assert (a.kinds, a.wholes, a.sources) == (b.kinds, b.wholes, b.sources)
+
+
+def test_different_seeds_give_different_composites(fake) -> None:
+    _, path = fake
+    a, b = (make_composite(s, "train", SIZE, catalogue=path) for s in (1, 2))
+    assert not np.array_equal(a.image, b.image)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_masks_are_disjoint_visible_and_counted(fake, seed: int) -> None:
+    _, path = fake
+    c = make_composite(seed, ("train", "heldout")[seed % 2], catalogue=path, size_range=(256, 400))
+    h, w = c.image.shape[:2]
+    assert c.image.dtype == np.uint8 and c.image.shape == (h, w, 3)
+    assert min(h, w) >= 256 and max(h, w) <= 400
+    assert c.masks.dtype == np.bool_ and c.masks.shape[1:] == (h, w)
+    assert c.masks.sum(axis=0).max() <= 1  # painter's order: one owner per pixel
+    assert (c.masks.reshape(len(c.masks), -1).sum(axis=1) >= 48).all()
+    assert MIN_OBJECTS <= len(c.masks) <= 3 * MAX_OBJECTS  # a body and up to two parts each
+    assert len(c.kinds) == len(c.masks)
+    assert set(c.kinds) <= {"clipart"} | {k for k in c.kinds if k.startswith("photo_")}
+
+
+def test_objects_with_parts_list_two_or_more_instances(fake) -> None:
+    _, path = fake
+    wholes = [
+        (c, g)
+        for seed in range(12)
+        for c in [make_composite(seed, "train", SIZE, catalogue=path)]
+        for g in c.wholes
+    ]
+    assert wholes, "no object with parts in 12 composites"
+    for c, g in wholes:
+        assert len(g) >= 2 and len(set(g)) == len(g) and max(g) < len(c.masks)
+
+
+def test_held_out_composites_use_only_held_out_pictures(fake) -> None:
+    catalogue, path = fake
+    for split in ("train", "heldout"):
+        allowed = {
+            p.path
+            for p in (*catalogue.pool("backgrounds", split), *catalogue.pool("objects", split))
+        }
+        used = {
+            s
+            for seed in range(8)
+            for s in make_composite(seed, split, SIZE, catalogue=path).sources
+        }
+        assert used and used <= allowed
+
+
+def test_the_dataset_is_a_sequence_of_samples(fake) -> None:
+    _, path = fake
+    ds = CompositeDataset("heldout", n=3, size_range=(256, 256), catalogue=path)
+    assert len(ds) == 3
+    sample = ds[1]
+    assert isinstance(sample, Sample) and sample.name == "composite_heldout_000001"
+    np.testing.assert_array_equal(
+        sample.image, make_composite(1, "heldout", size_range=(256, 256), catalogue=path).image
+    )
+    np.testing.assert_array_equal(ds[-1].image, ds[2].image)
+    with pytest.raises(IndexError):
+        ds[3]
+    with pytest.raises(ValueError):
+        CompositeDataset("test", n=1, catalogue=path)
+
+
+def test_without_a_catalogue_the_error_names_the_install_command(tmp_path: Path) -> None:
+    with pytest.raises(RealPicturesMissingError, match=INSTALL_COMMAND.replace(".", r"\.")):
+        CompositeDataset("train", n=1, catalogue=tmp_path / "missing" / "catalogue.json")
+
+
+def test_without_the_packages_files_the_error_names_the_install_command(tmp_path: Path) -> None:
+    _, path = write_fake_catalogue(tmp_path)
+    shutil.rmtree(tmp_path / "usr")  # the packages' files are gone, the catalogue stays
+    with pytest.raises(RealPicturesMissingError, match=INSTALL_COMMAND.replace(".", r"\.")):
+        CompositeDataset("train", n=1, catalogue=path)
+
+
+def test_a_changed_picture_is_refused(tmp_path: Path) -> None:
+    catalogue, path = write_fake_catalogue(tmp_path)
+    for picture in catalogue.backgrounds:  # every background differs from its catalogued hash
+        Path(picture.path).write_bytes(Path(picture.path).read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="differs from the catalogue"):
+        make_composite(0, "train", SIZE, catalogue=path)
+
+
+def _installed() -> bool:
+    try:
+        return all(v is not None for v in installed_versions().values())
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(
+    not _installed(), reason=f"Debian picture packages not installed ({INSTALL_COMMAND})"
+)
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_composites_of_the_installed_packages(split: str) -> None:
+    catalogue = Catalogue.from_json(CATALOGUE_PATH.read_text())
+    allowed = {p.path for kind in ("backgrounds", "objects") for p in catalogue.pool(kind, split)}
+    c = make_composite(0, split, (320, 384))
+    assert c.masks.sum(axis=0).max() <= 1 and len(c.masks) >= MIN_OBJECTS
+    assert set(c.sources) <= allowed
