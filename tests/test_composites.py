@@ -147,3 +147,22 @@ def test_composites_of_the_installed_packages(split: str) -> None:
     c = make_composite(0, split, (320, 384))
     assert c.masks.sum(axis=0).max() <= 1 and len(c.masks) >= MIN_OBJECTS
     assert set(c.sources) <= allowed
+
+
+def test_pretraining_mixes_in_composites_at_the_configured_share(fake) -> None:
+    from training.pretrain.config import PretrainConfig
+    from training.pretrain.data import PretrainSamples
+
+    _, catalogue = fake
+    cfg = PretrainConfig(composite_fraction=0.5, composite_catalogue=str(catalogue),
+                         train_size_range=(256, 320))  # fmt: skip
+    samples = PretrainSamples(cfg, 256)
+    drawn = [samples.is_composite(i) for i in range(400)]
+    assert 0.4 < np.mean(drawn) < 0.6
+    # a pure function of (seed, index): a resumed run (another start) draws the same
+    resumed = PretrainSamples(cfg, 256, start=100)
+    assert [resumed.is_composite(100 + i) for i in range(50)] == drawn[100:150]
+    first = next(i for i in range(400) if drawn[i])
+    batch = samples[first]
+    assert batch is not None
+    assert not any(PretrainSamples(PretrainConfig(), 256).is_composite(i) for i in range(50))

@@ -41,6 +41,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--workers", type=int, default=PretrainConfig.workers, help="scene-rendering processes"
     )
     p.add_argument(
+        "--composite-fraction", type=float, default=PretrainConfig.composite_fraction,
+        help="share of real-picture composites among the training images (needs "
+             "python -m training.real_pictures --install)",
+    )  # fmt: skip
+    p.add_argument(
         "--provenance", type=Path, default=None, help="default: PROVENANCE.md next to --out"
     )
     p.add_argument("--no-progress", action="store_true")
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpt_minutes=args.ckpt_minutes,
         threads=args.threads,
         workers=args.workers,
+        composite_fraction=args.composite_fraction,
         mask_loss=args.mask_loss,
         focal_ramp=args.focal_ramp,
     )

@@ -36,4 +36,9 @@ class PretrainConfig:
     monitor_n: int = 16  # held-out images scored at each checkpoint
     threads: int = 0  # torch CPU threads; 0 = adapt to the load average (see ``cpu_threads``)
     workers: int = 0  # data-loader processes rendering scenes (0: render in the training process)
+    # Share of training images that are real-picture composites (training.composites, their
+    # Debian packages installed: python -m training.real_pictures --install) instead of
+    # synthetic scenes; 0 keeps the synthetic-only recipe of the shipped base.
+    composite_fraction: float = 0.0
+    composite_catalogue: str | None = None  # None: training.real_pictures' shipped catalogue
     extra: dict = field(default_factory=dict)

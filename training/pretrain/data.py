@@ -1,4 +1,5 @@
-"""Pretraining data: synthetic train scenes, jittered into the 256 px frame and prompted.
+"""Pretraining data: synthetic train scenes (and, with ``composite_fraction``, real-picture
+composites of the train split), jittered into the 256 px frame and prompted.
 
 The jitter is RTS's (``training.rts``), the prompts ``stable_sam.prompts``' (boxes in continuous
 pixel coordinates, points at pixel centres), as in RTS training and the benchmark.
@@ -103,14 +104,31 @@ class PretrainSamples(torch.utils.data.Dataset):
     def __init__(self, cfg: PretrainConfig, size: int, start: int = 0) -> None:
         self.cfg, self.size, self.start = cfg, size, start
         self.scenes = SceneDataset("train", n=10**9, size_range=cfg.train_size_range)
+        self.composites = None
+        if cfg.composite_fraction > 0:
+            from training.composites import CompositeDataset
+            from training.real_pictures import CATALOGUE_PATH
+
+            self.composites = CompositeDataset(
+                "train", n=10**9, size_range=cfg.train_size_range,
+                catalogue=cfg.composite_catalogue or CATALOGUE_PATH,
+            )  # fmt: skip
 
     def __len__(self) -> int:
         return 10**9 - self.start
 
+    def is_composite(self, index: int) -> bool:
+        """Whether sample ``index`` is a real-picture composite (a pure function of the seed)."""
+        if self.composites is None:
+            return False
+        draw = np.random.default_rng((self.cfg.seed, index, 1)).random()
+        return bool(draw < self.cfg.composite_fraction)
+
     def __getitem__(self, i: int) -> PretrainBatch:
         index = self.start + i
         rng = np.random.default_rng((self.cfg.seed, index))
-        return prepare_sample(self.scenes[index], rng, self.cfg, self.size)
+        source = self.composites if self.is_composite(index) else self.scenes
+        return prepare_sample(source[index], rng, self.cfg, self.size)
 
 
 def _loader_worker_init(_: int) -> None:

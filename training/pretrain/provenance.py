@@ -38,6 +38,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+def composite_packages(cfg: PretrainConfig) -> str:
+    """The Debian packages (name version) the composites' pictures come from, per the catalogue."""
+    from training.composites import catalogue_at
+    from training.real_pictures import CATALOGUE_PATH
+
+    catalogue = catalogue_at(cfg.composite_catalogue or CATALOGUE_PATH)
+    return ", ".join(f"`{name} {version}`" for name, version in sorted(catalogue.packages.items()))
+
+
 def write_provenance(
     path: Path, argv: list[str], cfg: PretrainConfig, summary: dict, out: Path, wall_s: float
 ) -> None:
@@ -48,11 +57,18 @@ def write_provenance(
         f"{r['to_step']}, {r['train_min']} min, commit {r['commit'][:10]}, {r['hardware']}"
         for i, r in enumerate(summary.get("history", []))
     )
+    data = "synthetic scenes (`training/scenes.py`, train split). No external data or weights were used."
+    if cfg.composite_fraction > 0:
+        data = (
+            f"synthetic scenes (`training/scenes.py`, train split) and, for "
+            f"{100 * cfg.composite_fraction:.0f} % of the images, real-picture composites "
+            f"(`training/composites.py`, train split) from Debian packages {composite_packages(cfg)}. "
+            "No external weights were used."
+        )
     text = f"""# Provenance of `{out.name}`
 
 The `mini` SAM (see `docs/MODEL.md`), pretrained from random initialisation by this repository's
-`training/pretrain/` on synthetic scenes (`training/scenes.py`, train split). No external data
-or weights were used.
+`training/pretrain/` on {data}
 
 - Command (last invocation): `python -m training.pretrain {" ".join(argv)}`
 - Runs that produced the weights (a run and its `--resume`s):
