@@ -57,7 +57,7 @@ from training.real_pictures import (
     RealPicturesMissingError,
     load_catalogue,
 )
-from training.scenes import draw_shape
+from training.scenes import draw_shape, smooth_noise
 
 MIN_OBJECTS, MAX_OBJECTS = 3, 10
 MAX_TOP_UP = 20  # extra placements, not occluding, while fewer than MIN_OBJECTS are visible
@@ -163,14 +163,6 @@ def _color_jitter(rgb: np.ndarray, rng: np.random.Generator, hue: bool = False) 
     rgb = mean + (rgb - mean) * np.float32(rng.uniform(0.75, 1.25))  # contrast
     gain = rng.uniform(0.75, 1.25) * rng.uniform(0.92, 1.08, 3)  # brightness and tint
     return np.clip(rgb * gain.astype(np.float32), 0, 255)
-
-
-def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
-    """Low-frequency noise in [0, 1], shape (h, w)."""
-    gh = max(2, round(cells * h / max(h, w)))
-    gw = max(2, round(cells * w / max(h, w)))
-    grid = rng.random((gh, gw), dtype=np.float32)
-    return cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC).clip(0, 1)
 
 
 def _photo_crop(
@@ -282,7 +274,7 @@ def _paste(rng: np.random.Generator, image: np.ndarray, paste: _Paste) -> np.nda
     mask = (alpha >= 0.5).astype(np.uint8)
     if not mask.any():
         return None
-    shade = 0.8 + 0.4 * _smooth_field(rng, *alpha.shape, 2)[..., None]  # not flat
+    shade = 0.8 + 0.4 * smooth_noise(rng, *alpha.shape, 2)[..., None]  # not flat
     color = color * shade
     if rng.random() < 0.15:  # defocused object
         sigma = rng.uniform(0.8, 2.0)
@@ -321,7 +313,7 @@ def _draw_size(
 def _camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """Illumination field, global gain, gamma, sensor noise, sometimes blur; uint8 out."""
     h, w = image.shape[:2]
-    light = _smooth_field(rng, h, w, int(rng.integers(1, 4)))[..., None]
+    light = smooth_noise(rng, h, w, int(rng.integers(1, 4)))[..., None]
     light = (0.7 + 0.5 * light) * np.float32(rng.uniform(0.8, 1.15))
     image = np.clip(image * light, 0, 255).astype(np.uint8)
     gamma = rng.uniform(0.8, 1.25)

@@ -51,7 +51,7 @@ def scene_seed(split: str, index: int) -> int:
     return 2 * index + SPLITS.index(split)
 
 
-def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     """Low-frequency noise in [0, 1], shape (h, w): a ``cells``-wide random grid, resized."""
     gh = max(2, int(round(cells * h / max(h, w))))
     gw = max(2, int(round(cells * w / max(h, w))))
@@ -64,7 +64,7 @@ def _texture(rng: np.random.Generator, h: int, w: int, color: np.ndarray) -> np.
     kind = rng.integers(4)
     amp = rng.uniform(10, 45)
     if kind == 0:  # blotchy noise
-        t = _smooth_noise(rng, h, w, int(rng.integers(3, 12))) - 0.5
+        t = smooth_noise(rng, h, w, int(rng.integers(3, 12))) - 0.5
         field = t[..., None] * amp * 2
     elif kind == 1:  # stripes at a random angle
         theta = rng.uniform(0, math.pi)
@@ -197,7 +197,7 @@ def _render_background(
 ) -> np.ndarray:
     """A textured background blended from two colours, plus clutter; (h, w, 3) float32."""
     c1, c2 = _random_color(rng), _random_color(rng)
-    t = _smooth_noise(rng, h, w, int(rng.integers(2, 8)))[..., None]
+    t = smooth_noise(rng, h, w, int(rng.integers(2, 8)))[..., None]
     # The base texture is rendered at half resolution (speed); clutter below is full resolution.
     hh, hw = (h + 1) // 2, (w + 1) // 2
     tex = _texture(rng, hh, hw, (c1 + c2) / 2)
@@ -281,7 +281,7 @@ def make_scene(
         if i and rng.random() < 0.3:
             color = _near_color(rng, palette[int(rng.integers(min(i, n_objects)))], 20)
         tex = _texture(rng, y1 - y0, x1 - x0, color)
-        shade = 0.8 + 0.4 * _smooth_noise(rng, y1 - y0, x1 - x0, 2)[..., None]  # not flat
+        shade = 0.8 + 0.4 * smooth_noise(rng, y1 - y0, x1 - x0, 2)[..., None]  # not flat
         image[y0:y1, x0:x1][sub] = (tex * shade)[sub]
         for prev in masks:  # occlusion: the new object hides what it covers
             prev[y0:y1, x0:x1][sub] = 0
@@ -292,7 +292,7 @@ def make_scene(
     keep = [k for k, m in enumerate(masks) if cv2.countNonZero(m) >= min_pixels]
 
     # Lighting: a smooth illumination field and global gain, gamma, sensor noise, slight blur.
-    light = _smooth_noise(rng, h, w, int(rng.integers(1, 4)))[..., None]
+    light = smooth_noise(rng, h, w, int(rng.integers(1, 4)))[..., None]
     light = (0.55 + 0.7 * light) * np.float32(rng.uniform(0.7, 1.2))
     image = np.clip(image * light, 0, 255).astype(np.uint8)
     gamma = rng.uniform(0.7, 1.4)
