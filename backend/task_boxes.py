@@ -148,25 +148,17 @@ def group_boxes(
     """The objects: boxes of different sources, same label and image, matched by IoU."""
     groups: list[list[TaskBox]] = []
     for source in sources:
-        free = list(range(len(source)))
-        pairs = []
-        for b in free:
+        # IoU of each box with each object so far; -inf where label or image differ.
+        iou = np.full((len(source), len(groups)), -np.inf)
+        for b, box in enumerate(source):
             for g, group in enumerate(groups):
-                head = group[0]
-                if (head.label, head.to_name) != (source[b].label, source[b].to_name):
-                    continue
-                iou = float(metrics.box_iou(source[b].box_xyxy, _mean_box(group)))
-                if iou >= min_iou:
-                    pairs.append((iou, b, g))
-        used_boxes: set[int] = set()
-        used_groups: set[int] = set()
-        for _, b, g in sorted(pairs, key=lambda p: (-p[0], p[1], p[2])):
-            if b in used_boxes or g in used_groups:
-                continue
-            used_boxes.add(b)
-            used_groups.add(g)
+                if (group[0].label, group[0].to_name) == (box.label, box.to_name):
+                    iou[b, g] = metrics.box_iou(box.box_xyxy, _mean_box(group))
+        matched = metrics.greedy_matches(iou, min_iou)
+        for b, g in matched:
             groups[g].append(source[b])
-        groups += [[source[b]] for b in free if b not in used_boxes]
+        used = {b for b, _ in matched}
+        groups += [[box] for b, box in enumerate(source) if b not in used]
     return groups
 
 

@@ -84,6 +84,24 @@ def box_iou_matrix(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
+def greedy_matches(iou: np.ndarray, min_iou: float) -> list[tuple[int, int]]:
+    """One-to-one (row, column) pairs of an (N, M) IoU matrix, taken greedily in order of
+    decreasing IoU (ties: row, then column) while the IoU is at least ``min_iou``."""
+    iou = np.asarray(iou, dtype=np.float64)
+    pairs: list[tuple[int, int]] = []
+    rows: set[int] = set()
+    columns: set[int] = set()
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
+        r, c = (int(v) for v in np.unravel_index(flat, iou.shape))
+        if iou[r, c] < min_iou:
+            break
+        if r not in rows and c not in columns:
+            rows.add(r)
+            columns.add(c)
+            pairs.append((r, c))
+    return pairs
+
+
 def mask_ap(
     gt_masks: Sequence[np.ndarray],
     pred_masks: Sequence[np.ndarray],

@@ -121,3 +121,10 @@ def test_coarse_mask_differs_only_near_the_boundary():
     dist = np.minimum.reduce([np.abs(ys - 20), np.abs(ys - 79), np.abs(xs - 20), np.abs(xs - 79)])
     assert dist.max() <= 6  # band radius 0.05 * diag(60*sqrt2) ≈ 4 px, plus a pixel of rounding
     assert c[50, 50] and not c[2, 2]
+
+
+def test_greedy_matches_take_the_highest_iou_first_one_to_one_above_the_threshold():
+    iou = np.array([[0.9, 0.8, 0.0], [0.85, 0.2, 0.0], [0.3, 0.3, 0.05]])
+    # (0, 0) first; row 1 then has only 0.2 left (below 0.25); column 0 taken, row 2 gets column 1
+    assert metrics.greedy_matches(iou, 0.25) == [(0, 0), (2, 1)]
+    assert metrics.greedy_matches(np.zeros((0, 3)), 0.1) == []

@@ -101,18 +101,10 @@ def _match_by_iou(
         ]
     )
     matched: list[MatchedBox] = []
-    free_boxes, free_objects = set(range(len(boxes))), set(range(len(ids)))
-    # stable order: highest IoU first, ties by box then object index
-    for flat in np.argsort(-iou, axis=None, kind="stable"):
-        b, o = np.unravel_index(flat, iou.shape)
-        if iou[b, o] < min_iou:
-            break
-        if b in free_boxes and o in free_objects:
-            free_boxes.discard(b)
-            free_objects.discard(o)
-            matched.append(
-                MatchedBox(boxes[b], image.key, ids[o], float(iou[b, o]), by_target=False)
-            )
+    free_boxes = set(range(len(boxes)))
+    for b, o in metrics.greedy_matches(iou, min_iou):  # highest IoU first, ties by index
+        free_boxes.discard(b)
+        matched.append(MatchedBox(boxes[b], image.key, ids[o], float(iou[b, o]), by_target=False))
     unmatched = [
         UnmatchedBox(boxes[b], f"no free ground-truth box with IoU >= {min_iou}")
         for b in sorted(free_boxes)
