@@ -8,7 +8,7 @@ import pytest
 
 from stable_sam import metrics, prompts
 from training import evaluation
-from training.box_baselines import GrabCutFromBox, box_pixels, filled_box
+from training.box_baselines import GrabCut, box_pixels, filled_box
 from training.data import Sample
 from training.real_benchmark import BOX_KINDS, evaluate_box_baselines, main
 
@@ -37,7 +37,7 @@ def test_a_box_covers_at_least_one_pixel_inside_the_image() -> None:
 def test_grabcut_finds_a_distinct_object_in_a_loose_box() -> None:
     image, mask = square_on_noise()
     box = prompts.gt_box(mask) + np.array([-15, -10, 12, 15])
-    out = GrabCutFromBox(image).segment(box)
+    out = GrabCut(image).segment(box)
     assert out.shape == mask.shape and out.dtype == np.bool_
     assert metrics.mask_iou(out, mask) > 0.9
     assert metrics.mask_iou(filled_box(box, mask.shape), mask) < 0.6
@@ -45,7 +45,7 @@ def test_grabcut_finds_a_distinct_object_in_a_loose_box() -> None:
 
 def test_grabcut_runs_downscaled_and_answers_at_the_original_size() -> None:
     image, mask = square_on_noise(700, 900)
-    grabcut = GrabCutFromBox(image, max_side=300)
+    grabcut = GrabCut(image, max_side=300)
     assert max(grabcut.image.shape[:2]) == 300
     out = grabcut.segment(prompts.gt_box(mask))
     assert out.shape == mask.shape and metrics.mask_iou(out, mask) > 0.9
@@ -54,7 +54,7 @@ def test_grabcut_runs_downscaled_and_answers_at_the_original_size() -> None:
 def test_a_box_that_leaves_no_background_gives_the_filled_box() -> None:
     image, _ = square_on_noise(64, 64)
     whole = np.array([0.0, 0.0, 64.0, 64.0])
-    out = GrabCutFromBox(image).segment(whole)  # GrabCut itself refuses: no background sample
+    out = GrabCut(image).segment(whole)  # GrabCut itself refuses: no background sample
     np.testing.assert_array_equal(out, np.ones((64, 64), bool))
 
 

@@ -1,6 +1,6 @@
 """Box-prompt baselines that need no model: OpenCV's GrabCut and the filled box (the floor).
 
-- ``GrabCutFromBox``: ``cv2.grabCut`` initialised from the box (``GC_INIT_WITH_RECT``: outside
+- ``GrabCut``: ``cv2.grabCut`` initialised from the box (``GC_INIT_WITH_RECT``: outside
   sure background, inside probably foreground), ``GRABCUT_ITERATIONS`` (5) iterations, the
   probable and sure foreground as the mask. GrabCut's cost grows with the pixels (~1-2 s at
   1024 px on this CPU), so it runs at most ``max_side`` px on the long side (the click loop's
@@ -14,6 +14,7 @@ Both take boxes ``box_xyxy`` (4,) in pixels of the original image with exclusive
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import cv2
@@ -43,8 +44,9 @@ def filled_box(box_xyxy: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-class GrabCutFromBox:
-    """GrabCut on one image (module doc): ``segment(box_xyxy) -> (H, W) bool``."""
+class GrabCut:
+    """GrabCut on one image (module doc): ``segment(box_xyxy) -> (H, W) bool``, or from the
+    click loop's seed map, ``segment_seeds(seeds)``."""
 
     def __init__(
         self,
@@ -81,10 +83,25 @@ class GrabCutFromBox:
             )
         except cv2.error:
             return filled_box(box_xyxy, self.size)
+        return self.foreground(labels)
+
+    def segment_seeds(self, seeds: np.ndarray) -> np.ndarray:
+        """GrabCut's mask from a seed map at GrabCut's resolution (``image.shape[:2]``, values
+        ``cv2.GC_BGD`` / ``GC_FGD`` / ``GC_PR_BGD`` / ``GC_PR_FGD``; ``GC_INIT_WITH_MASK``),
+        at the original size. Where GrabCut cannot run (no background or no foreground sample
+        to model), the seeds' own foreground."""
+        labels = np.array(seeds, dtype=np.uint8)
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        with contextlib.suppress(cv2.error):
+            cv2.grabCut(self.image, labels, None, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_MASK)
+        return self.foreground(labels)
+
+    def foreground(self, labels: np.ndarray) -> np.ndarray:
+        """The sure and probable foreground of a GrabCut label map, at the original size."""
         small = ((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)).astype(np.uint8)
-        if small_hw != self.size:
+        if small.shape != self.size:
             small = cv2.resize(small, self.size[::-1], interpolation=cv2.INTER_NEAREST)
         return small.astype(bool)
 
 
-__all__ = ["GRABCUT_ITERATIONS", "GRABCUT_MAX_SIDE", "GrabCutFromBox", "box_pixels", "filled_box"]
+__all__ = ["GRABCUT_ITERATIONS", "GRABCUT_MAX_SIDE", "GrabCut", "box_pixels", "filled_box"]

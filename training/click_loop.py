@@ -32,7 +32,6 @@ writes ``click_loop.json`` and ``click_loop.md`` and the ``click_loop`` rows of
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import time
@@ -46,6 +45,7 @@ import numpy as np
 
 from stable_sam import metrics
 from stable_sam.refinement import ClickMemory, FirstPrompt, PromptKey
+from training.box_baselines import GRABCUT_ITERATIONS, GRABCUT_MAX_SIDE, GrabCut, box_pixels
 from training.data import Sample
 
 if TYPE_CHECKING:
@@ -57,7 +57,6 @@ MAX_CLICKS = 20
 THRESHOLDS = (0.85, 0.90)
 REPORT_AFTER = (1, 3, 5)  # mIoU after this many interactions
 FIRST_PROMPTS: tuple[FirstPrompt, ...] = ("click", "box")
-GRABCUT_ITERATIONS = 5
 GRABCUT_SEED_RADIUS = 5  # px at the resolution GrabCut runs at
 
 
@@ -194,51 +193,33 @@ class GrabCutLoop(LoopModel):
     """OpenCV's GrabCut driven by the same interactions: the box as its rectangle (outside sure
     background, inside probably foreground; without a box, everything probably background),
     clicks as sure foreground / background disks. Runs at most ``max_side`` px on the long side
-    (GrabCut's cost grows with the pixels: ~1-2 s at 1024 px on this CPU), masks scaled back."""
+    (``training.box_baselines.GrabCut``: its cost grows with the pixels), masks scaled back."""
 
-    def __init__(self, key: str = "grabcut", max_side: int = 512) -> None:
+    def __init__(self, key: str = "grabcut", max_side: int = GRABCUT_MAX_SIDE) -> None:
         self.key = key
         self.max_side = max_side
-        self._image: np.ndarray | None = None
-        self._scale = 1.0
+        self._grabcut: GrabCut | None = None
 
     def begin_image(self, image: np.ndarray) -> None:
-        h, w = image.shape[:2]
-        self._scale = min(1.0, self.max_side / max(h, w))
-        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-        if self._scale < 1.0:
-            size = (max(1, round(w * self._scale)), max(1, round(h * self._scale)))
-            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
-        self._image = bgr
-        self._size = (h, w)
+        self._grabcut = GrabCut(image, GRABCUT_ITERATIONS, self.max_side)
 
     def step(self, objects: list[ObjectLoop]) -> list[np.ndarray]:
         return [self._one(obj) for obj in objects]
 
     def _one(self, obj: ObjectLoop) -> np.ndarray:
-        assert self._image is not None
-        small_h, small_w = self._image.shape[:2]
-        s = self._scale
-        seeds = np.full((small_h, small_w), cv2.GC_PR_BGD, np.uint8)
+        grabcut = self._grabcut
+        assert grabcut is not None
+        small_hw, s = grabcut.image.shape[:2], grabcut.scale
+        seeds = np.full(small_hw, cv2.GC_PR_BGD, np.uint8)
         if obj.box_xyxy is not None:
-            x0, y0, x1, y1 = obj.box_xyxy * s
+            r0, r1, c0, c1 = box_pixels(obj.box_xyxy, small_hw, s)
             seeds[:] = cv2.GC_BGD
-            seeds[int(y0) : max(int(y0) + 1, int(np.ceil(y1))), int(x0) : max(int(x0) + 1, int(np.ceil(x1)))] = cv2.GC_PR_FGD  # fmt: skip
+            seeds[r0:r1, c0:c1] = cv2.GC_PR_FGD
         for click in obj.clicks:
             centre = (int(click.x * s), int(click.y * s))
             value = cv2.GC_FGD if click.positive else cv2.GC_BGD
             cv2.circle(seeds, centre, GRABCUT_SEED_RADIUS, value, -1)
-        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        # Without a background (or foreground) sample to model GrabCut raises: the seeds stand.
-        with contextlib.suppress(cv2.error):
-            cv2.grabCut(
-                self._image, seeds, None, bgd, fgd, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_MASK
-            )
-        small = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
-        h, w = self._size
-        if small.shape != (h, w):
-            small = cv2.resize(small.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-        return small
+        return grabcut.segment_seeds(seeds)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -430,7 +411,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-clicks", type=int, default=MAX_CLICKS)
     parser.add_argument("--first-prompts", nargs="*", default=list(FIRST_PROMPTS))
     parser.add_argument("--models", nargs="*", default=list(ROW_TITLES))
-    parser.add_argument("--grabcut-side", type=int, default=512, help="GrabCut's long side, px")
+    parser.add_argument(
+        "--grabcut-side", type=int, default=GRABCUT_MAX_SIDE, help="GrabCut's long side, px"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

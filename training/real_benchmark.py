@@ -5,7 +5,7 @@ pictures? On ``training.composites``' held-out split (pictures none of the train
 composites use), every row gets the same prompts, ``training.evaluation``'s: per object the GT
 box and ``n_prompts`` noisy boxes (noise 0.4, IoU >= 0.5 to the GT box). Rows:
 
-- GrabCut from the box (``training.box_baselines.GrabCutFromBox``: ``GC_INIT_WITH_RECT``, 5
+- GrabCut from the box (``training.box_baselines.GrabCut``: ``GC_INIT_WITH_RECT``, 5
   iterations, run at <= 512 px on the long side);
 - the filled box (the floor);
 - SAM (the mini base) and Stable-SAM (the shipped plugins), single-mask output, through
@@ -36,7 +36,7 @@ import torch
 from runtime.logs import configure_logging
 from stable_sam import default_model_paths
 from training import evaluation
-from training.box_baselines import GrabCutFromBox, filled_box
+from training.box_baselines import GrabCut, filled_box
 from training.data import Sample
 from training.evaluation import KIND_TITLES, ModelScores, score_object, summarize
 
@@ -68,7 +68,7 @@ def evaluate_box_baselines(
         objects, per_object = evaluation.image_prompts(
             sample, index, seed, n_prompts, max_objects, kinds
         )
-        grabcut = GrabCutFromBox(sample.image)
+        grabcut = GrabCut(sample.image)
         hw = sample.image.shape[:2]
         for kind in kinds:
             for o, prompts in zip(objects, per_object, strict=True):
