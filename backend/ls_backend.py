@@ -23,9 +23,15 @@ import numpy as np
 
 from backend.image_cache import ImageLoader, LoadedImage
 from backend.limits import RequestLimits
-from backend.model_server import ModelServer
+from backend.model_server import ModelServer, PluginChoice
 from backend.regions import RegionGroup, group_to_prompt, mask_regions, parse_context
-from backend.task_boxes import consensus_mask, group_boxes, task_boxes, task_sources
+from backend.task_boxes import (
+    box_image_names,
+    consensus_mask,
+    group_boxes,
+    task_boxes,
+    task_sources,
+)
 from labelstudio.auth import LabelStudioAuth
 from labelstudio.errors import InvalidRequestError, LabelConfigError, ServiceError
 from labelstudio.label_config import LabelConfig, LabelConfigStore, parse_label_config
@@ -162,6 +168,8 @@ class StableSamBackend:
         answers: list[dict[str, Any] | None] = [None] * len(tasks)
         config = self._batch_config(key, label_config)
         if config is not None:
+            choice = self.models.plugins_for(key)
+            own = {choice.model_version, version}  # our predictions: masks already
             deadline = time.monotonic() + self.settings.batch_predict_budget_s
             for index, task in enumerate(tasks):
                 if index > 0 and time.monotonic() > deadline:
@@ -175,7 +183,7 @@ class StableSamBackend:
                         len(tasks), self.settings.batch_predict_budget_s, index,
                     )  # fmt: skip
                     return [answers[0] or dict(empty)]
-                answers[index] = self._predict_task_boxes(task, config, key)
+                answers[index] = self._predict_task_boxes(task, config, choice, own)
         waiting = [t for t, a in zip(tasks, answers, strict=True) if a is None]
         self._start_prefetch(waiting, key, label_config)
         return [dict(empty) if a is None else a for a in answers]
@@ -188,19 +196,13 @@ class StableSamBackend:
             return None
 
     def _predict_task_boxes(
-        self, task: dict[str, Any], config: LabelConfig, project: str | None
+        self, task: dict[str, Any], config: LabelConfig, choice: PluginChoice, own: set[str]
     ) -> dict[str, Any] | None:
         """One mask region set per object the task's boxes outline (``backend.task_boxes``),
-        or None when the task has no boxes (or its image cannot be had: logged)."""
-        choice = self.models.plugins_for(project)
-        own = {choice.model_version, self.models.model_version(project)}
-        to_names = {
-            region.get("to_name")
-            for _, result in task_sources(task, own)
-            for region in result
-            if isinstance(region, dict) and str(region.get("type", "")).lower() == "rectanglelabels"
-        }
-        to_names = {n for n in to_names if isinstance(n, str) and n in config.image_data_keys}
+        decoded with ``choice``, ignoring predictions of the ``own`` model versions; or None
+        when the task has no boxes (or its image cannot be had: logged)."""
+        sources = task_sources(task, own)
+        to_names = box_image_names(sources) & set(config.image_data_keys)
         if not to_names:
             return None
         try:
@@ -208,7 +210,7 @@ class StableSamBackend:
         except ServiceError as exc:
             logger.warning("task %s: boxes not converted, %s", task.get("id"), exc.detail)
             return None
-        boxes = task_boxes(task, own, {n: (i.width, i.height) for n, i in images.items()})
+        boxes = task_boxes(sources, {n: (i.width, i.height) for n, i in images.items()})
         groups = group_boxes(boxes.sources)
         if not groups:
             logger.info("task %s: no usable box (skipped: %s)", task.get("id"), dict(boxes.skipped))

@@ -99,16 +99,28 @@ def _annotator(annotation: dict) -> Any:
     return who
 
 
-def task_boxes(
-    task: dict[str, Any], own_versions: Collection[str], sizes: dict[str, tuple[int, int]]
-) -> TaskBoxes:
-    """Every usable rectangle of the task's sources; ``sizes``: image name -> (width, height)
-    of the images boxes may be on (other images' boxes are skipped)."""
+def _is_rectangle(region: Any) -> bool:
+    return isinstance(region, dict) and str(region.get("type", "")).lower() == "rectanglelabels"
+
+
+def box_image_names(sources: Sequence[tuple[str, list]]) -> set[str]:
+    """The images (``to_name``) the sources' rectangles are on: those to load."""
+    return {
+        region["to_name"]
+        for _, result in sources
+        for region in result
+        if _is_rectangle(region) and isinstance(region.get("to_name"), str)
+    }
+
+
+def task_boxes(sources: Sequence[tuple[str, list]], sizes: dict[str, tuple[int, int]]) -> TaskBoxes:
+    """Every usable rectangle of a task's ``sources`` (``task_sources``); ``sizes``: image name
+    -> (width, height) of the images boxes may be on (other images' boxes are skipped)."""
     out = TaskBoxes()
-    for name, result in task_sources(task, own_versions):
+    for name, result in sources:
         boxes = []
         for index, raw in enumerate(result):
-            if not isinstance(raw, dict) or str(raw.get("type", "")).lower() != "rectanglelabels":
+            if not _is_rectangle(raw):
                 continue
             try:
                 region = ContextRegion.model_validate(raw)

@@ -74,14 +74,14 @@ def test_bad_boxes_are_skipped_and_counted():
          "value": {"x": 1, "y": 1, "width": 2, "height": 2, "rectanglelabels": []}},
         {"type": "keypointlabels", "value": {}},  # not a box: ignored, not counted
     ]  # fmt: skip
-    boxes = task_boxes({"annotations": [annotation(1, 7, result)]}, set(), SIZES)
+    boxes = task_boxes(task_sources({"annotations": [annotation(1, 7, result)]}, set()), SIZES)
     assert boxes.count == 1
     assert sum(boxes.skipped.values()) == 4, boxes.skipped
 
 
 def test_a_rotated_box_is_its_axis_aligned_hull_and_flagged():
-    boxes = task_boxes({"annotations": [annotation(1, 7, [rect(40, 20, 20, 20, rotation=45)])]},
-                       set(), SIZES)  # fmt: skip
+    task = {"annotations": [annotation(1, 7, [rect(40, 20, 20, 20, rotation=45)])]}
+    boxes = task_boxes(task_sources(task, set()), SIZES)
     [box] = boxes.sources[0]
     assert box.rotated
     x0, y0, x1, y1 = box.box_xyxy
