@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 ACCESS_RESHARE_S = 60.0  # /setup re-shares LS access with training this often, at most
 REDIS_RETRY_S = 30.0  # after a Redis error, /setup leaves Redis alone this long (LS gives it 3 s)
 MAX_PENDING_PREFETCH = 16  # background embeddings queued at most; more task opens are skipped
+BOX_DECODE_CHUNK = 8  # boxes decoded at once in batch /predict (each mask is full-size)
 
 
 class StableSamBackend:
@@ -210,7 +211,8 @@ class StableSamBackend:
         except ServiceError as exc:
             logger.warning("task %s: boxes not converted, %s", task.get("id"), exc.detail)
             return None
-        boxes = task_boxes(sources, {n: (i.width, i.height) for n, i in images.items()})
+        sizes = {n: (i.width, i.height) for n, i in images.items()}
+        boxes = task_boxes(sources, sizes, max_boxes=self.settings.max_regions)
         groups = group_boxes(boxes.sources)
         if not groups:
             logger.info("task %s: no usable box (skipped: %s)", task.get("id"), dict(boxes.skipped))
@@ -219,44 +221,46 @@ class StableSamBackend:
         predictor = self.models.predictor()
         regions, scores = [], []
         for name, image in images.items():
-            here = [g for g in groups if g[0].to_name == name]
-            if not here:
-                continue
-            flat = [b for g in here for b in g]
-            with self.models.slot():
-                batch = predictor.predict_batch(
-                    image.rgb,
-                    boxes_xyxy=np.stack([b.box_xyxy for b in flat]).astype(np.float32),
-                    image_key=image.sha256,
-                    plugins=choice.plugins,
-                )
-            assert batch.masks is not None
-            start = 0
-            for group in here:
-                masks = batch.masks[start : start + len(group), 0]
-                predicted = batch.scores[start : start + len(group), 0]
-                start += len(group)
+            here = []  # the image's objects whose label a mask tag offers, with that tag
+            for group in groups:
+                if group[0].to_name != name:
+                    continue
                 try:
-                    control = config.mask_control_for(name, group[0].label)
-                except ServiceError as exc:
+                    here.append((group, config.mask_control_for(name, group[0].label)))
+                except ServiceError as exc:  # before any model work on it
                     boxes.skipped[f"label {group[0].label!r} has no mask tag"] += len(group)
                     logger.info("task %s: %s", task.get("id"), exc.detail)
-                    continue
-                mask, agreement = consensus_mask(masks)
-                score = float(predicted[0]) if len(group) == 1 else agreement
-                notes = []
-                if len(group) > 1:
-                    notes.append(f"consensus of {len(group)} boxes, agreement {agreement:.2f}")
-                if any(b.rotated for b in group):
-                    notes.append("rotated rectangle: its axis-aligned hull was used")
-                for region in mask_regions(
-                    mask, group[0].label, control, name, score,
-                    self.settings.polygon_tolerance_px, self.settings.polygon_min_part_px,
-                ):  # fmt: skip
-                    if notes:
-                        region["meta"] = {"text": notes}
-                    regions.append(region)
-                scores.append(score)
+            # Decoded a few boxes at a time: each mask is a full-size array.
+            for chunk in _chunks(here, BOX_DECODE_CHUNK):
+                flat = [b for group, _ in chunk for b in group]
+                with self.models.slot():
+                    batch = predictor.predict_batch(
+                        image.rgb,
+                        boxes_xyxy=np.stack([b.box_xyxy for b in flat]).astype(np.float32),
+                        image_key=image.sha256,
+                        plugins=choice.plugins,
+                    )
+                assert batch.masks is not None
+                start = 0
+                for group, control in chunk:
+                    masks = batch.masks[start : start + len(group), 0]
+                    predicted = batch.scores[start : start + len(group), 0]
+                    start += len(group)
+                    mask, agreement = consensus_mask(masks)
+                    score = float(predicted[0]) if len(group) == 1 else agreement
+                    notes = []
+                    if len(group) > 1:
+                        notes.append(f"consensus of {len(group)} boxes, agreement {agreement:.2f}")
+                    if any(b.rotated for b in group):
+                        notes.append("rotated rectangle: its axis-aligned hull was used")
+                    for region in mask_regions(
+                        mask, group[0].label, control, name, score,
+                        self.settings.polygon_tolerance_px, self.settings.polygon_min_part_px,
+                    ):  # fmt: skip
+                        if notes:
+                            region["meta"] = {"text": notes}
+                        regions.append(region)
+                    scores.append(score)
         logger.info(
             "task %s: %d boxes -> %d objects in %.0f ms (skipped: %s; %s)",
             task.get("id"), boxes.count, len(scores), (time.perf_counter() - started) * 1000,
@@ -414,3 +418,17 @@ class StableSamBackend:
                 redis_connection(self.settings.redis_url), self.settings.training_queue
             )
         return self._access
+
+
+def _chunks(items: list, max_boxes: int) -> list[list]:
+    """``(group, control)`` items in runs of at most ``max_boxes`` boxes (a larger group alone)."""
+    runs: list[list] = []
+    size = 0
+    for item in items:
+        if runs and size + len(item[0]) <= max_boxes:
+            runs[-1].append(item)
+            size += len(item[0])
+        else:
+            runs.append([item])
+            size = len(item[0])
+    return runs

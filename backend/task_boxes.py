@@ -113,14 +113,22 @@ def box_image_names(sources: Sequence[tuple[str, list]]) -> set[str]:
     }
 
 
-def task_boxes(sources: Sequence[tuple[str, list]], sizes: dict[str, tuple[int, int]]) -> TaskBoxes:
-    """Every usable rectangle of a task's ``sources`` (``task_sources``); ``sizes``: image name
-    -> (width, height) of the images boxes may be on (other images' boxes are skipped)."""
+def task_boxes(
+    sources: Sequence[tuple[str, list]],
+    sizes: dict[str, tuple[int, int]],
+    max_boxes: int | None = None,
+) -> TaskBoxes:
+    """Every usable rectangle of a task's ``sources`` (``task_sources``), at most ``max_boxes``
+    (the rest skipped and counted: a task's annotations come from the network); ``sizes``:
+    image name -> (width, height) of the images boxes may be on (others' boxes are skipped)."""
     out = TaskBoxes()
     for name, result in sources:
         boxes = []
         for index, raw in enumerate(result):
             if not _is_rectangle(raw):
+                continue
+            if max_boxes is not None and out.count + len(boxes) >= max_boxes:
+                out.skipped[f"over the limit of {max_boxes} boxes per task"] += 1
                 continue
             try:
                 region = ContextRegion.model_validate(raw)

@@ -122,7 +122,8 @@ class Settings(BaseSettings):
     # Tasks in one batch /predict (LS's "Retrieve predictions" sends every selected task at
     # once; each costs an entry and validation: 2.6 M tasks in 30 MB held the process 19 s).
     max_batch_tasks: int = Field(default=10_000, gt=0)
-    # Regions in one interactive /predict (entries of params.context.result).
+    # Regions in one interactive /predict (entries of params.context.result); also the boxes
+    # of one task a batch /predict converts (more are skipped and counted).
     max_regions: int = Field(default=500, gt=0)
     # Keypoints of one label (one object, one SAM prompt). Prompt cost grows with the points:
     # 10,000 in one prompt took 56 s and 7.4 GB; annotators place a few to a few dozen.

@@ -212,3 +212,20 @@ def test_a_batch_past_its_budget_answers_one_task_so_label_studio_asks_one_by_on
             assert only["result"], "the first task is converted"
             [single] = batch(client, tasks[1:2])  # a batch of one is always answered
             assert single["result"]
+
+
+def test_a_task_with_more_boxes_than_the_limit_converts_only_the_limit():
+    # A task's annotations come from the network: a million rectangles must not mean a million
+    # full-size masks.
+    result = [rect(1 + k % 50, 1 + k // 50, 5, 5) for k in range(120)]
+    boxes = task_boxes(task_sources({"annotations": [annotation(1, 7, result)]}, set()), SIZES, 100)
+    assert boxes.count == 100
+    assert boxes.skipped["over the limit of 100 boxes per task"] == 20
+
+
+def test_batch_decoding_runs_a_few_boxes_at_a_time_keeping_objects_whole():
+    from backend.ls_backend import _chunks
+
+    groups = [([0] * n, "control") for n in (3, 4, 2, 9, 1)]
+    runs = _chunks(groups, 8)
+    assert [[len(g) for g, _ in run] for run in runs] == [[3, 4], [2], [9], [1]]
