@@ -17,9 +17,9 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.errors import RequestTooLargeError
-from backend.regions import RegionGroup
 from labelstudio.download import declared_length
 from labelstudio.errors import quoted
+from labelstudio.regions import RegionGroup
 from runtime.settings import Settings
 
 logger = logging.getLogger(__name__)

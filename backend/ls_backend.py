@@ -21,20 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from backend.image_cache import ImageLoader, LoadedImage
 from backend.limits import RequestLimits
 from backend.model_server import ModelServer, PluginChoice
-from backend.regions import RegionGroup, group_to_prompt, mask_regions, parse_context
-from backend.task_boxes import (
-    box_image_names,
-    consensus_mask,
-    group_boxes,
-    task_boxes,
-    task_sources,
-)
+from backend.regions import group_to_prompt
 from labelstudio.auth import LabelStudioAuth
 from labelstudio.errors import InvalidRequestError, LabelConfigError, ServiceError
 from labelstudio.label_config import LabelConfig, LabelConfigStore, parse_label_config
+from labelstudio.regions import RegionGroup, mask_regions, parse_context
+from runtime.box_masks import BoxConverter, task_image
+from runtime.image_cache import ImageLoader, LoadedImage
 from runtime.project_ids import normalize_project_id
 from runtime.queue.access import LabelStudioAccess
 from runtime.queue.connection import redis_connection
@@ -46,7 +41,6 @@ logger = logging.getLogger(__name__)
 ACCESS_RESHARE_S = 60.0  # /setup re-shares LS access with training this often, at most
 REDIS_RETRY_S = 30.0  # after a Redis error, /setup leaves Redis alone this long (LS gives it 3 s)
 MAX_PENDING_PREFETCH = 16  # background embeddings queued at most; more task opens are skipped
-BOX_DECODE_CHUNK = 8  # boxes decoded at once in batch /predict (each mask is full-size)
 
 
 class StableSamBackend:
@@ -199,78 +193,24 @@ class StableSamBackend:
     def _predict_task_boxes(
         self, task: dict[str, Any], config: LabelConfig, choice: PluginChoice, own: set[str]
     ) -> dict[str, Any] | None:
-        """One mask region set per object the task's boxes outline (``backend.task_boxes``),
+        """One mask region set per object the task's boxes outline (``runtime.box_masks``),
         decoded with ``choice``, ignoring predictions of the ``own`` model versions; or None
         when the task has no boxes (or its image cannot be had: logged)."""
-        sources = task_sources(task, own)
-        to_names = box_image_names(sources) & set(config.image_data_keys)
-        if not to_names:
-            return None
-        try:
-            images = {name: self._image_of(task, config, name) for name in sorted(to_names)}
-        except ServiceError as exc:
-            logger.warning("task %s: boxes not converted, %s", task.get("id"), exc.detail)
-            return None
-        sizes = {n: (i.width, i.height) for n, i in images.items()}
-        boxes = task_boxes(sources, sizes, max_boxes=self.settings.max_regions)
-        groups = group_boxes(boxes.sources)
-        if not groups:
-            logger.info("task %s: no usable box (skipped: %s)", task.get("id"), dict(boxes.skipped))
-            return None
-        started = time.perf_counter()
-        predictor = self.models.predictor()
-        regions, scores = [], []
-        for name, image in images.items():
-            here = []  # the image's objects whose label a mask tag offers, with that tag
-            for group in groups:
-                if group[0].to_name != name:
-                    continue
-                try:
-                    here.append((group, config.mask_control_for(name, group[0].label)))
-                except ServiceError as exc:  # before any model work on it
-                    boxes.skipped[f"label {group[0].label!r} has no mask tag"] += len(group)
-                    logger.info("task %s: %s", task.get("id"), exc.detail)
-            # Decoded a few boxes at a time: each mask is a full-size array.
-            for chunk in _chunks(here, BOX_DECODE_CHUNK):
-                flat = [b for group, _ in chunk for b in group]
-                with self.models.slot():
-                    batch = predictor.predict_batch(
-                        image.rgb,
-                        boxes_xyxy=np.stack([b.box_xyxy for b in flat]).astype(np.float32),
-                        image_key=image.sha256,
-                        plugins=choice.plugins,
-                    )
-                assert batch.masks is not None
-                start = 0
-                for group, control in chunk:
-                    masks = batch.masks[start : start + len(group), 0]
-                    predicted = batch.scores[start : start + len(group), 0]
-                    start += len(group)
-                    mask, agreement = consensus_mask(masks)
-                    score = float(predicted[0]) if len(group) == 1 else agreement
-                    notes = []
-                    if len(group) > 1:
-                        notes.append(f"consensus of {len(group)} boxes, agreement {agreement:.2f}")
-                    if any(b.rotated for b in group):
-                        notes.append("rotated rectangle: its axis-aligned hull was used")
-                    for region in mask_regions(
-                        mask, group[0].label, control, name, score,
-                        self.settings.polygon_tolerance_px, self.settings.polygon_min_part_px,
-                    ):  # fmt: skip
-                        if notes:
-                            region["meta"] = {"text": notes}
-                        regions.append(region)
-                    scores.append(score)
-        logger.info(
-            "task %s: %d boxes -> %d objects in %.0f ms (skipped: %s; %s)",
-            task.get("id"), boxes.count, len(scores), (time.perf_counter() - started) * 1000,
-            dict(boxes.skipped) or "none", choice.model_version,
-        )  # fmt: skip
-        return {
-            "result": regions,
-            "score": float(np.mean(scores)) if scores else 0.0,
-            "model_version": choice.model_version,
-        }
+        converter = BoxConverter(
+            self.models.predictor(),
+            choice.plugins,
+            choice.model_version,
+            self.images,
+            own_versions=own,
+            max_boxes=self.settings.max_regions,
+            polygon_tolerance_px=self.settings.polygon_tolerance_px,
+            polygon_min_part_px=self.settings.polygon_min_part_px,
+            slot=self.models.slot,
+        )
+        converted = converter.convert(task, config)
+        if converted.answer is None and converted.reason != "no rectangles":
+            logger.info("task %s: boxes not converted, %s", task.get("id"), converted.reason)
+        return converted.answer
 
     def _config(self, project: str | None, label_config: str | None) -> LabelConfig:
         xml = label_config or (self._schemas.get(project) if project else None)
@@ -280,16 +220,6 @@ class StableSamBackend:
                 "for this project"
             )
         return parse_label_config(xml)
-
-    def _image_of(self, task: dict[str, Any], config: LabelConfig, to_name: str) -> LoadedImage:
-        data_key = config.image_key(to_name)
-        data = task.get("data") or {}
-        if data_key not in data:
-            raise InvalidRequestError(
-                f"task {task.get('id')} has no data field {data_key!r} "
-                f'(the <Image name="{to_name}" value="${data_key}"> of the config)'
-            )
-        return self.images.load(data[data_key], task.get("id"))
 
     def _predict_interactive(
         self,
@@ -305,7 +235,7 @@ class StableSamBackend:
         regions, scores = [], []
         for group, control in zip(groups, controls, strict=True):
             if group.to_name not in images:
-                images[group.to_name] = self._image_of(task, config, group.to_name)
+                images[group.to_name] = task_image(self.images, task, config, group.to_name)
             image = images[group.to_name]
             if group.original_size and group.original_size != (image.width, image.height):
                 logger.warning(
@@ -383,7 +313,7 @@ class StableSamBackend:
     def _prefetch_one(self, task: dict[str, Any], config: LabelConfig, to_name: str) -> None:
         try:
             started = time.perf_counter()
-            image = self._image_of(task, config, to_name)
+            image = task_image(self.images, task, config, to_name)
             predictor = self.models.predictor()
             with self.models.slot():
                 predictor.prefetch(image.rgb, image_key=image.sha256)
@@ -418,17 +348,3 @@ class StableSamBackend:
                 redis_connection(self.settings.redis_url), self.settings.training_queue
             )
         return self._access
-
-
-def _chunks(items: list, max_boxes: int) -> list[list]:
-    """``(group, control)`` items in runs of at most ``max_boxes`` boxes (a larger group alone)."""
-    runs: list[list] = []
-    size = 0
-    for item in items:
-        if runs and size + len(item[0]) <= max_boxes:
-            runs[-1].append(item)
-            size += len(item[0])
-        else:
-            runs.append([item])
-            size = len(item[0])
-    return runs

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.regions import mask_regions
 from labelstudio.label_config import parse_label_config
 from labelstudio.polygon import (
     DEFAULT_TOLERANCE_PX,
@@ -15,6 +14,7 @@ from labelstudio.polygon import (
     pixels_to_percent,
     polygons_to_mask,
 )
+from labelstudio.regions import mask_regions
 from stable_sam.metrics import mask_iou
 
 H, W = 120, 160

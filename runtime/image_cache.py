@@ -1,4 +1,5 @@
-"""The web process's task images: fetched through the Label Studio adapter, decoded, cached.
+"""Task images, fetched through the Label Studio adapter, decoded and cached: for the web
+process and the box-conversion jobs.
 
 ``ImageLoader.load`` resolves a task's image field (``labelstudio.download.resolve_image_url``),
 downloads it (``labelstudio.client.LabelStudioClient.fetch``: credentials, deadline, byte limit)

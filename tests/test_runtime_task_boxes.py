@@ -9,15 +9,15 @@ from backend_support import CONFIG, FakeLabelStudio, H, W, png_bytes, scene
 from fastapi.testclient import TestClient
 
 from backend.app import create_app
-from backend.task_boxes import (
+from labelstudio.brush import rle_to_mask
+from runtime.settings import Settings
+from runtime.task_boxes import (
     TaskBox,
     consensus_mask,
     group_boxes,
     task_boxes,
     task_sources,
 )
-from labelstudio.brush import rle_to_mask
-from runtime.settings import Settings
 
 SIZES = {"picture": (W, H)}
 
@@ -224,8 +224,8 @@ def test_a_task_with_more_boxes_than_the_limit_converts_only_the_limit():
 
 
 def test_batch_decoding_runs_a_few_boxes_at_a_time_keeping_objects_whole():
-    from backend.ls_backend import _chunks
+    from runtime.box_masks import decode_chunks
 
     groups = [([0] * n, "control") for n in (3, 4, 2, 9, 1)]
-    runs = _chunks(groups, 8)
+    runs = decode_chunks(groups, 8)
     assert [[len(g) for g, _ in run] for run in runs] == [[3, 4], [2], [9], [1]]

@@ -1,4 +1,4 @@
-"""The web process's task images (``backend.image_cache``): fetched through the Label Studio
+"""The web process's task images (``runtime.image_cache``): fetched through the Label Studio
 adapter from a real loopback server, cached by URL and by content, decoded within the budget."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 from backend_support import FakeLabelStudio, fake_jwt, png_bytes, scene
 from PIL import ImageFile
 
-from backend.image_cache import ImageLoader
 from labelstudio.auth import LabelStudioAuth
 from labelstudio.errors import ImageFetchError, ImageTooLargeError
 from labelstudio.images import decode_peak_bytes
+from runtime.image_cache import ImageLoader
 from runtime.logs import redact
 from runtime.settings import Settings
 
@@ -51,7 +51,7 @@ def test_images_are_cached_by_url_and_by_content(ls):
 
 
 def test_credentials_in_an_image_url_reach_neither_the_log_nor_the_error(ls, caplog):
-    caplog.set_level(logging.DEBUG, logger="backend")
+    caplog.set_level(logging.DEBUG, logger="runtime")
     caplog.set_level(logging.DEBUG, logger="labelstudio")
     loader = loader_for(ls, image_url_ttl_s=0)
     # Another origin than Label Studio's (localhost, not 127.0.0.1): on Label Studio's own

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.regions import Rectangle, brush_region, group_to_prompt, parse_context, rectangle_box
+from backend.regions import group_to_prompt
 from labelstudio.errors import InvalidRegionError
+from labelstudio.regions import Rectangle, brush_region, parse_context, rectangle_box
 
 
 def keypoint(x, y, label="Car", positive=None, to_name="img"):

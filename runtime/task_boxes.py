@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from backend.regions import ContextRegion, parse_rectangle, rectangle_box
 from labelstudio.errors import InvalidRegionError
+from labelstudio.regions import ContextRegion, parse_rectangle, rectangle_box
 from stable_sam import metrics
 
 MIN_GROUP_IOU = 0.5
