@@ -20,7 +20,12 @@ import numpy as np
 from backend.click_refinement import ClickRefinement
 from backend.errors import ModelUnavailableError
 from labelstudio.errors import ServiceError
-from runtime.models import ModelConfigError, resolve_model
+from runtime.models import (
+    ModelConfigError,
+    project_version,
+    resolve_model,
+    served_model_version,
+)
 from runtime.settings import Settings
 from runtime.versions import PluginVersion, VersionStore
 from stable_sam.refinement import ClickMemory
@@ -59,18 +64,11 @@ class ModelServer:
 
     def current_version(self, project: str | None) -> PluginVersion | None:
         """The project's served plugin version, if plugins are on and it has one."""
-        if project is None or not self.settings.plugins_enabled:
-            return None
-        try:
-            return self._versions.current(project)
-        except (OSError, ValueError) as exc:
-            logger.warning("cannot read plugin versions of project %s: %s", project, exc)
-            return None
+        return project_version(self.settings, self._versions, project)
 
     def model_version(self, project: str | None) -> str:
         """What ``/setup`` and every prediction report as ``model_version`` (no model load)."""
-        version = self.current_version(project)
-        return version.name if version is not None else self.spec.version
+        return served_model_version(self.settings, self.spec, self._versions, project)
 
     # -- the model ---------------------------------------------------------------------------
     @contextlib.contextmanager

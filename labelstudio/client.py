@@ -191,7 +191,8 @@ class LabelStudioClient:
                 return call(sdk)
             except ApiError as exc:
                 raise LabelStudioError(
-                    f"Label Studio answered HTTP {exc.status_code} for {what}"
+                    f"Label Studio answered HTTP {exc.status_code} for {what}",
+                    answered=exc.status_code,
                 ) from exc
             except ParsingError as exc:
                 raise LabelStudioError(
@@ -226,7 +227,8 @@ class LabelStudioClient:
             response = self._http.request(method, f"{self._api_url()}{path}", **kwargs)
             if response.status_code >= 400:
                 raise LabelStudioError(
-                    f"Label Studio answered HTTP {response.status_code} for {method} {path}"
+                    f"Label Studio answered HTTP {response.status_code} for {method} {path}",
+                    answered=response.status_code,
                 )
             return response
 
@@ -255,6 +257,25 @@ class LabelStudioClient:
                 break
             page += 1
         return tasks
+
+    def task_ids(self, project: int | str) -> list[int]:
+        """The ids of every task of ``project``, in Label Studio's order (``GET /api/tasks``
+        without annotations and predictions, ``PAGE_SIZE`` a page)."""
+        ids: list[int] = []
+        page = 1
+        while True:
+            listed = self._call(
+                f"task ids of project {project}",
+                functools.partial(_task_page, project=int(project), page=page, fields="task_only"),
+            )
+            if listed is None:
+                break
+            batch = [int(task.id) for task in listed.items or [] if task.id is not None]
+            ids.extend(batch)
+            if len(batch) < PAGE_SIZE or len(ids) >= listed.response.total:
+                break
+            page += 1
+        return ids
 
     def task(self, task: int) -> dict[str, Any]:
         """One task (``GET /api/tasks/<id>/``, as the labeling page opens it)."""
@@ -326,19 +347,43 @@ class LabelStudioClient:
         )
         return created.dict()
 
+    def create_prediction(
+        self,
+        task: int,
+        result: Sequence[dict[str, Any]],
+        model_version: str,
+        score: float | None = None,
+    ) -> dict[str, Any]:
+        """Store a prediction of ``task`` (``POST /api/predictions/``), e.g. a detector's
+        rectangles or our masks, tagged with ``model_version``."""
+        fields: dict[str, Any] = {"score": score} if score is not None else {}
+        created = self._call(
+            f"storing a prediction of task {task}",
+            lambda sdk: sdk.predictions.create(
+                task=task, result=list(result), model_version=model_version, **fields
+            ),
+        )
+        return created.dict()
+
+    def delete_prediction(self, prediction: int) -> None:
+        """Delete a prediction (``DELETE /api/predictions/<id>/``)."""
+        self._call(
+            f"deleting prediction {prediction}", lambda sdk: sdk.predictions.delete(prediction)
+        )
+
     def users(self) -> dict[int, str]:
         """user id -> e-mail, to name annotators in exports that carry bare ids."""
         rows = self._call("listing users", lambda sdk: sdk.users.list())
         return {int(u.id): str(u.email or f"user{u.id}") for u in rows if u.id is not None}
 
 
-def _task_page(sdk: LabelStudio, project: int, page: int) -> Any:
+def _task_page(sdk: LabelStudio, project: int, page: int, fields: str = "all") -> Any:
     """One page of ``GET /api/tasks`` (the SDK's pager), ``None`` for a page past the end."""
     from label_studio_sdk.core.api_error import ApiError
 
     try:
         return sdk.tasks.list(
-            project=project, fields="all", page=page, page_size=PAGE_SIZE, resolve_uri=True
+            project=project, fields=fields, page=page, page_size=PAGE_SIZE, resolve_uri=True
         )
     except ApiError as exc:
         if exc.status_code == 404 and page > 1:  # Label Studio's answer past the last page

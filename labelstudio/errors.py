@@ -9,6 +9,8 @@ layer's own. Raising one anywhere fails only the request (or training task) that
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def quoted(text: str, limit: int = 60) -> str:
     """``text`` as an error message shows a caller's value: ``repr``, cut to ``limit`` characters."""
@@ -59,6 +61,10 @@ class LabelStudioError(ServiceError):
 
     status_code = 502
     code = "label_studio_error"
+
+    def __init__(self, detail: str, *, answered: int | None = None, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.answered = answered  # the HTTP status Label Studio answered, when it answered
 
 
 class ImageFetchError(ServiceError):

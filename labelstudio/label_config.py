@@ -82,6 +82,45 @@ class LabelConfig:
             f"(it offers {shown or 'none'}); add it to the labeling config or pick another label"
         )
 
+    def box_conversion_warnings(self) -> list[str]:
+        """What a project's boxes -> masks conversion will leave out, one line each: the labels
+        of a ``RectangleLabels`` no mask tag offers. Raises ``LabelConfigError`` when nothing
+        can be converted: no ``RectangleLabels``, or none with a mask tag on its image."""
+        rectangles = [c for c in self.controls if c.tag == "rectanglelabels"]
+        if not rectangles:
+            raise LabelConfigError(
+                "the labeling config has no <RectangleLabels>: a box conversion turns the "
+                "project's rectangles into masks; add the RectangleLabels the boxes were drawn "
+                "with"
+            )
+        warnings, convertible = [], False
+        for rectangle in rectangles:
+            for to_name in rectangle.to_name:
+                masks = [
+                    c for c in self.controls if c.tag in MASK_CONTROLS and to_name in c.to_name
+                ]
+                if not masks:
+                    warnings.append(
+                        f"<RectangleLabels name={rectangle.name!r}> on image {to_name!r}: no "
+                        "<BrushLabels> or <PolygonLabels> there, its boxes are skipped"
+                    )
+                    continue
+                offered = {label for c in masks for label in c.labels}
+                missing = [label for label in rectangle.labels if label not in offered]
+                convertible = convertible or len(missing) < len(rectangle.labels)
+                if missing:
+                    warnings.append(
+                        f"labels {', '.join(quoted(m) for m in missing[:10])} of "
+                        f"<RectangleLabels name={rectangle.name!r}> have no mask label on image "
+                        f"{to_name!r}: their boxes are skipped"
+                    )
+        if not convertible:
+            raise LabelConfigError(
+                "no label of the labeling config's <RectangleLabels> is offered by a "
+                "<BrushLabels> or <PolygonLabels> on the same image: " + "; ".join(warnings)
+            )
+        return warnings
+
     def image_key(self, to_name: str) -> str:
         """The task data key holding the URL of the ``Image`` named ``to_name``."""
         if to_name not in self.image_data_keys:

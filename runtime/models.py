@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime.settings import Settings
+from runtime.versions import PluginVersion, VersionStore
 
 if TYPE_CHECKING:
     from stable_sam import StableSam
@@ -142,3 +143,25 @@ def resolve_model(settings: Settings, defaults: DefaultModelPaths | None = None)
         device=None if settings.device == "auto" else settings.device,
         version=version,
     )
+
+
+def project_version(
+    settings: Settings, store: VersionStore, project: str | None
+) -> PluginVersion | None:
+    """The plugin version ``project`` is served with (its newest promoted one), if plugins are
+    on and it has one; an unreadable store is logged and counts as none."""
+    if project is None or not settings.plugins_enabled:
+        return None
+    try:
+        return store.current(project)
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot read plugin versions of project %s: %s", project, exc)
+        return None
+
+
+def served_model_version(
+    settings: Settings, spec: ModelSpec, store: VersionStore, project: str | None
+) -> str:
+    """What ``/setup`` and every prediction of ``project`` report as ``model_version``."""
+    version = project_version(settings, store, project)
+    return version.name if version is not None else spec.version

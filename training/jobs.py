@@ -296,7 +296,7 @@ def run_training(
     return report
 
 
-def _configure_process(settings: Settings) -> None:
+def configure_job_process(settings: Settings) -> None:
     """Logging and torch threads, in the work horse."""
     # Inherited from ``training.worker`` (a no-op there); configured here for any other worker.
     configure_logging(settings.log_level)
@@ -319,7 +319,7 @@ def train_project(project: str) -> dict[str, Any]:
             "train_project runs as an RQ job (use runtime.queue.triggers to enqueue it)"
         )
     settings = Settings()
-    _configure_process(settings)
+    configure_job_process(settings)
     mark_started(job, project)
     access = LabelStudioAccess(job.connection, settings.training_queue)
     progress = JobProgress(job)

@@ -434,16 +434,6 @@ class LabelStudioDriver(LabelStudioClient):
         """What Label Studio answers for the ML backend's versions (it asks our /versions)."""
         return self.request("GET", f"/api/ml/{ml_backend_id}/versions").text
 
-    def create_prediction(self, task_id: int, result: list[dict], model_version: str) -> dict:
-        """Import a prediction (e.g. a detector's rectangles) for a task."""
-        created = self._call(
-            f"importing a prediction for task {task_id}",
-            lambda sdk: sdk.predictions.create(
-                task=task_id, result=result, model_version=model_version
-            ),
-        )
-        return created.dict()
-
     def retrieve_predictions(self, project_id: int) -> dict:
         """Data Manager → select all → Actions → "Retrieve Predictions": Label Studio sends the
         tasks that hold no prediction of the backend's model version in batch ``/predict``."""
