@@ -35,12 +35,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from backend.auth import install_auth
+from backend.conversion_api import build_conversion_router
 from backend.errors import AsciiJSONResponse, RequestTooLargeError, malformed_json
 from backend.limits import BodySizeLimit
 from backend.ls_backend import StableSamBackend
 from backend.training_api import build_training_router
 from labelstudio.errors import InvalidRequestError, ServiceError
 from runtime.logs import configure_logging
+from runtime.queue.connection import redis_connection
+from runtime.queue.conversion import Conversions
 from runtime.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -259,7 +262,15 @@ def create_app(
         )
         return Response(answer, media_type="application/json")
 
-    app.include_router(build_training_router(settings))  # /webhook, /versions, /status
+    connection = redis_connection(settings.redis_url)
+    app.include_router(build_training_router(settings, connection))  # /webhook, /versions, /status
+    app.include_router(  # /convert
+        build_conversion_router(
+            Conversions.from_settings(settings, connection),
+            backend.models.model_version,
+            backend.label_config_of,
+        )
+    )
     return app
 
 

@@ -340,6 +340,10 @@ class StableSamBackend:
             time.sleep(0.01)
         return False
 
+    def label_config_of(self, project: str) -> str | None:
+        """The project's labeling config as ``/setup`` last sent it, if it did."""
+        return self._schemas.get(project)
+
     # -- training ----------------------------------------------------------------------------
     def label_studio_access(self) -> LabelStudioAccess:
         """Where ``/setup`` shares Label Studio access with training jobs (built once; no I/O)."""

@@ -1,4 +1,5 @@
-"""``POST /webhook``, ``GET /versions``, ``GET /status``: the training side of the HTTP API.
+"""``POST /webhook``, ``GET /versions``, ``GET /status``: the training side of the HTTP API (and
+the box conversion runs in ``/status``).
 
 ``backend.app.create_app`` includes ``build_training_router(settings)``. The webhook only records
 the trigger in Redis (``runtime.queue``) and answers within milliseconds: Label Studio gives event
@@ -22,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from backend.errors import AsciiJSONResponse, malformed_json
 from runtime.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
 from runtime.queue.connection import redis_connection
+from runtime.queue.conversion import Conversions
 from runtime.queue.status import TrainingStatus
 from runtime.queue.triggers import TRAINING_ACTIONS, QueueFullError, TrainingTriggers
 from runtime.settings import Settings
@@ -64,10 +66,12 @@ def _version_view(version: PluginVersion | None) -> dict[str, Any] | None:
     }
 
 
-def build_training_router(settings: Settings) -> APIRouter:
-    """The router with ``/webhook``, ``/versions``, ``/status`` and ``/status/{project}``."""
+def build_training_router(settings: Settings, connection: redis.Redis | None = None) -> APIRouter:
+    """The router with ``/webhook``, ``/versions``, ``/status`` and ``/status/{project}``;
+    ``/status`` also shows each project's latest box conversion run."""
     router = APIRouter()
-    connection = redis_connection(settings.redis_url)
+    connection = connection or redis_connection(settings.redis_url)
+    conversions = Conversions.from_settings(settings, connection)
     triggers = TrainingTriggers.from_settings(settings, connection)
     status = TrainingStatus.from_settings(settings, connection)
     store = VersionStore(settings.versions_dir, keep=settings.versions_keep)
@@ -128,9 +132,9 @@ def build_training_router(settings: Settings) -> APIRouter:
         try:
             # Only canonical ids: Redis may still hold what an older version let in ("07", a
             # 5,000-digit id), which must not break the listing of every other project.
-            known = set(status.projects()) | set(store.projects())
+            known = set(status.projects()) | set(store.projects()) | set(conversions.projects())
             projects = sorted((p for p in known if normalize_project_id(p) == p), key=int)
-            statuses = [_project_status(status, store, p) for p in projects]
+            statuses = [_project_status(status, store, conversions, p) for p in projects]
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
         return JSONResponse({"projects": statuses})
@@ -142,14 +146,17 @@ def build_training_router(settings: Settings) -> APIRouter:
         if key is None:
             return _error(400, "invalid_request", "project: must be a numeric project id")
         try:
-            return JSONResponse(_project_status(status, store, key))
+            return JSONResponse(_project_status(status, store, conversions, key))
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
 
     return router
 
 
-def _project_status(status: TrainingStatus, store: VersionStore, project: str) -> dict[str, Any]:
+def _project_status(
+    status: TrainingStatus, store: VersionStore, conversions: Conversions, project: str
+) -> dict[str, Any]:
     view = status.status(project)
     view["current_version"] = _version_view(store.current(project))
+    view["conversion"] = conversions.latest(project)
     return view

@@ -194,6 +194,22 @@ class Settings(BaseSettings):
     # a project's queued job still works). Bounds what a flood of webhooks leaves in Redis.
     max_queued_training_jobs: int = Field(default=100, ge=1)
 
+    # --- Project-wide box conversion (POST /convert, python -m training.conversion) ---
+    # RQ queue of conversion jobs (one per chunk of tasks); every worker listens on it and on
+    # TRAINING_QUEUE unless started with --queue.
+    convert_queue: str = "stable-sam-convert"
+    # Tasks per conversion job: a worker killed mid-chunk costs at most this many tasks' work
+    # (the retry skips those already written); each job builds the model once.
+    convert_chunk_tasks: int = Field(default=25, ge=1, le=1000)
+    # RQ timeout of one conversion job, seconds.
+    convert_job_timeout_s: int = Field(default=1800, gt=0)
+    # RQ retries of a conversion job that failed (Label Studio unreachable) or was abandoned
+    # (its worker killed), and the waits before them (seconds, JSON list).
+    convert_retries: int = Field(default=3, ge=0)
+    convert_retry_intervals_s: list[int] = Field(default_factory=lambda: [5, 30, 120])
+    # Days a finished run's progress and failed tasks stay in Redis for /status.
+    convert_keep_days: int = Field(default=30, ge=1)
+
     # --- Logging ---
     log_level: str = "INFO"
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -55,6 +56,7 @@ from rq.worker import WorkerStatus
 
 from runtime.logs import configure_logging
 from runtime.queue.connection import SERIALIZER
+from runtime.queue.conversion import JOB_FUNCTIONS as CONVERSION_FUNCTIONS
 from runtime.queue.jobs import JOB_FUNCTION
 from runtime.settings import Settings
 
@@ -66,6 +68,8 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 # RQ holds a queue's registry-cleaning lock for 899 s; a worker killed (or a Redis error) while
 # cleaning would block every other worker's cleanup that long.
 CLEANING_LOCK_TTL_S = 60
+# The queues a worker listens on by default, highest priority first.
+QUEUES = ("training", "convert")
 
 
 def _process_space() -> str:
@@ -197,16 +201,24 @@ class TrainingWorker(Worker):
         **kwargs: Any,
     ) -> None:
         self.stuck_after_s = stuck_after_s
-        self.allowed_functions = frozenset({JOB_FUNCTION, *extra_job_functions})
+        self.allowed_functions = frozenset(
+            {JOB_FUNCTION, *CONVERSION_FUNCTIONS, *extra_job_functions}
+        )
         super().__init__(queues, serializer=SERIALIZER, job_class=TrainingJob, **kwargs)
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, name: str | None = None, extra_job_functions: Iterable[str] = ()
+        cls,
+        settings: Settings,
+        name: str | None = None,
+        extra_job_functions: Iterable[str] = (),
+        queues: Sequence[str] = QUEUES,
     ) -> TrainingWorker:
-        """The worker of TRAINING_QUEUE on REDIS_URL with the settings' heartbeat timings."""
+        """The worker of ``queues`` ("training": TRAINING_QUEUE, "convert": CONVERT_QUEUE, in
+        that order of priority) on REDIS_URL with the settings' heartbeat timings."""
+        names = {"training": settings.training_queue, "convert": settings.convert_queue}
         return cls(
-            [settings.training_queue],
+            [names[q] for q in queues],
             name=name or f"stable-sam-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
             connection=redis.Redis.from_url(settings.redis_url),
             job_monitoring_interval=settings.train_heartbeat_s,
@@ -435,6 +447,30 @@ class TrainingWorker(Worker):
         return pid not in ours and process_alive(pid)
 
 
+# Imported by the worker before it forks: each job's work horse inherits them instead of
+# importing them again (torch, segment_anything and the SDK take ~3-5 s to import on a busy
+# 2-core CPU; a conversion job runs a few seconds). Importing builds no thread pool and touches
+# no GPU, so the fork stays safe.
+PRELOADED_MODULES = (
+    "torch",
+    "stable_sam",
+    "segment_anything",
+    "label_studio_sdk.client",
+    "training.jobs",
+    "training.conversion",
+)
+
+
+def preload_job_modules() -> float:
+    """Import ``PRELOADED_MODULES``; return the seconds it took."""
+    import importlib
+
+    started = time.perf_counter()
+    for name in PRELOADED_MODULES:
+        importlib.import_module(name)
+    return time.perf_counter() - started
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m training.worker",
@@ -450,13 +486,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"also run jobs of this function (repeatable; for tests: by default only "
         f"{JOB_FUNCTION} runs)",
     )
+    parser.add_argument(
+        "--queue",
+        action="append",
+        choices=QUEUES,
+        help="listen on this queue only (repeatable): training (TRAINING_QUEUE) or convert "
+        "(CONVERT_QUEUE); default: both, training jobs first",
+    )
+    parser.add_argument(
+        "--no-preload",
+        action="store_true",
+        help="do not import torch and the job modules before forking (each job imports them)",
+    )
     args = parser.parse_args(argv)
     settings = Settings()
     # Before RQ's own set-up, which then logs through this handler (one format, tokens
     # redacted) instead of adding its own; the scheduler and work horses inherit it.
     configure_logging(settings.log_level)
+    if not args.no_preload:
+        worker_log = logging.getLogger("training.worker")
+        worker_log.info("job modules imported in %.1f s", preload_job_modules())
     worker = TrainingWorker.from_settings(
-        settings, name=args.name, extra_job_functions=args.allow_job_function
+        settings,
+        name=args.name,
+        extra_job_functions=args.allow_job_function,
+        queues=[q for q in QUEUES if q in (args.queue or QUEUES)],
     )
     worker.work(with_scheduler=True, logging_level=settings.log_level.upper())
 

@@ -1,0 +1,137 @@
+"""``POST /convert``, ``GET /convert/{project}``, ``DELETE /convert/{project}``: the project-wide
+box conversion (``runtime.queue.conversion``; its jobs run on the workers,
+``training.conversion``).
+
+``POST /convert`` with ``{"project": 3}`` (optional ``"chunk_tasks"``) answers 202 with the run's
+status at once: the web process records the run and enqueues its plan job, nothing more. The
+run converts with the model version the project is served with now. Errors, in the service's
+JSON shape: 400 a malformed body or project id, 409 the project has an active run (its status
+in ``run``), 422 a labeling config (known from ``/setup``) with nothing to convert, 503 Redis
+unreachable. The run's progress is also in ``GET /status/{project}`` (``conversion``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from backend.errors import AsciiJSONResponse, malformed_json
+from labelstudio.errors import LabelConfigError
+from labelstudio.label_config import parse_label_config
+from runtime.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
+from runtime.queue.conversion import ConversionRunningError, Conversions
+
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+MAX_BODY_BYTES = 4096
+
+
+def _error(status_code: int, code: str, detail: str, **more: Any) -> JSONResponse:
+    return AsciiJSONResponse({"error": code, "detail": detail, **more}, status_code=status_code)
+
+
+def _queue_down(exc: Exception) -> JSONResponse:
+    return _error(
+        503,
+        "queue_unavailable",
+        f"the conversion queue (Redis) is unreachable or busy ({type(exc).__name__}); nothing "
+        "was started, send the request again when Redis is back",
+    )
+
+
+def _bad_project() -> JSONResponse:
+    return _error(
+        400,
+        "invalid_request",
+        f"project: must be a non-negative integer project id of at most "
+        f"{MAX_PROJECT_ID_DIGITS} ASCII digits",
+    )
+
+
+def build_conversion_router(
+    conversions: Conversions,
+    model_version: Callable[[str], str],
+    label_config: Callable[[str], str | None],
+) -> APIRouter:
+    """The conversion endpoints. ``model_version(project)``: what the project is served with;
+    ``label_config(project)``: its labeling config from ``/setup``, if known."""
+    router = APIRouter()
+
+    def start(project: str, chunk_tasks: int | None) -> JSONResponse:
+        warnings: list[str] = []
+        xml = label_config(project)
+        if xml:
+            try:
+                warnings = parse_label_config(xml).box_conversion_warnings()
+            except LabelConfigError as exc:
+                return _error(422, exc.code, exc.detail)
+        try:
+            view = conversions.start(project, model_version(project), chunk_tasks)
+        except ConversionRunningError as exc:
+            return _error(
+                409,
+                "conversion_running",
+                f"project {project} has a conversion run that is {exc.view['state']} "
+                f"({exc.view['run_id']}); DELETE /convert/{project} cancels it",
+                run=exc.view,
+            )
+        return AsciiJSONResponse({**view, "config_warnings": warnings}, status_code=202)
+
+    @router.post("/convert")
+    async def convert(request: Request) -> JSONResponse:
+        """Start converting a project's boxes into mask predictions (202: queued)."""
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            return _error(413, "request_too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            error = malformed_json(exc)
+            return _error(error.status_code, error.code, error.detail)
+        if not isinstance(data, dict):
+            return _error(400, "invalid_request", 'the body must be a JSON object: {"project": 3}')
+        unknown = sorted(set(data) - {"project", "chunk_tasks"})
+        if unknown:
+            return _error(400, "invalid_request", f"unknown field(s): {', '.join(unknown)[:200]}")
+        project = normalize_project_id(data.get("project"))
+        if project is None:
+            return _bad_project()
+        chunk_tasks = data.get("chunk_tasks")
+        if chunk_tasks is not None and (
+            not isinstance(chunk_tasks, int) or isinstance(chunk_tasks, bool)
+            or not 1 <= chunk_tasks <= 1000
+        ):  # fmt: skip
+            return _error(400, "invalid_request", "chunk_tasks: an integer from 1 to 1000")
+        try:
+            return await run_in_threadpool(start, project, chunk_tasks)
+        except REDIS_ERRORS as exc:
+            return _queue_down(exc)
+
+    def _run_of(project: str, action: Callable[[str], dict[str, Any] | None]) -> JSONResponse:
+        key = normalize_project_id(project)
+        if key is None:
+            return _bad_project()
+        try:
+            view = action(key)
+        except REDIS_ERRORS as exc:
+            return _queue_down(exc)
+        if view is None:
+            return _error(404, "not_found", f"project {key} has no conversion run")
+        return AsciiJSONResponse(view)
+
+    @router.get("/convert/{project}")
+    def conversion(project: str) -> JSONResponse:
+        """The project's latest run: state, tasks done / skipped / failed, failed tasks."""
+        return _run_of(project, conversions.latest)
+
+    @router.delete("/convert/{project}")
+    def cancel(project: str) -> JSONResponse:
+        """Cancel the project's active run (chunks stop at their next task)."""
+        return _run_of(project, conversions.cancel)
+
+    return router
