@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
+from user_study_support import BoxFiller
 
-from stable_sam.predictor import BatchPrediction
 from training.evaluation import EvalModel, ObjectPrompts, ObjectScore
 from training.user_study.box_quality import (
     equivalent_noise_scale,
@@ -253,25 +251,6 @@ def test_equivalent_noise_scale_reports_a_bound_when_out_of_reach():
 # --- segmentation aggregation -----------------------------------------------------------------
 
 
-class BoxFiller:
-    """A 'predictor' whose mask is exactly the (rounded) prompt box: IoUs are computable by hand."""
-
-    multimask_policy = "single"
-
-    def embed(self, image: np.ndarray) -> SimpleNamespace:
-        return SimpleNamespace(original_size=image.shape[:2])
-
-    def predict_batch(
-        self, embedding: SimpleNamespace, boxes_xyxy: np.ndarray, **_: object
-    ) -> BatchPrediction:
-        h, w = embedding.original_size
-        masks = np.zeros((len(boxes_xyxy), 1, h, w), bool)
-        for i, (x0, y0, x1, y1) in enumerate(np.round(boxes_xyxy).astype(int)):
-            masks[i, 0, y0:y1, x0:x1] = True
-        ones = np.ones((len(boxes_xyxy), 1))
-        return BatchPrediction(masks=masks, scores=ones, low_res_logits=ones, alpha=None)
-
-
 def study_object(user_boxes: list[list[float]], **more_boxes: np.ndarray) -> StudyObject:
     """Object "1" of image "img": GT box [0,10)x[0,10), boxes by annotators a, b, ..."""
     boxes = {"gt_box": np.array([[0.0, 0, 10, 10]]), "user": np.array(user_boxes), **more_boxes}
@@ -368,3 +347,4 @@ def test_per_annotator_scores_follow_each_persons_boxes():
     rows = by_annotator([obj], result["box"])
     assert rows["a"]["miou"] == pytest.approx(1.0) and rows["a"]["mbiou"] == pytest.approx(1.0)
     assert rows["b"]["miou"] == pytest.approx(0.5) and rows["b"]["n"] == 1
+
