@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
+from user_study_support import BoxFiller
 
-from stable_sam.predictor import BatchPrediction
 from training.evaluation import EvalModel, ObjectPrompts, ObjectScore
 from training.user_study.box_quality import (
     equivalent_noise_scale,
@@ -253,25 +251,6 @@ def test_equivalent_noise_scale_reports_a_bound_when_out_of_reach():
 # --- segmentation aggregation -----------------------------------------------------------------
 
 
-class BoxFiller:
-    """A 'predictor' whose mask is exactly the (rounded) prompt box: IoUs are computable by hand."""
-
-    multimask_policy = "single"
-
-    def embed(self, image: np.ndarray) -> SimpleNamespace:
-        return SimpleNamespace(original_size=image.shape[:2])
-
-    def predict_batch(
-        self, embedding: SimpleNamespace, boxes_xyxy: np.ndarray, **_: object
-    ) -> BatchPrediction:
-        h, w = embedding.original_size
-        masks = np.zeros((len(boxes_xyxy), 1, h, w), bool)
-        for i, (x0, y0, x1, y1) in enumerate(np.round(boxes_xyxy).astype(int)):
-            masks[i, 0, y0:y1, x0:x1] = True
-        ones = np.ones((len(boxes_xyxy), 1))
-        return BatchPrediction(masks=masks, scores=ones, low_res_logits=ones, alpha=None)
-
-
 def study_object(user_boxes: list[list[float]], **more_boxes: np.ndarray) -> StudyObject:
     """Object "1" of image "img": GT box [0,10)x[0,10), boxes by annotators a, b, ..."""
     boxes = {"gt_box": np.array([[0.0, 0, 10, 10]]), "user": np.array(user_boxes), **more_boxes}
@@ -368,3 +347,79 @@ def test_per_annotator_scores_follow_each_persons_boxes():
     rows = by_annotator([obj], result["box"])
     assert rows["a"]["miou"] == pytest.approx(1.0) and rows["a"]["mbiou"] == pytest.approx(1.0)
     assert rows["b"]["miou"] == pytest.approx(0.5) and rows["b"]["n"] == 1
+
+
+# --- consensus of several annotators ----------------------------------------------------------
+
+
+def consensus_study() -> tuple[dict[str, GtImage], list[StudyObject]]:
+    """A 20x20 image. Object "1" (GT [0,10)x[0,10)) boxed by three annotators: A = the GT box,
+    B = A shifted right by 1 px (they agree), C = [10,20)x[10,20) (off). Object "2" (GT
+    [14,18)x[2,6)) boxed by one annotator only."""
+    objects = {
+        "1": GtObject("1", square_mask(20, 20, 0, 0, 10, 10)),
+        "2": GtObject("2", square_mask(20, 20, 14, 2, 18, 6)),
+    }
+    gt = {"img": GtImage("img", 20, 20, objects)}
+    three = study_object([[0.0, 0, 10, 10], [1.0, 0, 11, 10], [10.0, 10, 20, 20]])
+    one = StudyObject(
+        "img",
+        "2",
+        ["a"],
+        ObjectPrompts(
+            by_kind={"gt_box": np.array([[14.0, 2, 18, 6]]), "user": np.array([[14.0, 2, 18, 6]])}
+        ),
+    )
+    return gt, [three, one]
+
+
+def test_consensus_of_three_boxes_is_their_majority_mask():
+    from stable_sam import metrics
+    from training.user_study.consensus import CONSENSUS
+
+    gt, objects = consensus_study()
+    image = np.zeros((20, 20, 3), np.uint8)
+    result = evaluate_segmentation(
+        {"box": EvalModel("box", BoxFiller())}, objects, gt, lambda k: image
+    )
+    consensus = result["box"][("img", "1")][CONSENSUS]
+    # Pixels in at least 2 of the 3 masks: A ∩ B = columns 1..9, rows 0..9 (C overlaps neither).
+    majority = square_mask(20, 20, 1, 0, 10, 10)
+    gt_mask = gt["img"].objects["1"].mask
+    assert consensus.ious == pytest.approx((0.9,))  # 90 of the GT's 100 px, nothing outside
+    assert consensus.iou == pytest.approx(metrics.mask_iou(majority, gt_mask))
+    assert consensus.biou == pytest.approx(metrics.boundary_iou(majority, gt_mask))
+    # agreement: IoU with the majority of A (90/100), B (90/100) and C (0), averaged
+    assert consensus.agreement == pytest.approx(0.6)
+    assert CONSENSUS not in result["box"][("img", "2")]  # one box: no consensus
+
+
+def test_consensus_is_compared_with_one_annotator_on_the_same_objects_only():
+    from training.user_study.consensus import consensus_table
+
+    gt, objects = consensus_study()
+    image = np.zeros((20, 20, 3), np.uint8)
+    result = evaluate_segmentation(
+        {"box": EvalModel("box", BoxFiller())}, objects, gt, lambda k: image
+    )
+    table = consensus_table(result["box"])
+    # one annotator on object "1": A 1.0, B 90/110, C 0; object "2" (its one box: IoU 1.0) is
+    # left out of both numbers, and counted
+    single = (1.0 + 90 / 110 + 0.0) / 3
+    assert table["single_miou"] == pytest.approx(single)
+    assert table["consensus_miou"] == pytest.approx(0.9)
+    assert table["gain_points"] == pytest.approx(100 * (0.9 - single))
+    assert table["agreement"] == pytest.approx(0.6)
+    assert (table["objects"], table["boxes"], table["single_box_objects"]) == (1, 3, 1)
+    assert (table["min_boxes"], table["max_boxes"]) == (3, 3)
+
+
+def test_without_objects_boxed_twice_there_is_nothing_to_compare():
+    from training.user_study.consensus import consensus_table
+
+    gt, objects = consensus_study()
+    image = np.zeros((20, 20, 3), np.uint8)
+    model = {"box": EvalModel("box", BoxFiller())}
+    table = consensus_table(evaluate_segmentation(model, objects[1:], gt, lambda k: image)["box"])
+    assert table["objects"] == 0 and table["single_box_objects"] == 1
+    assert table["consensus_miou"] is None and table["gain_points"] is None

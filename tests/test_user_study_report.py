@@ -168,9 +168,46 @@ def test_evaluate_with_real_models_fills_the_table(tmp_path):
     assert row["gt_box"]["objects"] == 2 and row["gt_box"]["prompts"] == 2
     assert row["user"]["prompts"] == 3 and row["noisy"]["prompts"] == 4
     assert 0.0 <= row["user"]["miou"] <= 1.0 and row["user"]["st"] is not None
+    # object 0 was boxed by two annotators, object 1 by one
+    assert result.consensus["random"]["objects"] == 1
+    assert result.consensus["random"]["single_box_objects"] == 1
     report = write_report(result, tmp_path / "out", "cmd")
     assert "| random |" in report.read_text()
     assert (tmp_path / "out" / "miou_by_model.png").is_file()
+
+
+def test_report_compares_the_consensus_with_one_annotator(tmp_path):
+    from user_study_support import BoxFiller
+
+    from training.evaluation import EvalModel
+    from training.user_study.evaluate import evaluate_study
+    from training.user_study.images import OriginalImages
+    from training.user_study.ls_export import parse_export, read_export_file
+    from training.user_study.report import write_report
+
+    export_path, gt_dir = tiny_study(tmp_path)
+    gt = load_mask_folder(gt_dir)
+    export = parse_export(read_export_file(export_path))
+    models = {"box": EvalModel("box", BoxFiller())}
+    result = evaluate_study(export, gt, models, OriginalImages(gt))
+    report = write_report(result, tmp_path / "out", "cmd").read_text()
+    # Object 0: user1's box is the GT box [4,4,14,14] (IoU 1), user2's [9,4,19,14] (1/3). With two
+    # masks the majority ("at least half") is their union, [4,4,19,14]: IoU 100/150, agreement
+    # 2/3. Object 1 has one box (user2 skipped it): left out and counted.
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    row = summary["consensus_vs_single"]["box"]
+    assert row["single_miou"] == pytest.approx(2 / 3)
+    assert row["consensus_miou"] == pytest.approx(2 / 3)
+    assert row["agreement"] == pytest.approx(2 / 3)
+    assert (row["objects"], row["boxes"], row["single_box_objects"]) == (1, 2, 1)
+    assert "### Consensus of 2 annotators vs one annotator" in report
+    assert "Objects with a single box are left out: 1." in report
+    assert "| box | 1 | 2 | 66.7 | 66.7 | +0.0 |" in report
+    header, first, second = (tmp_path / "out" / "per_object.csv").read_text().splitlines()
+    assert header.endswith("box:consensus:iou,box:consensus:biou,box:consensus:agreement")
+    iou, _, agreement = first.split(",")[-3:]
+    assert (iou, agreement) == ("0.6667", "0.6667")
+    assert second.endswith(",,,")  # one box: no consensus
 
 
 def test_unknown_model_name_is_refused():

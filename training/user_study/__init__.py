@@ -3,9 +3,10 @@ what each model makes of them. ``python -m training.user_study {collect,evaluate
 
 Modules: ``ls_export`` (reading Label Studio exports), ``ground_truth`` (mask folders, COCO,
 brushes), ``matching`` (boxes to objects), ``box_quality``, ``segmentation`` (Table 3),
-``evaluate`` (the pipeline), ``report`` (outputs), ``collect`` (setting up a study),
-``demo`` (a simulated study), ``models``, ``images``, ``loaders``, ``cli``; Label Studio itself
-through the adapter, ``labelstudio``.
+``consensus`` (several annotators' masks merged, against one), ``evaluate`` (the pipeline),
+``report`` (outputs), ``collect`` (setting up a study), ``demo`` (a simulated study),
+``models``, ``images``, ``loaders``, ``cli``; Label Studio itself through the adapter,
+``labelstudio``.
 """
 
 from training.user_study.evaluate import EvaluationConfig, StudyResult, evaluate_study

@@ -1,4 +1,5 @@
-"""Evaluating a user study: match boxes, measure box quality, prompt the models, aggregate.
+"""Evaluating a user study: match boxes, measure box quality, prompt the models, aggregate
+(Table 3, per annotator, and the consensus of several annotators against one).
 
 ``evaluate_study`` is the whole pipeline on parsed inputs (an export, ground truth, models); the
 CLI (``python -m training.user_study evaluate``) only gathers those inputs and writes the report.
@@ -16,6 +17,7 @@ import numpy as np
 
 from training.evaluation import EvalModel, ObjectPrompts
 from training.user_study.box_quality import BoxQuality, box_quality
+from training.user_study.consensus import consensus_table
 from training.user_study.ground_truth import GtImage
 from training.user_study.ls_export import StudyExport
 from training.user_study.matching import DEFAULT_MIN_IOU, Matching, match_boxes
@@ -58,6 +60,8 @@ class StudyResult:
     table: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     # model -> annotator -> {miou, mbiou, n}: each model prompted with one person's boxes
     by_annotator: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # model -> consensus of the objects' user masks vs one annotator (``consensus_table``)
+    consensus: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def study_objects(matching: Matching, gt: Mapping[str, GtImage]) -> list[StudyObject]:
@@ -131,4 +135,5 @@ def evaluate_study(
         result.by_annotator = {
             name: by_annotator(objects, rows) for name, rows in result.per_object.items()
         }
+        result.consensus = {name: consensus_table(rows) for name, rows in result.per_object.items()}
     return result

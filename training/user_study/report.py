@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from training.user_study.consensus import CONSENSUS
 from training.user_study.evaluate import StudyResult
 from training.user_study.segmentation import SOURCE_TITLES, SOURCES, ST_MIN_PROMPTS
 
@@ -41,7 +42,7 @@ def _pct(value: float | None) -> str:
 
 
 def summary_dict(result: StudyResult, command: str, simulated: str | None) -> dict[str, Any]:
-    """The JSON summary: inputs, counts, box quality and the Table-3 numbers."""
+    """The JSON summary: inputs, counts, box quality, the Table-3 numbers and the consensus."""
     q = result.box_quality
     return {
         "command": command,
@@ -57,6 +58,7 @@ def summary_dict(result: StudyResult, command: str, simulated: str | None) -> di
         "models": result.models,
         "segmentation": result.table,
         "segmentation_by_annotator": result.by_annotator,
+        "consensus_vs_single": result.consensus,
         "unmatched": [
             {
                 "task": u.box.task_id,
@@ -73,12 +75,14 @@ def summary_dict(result: StudyResult, command: str, simulated: str | None) -> di
 
 
 def write_per_object_csv(result: StudyResult, path: Path) -> None:
-    """One row per object drawn by someone: its box IoUs, and every model/source's scores."""
+    """One row per object drawn by someone: its box IoUs, every model/source's scores, and the
+    consensus mask's (empty for an object with one box)."""
     columns = ["image", "object_id", "label", "n_boxes", "annotators"]
     columns += ["box_iou_mean", "box_iou_median", "box_iou_min", "box_iou_max"]
     for model in result.per_object:
         for source in SOURCES:
             columns += [f"{model}:{source}:iou", f"{model}:{source}:biou", f"{model}:{source}:st"]
+        columns += [f"{model}:{CONSENSUS}:{k}" for k in ("iou", "biou", "agreement")]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
@@ -96,6 +100,8 @@ def write_per_object_csv(result: StudyResult, path: Path) -> None:
                         continue
                     st = s.st if s.n >= ST_MIN_PROMPTS else None
                     row += [_csv(s.iou), _csv(s.biou), _csv(st)]
+                c = rows.get(key, {}).get(CONSENSUS)
+                row += ["", "", ""] if c is None else [_csv(c.iou), _csv(c.biou), _csv(c.agreement)]
             writer.writerow(row)
 
 
@@ -264,6 +270,7 @@ def render_markdown(result: StudyResult, command: str, simulated: str | None) ->
                 line += f" {_pct(s['miou'])} | {_pct(s['mbiou'])} | {_pct(s['st'])} |"
             lines.append(line)
         lines += _by_annotator_table(result)
+        lines += _consensus_table(result)
         lines += ["", "Models:", ""]
         lines += [f"- `{name}`: {text}" for name, text in result.models.items()]
         if any("RANDOM" in text for text in result.models.values()):
@@ -304,6 +311,42 @@ def _by_annotator_table(result: StudyResult) -> list[str]:
             row = result.by_annotator[model].get(who, {})
             line += f" {_pct(row.get('miou'))} | {_pct(row.get('mbiou'))} |"
         lines.append(line)
+    return lines
+
+
+def _consensus_table(result: StudyResult) -> list[str]:
+    """Per model: the consensus of an object's annotator masks against one annotator's mask."""
+    rows = result.consensus
+    first = next(iter(rows.values()), {})
+    lo, hi = first.get("min_boxes"), first.get("max_boxes")
+    n = "several" if lo is None else str(lo) if lo == hi else f"{lo}–{hi}"
+    lines = ["", f"### Consensus of {n} annotators vs one annotator", ""]
+    excluded = first.get("single_box_objects", 0)
+    if not first.get("objects"):
+        lines.append(
+            f"No object was boxed by two or more annotators ({excluded} with a single box): "
+            "no consensus to compare."
+        )
+        return lines
+    lines += [
+        "For every object boxed by at least two annotators, each model's masks from those boxes "
+        "are combined by pixel majority (a pixel is in when at least half the masks have it; "
+        "`runtime.task_boxes.consensus_mask`, as the backend merges crowd boxes) and the "
+        "consensus mask is scored against the ground truth. One annotator: on the same objects, "
+        "the mean over objects of the mean over their annotators' masks. Gain: consensus minus "
+        "one annotator mIoU, in points. Agreement: mean IoU of the masks with their consensus. "
+        f"Objects with a single box are left out: {excluded}. Percent.",
+        "",
+        "| model | objects | boxes | one annotator mIoU | consensus mIoU | gain (points) "
+        "| one annotator mBIoU | consensus mBIoU | agreement |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, c in rows.items():
+        lines.append(
+            f"| {model} | {c['objects']} | {c['boxes']} | {_pct(c['single_miou'])} | "
+            f"{_pct(c['consensus_miou'])} | {c['gain_points']:+.1f} | {_pct(c['single_mbiou'])} | "
+            f"{_pct(c['consensus_mbiou'])} | {_pct(c['agreement'])} |"
+        )
     return lines
 
 

@@ -11,7 +11,8 @@ Masks and scores come from the evaluation protocol (``training.evaluation``): ea
 predictor decodes the boxes with its multimask policy; per object and source, the mean mask IoU
 and boundary IoU over the prompts and the stability ST over the B masks. Per model and source:
 mIoU, mBIoU = the mean over objects of those per-object means (every object weighs the same,
-however many annotators drew it); ST = the mean over objects with B >= 2.
+however many annotators drew it); ST = the mean over objects with B >= 2. The same B user masks
+also make each such object's consensus mask (``training.user_study.consensus``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from training.evaluation import (
     score_object,
     summarize,
 )
+from training.user_study.consensus import CONSENSUS, MIN_ANNOTATORS, score_consensus
 from training.user_study.ground_truth import GtImage
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ SOURCE_TITLES = {"gt_box": "GT box", "user": "User boxes", "noisy": "Noisy boxes
 ST_MIN_PROMPTS = 2  # the stability of a single box says nothing: such objects have no ST
 MAX_BATCH = 16  # prompts per decoder call: bounds memory for studies with many annotators
 
-# model -> (image, object) -> source -> score
+# model -> (image, object) -> source (or "consensus") -> score
 PerObjectScores = dict[str, dict[tuple[str, str], dict[str, ObjectScore]]]
 
 
@@ -84,7 +86,8 @@ def evaluate_segmentation(
     progress: Callable[[str], None] | None = None,
 ) -> PerObjectScores:
     """Prompt every model with every object's boxes; ``result[model][(image, object)][source]``
-    (a source without boxes has no entry).
+    (a source without boxes has no entry), and under ``consensus`` the consensus of the object's
+    user masks when it has at least two (``training.user_study.consensus``).
 
     Each image is loaded once and embedded once per model; each model decodes all of an image's
     boxes together, ``MAX_BATCH`` at a time.
@@ -112,9 +115,13 @@ def evaluate_segmentation(
         for name, model in models.items():
             masks, _ = decode(model, model.predictor.embed(image), stacked, MAX_BATCH)
             for obj, source, start, stop in spans:
-                if stop > start:
-                    scores = score_object(truth.objects[obj.object_id].mask, masks[start:stop])
-                    result[name].setdefault((image_key, obj.object_id), {})[source] = scores
+                if stop == start:
+                    continue
+                gt_mask = truth.objects[obj.object_id].mask
+                scores = result[name].setdefault((image_key, obj.object_id), {})
+                scores[source] = score_object(gt_mask, masks[start:stop])
+                if source == "user" and stop - start >= MIN_ANNOTATORS:
+                    scores[CONSENSUS] = score_consensus(gt_mask, masks[start:stop])
         if progress is not None:
             progress(f"segmented image {n}/{len(by_image)} ({image_key})")
     return result
