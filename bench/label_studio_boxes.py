@@ -24,6 +24,7 @@ import numpy as np
 
 from bench.label_studio_api import LEGACY_TOKEN
 from bench.loopback import LoopbackServer, QuietHandler, png_bytes
+from labelstudio.regions import rectangle_region
 
 LABEL = "Object"
 BOX_CONFIG = f"""<View>
@@ -36,25 +37,8 @@ MIN_OBJECT_PX = 200  # objects smaller than this get no boxes (too small to matt
 
 
 def box_region(box_xyxy: np.ndarray, width: int, height: int, region_id: str) -> dict[str, Any]:
-    """A ``rectanglelabels`` region over the pixel box, as Label Studio stores it."""
-    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
-    return {
-        "id": region_id,
-        "type": "rectanglelabels",
-        "from_name": "box",
-        "to_name": "image",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {
-            "x": 100.0 * x0 / width,
-            "y": 100.0 * y0 / height,
-            "width": 100.0 * (x1 - x0) / width,
-            "height": 100.0 * (y1 - y0) / height,
-            "rotation": 0,
-            "rectanglelabels": [LABEL],
-        },
-    }
+    """A ``rectanglelabels`` region of the project's rectangle tool over the pixel box."""
+    return rectangle_region(box_xyxy, width, height, LABEL, "box", "image", region_id=region_id)
 
 
 def _jittered(box: np.ndarray, rng: np.random.Generator, size: int, scale: float) -> np.ndarray:

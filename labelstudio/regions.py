@@ -235,6 +235,33 @@ def result_region(
     return region
 
 
+def rectangle_region(
+    box_xyxy: Any,
+    width: int,
+    height: int,
+    label: str,
+    from_name: str,
+    to_name: str,
+    rotation: float = 0.0,
+    region_id: str | None = None,
+) -> dict[str, Any]:
+    """A ``rectanglelabels`` region over the pixel box ``box_xyxy`` (x0, y0, x1, y1) of a
+    ``width`` x ``height`` image, in percent, as Label Studio stores it."""
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    value = {
+        "x": 100.0 * x0 / width,
+        "y": 100.0 * y0 / height,
+        "width": 100.0 * (x1 - x0) / width,
+        "height": 100.0 * (y1 - y0) / height,
+        "rotation": rotation,
+        "rectanglelabels": [label],
+    }
+    region = result_region("rectanglelabels", value, from_name, to_name, width, height)
+    if region_id is not None:
+        region["id"] = region_id
+    return region
+
+
 def brush_region(
     rle: list[int],
     label: str,

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,8 @@ import httpx
 from labelstudio.auth import LabelStudioAuth
 from labelstudio.client import LabelStudioClient
 from labelstudio.download import DownloadLimits
+from labelstudio.regions import rectangle_region as labelstudio_rectangle
+from labelstudio.regions import result_region
 from runtime.logs import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -463,6 +464,20 @@ def _task_image(task: dict) -> str:
 
 
 @dataclass
+def start_worker(settings_env: Mapping[str, str], log_path: Path) -> subprocess.Popen:
+    """``python -m training.worker`` (the deployment's worker) with exactly ``settings_env`` as
+    its settings, logging to ``log_path``; stop it with ``stop_process``."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "training.worker"],
+            env=clean_env({"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **settings_env}),
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 class BackendServer:
     """Our backend (``uvicorn backend.app:create_app --factory``) on 127.0.0.1:``port``."""
 
@@ -515,18 +530,9 @@ class BackendServer:
 # --------------------------------------------------------------------------------------------
 
 
-def _base_region(kind: str, from_name: str, to_name: str, size_wh: tuple[int, int]) -> dict:
-    width, height = size_wh
-    return {
-        "id": uuid.uuid4().hex[:10],
-        "type": kind,
-        "from_name": from_name,
-        "to_name": to_name,
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "origin": "manual",
-    }
+def _manual(region: dict) -> dict:
+    region["origin"] = "manual"  # drawn by a person
+    return region
 
 
 def keypoint_region(
@@ -539,15 +545,15 @@ def keypoint_region(
 ) -> dict:
     """A smart keypoint at pixel ``xy`` of an image of ``size_wh`` (W, H), in LS percent units."""
     width, height = size_wh
-    region = _base_region("keypointlabels", from_name, to_name, size_wh)
-    region["value"] = {
+    value = {
         "x": 100.0 * xy[0] / width,
         "y": 100.0 * xy[1] / height,
         "width": 0.5,
         "keypointlabels": [label],
     }
+    region = result_region("keypointlabels", value, from_name, to_name, width, height)
     region["is_positive"] = positive
-    return region
+    return _manual(region)
 
 
 def rectangle_region(
@@ -558,18 +564,8 @@ def rectangle_region(
     to_name: str = "image",
 ) -> dict:
     """A smart rectangle over pixel box ``box_xyxy`` of an image of ``size_wh`` (W, H)."""
-    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
     width, height = size_wh
-    region = _base_region("rectanglelabels", from_name, to_name, size_wh)
-    region["value"] = {
-        "x": 100.0 * x0 / width,
-        "y": 100.0 * y0 / height,
-        "width": 100.0 * (x1 - x0) / width,
-        "height": 100.0 * (y1 - y0) / height,
-        "rotation": 0,
-        "rectanglelabels": [label],
-    }
-    return region
+    return _manual(labelstudio_rectangle(tuple(box_xyxy), width, height, label, from_name, to_name))
 
 
 def main(argv: list[str] | None = None) -> int:

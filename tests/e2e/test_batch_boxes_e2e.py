@@ -6,7 +6,6 @@ real RQ worker; retrieving or converting again adds none."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +16,11 @@ import pytest
 from stable_sam.metrics import mask_iou
 
 from .harness import (
-    REPO_ROOT,
     LabelStudioDriver,
     LabelStudioServer,
-    clean_env,
     log_tail,
     rectangle_region,
+    start_worker,
     stop_process,
     wait_until,
 )
@@ -182,15 +180,7 @@ def convert_worker(
         "LABEL_STUDIO_API_KEY": label_studio.personal_access_token,
     }
     log_path = tmp_path_factory.mktemp("convert-worker") / "worker.log"
-    with open(log_path, "w") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "training.worker"],  # settings from the environment
-            env=clean_env({"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **env}),
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    worker = start_worker(env, log_path)
     try:
         yield worker, log_path
     finally:

@@ -13,7 +13,6 @@ test checks that ``/versions`` lists it, that new interactive predictions carry 
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +28,14 @@ from bench.ls_shapes import brush_region
 from training.scenes import make_scene, scene_seed
 
 from .harness import (
-    REPO_ROOT,
     BackendServer,
     HarnessError,
     ImportedTask,
     LabelStudioDriver,
     LabelStudioServer,
-    clean_env,
     keypoint_region,
     log_tail,
+    start_worker,
     stop_process,
     wait_until,
 )
@@ -135,15 +133,7 @@ def setup(
         env["LABEL_STUDIO_TRUST_SETUP"] = "true"  # the legacy token and hostname from /setup
     backend = start_backend(f"training-{mode}", env)
     worker_log = workdir / "worker.log"
-    with open(worker_log, "w") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "training.worker"],  # REDIS_URL, TRAINING_QUEUE from env
-            env=clean_env({"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **env}),
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    worker = start_worker(env, worker_log)
     try:
         project = ls_client.create_project(f"Stable-SAM training e2e ({mode})", CONFIG)
         images = scenes(N_IMAGES)

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from labelstudio.regions import rectangle_region
 from training.user_study.cli import main
 
 from .harness import LabelStudioServer
@@ -44,23 +45,7 @@ def write_ground_truth(root) -> None:
 
 
 def rectangle(box, rotation: float = 0.0) -> dict:
-    x0, y0, x1, y1 = box
-    return {
-        "type": "rectanglelabels",
-        "from_name": "box",
-        "to_name": "image",
-        "original_width": W,
-        "original_height": H,
-        "image_rotation": 0,
-        "value": {
-            "x": 100.0 * x0 / W,
-            "y": 100.0 * y0 / H,
-            "width": 100.0 * (x1 - x0) / W,
-            "height": 100.0 * (y1 - y0) / H,
-            "rotation": rotation,
-            "rectanglelabels": ["target"],
-        },
-    }
+    return rectangle_region(box, W, H, "target", "box", "image", rotation=rotation)
 
 
 def test_collect_annotate_export_evaluate(label_studio: LabelStudioServer, tmp_path, capsys):

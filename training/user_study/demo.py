@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from labelstudio.regions import rectangle_region
 from stable_sam import prompts
 from training.data import Sample, write_mask_folder
 from training.user_study.ground_truth import load_mask_folder
@@ -51,24 +52,7 @@ def make_scenes(n: int, size: int, seed: int) -> list[Sample]:
 
 def _region(box: np.ndarray, height: int, width: int, rid: str) -> dict[str, Any]:
     """A Label Studio rectangle region for an (unclipped) pixel box."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return {
-        "id": rid,
-        "type": "rectanglelabels",
-        "from_name": "box",
-        "to_name": "image",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {
-            "x": 100.0 * x0 / width,
-            "y": 100.0 * y0 / height,
-            "width": 100.0 * (x1 - x0) / width,
-            "height": 100.0 * (y1 - y0) / height,
-            "rotation": 0,
-            "rectanglelabels": ["target"],
-        },
-    }
+    return rectangle_region(box, width, height, "target", "box", "image", region_id=rid)
 
 
 def simulate_export(
