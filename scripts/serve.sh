@@ -3,7 +3,8 @@
 #   1. the Python environment (.venv from requirements.txt, created or updated when needed),
 #   2. Redis: REDIS_URL as given, or else a password-protected redis-server of its own on
 #      127.0.0.1:SERVE_REDIS_PORT (`redis-server` installed with apt-get if missing),
-#   3. one training worker (`python -m training.worker`, queue TRAINING_QUEUE),
+#   3. one worker (`python -m training.worker`: training jobs on TRAINING_QUEUE, the box
+#      conversion's on CONVERT_QUEUE),
 #   4. the HTTP backend on BACKEND_HOST:BACKEND_PORT (default 0.0.0.0:9090),
 # and prints how to connect it from Label Studio. Ctrl-C stops the backend, the worker (10 s to
 # finish a running training job, then it is stopped) and a Redis this script started.
@@ -21,6 +22,7 @@ BACKEND_HOST="${BACKEND_HOST:-0.0.0.0}"
 BACKEND_PORT="${BACKEND_PORT:-9090}"
 SERVE_REDIS_PORT="${SERVE_REDIS_PORT:-6380}"
 export TRAINING_QUEUE="${TRAINING_QUEUE:-stable-sam-training}"
+export CONVERT_QUEUE="${CONVERT_QUEUE:-stable-sam-convert}"
 
 log() { echo "[serve] $*" >&2; }
 
@@ -136,10 +138,10 @@ fi
 log "training queue $TRAINING_QUEUE on Redis $(redis_location)"
 
 # --- 3. the training worker ----------------------------------------------------------------------
-# REDIS_URL and TRAINING_QUEUE reach it through the environment (argv shows in `ps`).
+# REDIS_URL and the queue names reach it through the environment (argv shows in `ps`).
 .venv/bin/python -m training.worker &
 WORKER_PID=$!
-log "training worker $WORKER_PID listening on queue $TRAINING_QUEUE"
+log "worker $WORKER_PID listening on queues $TRAINING_QUEUE and $CONVERT_QUEUE"
 
 cat >&2 <<EOT
 
@@ -177,6 +179,9 @@ Connect it in Label Studio:
        the token then arrives with /setup (see "Who gets the credentials" in the README).
   5. In the labeling screen: pick the smart KeyPoint or Rectangle tool (auto-annotation on),
      click or drag on the object; the mask comes back as a brush region.
+  6. Boxes already in a project (a crowd's, a detector's) to masks, for the whole project:
+       curl -X POST http://localhost:$BACKEND_PORT/convert -H 'Content-Type: application/json' -d '{"project": <id>}'
+     and follow it with GET /convert/<id> (README: "Crowd boxes to masks").
 Ctrl-C stops the backend and the worker.
 ==================================================================================================
 

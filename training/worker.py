@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import socket
 import time
@@ -198,9 +197,12 @@ class TrainingWorker(Worker):
         *,
         stuck_after_s: int,
         extra_job_functions: Iterable[str] = (),
+        preload: bool = True,
         **kwargs: Any,
     ) -> None:
         self.stuck_after_s = stuck_after_s
+        self.preload = preload
+        self._preloaded = False
         self.allowed_functions = frozenset(
             {JOB_FUNCTION, *CONVERSION_FUNCTIONS, *extra_job_functions}
         )
@@ -213,6 +215,7 @@ class TrainingWorker(Worker):
         name: str | None = None,
         extra_job_functions: Iterable[str] = (),
         queues: Sequence[str] = QUEUES,
+        preload: bool = True,
     ) -> TrainingWorker:
         """The worker of ``queues`` ("training": TRAINING_QUEUE, "convert": CONVERT_QUEUE, in
         that order of priority) on REDIS_URL with the settings' heartbeat timings."""
@@ -225,6 +228,7 @@ class TrainingWorker(Worker):
             maintenance_interval=settings.train_maintenance_interval_s,
             stuck_after_s=settings.train_stuck_after_s,
             extra_job_functions=extra_job_functions,
+            preload=preload,
         )
 
     # --- which jobs run -------------------------------------------------------------------
@@ -238,6 +242,10 @@ class TrainingWorker(Worker):
         except (ValueError, TypeError):  # a job record RQ cannot read (not [func, inst, ...])
             reason = "an unreadable job record"
         if reason is None:
+            if self.preload and job.func_name in CONVERSION_FUNCTIONS and not self._preloaded:
+                self._preloaded = True
+                self.log.info("Worker %s: job modules imported in %.1f s", self.name,
+                              preload_job_modules())  # fmt: skip
             super().execute_job(job, queue)
             return
         self.log.error(
@@ -447,10 +455,11 @@ class TrainingWorker(Worker):
         return pid not in ours and process_alive(pid)
 
 
-# Imported by the worker before it forks: each job's work horse inherits them instead of
-# importing them again (torch, segment_anything and the SDK take ~3-5 s to import on a busy
-# 2-core CPU; a conversion job runs a few seconds). Importing builds no thread pool and touches
-# no GPU, so the fork stays safe.
+# Imported by the worker itself before it forks its first conversion job: each later job's work
+# horse inherits them instead of importing them again (torch, segment_anything and the SDK take
+# ~3-5 s to import on a busy 2-core CPU; a conversion job runs a few seconds). Not at start-up,
+# which stays quick (a restarted worker reclaims the scheduler and runs retries at once).
+# Importing builds no thread pool and touches no GPU, so the fork stays safe.
 PRELOADED_MODULES = (
     "torch",
     "stable_sam",
@@ -496,21 +505,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--no-preload",
         action="store_true",
-        help="do not import torch and the job modules before forking (each job imports them)",
+        help="do not import torch and the job modules in the worker before its first conversion "
+        "job (each job then imports them)",
     )
     args = parser.parse_args(argv)
     settings = Settings()
     # Before RQ's own set-up, which then logs through this handler (one format, tokens
     # redacted) instead of adding its own; the scheduler and work horses inherit it.
     configure_logging(settings.log_level)
-    if not args.no_preload:
-        worker_log = logging.getLogger("training.worker")
-        worker_log.info("job modules imported in %.1f s", preload_job_modules())
     worker = TrainingWorker.from_settings(
         settings,
         name=args.name,
         extra_job_functions=args.allow_job_function,
         queues=[q for q in QUEUES if q in (args.queue or QUEUES)],
+        preload=not args.no_preload,
     )
     worker.work(with_scheduler=True, logging_level=settings.log_level.upper())
 

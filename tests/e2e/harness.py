@@ -463,7 +463,6 @@ def _task_image(task: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
 def start_worker(settings_env: Mapping[str, str], log_path: Path) -> subprocess.Popen:
     """``python -m training.worker`` (the deployment's worker) with exactly ``settings_env`` as
     its settings, logging to ``log_path``; stop it with ``stop_process``."""
@@ -478,6 +477,7 @@ def start_worker(settings_env: Mapping[str, str], log_path: Path) -> subprocess.
         )
 
 
+@dataclass
 class BackendServer:
     """Our backend (``uvicorn backend.app:create_app --factory``) on 127.0.0.1:``port``."""
 
