@@ -11,7 +11,7 @@ mask, SAM's predicted IoU, its low-res logits, the box itself), on held-out data
   averaged and upsampled once, the same as averaging the upsampled ones: the upsampling is
   linear);
 - ``mean_probability``: the mean of the K masks' probabilities (sigmoid of the full-size
-  logits) > 0.5;
+  logits) > 0.5 (at K = 2 the same as ``mean_logits``: σ(a) + σ(b) > 1 exactly when a + b > 0);
 - ``medoid_box``: the mask of the box nearest the mean box (highest box IoU with it);
 - ``best_score``: the mask with the highest predicted IoU;
 - ``mean_box``: one mask decoded from the mean of the K boxes (one more decode per object);
