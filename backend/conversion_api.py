@@ -25,9 +25,10 @@ from backend.errors import AsciiJSONResponse, malformed_json
 from labelstudio.errors import LabelConfigError
 from labelstudio.label_config import parse_label_config
 from runtime.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
+from runtime.queue.connection import ContentionError
 from runtime.queue.conversion import ConversionRunningError, Conversions
 
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ContentionError)
 MAX_BODY_BYTES = 4096
 
 
@@ -85,9 +86,11 @@ def build_conversion_router(
     @router.post("/convert")
     async def convert(request: Request) -> JSONResponse:
         """Start converting a project's boxes into mask predictions (202: queued)."""
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return _error(413, "request_too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+        body = b""
+        async for part in request.stream():  # read no more than the limit
+            body += part
+            if len(body) > MAX_BODY_BYTES:
+                return _error(413, "request_too_large", f"the body is over {MAX_BODY_BYTES} bytes")
         try:
             data = json.loads(body)
         except (ValueError, RecursionError) as exc:

@@ -28,7 +28,7 @@ from labelstudio.auth import LabelStudioAuth
 from labelstudio.errors import InvalidRequestError, LabelConfigError, ServiceError
 from labelstudio.label_config import LabelConfig, LabelConfigStore, parse_label_config
 from labelstudio.regions import RegionGroup, mask_regions, parse_context
-from runtime.box_masks import BoxConverter, task_image
+from runtime.box_masks import MALFORMED_TASK, BoxConverter, task_image
 from runtime.image_cache import ImageLoader, LoadedImage
 from runtime.project_ids import normalize_project_id
 from runtime.queue.access import LabelStudioAccess
@@ -207,7 +207,12 @@ class StableSamBackend:
             polygon_min_part_px=self.settings.polygon_min_part_px,
             slot=self.models.slot,
         )
-        converted = converter.convert(task, config)
+        try:
+            converted = converter.convert(task, config)
+        except MALFORMED_TASK as exc:  # the task JSON comes from the network: one bad task
+            logger.warning("task %s: boxes not converted, malformed task (%s)",  # costs itself
+                           task.get("id"), type(exc).__name__)  # fmt: skip
+            return None
         if converted.answer is None and converted.reason != "no rectangles":
             logger.info("task %s: boxes not converted, %s", task.get("id"), converted.reason)
         return converted.answer

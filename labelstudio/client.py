@@ -270,8 +270,9 @@ class LabelStudioClient:
             )
             if listed is None:
                 break
-            batch = [int(task.id) for task in listed.items or [] if task.id is not None]
-            ids.extend(batch)
+            batch = list(listed.items or [])
+            # Whole numbers only: an id of any other shape names no task we could fetch.
+            ids.extend(t.id for t in batch if isinstance(t.id, int) and not isinstance(t.id, bool))
             if len(batch) < PAGE_SIZE or len(ids) >= listed.response.total:
                 break
             page += 1

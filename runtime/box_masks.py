@@ -37,6 +37,9 @@ from runtime.task_boxes import (
 logger = logging.getLogger(__name__)
 
 BOX_DECODE_CHUNK = 8  # boxes decoded at once: each mask is a full-size array
+# What reading a task JSON of an unexpected shape may still raise (the converter checks the
+# shapes it relies on; callers catch these per task, so that one task never fails the others).
+MALFORMED_TASK = (TypeError, ValueError, KeyError, AttributeError, IndexError)
 
 
 @dataclass
@@ -106,7 +109,8 @@ class BoxConverter:
                 try:
                     here.append((group, config.mask_control_for(name, group[0].label)))
                 except ServiceError as exc:  # before any model work on it
-                    out.skipped[f"label {group[0].label!r} has no mask tag"] += len(group)
+                    # One reason for every such label: labels come from the network.
+                    out.skipped["label no mask tag offers"] += len(group)
                     logger.info("task %s: %s", task.get("id"), exc.detail)
             for chunk in decode_chunks(here, BOX_DECODE_CHUNK):
                 for group, control, mask, score in self._decode(image, chunk):
@@ -181,10 +185,10 @@ def task_image(
 ) -> LoadedImage:
     """The image ``to_name`` of ``task`` (the data field its ``<Image>`` tag names), loaded."""
     data_key = config.image_key(to_name)
-    data = task.get("data") or {}
-    if data_key not in data:
+    data = task.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get(data_key), str):
         raise InvalidRequestError(
-            f"task {task.get('id')} has no data field {data_key!r} "
+            f"task {task.get('id')} has no data field {data_key!r} holding an image URL "
             f'(the <Image name="{to_name}" value="${data_key}"> of the config)'
         )
     return images.load(data[data_key], task.get("id"))

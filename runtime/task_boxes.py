@@ -62,7 +62,7 @@ class TaskBoxes:
 def task_sources(task: dict[str, Any], own_versions: Collection[str]) -> list[tuple[str, list]]:
     """``(source name, result regions)`` of the annotations and predictions that count."""
     annotations = [
-        a for a in task.get("annotations") or []
+        a for a in _listed(task.get("annotations"))
         if isinstance(a, dict) and not a.get("was_cancelled") and isinstance(a.get("result"), list)
     ]  # fmt: skip
     annotations.sort(key=_age)
@@ -75,7 +75,7 @@ def task_sources(task: dict[str, Any], own_versions: Collection[str]) -> list[tu
     else:
         chosen = annotations[-1:]
     sources = [(f"annotation {a.get('id')} by {_annotator(a)}", a["result"]) for a in chosen]
-    for prediction in task.get("predictions") or []:
+    for prediction in _listed(task.get("predictions")):
         if not isinstance(prediction, dict) or not isinstance(prediction.get("result"), list):
             continue
         if prediction.get("model_version") in own_versions:
@@ -85,6 +85,11 @@ def task_sources(task: dict[str, Any], own_versions: Collection[str]) -> list[tu
     return sources
 
 
+def _listed(value: Any) -> list:
+    """A task field that should be a list (it comes from the network): else empty."""
+    return value if isinstance(value, list) else []
+
+
 def _age(annotation: dict) -> tuple[str, int]:
     """Sorts annotations oldest first: by update (or creation) time, then id."""
     when = str(annotation.get("updated_at") or annotation.get("created_at") or "")
@@ -92,11 +97,13 @@ def _age(annotation: dict) -> tuple[str, int]:
     return when, value if isinstance(value, int) else 0
 
 
-def _annotator(annotation: dict) -> Any:
+def _annotator(annotation: dict) -> str | int | None:
+    """Who made the annotation: a user id or e-mail (``completed_by`` as a value or an object);
+    ``None`` for anything else."""
     who = annotation.get("completed_by")
     if isinstance(who, dict):
         who = who.get("id") or who.get("email")
-    return who
+    return who if isinstance(who, str | int) and not isinstance(who, bool) else None
 
 
 def _is_rectangle(region: Any) -> bool:

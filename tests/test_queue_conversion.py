@@ -47,7 +47,7 @@ def runs(conn: redis.Redis) -> Conversions:
 def planned(runs: Conversions, tasks: list[int]) -> str:
     run_id = runs.start("4", "v1", chunk_tasks=2)["run_id"]
     runs.mark_planning(run_id)
-    runs.plan(run_id, tasks)
+    runs.plan(run_id, lambda: tasks)
     return run_id
 
 
@@ -73,11 +73,79 @@ def test_planning_splits_into_chunk_jobs_once_even_when_the_plan_job_runs_again(
     assert runs.queue.count == 1 + 3  # the plan job and three chunks
     job = Job.fetch(chunk_job_id(run_id, 2), connection=runs.connection, serializer=SERIALIZER)
     assert job.func_name == CHUNK_FUNCTION and job.args == [run_id, 2, [14]]
-    runs.plan(run_id, [10, 11, 12, 13, 14])  # a retried plan job
+
+    def listed_again() -> list[int]:
+        raise AssertionError("a retried plan job must reuse the stored chunks")
+
+    runs.plan(run_id, listed_again)  # a retried plan job
     assert runs.queue.count == 4
     view = runs.status(run_id)
     assert (view["state"], view["tasks"], view["chunks"]["total"]) == ("running", 5, 3)
     assert view["remaining"] == 5
+
+
+def test_a_retried_plan_job_enqueues_the_chunks_a_killed_one_left_out(runs: Conversions) -> None:
+    run_id = planned(runs, [10, 11, 12, 13, 14])
+    runs.queue.remove(chunk_job_id(run_id, 1))  # as if killed before enqueueing it
+    runs.connection.delete(Job.key_for(chunk_job_id(run_id, 1)))
+    runs.plan(run_id, lambda: [99])  # the listing changed meanwhile: the stored plan holds
+    jobs = {j.id: j.args for j in runs.queue.get_jobs()}
+    assert len(jobs) == 4 and jobs[chunk_job_id(run_id, 1)] == [run_id, 1, [12, 13]]
+
+
+def test_duplicate_task_ids_land_in_one_chunk(runs: Conversions) -> None:
+    run_id = planned(runs, [10, 11, 10, 12, 11])
+    assert runs.status(run_id)["tasks"] == 3
+    jobs = runs.queue.get_jobs()
+    assert sorted(
+        t for j in jobs if j.args[0] == run_id and len(j.args) == 3 for t in j.args[2]
+    ) == [10, 11, 12]
+
+
+def test_a_cancel_is_not_undone_by_a_plan_job_that_starts_after_it(runs: Conversions) -> None:
+    run_id = runs.start("4", "v1")["run_id"]
+    runs.cancel("4")
+    assert not runs.mark_planning(run_id)
+    assert runs.status(run_id)["state"] == "cancelled"
+
+
+def test_a_project_whose_last_run_expired_can_be_converted_again(runs: Conversions) -> None:
+    first = runs.start("4", "v1")["run_id"]
+    runs.cancel("4")
+    for key in runs.connection.scan_iter(f"stable-sam:convert:run:{first}*"):
+        runs.connection.delete(key)  # CONVERT_KEEP_DAYS later
+    assert runs.latest("4") is None
+    assert runs.start("4", "v1")["state"] == "queued"
+
+
+def test_concurrent_starts_of_one_project_make_one_run(runs: Conversions, redis_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def start(project: str) -> str | None:
+        try:
+            return Conversions(redis.Redis.from_url(redis_url), "convert-test").start(project, "v")[
+                "run_id"
+            ]
+        except ConversionRunningError:
+            return None
+
+    with ThreadPoolExecutor(4) as pool:
+        for project in range(20):
+            started = [r for r in pool.map(start, [str(project)] * 4) if r]
+            assert len(started) == 1, started
+    assert runs.queue.count == 20  # one plan job per run, none without a run
+
+
+def test_every_key_of_a_run_expires_however_it_ends(runs: Conversions) -> None:
+    run_id = planned(runs, [10, 11, 12])
+    runs.cancel("4")
+    # A chunk still running writes after the cancel: its keys get the TTL too.
+    runs.record_task(run_id, 10, "failed", "gone")
+    runs.record_task(run_id, 11, "done", objects=1, boxes=1)
+    runs.finish_chunk(run_id, 0)
+    keys = list(runs.connection.scan_iter(f"stable-sam:convert:run:{run_id}*"))
+    assert len(keys) == 7
+    assert all(0 < runs.connection.ttl(k) <= runs.options.keep_s for k in keys)
 
 
 def test_a_task_counts_once_per_run_and_a_failure_that_later_succeeds_counts_as_done(
@@ -118,6 +186,7 @@ def test_a_run_whose_open_chunks_will_never_run_is_incomplete(runs: Conversions)
     job.set_status("failed")  # RQ gave up on it (retries spent, or abandoned on the last)
     view = runs.status(run_id)
     assert view["state"] == "incomplete" and view["chunks"]["lost"] == [1]
+    assert not runs.is_active(run_id)  # written: its chunks still running stop
     runs.start("4", "v1")  # a new run may start
 
 
@@ -183,6 +252,7 @@ def test_post_convert_queues_a_run_and_status_shows_it(client: TestClient) -> No
         (json.dumps({"project": 4, "chunk_tasks": True}).encode(), 400, "chunk_tasks"),
         (json.dumps({"project": 4, "token": "s"}).encode(), 400, "unknown field"),
         (b" " * 5000, 413, "bytes"),
+        (b" " * 10_000_000, 413, "bytes"),
     ],
 )
 def test_bad_convert_requests_get_a_clear_error(

@@ -180,11 +180,55 @@ def test_tasks_without_boxes_keep_the_empty_answer(client):
     assert [e["result"] for e in batch(client, tasks)] == [[], []]
 
 
+def test_labels_no_mask_tag_offers_are_counted_under_one_reason():
+    # Labels come from the network: each one its own counter would grow without bound.
+    from labelstudio.label_config import parse_label_config
+    from runtime.box_masks import BoxConverter
+
+    result = [rect(5 + k, 5, 5, 5, f"label-{k}") for k in range(5)]
+    task = {"id": 1, "data": {"img": "x"}, "annotations": [annotation(1, 7, result)]}
+    images = type("Images", (), {"load": lambda self, value, task_id: loaded})()
+    loaded = type("Loaded", (), {"width": W, "height": H, "rgb": None, "sha256": "x"})()
+    out = BoxConverter(None, None, "v", images).convert(task, parse_label_config(CONFIG))
+    assert out.answer is None and dict(out.skipped) == {"label no mask tag offers": 5}
+
+
 def test_a_box_label_without_a_mask_tag_is_skipped(client):
     task = {"id": 5, "data": {"img": "/public/scene.png"},
             "annotations": [annotation(1, 7, [rect(25, 25, 50, 50, "Bicycle")])]}  # fmt: skip
     [entry] = batch(client, [task])
     assert entry["result"] == []
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        {"annotations": 5},
+        {"annotations": [annotation(1, 7, [rect(25, 25, 50, 50)])], "predictions": 5},
+        {"overlap": 2, "annotations": [annotation(1, 7, [rect(25, 25, 50, 50)]) | {"completed_by": [1]},
+                                       annotation(2, 8, [rect(25, 25, 50, 50)]) | {"completed_by": {"id": [1]}}]},
+        {"data": {"img": ["/public/scene.png"]}, "annotations": [annotation(1, 7, [rect(25, 25, 50, 50)])]},
+    ],
+)  # fmt: skip
+def test_a_malformed_task_costs_only_itself_in_a_batch(client, malformed):
+    # Task JSON comes from the network: one of an unexpected shape must not fail the batch.
+    good = {"id": 8, "data": {"img": "/public/scene.png"},
+            "annotations": [annotation(1, 7, [rect(25, 25, 50, 50)])]}  # fmt: skip
+    bad = {"id": 9, "data": {"img": "/public/scene.png"}, **malformed}
+    first, second = batch(client, [bad, good])
+    assert len(second["result"]) == 1
+    assert isinstance(first["result"], list)
+
+
+def test_a_task_whose_data_is_no_object_names_the_field() -> None:
+    # /predict's schema refuses it (422); a conversion job reads tasks from Label Studio's API.
+    from labelstudio.errors import InvalidRequestError
+    from labelstudio.label_config import parse_label_config
+    from runtime.box_masks import task_image
+
+    for data in ("img", ["x"], {"img": 5}):
+        with pytest.raises(InvalidRequestError, match="data field 'img'"):
+            task_image(None, {"id": 1, "data": data}, parse_label_config(CONFIG), "picture")
 
 
 def test_a_polygon_project_gets_polygons_in_batch_too(client):

@@ -37,7 +37,7 @@ from rq.job import Job
 from labelstudio.client import LabelStudioClient
 from labelstudio.errors import ImageDecodeBusyError, LabelConfigError, LabelStudioError
 from labelstudio.label_config import LabelConfig, parse_label_config
-from runtime.box_masks import BoxConverter
+from runtime.box_masks import MALFORMED_TASK, BoxConverter
 from runtime.image_cache import ImageLoader
 from runtime.logs import configure_logging
 from runtime.models import resolve_model, served_model_version
@@ -98,7 +98,8 @@ def plan_conversion(run_id: str) -> dict[str, Any]:
         logger.info("conversion run %s: nothing to plan (%s)", run_id, run and run["state"])
         return {"run_id": run_id, "state": run["state"] if run else "unknown"}
     project = run["project"]
-    conversions.mark_planning(run_id)
+    if not conversions.mark_planning(run_id):  # cancelled meanwhile
+        return {"run_id": run_id, "state": (conversions.run(run_id) or {}).get("state")}
     try:
         with _client(settings, job, project) as client:
             try:
@@ -107,18 +108,21 @@ def plan_conversion(run_id: str) -> dict[str, Any]:
                 conversions.fail(run_id, exc.detail)
                 logger.warning("conversion run %s failed: %s", run_id, exc.detail)
                 return {"run_id": run_id, "state": "failed", "error": exc.detail}
-            task_ids = client.task_ids(project)
-    except LabelStudioError as exc:
+            conversions.set_warnings(run_id, warnings)
+            chunks = conversions.plan(run_id, lambda: client.task_ids(project))
+    except Exception as exc:
         if _last_attempt(job):
-            conversions.fail(run_id, f"planning failed: {exc.detail}")
+            detail = (
+                exc.detail if isinstance(exc, LabelStudioError) else f"{type(exc).__name__}: {exc}"
+            )
+            conversions.fail(run_id, f"planning failed: {detail}")
         raise
-    conversions.set_warnings(run_id, warnings)
-    chunks = conversions.plan(run_id, task_ids)
+    tasks = sum(len(c) for c in chunks)
     logger.info(
         "conversion run %s: %d tasks of project %s in %d chunks",
-        run_id, len(task_ids), project, len(chunks),
+        run_id, tasks, project, len(chunks),
     )  # fmt: skip
-    return {"run_id": run_id, "tasks": len(task_ids), "chunks": len(chunks)}
+    return {"run_id": run_id, "tasks": tasks, "chunks": len(chunks)}
 
 
 # --- the chunk job ---------------------------------------------------------------------------
@@ -173,7 +177,13 @@ def convert_task(
             raise
         conversions.record_task(run_id, task_id, "failed", "the task no longer exists (HTTP 404)")
         return "failed"
-    converted = converter.convert(task, config)
+    try:
+        converted = converter.convert(task, config)
+    except MALFORMED_TASK as exc:  # a task JSON of unexpected shape (it comes from the network)
+        conversions.record_task(
+            run_id, task_id, "failed", f"the task is malformed ({type(exc).__name__}: {exc})"
+        )
+        return "failed"
     if isinstance(converted.image_error, RETRIED_IMAGE_ERRORS):
         raise converted.image_error
     if converted.image_error is not None:
@@ -188,7 +198,8 @@ def convert_task(
     created = client.create_prediction(
         task_id, answer["result"], answer["model_version"], score=answer["score"]
     )
-    for old in task.get("predictions") or []:
+    held = task.get("predictions")
+    for old in held if isinstance(held, list) else []:
         if (
             isinstance(old, dict)
             and old.get("model_version") == answer["model_version"]
@@ -220,7 +231,7 @@ def convert_chunk(run_id: str, index: int, task_ids: list[int]) -> dict[str, Any
         logger.info("conversion run %s chunk %d: not run (%s)", run_id, index, report["state"])
         return report
     project, model_version = run["project"], run["model_version"]
-    recorded = conversions.recorded(run_id)
+    recorded = conversions.outcomes(run_id, task_ids)
     todo = [t for t in task_ids if recorded.get(t) not in ("done", "skipped")]
     outcomes: dict[str, int] = {}
     started = time.perf_counter()
@@ -244,6 +255,8 @@ def convert_chunk(run_id: str, index: int, task_ids: list[int]) -> dict[str, Any
     except (LabelConfigError, ConversionJobError) as exc:  # no retry makes these better
         reason = exc.detail if isinstance(exc, LabelConfigError) else str(exc)
         _fail_remaining(conversions, run_id, task_ids, reason)
+        conversions.fail(run_id, reason)  # the other chunks would fail alike: they stop
+        logger.warning("conversion run %s failed: %s", run_id, reason)
     except Exception as exc:
         if _last_attempt(job):
             _fail_remaining(
@@ -267,7 +280,7 @@ def _fail_remaining(
     conversions: Conversions, run_id: str, task_ids: Sequence[int], reason: str
 ) -> None:
     """Record as failed the chunk's tasks that have no outcome yet."""
-    recorded = conversions.recorded(run_id)
+    recorded = conversions.outcomes(run_id, task_ids)
     for task_id in task_ids:
         if recorded.get(task_id) not in ("done", "skipped"):
             conversions.record_task(run_id, task_id, "failed", reason)

@@ -18,10 +18,16 @@ done, and a task that failed and then succeeds counts once, as done. Counts are 
 scripts, atomic without WATCH retries however many workers write at once.
 
 Keys, under ``stable-sam:convert``: ``:<project>`` (the project's latest run id), ``:run:<id>``
-(the run's fields), ``:run:<id>:tasks`` (task -> outcome), ``:run:<id>:counts`` (outcome ->
-tasks; ``objects``, ``boxes`` and ``box skipped: <reason>`` -> boxes), ``:run:<id>:failed``
-(task -> reason), ``:run:<id>:chunks`` (chunk indexes ended). A run's keys expire
-CONVERT_KEEP_DAYS after it ends.
+(the run's fields), ``:run:<id>:plan`` (chunk index -> its task ids, JSON, fixed by the first
+plan), ``:run:<id>:tasks`` (task -> outcome), ``:run:<id>:counts`` (outcome -> tasks;
+``objects``, ``boxes`` and ``box skipped: <reason>`` -> boxes), ``:run:<id>:failed`` (task ->
+reason) and ``:run:<id>:failed-ids`` (the failed tasks, by id), ``:run:<id>:chunks`` (chunk
+indexes ended). Every write to a run sets all its keys to expire CONVERT_KEEP_DAYS later, so a
+run nobody writes to any more (ended, cancelled, or abandoned) goes away on its own.
+
+State changes are compare-and-set (``_SET_STATE``): a cancel is never undone by a plan job that
+read the state before it, and a run that ``status`` finds failed or incomplete (its jobs will
+never run) is written so, which stops any chunk of it still running.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -39,7 +45,12 @@ from redis.client import Pipeline
 from rq import Queue, Retry
 from rq.job import Job
 
-from runtime.queue.connection import redis_connection, training_queue, transaction
+from runtime.queue.connection import (
+    ContentionError,
+    redis_connection,
+    training_queue,
+    transaction,
+)
 from runtime.queue.jobs import WILL_RUN
 
 if TYPE_CHECKING:
@@ -60,40 +71,82 @@ OUTCOMES = ("done", "skipped", "failed")
 FAILED_SHOWN = 20  # failed tasks listed in the status (all are kept in Redis)
 REASON_CHARS = 500
 
-# KEYS: tasks, counts, failed. ARGV: task, outcome, reason, objects, boxes, then
-# (skip reason, boxes) pairs. Returns 1 when the outcome changed, 0 when it was recorded already.
-_RECORD_TASK = """
-local previous = redis.call('HGET', KEYS[1], ARGV[1])
-if previous == ARGV[2] and previous ~= 'failed' then return 0 end
-if previous then redis.call('HINCRBY', KEYS[2], previous, -1) end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-if ARGV[2] == 'failed' then
-  redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-else
-  redis.call('HDEL', KEYS[3], ARGV[1])
-end
-if previous ~= 'done' and previous ~= 'skipped' and ARGV[2] ~= 'failed' then
-  redis.call('HINCRBY', KEYS[2], 'objects', tonumber(ARGV[4]))
-  redis.call('HINCRBY', KEYS[2], 'boxes', tonumber(ARGV[5]))
-  for i = 6, #ARGV, 2 do
-    redis.call('HINCRBY', KEYS[2], 'box skipped: ' .. ARGV[i], tonumber(ARGV[i + 1]))
+
+# Sets every key of the run (KEYS[1] and KEYS[1] .. suffix) to expire in ARGV[1] seconds.
+_EXPIRE_RUN = """
+local function expire_run(run, seconds)
+  for _, suffix in ipairs({'', ':plan', ':tasks', ':counts', ':failed', ':failed-ids', ':chunks'}) do
+    redis.call('EXPIRE', run .. suffix, seconds)
   end
 end
-return 1
 """
 
-# KEYS: run, chunks ended. ARGV: chunk index, finished_at. Returns 1 when this ended the run.
-_FINISH_CHUNK = """
-redis.call('SADD', KEYS[2], ARGV[1])
-local total = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '-1')
-local state = redis.call('HGET', KEYS[1], 'state')
-if (state == 'planning' or state == 'running') and redis.call('SCARD', KEYS[2]) >= total then
-  redis.call('HSET', KEYS[1], 'state', 'done', 'finished_at', ARGV[2])
+# KEYS: run. ARGV: keep_s, task, outcome, reason, objects, boxes, then (skip reason, boxes)
+# pairs. Returns 1 when the outcome changed, 0 when it was recorded already.
+_RECORD_TASK = (
+    _EXPIRE_RUN
+    + """
+local run = KEYS[1]
+local previous = redis.call('HGET', run .. ':tasks', ARGV[2])
+if previous == ARGV[3] and previous ~= 'failed' then return 0 end
+if previous then redis.call('HINCRBY', run .. ':counts', previous, -1) end
+redis.call('HSET', run .. ':tasks', ARGV[2], ARGV[3])
+redis.call('HINCRBY', run .. ':counts', ARGV[3], 1)
+if ARGV[3] == 'failed' then
+  redis.call('HSET', run .. ':failed', ARGV[2], ARGV[4])
+  redis.call('ZADD', run .. ':failed-ids', tonumber(ARGV[2]), ARGV[2])
+else
+  redis.call('HDEL', run .. ':failed', ARGV[2])
+  redis.call('ZREM', run .. ':failed-ids', ARGV[2])
+end
+if previous ~= 'done' and previous ~= 'skipped' and ARGV[3] ~= 'failed' then
+  redis.call('HINCRBY', run .. ':counts', 'objects', tonumber(ARGV[5]))
+  redis.call('HINCRBY', run .. ':counts', 'boxes', tonumber(ARGV[6]))
+  for i = 7, #ARGV, 2 do
+    redis.call('HINCRBY', run .. ':counts', 'box skipped: ' .. ARGV[i], tonumber(ARGV[i + 1]))
+  end
+end
+expire_run(run, ARGV[1])
+return 1
+"""
+)
+
+# KEYS: run. ARGV: keep_s, chunk index, finished_at. Returns 1 when this ended the run.
+_FINISH_CHUNK = (
+    _EXPIRE_RUN
+    + """
+local run = KEYS[1]
+redis.call('SADD', run .. ':chunks', ARGV[2])
+expire_run(run, ARGV[1])
+local total = tonumber(redis.call('HGET', run, 'chunks') or '-1')
+local state = redis.call('HGET', run, 'state')
+if (state == 'planning' or state == 'running') and redis.call('SCARD', run .. ':chunks') >= total then
+  redis.call('HSET', run, 'state', 'done', 'finished_at', ARGV[3])
   return 1
 end
 return 0
 """
+)
+
+# KEYS: run. ARGV: keep_s, new state, then the states it may replace, then '--', then field,
+# value pairs to set with it. Returns 1 when the state was set.
+_SET_STATE = (
+    _EXPIRE_RUN
+    + """
+local run = KEYS[1]
+local state = redis.call('HGET', run, 'state')
+local i, allowed = 3, false
+while ARGV[i] ~= '--' do
+  if state == ARGV[i] then allowed = true end
+  i = i + 1
+end
+if not allowed then return 0 end
+redis.call('HSET', run, 'state', ARGV[2])
+for j = i + 1, #ARGV, 2 do redis.call('HSET', run, ARGV[j], ARGV[j + 1]) end
+expire_run(run, ARGV[1])
+return 1
+"""
+)
 
 
 class ConversionRunningError(RuntimeError):
@@ -162,6 +215,7 @@ class Conversions:
         self.options = options or ConversionOptions()
         self._record = connection.register_script(_RECORD_TASK)
         self._finish = connection.register_script(_FINISH_CHUNK)
+        self._set_state = connection.register_script(_SET_STATE)
 
     @classmethod
     def from_settings(
@@ -182,55 +236,65 @@ class Conversions:
     # --- the web process and the CLI ------------------------------------------------------
 
     def start(self, project: str, model_version: str, chunk_tasks: int | None = None) -> dict:
-        """Record a run of ``project`` with ``model_version`` and enqueue its plan job; return
-        its status. ``ConversionRunningError`` when the project has an active run."""
-        latest = self.latest(project)
-        if latest is not None and latest["state"] in ACTIVE:
-            raise ConversionRunningError(latest)
-        run_id = f"{project}-{uuid.uuid4().hex[:12]}"
+        """Record a run of ``project`` with ``model_version`` and enqueue its plan job, in one
+        transaction; return its status. ``ConversionRunningError`` when the project has an
+        active run (also one that another start recorded meanwhile)."""
         project_key = f"{PREFIX}:{project}"
-        expected = latest["run_id"] if latest is not None else None
+        for _ in range(3):  # a lost race with a start whose run then ended: look again
+            pointer = self.connection.get(project_key)  # may name a run whose keys expired
+            expected = pointer.decode() if pointer else None
+            latest = self.status(expected) if expected else None
+            if latest is not None and latest["state"] in ACTIVE:
+                raise ConversionRunningError(latest)
+            run_id = f"{project}-{uuid.uuid4().hex[:12]}"
 
-        def record(pipe: Pipeline) -> bool:
-            current = pipe.get(project_key)
-            if (current.decode() if current else None) != expected:
-                return False  # another start won meanwhile
-            pipe.multi()
-            pipe.hset(
-                run_key(run_id),
-                mapping={
-                    "project": project,
-                    "model_version": model_version,
-                    "state": QUEUED,
-                    "created_at": _now(),
-                    "chunk_tasks": chunk_tasks or self.options.chunk_tasks,
-                },
+            def record(
+                pipe: Pipeline, run_id: str = run_id, expected: str | None = expected
+            ) -> bool:
+                current = pipe.get(project_key)
+                if (current.decode() if current else None) != expected:
+                    return False  # another start won meanwhile
+                pipe.multi()
+                pipe.hset(
+                    run_key(run_id),
+                    mapping={
+                        "project": project,
+                        "model_version": model_version,
+                        "state": QUEUED,
+                        "created_at": _now(),
+                        "chunk_tasks": chunk_tasks or self.options.chunk_tasks,
+                    },
+                )
+                pipe.expire(run_key(run_id), self.options.keep_s)
+                pipe.set(project_key, run_id)
+                pipe.sadd(f"{PREFIX}:projects", project)
+                # In the same MULTI: never a queued run without its plan job.
+                self.queue.enqueue_call(
+                    PLAN_FUNCTION,
+                    args=(run_id,),
+                    job_id=plan_job_id(run_id),
+                    timeout=self.options.timeout_s,
+                    retry=self.options.retry(),
+                    result_ttl=self.options.keep_s,
+                    failure_ttl=self.options.keep_s,
+                    description=f"plan the box conversion of project {project}",
+                    pipeline=pipe,
+                )
+                return True
+
+            recorded, _ = transaction(
+                self.connection, [project_key], record, f"project {project}: starting a conversion"
             )
-            pipe.set(project_key, run_id)
-            pipe.sadd(f"{PREFIX}:projects", project)
-            return True
-
-        recorded, _ = transaction(
-            self.connection, [project_key], record, f"project {project}: starting a conversion"
-        )
-        if not recorded:
-            again = self.latest(project)
-            assert again is not None
-            raise ConversionRunningError(again)
-        self.queue.enqueue(
-            PLAN_FUNCTION,
-            run_id,
-            job_id=plan_job_id(run_id),
-            job_timeout=self.options.timeout_s,
-            retry=self.options.retry(),
-            result_ttl=self.options.keep_s,
-            failure_ttl=self.options.keep_s,
-            description=f"plan the box conversion of project {project}",
-        )
-        logger.info("project %s: conversion run %s (%s) queued", project, run_id, model_version)
-        view = self.status(run_id)
-        assert view is not None
-        return view
+            if recorded:
+                logger.info("project %s: conversion run %s (%s) queued", project, run_id,
+                            model_version)  # fmt: skip
+                view = self.status(run_id)
+                assert view is not None
+                return view
+            won = self.latest(project)
+            if won is not None and won["state"] in ACTIVE:
+                raise ConversionRunningError(won)
+        raise ContentionError(f"project {project}: starting a conversion: 3 races lost in a row")
 
     def cancel(self, project: str) -> dict[str, Any] | None:
         """Cancel the project's active run (its chunk jobs stop at their next task); return its
@@ -238,10 +302,7 @@ class Conversions:
         latest = self.latest(project)
         if latest is None:
             return None
-        if latest["state"] in ACTIVE:
-            key = run_key(latest["run_id"])
-            self.connection.hset(key, mapping={"state": CANCELLED, "finished_at": _now()})
-            self.connection.expire(key, self.options.keep_s)
+        if self._change_state(latest["run_id"], CANCELLED, ACTIVE, finished_at=_now()):
             logger.info("project %s: conversion run %s cancelled", project, latest["run_id"])
         return self.status(latest["run_id"])
 
@@ -251,7 +312,7 @@ class Conversions:
         return sorted((m.decode() for m in members), key=lambda p: (len(p), p))
 
     def latest(self, project: str) -> dict[str, Any] | None:
-        """The status of the project's newest run, or ``None``."""
+        """The status of the project's newest run, or ``None`` (none, or its keys expired)."""
         run_id = self.connection.get(f"{PREFIX}:{project}")
         return self.status(run_id.decode()) if run_id else None
 
@@ -260,31 +321,43 @@ class Conversions:
         boxes skipped by reason, the first failed tasks with their reasons; ``None`` if unknown.
 
         A run whose remaining chunks will never run (their jobs failed for good, or expired) is
-        "incomplete"; one whose plan job failed for good is "failed": start it again.
+        "incomplete", one whose plan job is gone "failed"; that is written to the run (so its
+        chunks still running stop), and the project may be converted again.
         """
         run = self.run(run_id)
         if run is None:
             return None
-        counts = {
-            k: int(v)
-            for k, v in _decoded(self.connection.hgetall(f"{run_key(run_id)}:counts")).items()
-        }
-        ended = {int(c) for c in self.connection.smembers(f"{run_key(run_id)}:chunks")}
+        key = run_key(run_id)
+        counts = {k: int(v) for k, v in _decoded(self.connection.hgetall(f"{key}:counts")).items()}
+        ended = {int(c) for c in self.connection.smembers(f"{key}:chunks")}
         total_tasks = int(run["tasks"]) if "tasks" in run else None
         total_chunks = int(run["chunks"]) if "chunks" in run else None
         state = run["state"]
         lost: list[int] = []
-        if state in (QUEUED, PLANNING) and not self._will_run([plan_job_id(run_id)]):
-            state = FAILED
-        elif state == RUNNING and total_chunks is not None:
+        if state == QUEUED or (state == PLANNING and total_chunks is None):
+            if not self._will_run([plan_job_id(run_id)]) and self._change_state(
+                run_id, FAILED, (state,), error="its plan job is gone", finished_at=_now()
+            ):
+                return self.status(run_id)
+        elif state in (PLANNING, RUNNING, INCOMPLETE) and total_chunks is not None:
             open_chunks = [k for k in range(total_chunks) if k not in ended]
             alive = self._will_run([chunk_job_id(run_id, k) for k in open_chunks])
+            if state == PLANNING:  # the plan job may still be enqueueing chunks
+                alive |= self._will_run([plan_job_id(run_id)])
             lost = [k for k in open_chunks if chunk_job_id(run_id, k) not in alive]
-            if open_chunks and len(lost) == len(open_chunks):
-                state = INCOMPLETE
-        done = sum(counts.get(o, 0) for o in OUTCOMES)
-        failed_raw = _decoded(self.connection.hgetall(f"{run_key(run_id)}:failed"))
-        failed_tasks = sorted(failed_raw.items(), key=lambda kv: int(kv[0]))[:FAILED_SHOWN]
+            if (
+                state != INCOMPLETE
+                and open_chunks
+                and len(lost) == len(open_chunks)
+                and plan_job_id(run_id) not in alive
+                and self._change_state(run_id, INCOMPLETE, (state,), finished_at=_now())
+            ):
+                return self.status(run_id)
+        recorded = sum(counts.get(o, 0) for o in OUTCOMES)
+        failed_ids = [
+            t.decode() for t in self.connection.zrange(f"{key}:failed-ids", 0, FAILED_SHOWN - 1)
+        ]
+        reasons = self.connection.hmget(f"{key}:failed", failed_ids) if failed_ids else []
         return {
             "run_id": run_id,
             "project": run.get("project"),
@@ -299,7 +372,7 @@ class Conversions:
             "done": counts.get("done", 0),
             "skipped": counts.get("skipped", 0),
             "failed": counts.get("failed", 0),
-            "remaining": None if total_tasks is None else max(0, total_tasks - done),
+            "remaining": None if total_tasks is None else max(0, total_tasks - recorded),
             "chunks": {"total": total_chunks, "ended": len(ended), "lost": lost},
             "objects": counts.get("objects", 0),
             "boxes": counts.get("boxes", 0),
@@ -308,7 +381,10 @@ class Conversions:
                 for k, v in counts.items()
                 if k.startswith("box skipped: ") and v
             },
-            "failed_tasks": [{"task": int(t), "reason": r} for t, r in failed_tasks],
+            "failed_tasks": [
+                {"task": int(t), "reason": (r or b"").decode()}
+                for t, r in zip(failed_ids, reasons, strict=True)
+            ],
         }
 
     def _will_run(self, job_ids: Sequence[str]) -> set[str]:
@@ -322,6 +398,16 @@ class Conversions:
         will_run = {s.value for s in WILL_RUN}
         return {j for j, s in zip(job_ids, statuses, strict=True) if s and s.decode() in will_run}
 
+    def _change_state(
+        self, run_id: str, state: str, replaces: Collection[str], **fields: str
+    ) -> bool:
+        """Set the run's state to ``state`` if it is one of ``replaces`` now (atomic), with
+        ``fields``; True when it was set."""
+        args: list[Any] = [self.options.keep_s, state, *replaces, "--"]
+        for name, value in fields.items():
+            args += [name, value]
+        return bool(self._set_state(keys=[run_key(run_id)], args=args))
+
     # --- the jobs -------------------------------------------------------------------------
 
     def run(self, run_id: str) -> dict[str, str] | None:
@@ -330,22 +416,38 @@ class Conversions:
         return _decoded(raw) if raw else None
 
     def is_active(self, run_id: str) -> bool:
-        run = self.run(run_id)
-        return run is not None and run["state"] in ACTIVE
+        state = self.connection.hget(run_key(run_id), "state")
+        return state is not None and state.decode() in ACTIVE
 
-    def mark_planning(self, run_id: str) -> None:
-        self.connection.hset(run_key(run_id), mapping={"state": PLANNING, "started_at": _now()})
+    def mark_planning(self, run_id: str) -> bool:
+        """Move a queued (or planning: a retried plan job) run to planning; False when it is
+        not active any more (cancelled meanwhile, say): then nothing is to be planned."""
+        return self._change_state(run_id, PLANNING, (QUEUED, PLANNING), started_at=_now())
 
-    def plan(self, run_id: str, task_ids: Sequence[int]) -> list[list[int]]:
-        """Split ``task_ids`` into chunks, store the totals, enqueue the chunk jobs that do not
-        exist yet (a retried plan job adds none twice), then mark the run running; return the
-        chunks. A run without tasks is done at once."""
-        run = self.run(run_id) or {}
-        size = int(run.get("chunk_tasks") or self.options.chunk_tasks)
-        chunks = [list(task_ids[i : i + size]) for i in range(0, len(task_ids), size)]
+    def plan(self, run_id: str, list_ids: Callable[[], Sequence[int]]) -> list[list[int]]:
+        """Split the task ids ``list_ids()`` gives (duplicates dropped) into chunks and store
+        them with the totals, the first time; then enqueue the chunk jobs that do not exist yet
+        and mark the run running. A retried plan job reuses the stored chunks (``list_ids`` is
+        not called again), so no task lands in two chunks. A run without tasks is done at once.
+        """
         key = run_key(run_id)
-        # Totals first: a chunk that ends before the last one is enqueued finds them.
-        self.connection.hset(key, mapping={"tasks": len(task_ids), "chunks": len(chunks)})
+        stored = self.connection.hgetall(f"{key}:plan")
+        total = self.connection.hget(key, "chunks")
+        if total is not None and len(stored) == int(total):
+            chunks = [json.loads(stored[str(k).encode()]) for k in range(int(total))]
+        else:
+            run = self.run(run_id) or {}
+            size = int(run.get("chunk_tasks") or self.options.chunk_tasks)
+            task_ids = list(dict.fromkeys(list_ids()))
+            chunks = [task_ids[i : i + size] for i in range(0, len(task_ids), size)]
+            with self.connection.pipeline() as pipe:  # totals and chunks at once, first
+                pipe.delete(f"{key}:plan")
+                if chunks:
+                    pipe.hset(
+                        f"{key}:plan", mapping={k: json.dumps(c) for k, c in enumerate(chunks)}
+                    )
+                pipe.hset(key, mapping={"tasks": len(task_ids), "chunks": len(chunks)})
+                pipe.execute()
         for index, chunk in enumerate(chunks):
             job_id = chunk_job_id(run_id, index)
             if Job.exists(job_id, connection=self.connection):
@@ -362,19 +464,10 @@ class Conversions:
                 failure_ttl=self.options.keep_s,
                 description=f"convert {len(chunk)} tasks ({index + 1}/{len(chunks)})",
             )
-
-        def running(pipe: Pipeline) -> None:
-            state = pipe.hget(key, "state")
-            pipe.multi()
-            if state is not None and state.decode() == PLANNING:  # not ended or cancelled
-                if chunks:
-                    pipe.hset(key, "state", RUNNING)
-                else:
-                    pipe.hset(key, mapping={"state": DONE, "finished_at": _now()})
-
-        transaction(self.connection, [key], running, f"conversion run {run_id}: planned")
-        if not chunks:
-            self._expire(run_id)
+        if chunks:
+            self._change_state(run_id, RUNNING, (PLANNING,))
+        else:
+            self._change_state(run_id, DONE, (PLANNING,), finished_at=_now())
         return chunks
 
     def set_warnings(self, run_id: str, warnings: Sequence[str]) -> None:
@@ -382,17 +475,18 @@ class Conversions:
         if warnings:
             self.connection.hset(run_key(run_id), "warnings", json.dumps(list(warnings)))
 
-    def fail(self, run_id: str, error: str) -> None:
-        self.connection.hset(
-            run_key(run_id),
-            mapping={"state": FAILED, "error": error[:REASON_CHARS], "finished_at": _now()},
+    def fail(self, run_id: str, error: str) -> bool:
+        """End an active run as failed with ``error``; its chunks still running stop."""
+        return self._change_state(
+            run_id, FAILED, ACTIVE, error=error[:REASON_CHARS], finished_at=_now()
         )
-        self._expire(run_id)
 
-    def recorded(self, run_id: str) -> dict[int, str]:
-        """task -> outcome recorded so far in this run."""
-        raw = _decoded(self.connection.hgetall(f"{run_key(run_id)}:tasks"))
-        return {int(k): v for k, v in raw.items()}
+    def outcomes(self, run_id: str, task_ids: Sequence[int]) -> dict[int, str]:
+        """The outcomes recorded so far in this run of those of ``task_ids`` that have one."""
+        if not task_ids:
+            return {}
+        raw = self.connection.hmget(f"{run_key(run_id)}:tasks", [str(t) for t in task_ids])
+        return {t: r.decode() for t, r in zip(task_ids, raw, strict=True) if r is not None}
 
     def record_task(
         self,
@@ -409,20 +503,18 @@ class Conversions:
         already."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, not {outcome!r}")
-        key = run_key(run_id)
-        args: list[Any] = [task, outcome, reason[:REASON_CHARS], objects, boxes]
+        args: list[Any] = [self.options.keep_s, int(task), outcome, reason[:REASON_CHARS]]
+        args += [objects, boxes]
         for skip_reason, count in (boxes_skipped or {}).items():
             args += [skip_reason, count]
-        changed = self._record(keys=[f"{key}:tasks", f"{key}:counts", f"{key}:failed"], args=args)
-        return bool(changed)
+        return bool(self._record(keys=[run_key(run_id)], args=args))
 
     def finish_chunk(self, run_id: str, index: int) -> bool:
-        """Record chunk ``index`` as ended; True when it ended the run (then logged, and the
-        run's keys set to expire)."""
-        key = run_key(run_id)
-        ended = bool(self._finish(keys=[key, f"{key}:chunks"], args=[index, _now()]))
+        """Record chunk ``index`` as ended; True when it ended the run (then logged)."""
+        ended = bool(
+            self._finish(keys=[run_key(run_id)], args=[self.options.keep_s, index, _now()])
+        )
         if ended:
-            self._expire(run_id)
             view = self.status(run_id) or {}
             logger.info(
                 "conversion run %s done: %s tasks, %s done, %s skipped, %s failed",
@@ -430,10 +522,3 @@ class Conversions:
                 view.get("failed"),
             )  # fmt: skip
         return ended
-
-    def _expire(self, run_id: str) -> None:
-        key = run_key(run_id)
-        with self.connection.pipeline() as pipe:
-            for suffix in ("", ":tasks", ":counts", ":failed", ":chunks"):
-                pipe.expire(key + suffix, self.options.keep_s)
-            pipe.execute()
