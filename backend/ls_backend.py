@@ -28,7 +28,7 @@ from labelstudio.auth import LabelStudioAuth
 from labelstudio.errors import InvalidRequestError, LabelConfigError, ServiceError
 from labelstudio.label_config import LabelConfig, LabelConfigStore, parse_label_config
 from labelstudio.regions import RegionGroup, mask_regions, parse_context
-from runtime.box_masks import MALFORMED_TASK, BoxConverter, task_image
+from runtime.box_masks import BoxConverter, task_image
 from runtime.image_cache import ImageLoader, LoadedImage
 from runtime.project_ids import normalize_project_id
 from runtime.queue.access import LabelStudioAccess
@@ -162,9 +162,9 @@ class StableSamBackend:
         empty = {"result": [], "score": 0.0, "model_version": version}
         answers: list[dict[str, Any] | None] = [None] * len(tasks)
         config = self._batch_config(key, label_config)
-        if config is not None:
+        if config is not None and tasks:
             choice = self.models.plugins_for(key)
-            own = {choice.model_version, version}  # our predictions: masks already
+            converter = self._box_converter(choice, {choice.model_version, version})
             deadline = time.monotonic() + self.settings.batch_predict_budget_s
             for index, task in enumerate(tasks):
                 if index > 0 and time.monotonic() > deadline:
@@ -178,7 +178,7 @@ class StableSamBackend:
                         len(tasks), self.settings.batch_predict_budget_s, index,
                     )  # fmt: skip
                     return [answers[0] or dict(empty)]
-                answers[index] = self._predict_task_boxes(task, config, choice, own)
+                answers[index] = self._predict_task_boxes(converter, task, config)
         waiting = [t for t, a in zip(tasks, answers, strict=True) if a is None]
         self._start_prefetch(waiting, key, label_config)
         return [dict(empty) if a is None else a for a in answers]
@@ -190,13 +190,10 @@ class StableSamBackend:
             logger.info("batch /predict without a usable labeling config: %s", exc.detail)
             return None
 
-    def _predict_task_boxes(
-        self, task: dict[str, Any], config: LabelConfig, choice: PluginChoice, own: set[str]
-    ) -> dict[str, Any] | None:
-        """One mask region set per object the task's boxes outline (``runtime.box_masks``),
-        decoded with ``choice``, ignoring predictions of the ``own`` model versions; or None
-        when the task has no boxes (or its image cannot be had: logged)."""
-        converter = BoxConverter(
+    def _box_converter(self, choice: PluginChoice, own: set[str]) -> BoxConverter:
+        """Batch ``/predict``'s boxes-to-masks (``runtime.box_masks``) with ``choice``,
+        ignoring predictions of the ``own`` model versions (our masks already)."""
+        return BoxConverter(
             self.models.predictor(),
             choice.plugins,
             choice.model_version,
@@ -207,12 +204,14 @@ class StableSamBackend:
             polygon_min_part_px=self.settings.polygon_min_part_px,
             slot=self.models.slot,
         )
-        try:
-            converted = converter.convert(task, config)
-        except MALFORMED_TASK as exc:  # the task JSON comes from the network: one bad task
-            logger.warning("task %s: boxes not converted, malformed task (%s)",  # costs itself
-                           task.get("id"), type(exc).__name__)  # fmt: skip
-            return None
+
+    @staticmethod
+    def _predict_task_boxes(
+        converter: BoxConverter, task: dict[str, Any], config: LabelConfig
+    ) -> dict[str, Any] | None:
+        """One mask region set per object the task's boxes outline; or None when the task has
+        no boxes (or its image cannot be had, or it is malformed: logged)."""
+        converted = converter.convert(task, config)
         if converted.answer is None and converted.reason != "no rectangles":
             logger.info("task %s: boxes not converted, %s", task.get("id"), converted.reason)
         return converted.answer

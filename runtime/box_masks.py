@@ -37,8 +37,9 @@ from runtime.task_boxes import (
 logger = logging.getLogger(__name__)
 
 BOX_DECODE_CHUNK = 8  # boxes decoded at once: each mask is a full-size array
-# What reading a task JSON of an unexpected shape may still raise (the converter checks the
-# shapes it relies on; callers catch these per task, so that one task never fails the others).
+# What reading a task JSON of an unexpected shape may still raise: the converter checks the
+# shapes it relies on, and catches these while it reads a task, so that one task never fails
+# the others.
 MALFORMED_TASK = (TypeError, ValueError, KeyError, AttributeError, IndexError)
 
 
@@ -48,8 +49,9 @@ class BoxMasks:
 
     ``answer``: ``{result, score, model_version}`` as Label Studio stores a prediction, or
     ``None`` when the task has nothing to convert (``reason`` says why: no boxes, no usable box,
-    its image cannot be had). ``objects``: masks made; ``boxes``: boxes used; ``skipped``: boxes
-    left out, by reason.
+    its image cannot be had, it is malformed). ``error``: what made the task fail (its image
+    could not be had, its JSON is malformed), ``None`` when it merely has nothing to convert.
+    ``objects``: masks made; ``boxes``: boxes used; ``skipped``: boxes left out, by reason.
     """
 
     answer: dict[str, Any] | None = None
@@ -57,7 +59,7 @@ class BoxMasks:
     objects: int = 0
     boxes: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
-    image_error: ServiceError | None = None  # the task's image could not be had
+    error: Exception | None = None
 
 
 @dataclass
@@ -80,22 +82,27 @@ class BoxConverter:
 
     def convert(self, task: dict[str, Any], config: LabelConfig) -> BoxMasks:
         """The mask regions of ``task``'s boxes (``BoxMasks``); never raises for the task's
-        content: bad boxes are skipped and counted, a missing image is the ``reason``."""
+        content: bad boxes are skipped and counted, a missing image or a malformed task is the
+        ``reason`` and the ``error``."""
         out = BoxMasks()
-        sources = task_sources(task, {self.model_version, *self.own_versions})
-        to_names = box_image_names(sources) & set(config.image_data_keys)
-        if not to_names:
-            out.reason = "no rectangles"
-            return out
         try:
+            sources = task_sources(task, {self.model_version, *self.own_versions})
+            to_names = box_image_names(sources) & set(config.image_data_keys)
+            if not to_names:
+                out.reason = "no rectangles"
+                return out
             images = {
                 name: task_image(self.images, task, config, name) for name in sorted(to_names)
             }
+            sizes = {n: (i.width, i.height) for n, i in images.items()}
+            boxes = task_boxes(sources, sizes, max_boxes=self.max_boxes)
         except ServiceError as exc:
-            out.reason, out.image_error = f"image not loaded: {exc.detail}", exc
+            out.reason, out.error = f"image not loaded: {exc.detail}", exc
             return out
-        sizes = {n: (i.width, i.height) for n, i in images.items()}
-        boxes = task_boxes(sources, sizes, max_boxes=self.max_boxes)
+        except MALFORMED_TASK as exc:  # the task JSON comes from the network
+            out.reason = f"the task is malformed ({type(exc).__name__}: {exc})"
+            out.error = exc
+            return out
         out.skipped = boxes.skipped
         groups = group_boxes(boxes.sources)
         started = time.perf_counter()

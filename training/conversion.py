@@ -37,7 +37,7 @@ from rq.job import Job
 from labelstudio.client import LabelStudioClient
 from labelstudio.errors import ImageDecodeBusyError, LabelConfigError, LabelStudioError
 from labelstudio.label_config import LabelConfig, parse_label_config
-from runtime.box_masks import MALFORMED_TASK, BoxConverter
+from runtime.box_masks import BoxConverter
 from runtime.image_cache import ImageLoader
 from runtime.logs import configure_logging
 from runtime.models import resolve_model, served_model_version
@@ -51,8 +51,8 @@ from training.jobs import configure_job_process, label_studio_client
 
 logger = logging.getLogger(__name__)
 
-# Errors of one task's image that fail the task, not the chunk (ImageDecodeBusyError, a
-# LabelStudioError: the backend's own trouble, retried with the chunk).
+# Errors loading a task's image that are the backend's own trouble (Label Studio refusing our
+# token, the decode budget full): the chunk is retried for them; any other fails only the task.
 RETRIED_IMAGE_ERRORS = (LabelStudioError, ImageDecodeBusyError)
 
 
@@ -177,16 +177,10 @@ def convert_task(
             raise
         conversions.record_task(run_id, task_id, "failed", "the task no longer exists (HTTP 404)")
         return "failed"
-    try:
-        converted = converter.convert(task, config)
-    except MALFORMED_TASK as exc:  # a task JSON of unexpected shape (it comes from the network)
-        conversions.record_task(
-            run_id, task_id, "failed", f"the task is malformed ({type(exc).__name__}: {exc})"
-        )
-        return "failed"
-    if isinstance(converted.image_error, RETRIED_IMAGE_ERRORS):
-        raise converted.image_error
-    if converted.image_error is not None:
+    converted = converter.convert(task, config)
+    if isinstance(converted.error, RETRIED_IMAGE_ERRORS):
+        raise converted.error
+    if converted.error is not None:
         conversions.record_task(run_id, task_id, "failed", converted.reason)
         return "failed"
     if converted.answer is None:
