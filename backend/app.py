@@ -266,6 +266,7 @@ def create_app(
     app.include_router(build_training_router(settings, connection))  # /webhook, /versions, /status
     app.include_router(  # /convert
         build_conversion_router(
+            settings.redis_url,
             Conversions.from_settings(settings, connection),
             backend.models.model_version,
             backend.label_config_of,

@@ -21,10 +21,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from backend.errors import AsciiJSONResponse, malformed_json
+from backend.errors import (
+    AsciiJSONResponse,
+    error_response,
+    invalid_project_id,
+    malformed_json,
+    queue_unavailable,
+)
 from labelstudio.errors import LabelConfigError
 from labelstudio.label_config import parse_label_config
-from runtime.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
+from runtime.project_ids import normalize_project_id
 from runtime.queue.connection import ContentionError
 from runtime.queue.conversion import ConversionRunningError, Conversions
 
@@ -32,34 +38,14 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ContentionError)
 MAX_BODY_BYTES = 4096
 
 
-def _error(status_code: int, code: str, detail: str, **more: Any) -> JSONResponse:
-    return AsciiJSONResponse({"error": code, "detail": detail, **more}, status_code=status_code)
-
-
-def _queue_down(exc: Exception) -> JSONResponse:
-    return _error(
-        503,
-        "queue_unavailable",
-        f"the conversion queue (Redis) is unreachable or busy ({type(exc).__name__}); nothing "
-        "was started, send the request again when Redis is back",
-    )
-
-
-def _bad_project() -> JSONResponse:
-    return _error(
-        400,
-        "invalid_request",
-        f"project: must be a non-negative integer project id of at most "
-        f"{MAX_PROJECT_ID_DIGITS} ASCII digits",
-    )
-
-
 def build_conversion_router(
+    redis_url: str,
     conversions: Conversions,
     model_version: Callable[[str], str],
     label_config: Callable[[str], str | None],
 ) -> APIRouter:
-    """The conversion endpoints. ``model_version(project)``: what the project is served with;
+    """The conversion endpoints (``redis_url``: named, without credentials, when Redis is
+    down). ``model_version(project)``: what the project is served with;
     ``label_config(project)``: its labeling config from ``/setup``, if known."""
     router = APIRouter()
 
@@ -70,11 +56,11 @@ def build_conversion_router(
             try:
                 warnings = parse_label_config(xml).box_conversion_warnings()
             except LabelConfigError as exc:
-                return _error(422, exc.code, exc.detail)
+                return error_response(422, exc.code, exc.detail)
         try:
             view = conversions.start(project, model_version(project), chunk_tasks)
         except ConversionRunningError as exc:
-            return _error(
+            return error_response(
                 409,
                 "conversion_running",
                 f"project {project} has a conversion run that is {exc.view['state']} "
@@ -90,41 +76,47 @@ def build_conversion_router(
         async for part in request.stream():  # read no more than the limit
             body += part
             if len(body) > MAX_BODY_BYTES:
-                return _error(413, "request_too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+                return error_response(
+                    413, "request_too_large", f"the body is over {MAX_BODY_BYTES} bytes"
+                )
         try:
             data = json.loads(body)
         except (ValueError, RecursionError) as exc:
             error = malformed_json(exc)
-            return _error(error.status_code, error.code, error.detail)
+            return error_response(error.status_code, error.code, error.detail)
         if not isinstance(data, dict):
-            return _error(400, "invalid_request", 'the body must be a JSON object: {"project": 3}')
+            return error_response(
+                400, "invalid_request", 'the body must be a JSON object: {"project": 3}'
+            )
         unknown = sorted(set(data) - {"project", "chunk_tasks"})
         if unknown:
-            return _error(400, "invalid_request", f"unknown field(s): {', '.join(unknown)[:200]}")
+            return error_response(
+                400, "invalid_request", f"unknown field(s): {', '.join(unknown)[:200]}"
+            )
         project = normalize_project_id(data.get("project"))
         if project is None:
-            return _bad_project()
+            return invalid_project_id("project")
         chunk_tasks = data.get("chunk_tasks")
         if chunk_tasks is not None and (
             not isinstance(chunk_tasks, int) or isinstance(chunk_tasks, bool)
             or not 1 <= chunk_tasks <= 1000
         ):  # fmt: skip
-            return _error(400, "invalid_request", "chunk_tasks: an integer from 1 to 1000")
+            return error_response(400, "invalid_request", "chunk_tasks: an integer from 1 to 1000")
         try:
             return await run_in_threadpool(start, project, chunk_tasks)
         except REDIS_ERRORS as exc:
-            return _queue_down(exc)
+            return queue_unavailable(redis_url, exc, "conversion", "nothing was done")
 
     def _run_of(project: str, action: Callable[[str], dict[str, Any] | None]) -> JSONResponse:
         key = normalize_project_id(project)
         if key is None:
-            return _bad_project()
+            return invalid_project_id("project")
         try:
             view = action(key)
         except REDIS_ERRORS as exc:
-            return _queue_down(exc)
+            return queue_unavailable(redis_url, exc, "conversion", "nothing was done")
         if view is None:
-            return _error(404, "not_found", f"project {key} has no conversion run")
+            return error_response(404, "not_found", f"project {key} has no conversion run")
         return AsciiJSONResponse(view)
 
     @router.get("/convert/{project}")

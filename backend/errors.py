@@ -5,11 +5,16 @@ errors of Label Studio's data live in ``labelstudio.errors``."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+import redis
 from starlette.responses import JSONResponse
 
 from labelstudio.errors import InvalidRequestError, ServiceError
+from runtime.project_ids import MAX_PROJECT_ID_DIGITS
+
+logger = logging.getLogger(__name__)
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -35,6 +40,42 @@ class RequestTooLargeError(ServiceError):
 
     status_code = 413
     code = "request_too_large"
+
+
+def error_response(status_code: int, code: str, detail: str, **more: Any) -> AsciiJSONResponse:
+    """The service's error body ``{"error": code, "detail": ..., **more}``."""
+    return AsciiJSONResponse({"error": code, "detail": detail, **more}, status_code=status_code)
+
+
+def invalid_project_id(field: str) -> AsciiJSONResponse:
+    """The 400 for a project id (at ``field``) ``normalize_project_id`` refused."""
+    return error_response(
+        400,
+        "invalid_request",
+        f"{field}: must be a non-negative integer project id of at most "
+        f"{MAX_PROJECT_ID_DIGITS} ASCII digits",
+    )
+
+
+def queue_unavailable(redis_url: str, exc: Exception, queue: str, lost: str) -> AsciiJSONResponse:
+    """The 503 for Redis unreachable or busy behind ``queue`` (logged, the location without
+    credentials); ``lost`` says what the request did not do."""
+    where = redis_location(redis_url)
+    logger.error("%s queue unreachable at %s: %s", queue, where, type(exc).__name__)
+    return error_response(
+        503,
+        "queue_unavailable",
+        f"the {queue} queue (Redis at {where}) is unreachable or busy ({type(exc).__name__}); "
+        f"{lost}, send it again when Redis is back",
+    )
+
+
+def redis_location(url: str) -> str:
+    """host:port/db of a Redis URL, without credentials."""
+    kwargs = redis.connection.parse_url(url)
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
 
 def malformed_json(exc: BaseException) -> InvalidRequestError:

@@ -20,8 +20,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from backend.errors import AsciiJSONResponse, malformed_json
-from runtime.project_ids import MAX_PROJECT_ID_DIGITS, normalize_project_id
+from backend.errors import (
+    AsciiJSONResponse,
+    error_response,
+    invalid_project_id,
+    malformed_json,
+    queue_unavailable,
+)
+from runtime.project_ids import normalize_project_id
 from runtime.queue.connection import redis_connection
 from runtime.queue.conversion import Conversions
 from runtime.queue.status import TrainingStatus
@@ -32,27 +38,10 @@ from runtime.versions import PluginVersion, VersionStore
 logger = logging.getLogger(__name__)
 
 
-def _error(status_code: int, code: str, detail: str) -> JSONResponse:
-    return AsciiJSONResponse({"error": code, "detail": detail}, status_code=status_code)
-
-
 def _redis_down(settings: Settings, exc: Exception) -> JSONResponse:
-    where = _redis_location(settings.redis_url)
-    logger.error("training queue unreachable at %s: %s", where, type(exc).__name__)
-    return _error(
-        503,
-        "queue_unavailable",
-        f"the training queue (Redis at {where}) is unreachable or busy ({type(exc).__name__}); "
-        "the training request was not recorded, send it again when Redis is back",
+    return queue_unavailable(
+        settings.redis_url, exc, "training", "the training request was not recorded"
     )
-
-
-def _redis_location(url: str) -> str:
-    """host:port/db of a Redis URL, without credentials."""
-    kwargs = redis.connection.parse_url(url)
-    if "path" in kwargs:
-        return f"unix:{kwargs['path']}"
-    return f"{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
 
 def _version_view(version: PluginVersion | None) -> dict[str, Any] | None:
@@ -86,31 +75,26 @@ def build_training_router(settings: Settings, connection: redis.Redis | None = N
             data = await run_in_threadpool(json.loads, body)
         except (ValueError, RecursionError) as exc:  # also too deep or too long an integer
             error = malformed_json(exc)
-            return _error(error.status_code, error.code, error.detail)
+            return error_response(error.status_code, error.code, error.detail)
         if not isinstance(data, dict):
-            return _error(400, "invalid_request", "the body must be a JSON object")
+            return error_response(400, "invalid_request", "the body must be a JSON object")
         action = data.get("action")
         if not isinstance(action, str) or not action:
-            return _error(400, "invalid_request", "action: a non-empty string is required")
+            return error_response(400, "invalid_request", "action: a non-empty string is required")
         if action not in TRAINING_ACTIONS:
             return AsciiJSONResponse({"status": "ignored", "action": action})  # echoes the caller
         if "project" not in data:
-            return _error(400, "invalid_request", f"project: required for {action}")
+            return error_response(400, "invalid_request", f"project: required for {action}")
         project = normalize_project_id(data["project"])
         if project is None:
-            return _error(
-                400,
-                "invalid_request",
-                f"project.id: must be a non-negative integer project id of at most "
-                f"{MAX_PROJECT_ID_DIGITS} ASCII digits",
-            )
+            return invalid_project_id("project.id")
         try:
             result = await run_in_threadpool(triggers.handle_event, project, action)
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
         except QueueFullError as exc:
             logger.warning("training queue full: project %s not queued", project)
-            return _error(
+            return error_response(
                 503,
                 "queue_full",
                 f"{exc.limit} training jobs are queued already (MAX_QUEUED_TRAINING_JOBS); the "
@@ -123,7 +107,7 @@ def build_training_router(settings: Settings, connection: redis.Redis | None = N
         """``{"versions": [...]}``: plugin version names of ``project`` (or of all), oldest first."""
         key = normalize_project_id(project) if project is not None else None
         if project is not None and key is None:
-            return _error(400, "invalid_request", "project: must be a numeric project id")
+            return error_response(400, "invalid_request", "project: must be a numeric project id")
         return JSONResponse({"versions": [v.name for v in store.list(key)]})
 
     @router.get("/status")
@@ -144,7 +128,7 @@ def build_training_router(settings: Settings, connection: redis.Redis | None = N
         """Queued/running job, progress, last run, last failure, current version of one project."""
         key = normalize_project_id(project)
         if key is None:
-            return _error(400, "invalid_request", "project: must be a numeric project id")
+            return error_response(400, "invalid_request", "project: must be a numeric project id")
         try:
             return JSONResponse(_project_status(status, store, conversions, key))
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
