@@ -32,7 +32,12 @@ from labelstudio.errors import LabelConfigError
 from labelstudio.label_config import parse_label_config
 from runtime.project_ids import normalize_project_id
 from runtime.queue.connection import ContentionError
-from runtime.queue.conversion import ConversionRunningError, Conversions
+from runtime.queue.conversion import (
+    ConversionRunningError,
+    Conversions,
+    InvalidChunkTasksError,
+    check_chunk_tasks,
+)
 
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ContentionError)
 MAX_BODY_BYTES = 4096
@@ -97,11 +102,10 @@ def build_conversion_router(
         if project is None:
             return invalid_project_id("project")
         chunk_tasks = data.get("chunk_tasks")
-        if chunk_tasks is not None and (
-            not isinstance(chunk_tasks, int) or isinstance(chunk_tasks, bool)
-            or not 1 <= chunk_tasks <= 1000
-        ):  # fmt: skip
-            return error_response(400, "invalid_request", "chunk_tasks: an integer from 1 to 1000")
+        try:
+            check_chunk_tasks(chunk_tasks)  # before the thread: start checks it again
+        except InvalidChunkTasksError as exc:
+            return error_response(400, "invalid_request", str(exc))
         try:
             return await run_in_threadpool(start, project, chunk_tasks)
         except REDIS_ERRORS as exc:

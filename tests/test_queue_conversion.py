@@ -310,3 +310,17 @@ def test_the_cli_starts_follows_and_cancels_a_run(
     assert cli.main(["status", "--project", "8"]) == 1
     with pytest.raises(SystemExit):
         cli.main(["start", "--project", "x"])
+
+
+def test_chunk_sizes_are_bounded_once_for_the_api_the_cli_and_the_settings(
+    runs: Conversions,
+) -> None:
+    from annotated_types import Le
+
+    from runtime.queue.conversion import MAX_CHUNK_TASKS, InvalidChunkTasksError
+
+    for bad in (0, MAX_CHUNK_TASKS + 1, True, "5", 2.0):
+        with pytest.raises(InvalidChunkTasksError):
+            runs.start("4", "v1", chunk_tasks=bad)
+    bounds = Settings.model_fields["convert_chunk_tasks"].metadata
+    assert Le(MAX_CHUNK_TASKS) in bounds

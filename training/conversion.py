@@ -44,7 +44,15 @@ from runtime.models import resolve_model, served_model_version
 from runtime.project_ids import normalize_project_id
 from runtime.queue.access import LabelStudioAccess
 from runtime.queue.connection import redis_connection
-from runtime.queue.conversion import ACTIVE, PLANNING, QUEUED, ConversionRunningError, Conversions
+from runtime.queue.conversion import (
+    ACTIVE,
+    PLANNING,
+    QUEUED,
+    ConversionRunningError,
+    Conversions,
+    InvalidChunkTasksError,
+    check_chunk_tasks,
+)
 from runtime.settings import Settings
 from runtime.versions import VersionStore
 from training.jobs import configure_job_process, label_studio_client
@@ -310,8 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     project = normalize_project_id(args.project)
     if project is None:
         parser.error("--project: a numeric Label Studio project id")
-    if getattr(args, "chunk_tasks", None) is not None and not 1 <= args.chunk_tasks <= 1000:
-        parser.error("--chunk-tasks: between 1 and 1000")
+    try:
+        check_chunk_tasks(getattr(args, "chunk_tasks", None))
+    except InvalidChunkTasksError as exc:
+        parser.error(str(exc).replace("chunk_tasks", "--chunk-tasks", 1))
     conversions = Conversions.from_settings(settings, redis_connection(settings.redis_url, 2, 10))
     if args.command == "cancel":
         view = conversions.cancel(project)

@@ -68,6 +68,7 @@ QUEUED, PLANNING, RUNNING = "queued", "planning", "running"
 DONE, CANCELLED, FAILED, INCOMPLETE = "done", "cancelled", "failed", "incomplete"
 ACTIVE = frozenset({QUEUED, PLANNING, RUNNING})
 OUTCOMES = ("done", "skipped", "failed")
+MAX_CHUNK_TASKS = 1000  # CONVERT_CHUNK_TASKS' bound too
 FAILED_SHOWN = 20  # failed tasks listed in the status (all are kept in Redis)
 REASON_CHARS = 500
 
@@ -147,6 +148,20 @@ expire_run(run, ARGV[1])
 return 1
 """
 )
+
+
+class InvalidChunkTasksError(ValueError):
+    """A run's ``chunk_tasks`` is not an integer from 1 to ``MAX_CHUNK_TASKS``."""
+
+
+def check_chunk_tasks(value: object) -> int | None:
+    """``value`` as a run's tasks per chunk (``None``: CONVERT_CHUNK_TASKS); else
+    ``InvalidChunkTasksError``."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHUNK_TASKS:
+        raise InvalidChunkTasksError(f"chunk_tasks: an integer from 1 to {MAX_CHUNK_TASKS}")
+    return value
 
 
 class ConversionRunningError(RuntimeError):
@@ -238,7 +253,9 @@ class Conversions:
     def start(self, project: str, model_version: str, chunk_tasks: int | None = None) -> dict:
         """Record a run of ``project`` with ``model_version`` and enqueue its plan job, in one
         transaction; return its status. ``ConversionRunningError`` when the project has an
-        active run (also one that another start recorded meanwhile)."""
+        active run (also one that another start recorded meanwhile); ``InvalidChunkTasksError``
+        for a ``chunk_tasks`` out of bounds."""
+        chunk_tasks = check_chunk_tasks(chunk_tasks)
         project_key = f"{PREFIX}:{project}"
         for _ in range(3):  # a lost race with a start whose run then ended: look again
             pointer = self.connection.get(project_key)  # may name a run whose keys expired
