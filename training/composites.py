@@ -57,7 +57,7 @@ from training.real_pictures import (
     RealPicturesMissingError,
     load_catalogue,
 )
-from training.scenes import draw_shape, smooth_noise
+from training.scenes import Camera, draw_shape, draw_size, smooth_noise
 
 MIN_OBJECTS, MAX_OBJECTS = 3, 10
 MAX_TOP_UP = 20  # extra placements, not occluding, while fewer than MIN_OBJECTS are visible
@@ -296,34 +296,11 @@ def _paste(rng: np.random.Generator, image: np.ndarray, paste: _Paste) -> np.nda
 # ----------------------------------------------------------------------------- composites
 
 
-def _draw_size(
-    rng: np.random.Generator, size: int | tuple[int, int] | None, size_range: tuple[int, int]
-) -> tuple[int, int]:
-    if size is None:
-        lo, hi = size_range
-        h, w = (int(v) for v in rng.integers(lo, hi + 1, 2))
-        if rng.random() < 0.3:
-            w = h
-        return h, w
-    if isinstance(size, int):
-        return size, size
-    return int(size[0]), int(size[1])
-
-
-def _camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Illumination field, global gain, gamma, sensor noise, sometimes blur; uint8 out."""
-    h, w = image.shape[:2]
-    light = smooth_noise(rng, h, w, int(rng.integers(1, 4)))[..., None]
-    light = (0.7 + 0.5 * light) * np.float32(rng.uniform(0.8, 1.15))
-    image = np.clip(image * light, 0, 255).astype(np.uint8)
-    gamma = rng.uniform(0.8, 1.25)
-    lut = (255.0 * (np.arange(256) / 255.0) ** gamma).round().astype(np.uint8)
-    image = cv2.LUT(image, lut)
-    noise = rng.standard_normal((h, w), dtype=np.float32) * np.float32(rng.uniform(0, 5))
-    image = np.clip(image + noise[..., None], 0, 255).astype(np.uint8)
-    if rng.random() < 0.3:
-        image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.4, 1.2))
-    return image
+# Real photographs' camera: milder light variation and noise than the synthetic scenes'.
+COMPOSITE_CAMERA = Camera(
+    light_base=0.7, light_amp=0.5, gain=(0.8, 1.15), gamma=(0.8, 1.25), noise_sigma=(0, 5),
+    blur_share=0.3, blur_kernel=(0, 0), blur_sigma=(0.4, 1.2), sigma_first=False,
+)  # fmt: skip
 
 
 def make_composite(
@@ -348,7 +325,7 @@ def make_composite(
     if not backgrounds or not objects:
         raise ValueError(f"the catalogue has no {split} backgrounds or objects")
     rng = np.random.default_rng([seed, SPLITS.index(split)])
-    h, w = _draw_size(rng, size, size_range)
+    h, w = draw_size(rng, size, size_range)
     short = min(h, w)
 
     background = backgrounds[int(rng.integers(len(backgrounds)))]
@@ -435,7 +412,7 @@ def make_composite(
     wholes = [tuple(index[k] for k in g if k in index) for g in groups]
     stacked = np.stack([masks[k] for k in keep]).astype(bool) if keep else np.zeros((0, h, w), bool)
     return Composite(
-        image=_camera(rng, image),
+        image=COMPOSITE_CAMERA.shoot(rng, image),
         masks=stacked,
         kinds=[kinds[k] for k in keep],
         wholes=[g for g in wholes if len(g) > 1],

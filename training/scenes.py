@@ -228,21 +228,76 @@ def _render_background(
     return bg
 
 
+def draw_size(
+    rng: np.random.Generator, size: int | tuple[int, int] | None, size_range: tuple[int, int]
+) -> tuple[int, int]:
+    """An image's (H, W): ``size`` (a side, or (H, W)), or, for ``None``, drawn from
+    ``size_range`` (px, inclusive), square in about a third of the draws."""
+    if size is None:
+        lo, hi = size_range
+        h, w = (int(v) for v in rng.integers(lo, hi + 1, 2))
+        if rng.random() < 0.3:  # a good share of square images
+            w = h
+        return h, w
+    if isinstance(size, int):
+        return size, size
+    return int(size[0]), int(size[1])
+
+
+@dataclass(frozen=True)
+class Camera:
+    """What a camera does to a rendered picture: a smooth illumination field (``light_base`` +
+    ``light_amp`` x low-frequency noise) times a global gain, a gamma curve, Gaussian sensor
+    noise, and in ``blur_share`` of the pictures a slight Gaussian blur (``blur_kernel`` (0, 0):
+    sized from its sigma)."""
+
+    light_base: float
+    light_amp: float
+    gain: tuple[float, float]
+    gamma: tuple[float, float]
+    noise_sigma: tuple[float, float]
+    blur_share: float
+    blur_kernel: tuple[int, int]
+    blur_sigma: tuple[float, float]
+    # Whether the noise's sigma is drawn before the noise itself: the order each generator's
+    # random stream was first written in, so that their pictures stay the same bit for bit.
+    sigma_first: bool = True
+
+    def shoot(self, rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+        """``image`` (H, W, 3) through this camera; uint8 out."""
+        h, w = image.shape[:2]
+        light = smooth_noise(rng, h, w, int(rng.integers(1, 4)))[..., None]
+        light = (self.light_base + self.light_amp * light) * np.float32(rng.uniform(*self.gain))
+        image = np.clip(image * light, 0, 255).astype(np.uint8)
+        gamma = rng.uniform(*self.gamma)
+        lut = (255.0 * (np.arange(256) / 255.0) ** gamma).round().astype(np.uint8)
+        image = cv2.LUT(image, lut)
+        if self.sigma_first:
+            sigma = np.float32(rng.uniform(*self.noise_sigma))
+            noise = rng.standard_normal((h, w), dtype=np.float32) * sigma
+        else:
+            noise = rng.standard_normal((h, w), dtype=np.float32)
+            noise *= np.float32(rng.uniform(*self.noise_sigma))
+        image = np.clip(image + noise[..., None], 0, 255).astype(np.uint8)
+        if rng.random() < self.blur_share:
+            image = cv2.GaussianBlur(image, self.blur_kernel, rng.uniform(*self.blur_sigma))
+        return image
+
+
+# The synthetic scenes' camera: strong light variation and noise, often a slight blur.
+SCENE_CAMERA = Camera(
+    light_base=0.55, light_amp=0.7, gain=(0.7, 1.2), gamma=(0.7, 1.4), noise_sigma=(1, 8),
+    blur_share=0.5, blur_kernel=(3, 3), blur_sigma=(0.3, 1.0),
+)  # fmt: skip
+
+
 def make_scene(
     seed: int, size: int | tuple[int, int] | None = None, size_range: tuple[int, int] = (256, 1024)
 ) -> Scene:
     """Render scene ``seed``. ``size``: side (int) or (H, W); ``None`` draws H and W from
     ``size_range`` (px, inclusive). Same seed and size give the same scene, bit for bit."""
     rng = np.random.default_rng(seed)
-    if size is None:
-        lo, hi = size_range
-        h, w = (int(v) for v in rng.integers(lo, hi + 1, 2))
-        if rng.random() < 0.3:  # a good share of square images
-            w = h
-    elif isinstance(size, int):
-        h = w = size
-    else:
-        h, w = size
+    h, w = draw_size(rng, size, size_range)
     short = min(h, w)
     n_objects = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     palette = [_random_color(rng) for _ in range(n_objects)]
@@ -291,18 +346,7 @@ def make_scene(
 
     keep = [k for k, m in enumerate(masks) if cv2.countNonZero(m) >= min_pixels]
 
-    # Lighting: a smooth illumination field and global gain, gamma, sensor noise, slight blur.
-    light = smooth_noise(rng, h, w, int(rng.integers(1, 4)))[..., None]
-    light = (0.55 + 0.7 * light) * np.float32(rng.uniform(0.7, 1.2))
-    image = np.clip(image * light, 0, 255).astype(np.uint8)
-    gamma = rng.uniform(0.7, 1.4)
-    lut = (255.0 * (np.arange(256) / 255.0) ** gamma).round().astype(np.uint8)
-    image = cv2.LUT(image, lut)
-    sigma = rng.uniform(1, 8)
-    noise = rng.standard_normal((h, w), dtype=np.float32) * sigma
-    image = np.clip(image + noise[..., None], 0, 255).astype(np.uint8)
-    if rng.random() < 0.5:
-        image = cv2.GaussianBlur(image, (3, 3), rng.uniform(0.3, 1.0))
+    image = SCENE_CAMERA.shoot(rng, image)
     stacked = np.stack([masks[k] for k in keep]).astype(bool) if keep else np.zeros((0, h, w), bool)
     return Scene(image=image, masks=stacked, kinds=[kinds[k] for k in keep])
 
