@@ -199,10 +199,9 @@ class Settings(BaseSettings):
     # TRAINING_QUEUE unless started with --queue.
     convert_queue: str = "stable-sam-convert"
     # Tasks per conversion job: a worker killed mid-chunk costs at most this many tasks' work
-    # (the retry skips those already written); each job builds the model once.
-    convert_chunk_tasks: int = Field(
-        default=25, ge=1, le=1000
-    )  # runtime.queue.conversion.MAX_CHUNK_TASKS
+    # (the retry skips those already written); each job builds the model once. The bound is
+    # runtime.queue.conversion.MAX_CHUNK_TASKS.
+    convert_chunk_tasks: int = Field(default=25, ge=1, le=1000)
     # RQ timeout of one conversion job, seconds.
     convert_job_timeout_s: int = Field(default=1800, gt=0)
     # RQ retries of a conversion job that failed (Label Studio unreachable) or was abandoned

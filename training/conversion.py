@@ -271,7 +271,7 @@ def convert_chunk(run_id: str, index: int, task_ids: list[int]) -> dict[str, Any
     conversions.finish_chunk(run_id, index)
     report.update(
         outcomes=outcomes,
-        skipped_recorded=len(task_ids) - len(todo),
+        already_recorded=len(task_ids) - len(todo),
         seconds=round(time.perf_counter() - started, 2),
     )
     logger.info("conversion run %s chunk %d: %s", run_id, index, report)
