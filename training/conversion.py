@@ -109,13 +109,15 @@ def plan_conversion(run_id: str) -> dict[str, Any]:
     if not conversions.mark_planning(run_id):  # cancelled meanwhile
         return {"run_id": run_id, "state": (conversions.run(run_id) or {}).get("state")}
     try:
-        with _client(settings, job, project) as client:
+        client = _client(settings, job, project)
+    except LabelStudioError as exc:  # no Label Studio access configured: no retry brings one
+        return _fail_run(conversions, run_id, exc.detail)
+    try:
+        with client:
             try:
                 _, warnings = project_config(client, project)
             except LabelConfigError as exc:  # bad input: no retry makes it better
-                conversions.fail(run_id, exc.detail)
-                logger.warning("conversion run %s failed: %s", run_id, exc.detail)
-                return {"run_id": run_id, "state": "failed", "error": exc.detail}
+                return _fail_run(conversions, run_id, exc.detail)
             conversions.set_warnings(run_id, warnings)
             chunks = conversions.plan(run_id, lambda: client.task_ids(project))
     except Exception as exc:
@@ -131,6 +133,12 @@ def plan_conversion(run_id: str) -> dict[str, Any]:
         run_id, tasks, project, len(chunks),
     )  # fmt: skip
     return {"run_id": run_id, "tasks": tasks, "chunks": len(chunks)}
+
+
+def _fail_run(conversions: Conversions, run_id: str, error: str) -> dict[str, Any]:
+    conversions.fail(run_id, error)
+    logger.warning("conversion run %s failed: %s", run_id, error)
+    return {"run_id": run_id, "state": "failed", "error": error}
 
 
 # --- the chunk job ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from bench.processes import AppServer, RQWorker, settings_env, wait_until
 from labelstudio.brush import rle_to_mask
 from runtime.models import resolve_model
 from runtime.queue.connection import SERIALIZER
-from runtime.queue.conversion import ACTIVE, chunk_job_id
+from runtime.queue.conversion import ACTIVE, chunk_job_id, plan_job_id
 from runtime.settings import Settings
 from stable_sam.metrics import mask_iou
 
@@ -190,3 +190,22 @@ def test_a_worker_killed_mid_chunk_loses_nothing_and_writes_no_task_twice(
             conn = redis.Redis.from_url(settings.redis_url)
             chunk = fetch(conn, chunk_job_id(view["run_id"], 0))
             assert chunk.retries_left == settings.convert_retries - 1
+
+
+def test_a_run_without_label_studio_access_fails_at_once_naming_the_settings(
+    settings: Settings, tmp_path: Path, stop_later: list[RQWorker]
+) -> None:
+    # A configuration error: no retry would bring access, so the run fails on the first
+    # attempt with the reason instead of after every retry (CONVERT_RETRY_INTERVALS_S).
+    settings = settings.model_copy(
+        update={"label_studio_api_key": None, "convert_retry_intervals_s": [60, 60]}
+    )
+    stop_later.append(worker(settings, tmp_path, "w"))
+    with AppServer(settings, tmp_path / "app.log") as app:
+        started = httpx.post(f"{app.url}/convert", json={"project": PROJECT}, timeout=10)
+        assert started.status_code == 202, started.text
+        view = wait_for_run(app, stop_later)
+    assert view["state"] == "failed", view
+    assert "LABEL_STUDIO_URL" in view["error"] and "LABEL_STUDIO_API_KEY" in view["error"]
+    plan = fetch(redis.Redis.from_url(settings.redis_url), plan_job_id(view["run_id"]))
+    assert plan.retries_left == settings.convert_retries  # no attempt was retried
