@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from runtime.models import (
     served_model_version,
 )
 from runtime.settings import Settings
-from runtime.versions import PluginVersion, VersionStore
+from runtime.versions import PluginVersion, open_version_store
 from stable_sam.refinement import ClickMemory
 
 logger = logging.getLogger(__name__)
@@ -50,9 +49,10 @@ class ModelServer:
         self._predictor: Any = None
         self.error: str | None = None  # why the model could not be built, for /health
         self.warm = False  # True once warm_up ran
-        self._plugin_cache: dict[tuple[Path, int], Any] = {}
+        # (project, version name, file hash or mtime) -> plugins; one entry per project.
+        self._plugin_cache: dict[tuple[str, str, str], Any] = {}
         self._slots = threading.BoundedSemaphore(settings.model_concurrency)
-        self._versions = VersionStore(settings.versions_dir, keep=settings.versions_keep)
+        self._versions = open_version_store(settings)
         self.spec = resolve_model(settings)  # base, default plugins, version name
         # The click loop's memory of previous answers; emptied of an image with its embedding.
         self.click_memory = ClickMemory(max_bytes=settings.click_memory_mb * 1024 * 1024)
@@ -149,14 +149,17 @@ class ModelServer:
         from stable_sam import read_plugins
 
         try:
-            stamp = version.path.stat().st_mtime_ns
-            key = (version.path, stamp)
+            # A version's file never changes once named, but a manifest from before the hash
+            # was recorded is keyed by the file's mtime (a store rebuilt under the same names).
+            stamp = version.sha256 or str(self._versions.plugin_file(version).stat().st_mtime_ns)
+            key = (version.project, version.name, stamp)
             plugins = self._plugin_cache.get(key)
             if plugins is None:
-                plugins, _ = read_plugins(self.predictor().model, version.path)
+                path = self._versions.plugin_file(version)
+                plugins, _ = read_plugins(self.predictor().model, path)
                 with self._lock:
                     self._plugin_cache = {
-                        k: v for k, v in self._plugin_cache.items() if k[0] != version.path
+                        k: v for k, v in self._plugin_cache.items() if k[0] != version.project
                     }
                     self._plugin_cache[key] = plugins
                 logger.info("project %s: serving plugin version %s", project, version.name)

@@ -33,7 +33,12 @@ from runtime.queue.conversion import Conversions
 from runtime.queue.status import TrainingStatus
 from runtime.queue.triggers import TRAINING_ACTIONS, QueueFullError, TrainingTriggers
 from runtime.settings import Settings
-from runtime.versions import PluginVersion, VersionStore
+from runtime.versions import (
+    PluginVersion,
+    VersionStore,
+    VersionStoreUnavailableError,
+    open_version_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,11 @@ def _redis_down(settings: Settings, exc: Exception) -> JSONResponse:
     return queue_unavailable(
         settings.redis_url, exc, "training", "the training request was not recorded"
     )
+
+
+def _versions_down(exc: VersionStoreUnavailableError) -> JSONResponse:
+    logger.error("%s", exc)
+    return error_response(503, "versions_unavailable", f"{exc}; ask again when it is back")
 
 
 def _version_view(version: PluginVersion | None) -> dict[str, Any] | None:
@@ -63,7 +73,7 @@ def build_training_router(settings: Settings, connection: redis.Redis | None = N
     conversions = Conversions.from_settings(settings, connection)
     triggers = TrainingTriggers.from_settings(settings, connection)
     status = TrainingStatus.from_settings(settings, connection)
-    store = VersionStore(settings.versions_dir, keep=settings.versions_keep)
+    store = open_version_store(settings)
 
     @router.post("/webhook")
     async def webhook(request: Request) -> JSONResponse:
@@ -108,7 +118,10 @@ def build_training_router(settings: Settings, connection: redis.Redis | None = N
         key = normalize_project_id(project) if project is not None else None
         if project is not None and key is None:
             return error_response(400, "invalid_request", "project: must be a numeric project id")
-        return JSONResponse({"versions": [v.name for v in store.list(key)]})
+        try:
+            return JSONResponse({"versions": [v.name for v in store.list(key)]})
+        except VersionStoreUnavailableError as exc:
+            return _versions_down(exc)
 
     @router.get("/status")
     def status_all() -> JSONResponse:
@@ -121,6 +134,8 @@ def build_training_router(settings: Settings, connection: redis.Redis | None = N
             statuses = [_project_status(status, store, conversions, p) for p in projects]
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
+        except VersionStoreUnavailableError as exc:
+            return _versions_down(exc)
         return JSONResponse({"projects": statuses})
 
     @router.get("/status/{project}")
@@ -133,6 +148,8 @@ def build_training_router(settings: Settings, connection: redis.Redis | None = N
             return JSONResponse(_project_status(status, store, conversions, key))
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as exc:
             return _redis_down(settings, exc)
+        except VersionStoreUnavailableError as exc:
+            return _versions_down(exc)
 
     return router
 

@@ -149,7 +149,11 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # RQ queue the training worker listens on.
     training_queue: str = "stable-sam-training"
-    # Where per-project plugin versions live (runtime.versions.VersionStore root).
+    # Where per-project plugin versions live: "local" (a folder, VERSIONS_DIR, on this host) or
+    # "redis" (REDIS_URL, shared by every host; each host keeps its copies of the plugin files
+    # under VERSIONS_DIR/from-redis). See runtime.versions.
+    versions_store: Literal["local", "redis"] = "local"
+    # The local store's folder; with VERSIONS_STORE=redis, where this host's copies go.
     versions_dir: Path = Path("data/versions")
     # Plugin versions kept per project.
     versions_keep: int = Field(default=5, ge=1)

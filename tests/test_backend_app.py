@@ -251,12 +251,12 @@ def test_a_polygon_project_gets_polygon_regions_of_the_mask(client):
 
 
 def test_project_plugin_version_is_served_and_named(client, settings, tmp_path):
-    from runtime.versions import VersionStore
+    from runtime.versions import LocalVersionStore
     from stable_sam import save_plugins
 
     model = client.app.state.backend.models.predictor().model
     plugin_file = save_plugins(model, tmp_path / "p.safetensors", {"version": "test"})
-    version = VersionStore(settings.versions_dir).write(
+    version = LocalVersionStore(settings.versions_dir).write(
         "5", plugin_file, metadata={}, metrics={"miou": 0.5}, promote=True, reason="test"
     )
     setup = client.post("/setup", json={"project": "5.1700000000", "schema": CONFIG})

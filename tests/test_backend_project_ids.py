@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from runtime.project_ids import MAX_PROJECT_ID, normalize_project_id
-from runtime.versions import VersionStore, check_project
+from runtime.versions import LocalVersionStore, check_project
 
 
 @pytest.mark.parametrize(
@@ -70,11 +70,11 @@ def test_the_version_store_refuses_a_non_canonical_folder_name(tmp_path: Path, p
     with pytest.raises(ValueError, match="canonical"):
         check_project(project)
     with pytest.raises(ValueError):
-        VersionStore(tmp_path).current(project)
+        LocalVersionStore(tmp_path).current(project)
 
 
 def test_the_version_store_lists_only_canonical_project_folders(tmp_path: Path):
     for name in ("7", "07", "٣"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "manifest.json").write_text('{"versions": []}')
-    assert VersionStore(tmp_path).projects() == ["7"]
+    assert LocalVersionStore(tmp_path).projects() == ["7"]

@@ -316,9 +316,9 @@ def test_models_from_names_sam_hq_sam_and_project_versions(tmp_path):
     plugin_file = tmp_path / "v1.safetensors"
     save_plugins(build_stable_sam("mini", base, plugins=True, device="cpu"), plugin_file)
 
-    from runtime.versions import VersionStore
+    from runtime.versions import LocalVersionStore
 
-    store = VersionStore(tmp_path / "versions")
+    store = LocalVersionStore(tmp_path / "versions")
     version = store.write("7", plugin_file, {}, {}, promote=True, reason="test")
     project_dir = tmp_path / "versions" / "7"  # means: project 7's current version
     names = ["sam", "hq-sam", f"project:{plugin_file}", f"project:{project_dir}"]

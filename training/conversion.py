@@ -54,7 +54,7 @@ from runtime.queue.conversion import (
     check_chunk_tasks,
 )
 from runtime.settings import Settings
-from runtime.versions import VersionStore
+from runtime.versions import open_version_store
 from training.jobs import configure_job_process, label_studio_client
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def _converter(
     spec.check()
     model = spec.build()
     if model_version != spec.version:
-        store = VersionStore(settings.versions_dir, keep=settings.versions_keep)
+        store = open_version_store(settings)
         version = next((v for v in store.list(project) if v.name == model_version), None)
         if version is None or not settings.plugins_enabled:
             raise ConversionJobError(
@@ -163,7 +163,7 @@ def _converter(
                 f"({spec.version}) nor a plugin version of project {project} in VERSIONS_DIR "
                 "(pruned by VERSIONS_KEEP?); start the conversion again"
             )
-        load_plugins(model, version.path)
+        load_plugins(model, store.plugin_file(version))
     cache = EmbeddingCache(max_bytes=settings.train_embedding_cache_mb * 1024 * 1024)
     return BoxConverter(
         StableSamPredictor(model, cache=cache),
@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "status":
         view = conversions.latest(project)
     else:
-        store = VersionStore(settings.versions_dir, keep=settings.versions_keep)
+        store = open_version_store(settings)
         version = served_model_version(settings, resolve_model(settings), store, project)
         try:
             view = conversions.start(project, version, args.chunk_tasks)

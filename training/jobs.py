@@ -16,7 +16,7 @@ One run, top to bottom:
 4. Evaluate those plugins on the validation part; train with RTS
    (``training.engine.train_plugins``), reporting ``(step, total, loss)`` in ``job.meta``;
    evaluate the new plugins on the same prompts.
-5. Write a new version (``runtime.versions.VersionStore``: atomic, manifest last), promoted
+5. Write a new version (``runtime.versions``: atomic, manifest last), promoted
    only when its validation score is not worse; the report says why.
 
 A worker killed at any point leaves no partial version (the store's writes are atomic) and the
@@ -47,7 +47,7 @@ from runtime.models import ModelSpec, resolve_model
 from runtime.queue.access import LabelStudioAccess
 from runtime.queue.jobs import mark_finished, mark_started, record_failure
 from runtime.settings import Settings
-from runtime.versions import VersionStore
+from runtime.versions import VersionStore, open_version_store
 from training.data import Sample
 from training.ls_dataset import load_project_samples, split_train_val
 
@@ -172,9 +172,9 @@ def _build_model(spec: ModelSpec, store: VersionStore, project: str) -> tuple[St
     current = store.current(project)
     if current is not None:
         try:
-            load_plugins(model, current.path)
+            load_plugins(model, store.plugin_file(current))
             return model, current.name
-        except (PluginMismatchError, OSError) as exc:
+        except (PluginMismatchError, OSError, ValueError) as exc:
             logger.warning(
                 "project %s: current version %s unusable (%s)", project, current.name, exc
             )
@@ -323,7 +323,7 @@ def train_project(project: str) -> dict[str, Any]:
     mark_started(job, project)
     access = LabelStudioAccess(job.connection, settings.training_queue)
     progress = JobProgress(job)
-    store = VersionStore(settings.versions_dir, keep=settings.versions_keep)
+    store = open_version_store(settings)
     try:
         with label_studio_client(settings, access, project) as client:
             report = run_training(project, settings, client, store, progress, job.id)

@@ -32,7 +32,7 @@ from runtime.queue.connection import SERIALIZER
 from runtime.queue.status import TrainingStatus
 from runtime.queue.triggers import START_TRAINING, TrainingTriggers
 from runtime.settings import Settings
-from runtime.versions import VersionStore
+from runtime.versions import LocalVersionStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -237,7 +237,7 @@ def test_a_worse_version_is_written_but_not_served(settings: Settings, tmp_path:
     report = job.get_meta()["report"]
     assert report["promoted"] is False
     assert report["reason"].startswith("not promoted: validation robust mIoU")
-    store = VersionStore(strict.versions_dir)
+    store = LocalVersionStore(strict.versions_dir)
     assert store.current(PROJECT) is None
     assert [v.name for v in store.list(PROJECT)] == [report["version"]]
     assert store.list(PROJECT)[0].reason == report["reason"]
@@ -247,7 +247,7 @@ def test_killed_work_horse_is_retried_and_never_leaves_a_half_version(
     settings: Settings, tmp_path: Path
 ) -> None:
     queue = TrainingTriggers.from_settings(settings)
-    store = VersionStore(settings.versions_dir)
+    store = LocalVersionStore(settings.versions_dir)
     with (
         running_worker(
             settings.redis_url, settings.training_queue, settings_env(settings), tmp_path / "w.log"
@@ -294,13 +294,13 @@ def test_killed_horse_without_retries_fails_visibly_and_the_next_trigger_trains(
         assert status["last_failure"]["job_id"] == killed
         assert "Work-horse terminated unexpectedly" in status["last_failure"]["error"]
         assert status["running"] is None
-        assert VersionStore(no_retry.versions_dir).list(PROJECT) == []
+        assert LocalVersionStore(no_retry.versions_dir).list(PROJECT) == []
 
         again = queue.handle_event(PROJECT, START_TRAINING)
         assert again.outcome == "enqueued"
         job = wait_for_job(no_retry, again.job_id, worker, {JobStatus.FINISHED, JobStatus.FAILED})
         assert job.get_status() == JobStatus.FINISHED, worker.log_tail()
-        assert len(VersionStore(no_retry.versions_dir).list(PROJECT)) == 1
+        assert len(LocalVersionStore(no_retry.versions_dir).list(PROJECT)) == 1
 
 
 def test_whole_worker_killed_mid_job_is_retried_after_rq_cleans_it_up(
@@ -325,7 +325,7 @@ def test_whole_worker_killed_mid_job_is_retried_after_rq_cleans_it_up(
     follow_up = queue.handle_event(PROJECT, START_TRAINING)
     assert follow_up.outcome == "follow_up"
     assert queue.handle_event(PROJECT, START_TRAINING).outcome == "merged"
-    assert VersionStore(settings.versions_dir).list(PROJECT) == []
+    assert LocalVersionStore(settings.versions_dir).list(PROJECT) == []
 
     with running_worker(
         settings.redis_url, settings.training_queue, settings_env(settings), tmp_path / "second.log"
@@ -338,6 +338,6 @@ def test_whole_worker_killed_mid_job_is_retried_after_rq_cleans_it_up(
         )
         assert after.get_status() == JobStatus.FINISHED, worker.log_tail()
         assert after.get_meta()["triggers"] == 2
-    versions = VersionStore(settings.versions_dir).list(PROJECT)
+    versions = LocalVersionStore(settings.versions_dir).list(PROJECT)
     assert len(versions) == 2
     assert not [f for f in version_files(settings) if f.endswith(".tmp")]

@@ -107,15 +107,16 @@ def project_plugin_file(spec: str) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        from runtime.versions import VersionStore
+        from runtime.versions import LocalVersionStore
 
-        version = VersionStore(path.parent).current(path.name)
+        store = LocalVersionStore(path.parent)
+        version = store.current(path.name)
         if version is None:
             raise FileNotFoundError(
                 f"project {path.name} has no promoted version under {path.parent}"
             )
         logger.info("project %s: current version %s", path.name, version.name)
-        return version.path
+        return store.plugin_file(version)
     raise FileNotFoundError(f"plugin file or project version folder not found: {spec}")
 
 

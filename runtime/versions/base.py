@@ -1,0 +1,203 @@
+"""What a plugin version is, and the store interface every process reads versions through.
+
+A version is one trained Stable-SAM plugin file of one project plus its metadata and validation
+metrics, listed in the project's manifest (oldest first). Two stores implement the interface:
+``runtime.versions.local`` (a folder on one host's disk, the default) and
+``runtime.versions.shared`` (Redis, which every host of a deployment already shares). Both
+promote atomically (a reader sees the old manifest or the whole new one, and every file it
+names), prune by the same rule, and never reuse a name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labelstudio.errors import quoted
+from runtime.project_ids import normalize_project_id
+
+PLUGIN_SUFFIX = ".safetensors"
+# Validation metrics written before the training job named its prompt kinds as the evaluation
+# protocol does (``training.evaluation``: points_1, not 1_point); read with today's names.
+_RENAMED_METRICS = {"miou_1_point": "miou_points_1", "miou_3_points": "miou_points_3"}
+
+
+class VersionStoreUnavailableError(OSError):
+    """The store cannot be read now (e.g. its Redis does not answer) and nothing was read
+    before; an ``OSError``, so callers treat it as an unreadable folder."""
+
+
+@dataclass(frozen=True)
+class PluginVersion:
+    """One trained plugin version of one project.
+
+    ``name`` is the Label Studio ``model_version`` string; ``path`` the ``.safetensors`` plugin
+    file on this host (for a shared store: where ``VersionStore.plugin_file`` puts its local
+    copy); ``created`` an ISO-8601 UTC time; ``promoted`` whether it was (or is) the served
+    version; ``metrics`` validation metrics; ``reason`` why it was or was not promoted;
+    ``metadata`` what the training job recorded (base model, data counts, train config);
+    ``sha256`` the plugin file's content hash ("" in manifests written before it was recorded).
+    """
+
+    project: str
+    name: str
+    path: Path
+    created: str
+    promoted: bool
+    metrics: dict[str, Any]
+    reason: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (for ``/status`` and reports); ``path`` as a string."""
+        return {
+            "project": self.project,
+            "name": self.name,
+            "path": str(self.path),
+            "created": self.created,
+            "promoted": self.promoted,
+            "metrics": self.metrics,
+            "reason": self.reason,
+            "metadata": self.metadata,
+            "sha256": self.sha256,
+        }
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The version as its manifest lists it (the file by name: stores place files)."""
+        return {
+            "name": self.name,
+            "file": self.path.name,
+            "created": self.created,
+            "promoted": self.promoted,
+            "metrics": self.metrics,
+            "reason": self.reason,
+            "metadata": self.metadata,
+            "sha256": self.sha256,
+        }
+
+    @classmethod
+    def from_manifest_entry(
+        cls, project: str, entry: dict[str, Any], folder: Path
+    ) -> PluginVersion:
+        """The version a manifest entry describes, its file under ``folder``."""
+        return cls(
+            project=project,
+            name=entry["name"],
+            path=folder / entry["file"],
+            created=entry["created"],
+            promoted=bool(entry["promoted"]),
+            metrics=_current_metric_names(entry.get("metrics", {})),
+            reason=str(entry.get("reason", "")),
+            metadata=dict(entry.get("metadata", {})),
+            sha256=str(entry.get("sha256", "")),
+        )
+
+
+def version_name(project: str, sequence: int) -> str:
+    """The ``model_version`` string of the ``sequence``-th version of ``project``."""
+    return f"stable-sam-p{project}-v{sequence}"
+
+
+def check_project(project: str) -> str:
+    """Return ``project`` if it is a canonical Label Studio project id ("7"), else raise
+    ``ValueError``.
+
+    Project ids become folder names and Redis keys, so anything but the one spelling of
+    ``runtime.project_ids.normalize_project_id`` is refused: "07" would be a second project 7.
+    """
+    if not isinstance(project, str) or normalize_project_id(project) != project:
+        raise ValueError(
+            f"project must be a canonical numeric Label Studio project id, got {quoted(str(project))}"
+        )
+    return project
+
+
+def file_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _current_metric_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` (nested dicts, e.g. ``{"new": {...}, "current": {...}}``) with every key of
+    ``_RENAMED_METRICS`` under its new name; values unchanged."""
+    return {
+        _RENAMED_METRICS.get(key, key): _current_metric_names(value)
+        if isinstance(value, dict)
+        else value
+        for key, value in metrics.items()
+    }
+
+
+class VersionStore(ABC):
+    """Plugin versions of every project, ``keep`` newest kept per project.
+
+    Pruning keeps the ``keep`` newest versions plus the current (newest promoted) one, so the
+    served version is never deleted even when several newer runs were not promoted.
+    """
+
+    def __init__(self, keep: int = 5) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.keep = keep
+
+    # --- reading -------------------------------------------------------------------------
+
+    def current(self, project: str) -> PluginVersion | None:
+        """The newest promoted version of ``project``, or ``None`` if it has none."""
+        for version in reversed(self.list(project)):
+            if version.promoted:
+                return version
+        return None
+
+    def list(self, project: str | None = None) -> list[PluginVersion]:
+        """Versions of ``project`` (oldest first), or of every project when ``None``."""
+        if project is not None:
+            return self._versions(check_project(project))
+        return [v for name in self.projects() for v in self._versions(name)]
+
+    @abstractmethod
+    def _versions(self, project: str) -> list[PluginVersion]:
+        """The manifest's versions of ``project`` (a checked id), oldest first."""
+
+    @abstractmethod
+    def projects(self) -> list[str]:
+        """Projects that have versions, in numeric order."""
+
+    @abstractmethod
+    def next_name(self, project: str) -> str:
+        """The name the next ``write`` of ``project`` would get now."""
+
+    @abstractmethod
+    def plugin_file(self, version: PluginVersion) -> Path:
+        """A file on this host holding ``version``'s plugins (``FileNotFoundError`` once the
+        version was pruned)."""
+
+    # --- writing -------------------------------------------------------------------------
+
+    @abstractmethod
+    def write(
+        self,
+        project: str,
+        plugin_path_tmp: str | Path,
+        metadata: dict[str, Any],
+        metrics: dict[str, Any],
+        promote: bool,
+        reason: str,
+    ) -> PluginVersion:
+        """Add a new version of ``project`` from the plugin file at ``plugin_path_tmp``.
+
+        The file is copied (the caller keeps and may delete its temp file). ``metadata`` and
+        ``metrics`` must be JSON-serialisable. Returns the new version; it is served from the
+        moment this returns if ``promote`` is true.
+        """
+
+    def _prune_list(self, versions: list[PluginVersion]) -> list[PluginVersion]:
+        newest = versions[-self.keep :]
+        current = next((v for v in reversed(versions) if v.promoted), None)
+        keep_names = {v.name for v in newest}
+        if current is not None:
+            keep_names.add(current.name)
+        return [v for v in versions if v.name in keep_names]

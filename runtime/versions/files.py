@@ -1,0 +1,48 @@
+"""Atomic file writes and the pruning of files a manifest no longer names, for the stores."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write ``target`` through a temp file in the same folder (fsynced) and ``os.replace``: a
+    reader sees the old file or the whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+
+
+def delete_files(folder: Path, suffix: str, keep: set[str], temp_files: bool = True) -> None:
+    """Remove the ``suffix`` files of ``folder`` not named in ``keep`` and, with
+    ``temp_files``, stray temp files (only where no other writer can be mid-write)."""
+    for path in folder.iterdir():
+        stale = path.suffix == suffix and path.name not in keep
+        stale_temp = temp_files and path.name.startswith(".") and path.name.endswith(".tmp")
+        if stale or stale_temp:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            logger.info("pruned %s", path)
