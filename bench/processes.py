@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -290,3 +291,48 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ReplicaProxy:
+    """HAProxy with the deployment's own ``deploy/haproxy.cfg`` in front of backend replicas
+    ``replicas`` ("host:port" each, as REPLICA_A, REPLICA_B), on a free loopback port."""
+
+    def __init__(self, replicas: Sequence[str], log_path: Path, root: Path = REPO_ROOT) -> None:
+        binary = shutil.which("haproxy")
+        if binary is None:
+            raise AssertionError("haproxy is not installed (scripts/test.sh installs it)")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {"PATH": os.environ.get("PATH", ""), "PROXY_BIND": f"127.0.0.1:{self.port}"}
+        env |= {f"REPLICA_{chr(ord('A') + i)}": r for i, r in enumerate(replicas)}
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in __exit__
+        self.process = subprocess.Popen(
+            [binary, "-db", "-f", str(root / "deploy" / "haproxy.cfg")],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _up(self) -> bool:
+        if self.process.poll() is not None:
+            text = self.log_path.read_text(errors="replace")
+            raise AssertionError(f"haproxy exited:\n{text[-3000:]}")
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def __enter__(self) -> ReplicaProxy:
+        wait_until(self._up, 30, "haproxy to answer /health", poll_s=0.1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()

@@ -21,6 +21,7 @@ from rq.job import Job, JobStatus
 from bench.label_studio_api import LEGACY_TOKEN, LabelStudioAPI
 from bench.processes import (
     AppServer,
+    ReplicaProxy,
     RQWorker,
     running_worker,
     settings_env,
@@ -101,20 +102,25 @@ def served_version(app: AppServer) -> str:
     return httpx.post(f"{app.url}/setup", json=body, timeout=10).json()["model_version"]
 
 
-def click_version(app: AppServer) -> str:
-    """One interactive click on a task image; the ``model_version`` its mask was made with
-    (the default one if the replica could not load the project's plugin file)."""
+def click(url: str, task: int = 1000, x: float = 40) -> httpx.Response:
+    """One interactive click on task ``task`` (its image one of the stand-in's five scenes)."""
     body = {
-        "tasks": [{"id": 1000, "data": {"img": f"/data/upload/{PROJECT}/scene0.png"}}],
+        "tasks": [{"id": task, "data": {"img": f"/data/upload/{PROJECT}/scene{task % 5}.png"}}],
         "project": f"{PROJECT}.1700000000",
         "label_config": CONFIG,
-        "params": {"context": {"result": [kp(40, 40, positive=True)]}},
+        "params": {"context": {"result": [kp(x, 40, positive=True)]}},
     }
-    answer = httpx.post(f"{app.url}/predict", json=body, timeout=120)
-    assert answer.status_code == 200, (answer.text, app.log_tail())
+    answer = httpx.post(f"{url}/predict", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
     result = answer.json()["results"][0]
     assert result["result"] and result["result"][0]["type"] == "brushlabels", result
-    return result["model_version"]
+    return answer
+
+
+def click_version(app: AppServer) -> str:
+    """The ``model_version`` a click's mask was made with (the default one if the replica
+    could not load the project's plugin file)."""
+    return click(app.url).json()["results"][0]["model_version"]
 
 
 def copies(settings: Settings) -> list[str]:
@@ -191,3 +197,43 @@ def test_a_burst_of_webhooks_to_both_replicas_coalesces_into_one_run(
         assert listed["versions"] == names
         for replica in (app_a, app_b):
             assert served_version(replica) == names[-1]
+
+
+def test_the_proxy_sends_every_click_of_a_task_to_one_replica_and_fails_over(
+    hosts: dict[str, Settings], tmp_path: Path
+) -> None:
+    """deploy/haproxy.cfg, as the compose profile runs it, in front of the two replicas."""
+    a, b = hosts["a"], hosts["b"]
+    with (
+        AppServer(a, tmp_path / "app-a.log") as app_a,
+        AppServer(b, tmp_path / "app-b.log") as app_b,
+    ):
+        replicas = [f"127.0.0.1:{app.port}" for app in (app_a, app_b)]
+        with ReplicaProxy(replicas, tmp_path / "haproxy.log") as proxy:
+            served_by: dict[int, set[str]] = {}
+            for task in range(1000, 1016):
+                for x in (30, 40, 50):  # three clicks, as a user refines one object
+                    answer = click(proxy.url, task, x)
+                    served_by.setdefault(task, set()).add(answer.headers["x-served-by"])
+            assert all(len(names) == 1 for names in served_by.values()), served_by
+            on = {task: next(iter(names)) for task, names in served_by.items()}
+            assert set(on.values()) == {"a", "b"}, on  # the tasks are spread over both
+            # Per-project and stateless requests go to either replica.
+            seen = {httpx.get(f"{proxy.url}/health").headers["x-served-by"] for _ in range(4)}
+            assert seen == {"a", "b"}
+
+            # Replica a goes away: its tasks move to b after the proxy's health checks.
+            app_a.process.terminate()
+            app_a.process.wait(timeout=15)
+            moved = [task for task, name in on.items() if name == "a"]
+
+            def all_on_b() -> bool:
+                try:
+                    return all(click(proxy.url, t).headers["x-served-by"] == "b" for t in moved)
+                except (AssertionError, httpx.HTTPError):
+                    return False
+
+            wait_until(all_on_b, 30, "replica a's tasks to reach replica b", poll_s=0.5)
+            # b's own tasks stayed where they were (consistent hashing).
+            for task in (t for t, name in on.items() if name == "b"):
+                assert click(proxy.url, task).headers["x-served-by"] == "b"
