@@ -33,6 +33,7 @@ from stable_sam import PluginConfig, PluginMismatchError, StableSam, build_stabl
 from stable_sam.checkpoint import write_safetensors_atomic
 from training import rts
 from training.data import Sample
+from training.distributed import Ranks
 from training.engine import Progress, TrainConfig, TrainResult, fit, train_plugins
 
 DECODER_FORMAT = "stable-sam-dt-decoder"
@@ -77,11 +78,13 @@ class Variant:
         dataset: Sequence[Sample],
         config: TrainConfig,
         progress: Progress | None = None,
+        ranks: Ranks | None = None,
     ) -> TrainResult:
-        """Train ``model`` (from ``build_model``) on ``dataset`` with the RTS loop."""
+        """Train ``model`` (from ``build_model``) on ``dataset`` with the RTS loop (this
+        process's share of it with ``ranks``)."""
         if self.plugins:
-            return train_plugins(model, dataset, config, progress)
-        return train_dt_sam(model, dataset, config, progress)
+            return train_plugins(model, dataset, config, progress, ranks)
+        return train_dt_sam(model, dataset, config, progress, ranks)
 
     def save(self, model: StableSam, path: str | Path, metadata: dict[str, Any]) -> Path:
         """Write what trained: the plugin file, or DT-SAM's decoder file."""
@@ -109,6 +112,7 @@ def train_dt_sam(
     dataset: Sequence[Sample],
     config: TrainConfig | None = None,
     progress: Progress | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Fine-tune ``model.sam.mask_decoder`` with RTS (the model must have no plugins)."""
     if model.plugins is not None:
@@ -121,7 +125,7 @@ def train_dt_sam(
     for p in params:
         p.requires_grad_(True)
     try:
-        return fit(model, params, dataset, config, progress, modules_to_train=[decoder])
+        return fit(model, params, dataset, config, progress, [decoder], ranks)
     finally:
         for p in params:
             p.requires_grad_(False)

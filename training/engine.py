@@ -15,6 +15,7 @@ embedded once, without gradients; only the prompt-conditioned decoder pass is di
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ from torch.nn import functional as F
 
 from stable_sam import StableSam
 from stable_sam.device import autocast_context
-from training import rts
+from training import distributed, rts
 from training.data import Sample
 
 logger = logging.getLogger(__name__)
@@ -210,43 +211,51 @@ def step_loss(
     prompt_lists: Sequence[Sequence[rts.TargetPrompt]],
     scale: float,
     backward: bool = True,
+    decoder: nn.Module | None = None,
 ) -> tuple[float, int]:
     """Embed the images once (no grad), decode every prompt, accumulate gradients of the loss.
 
     ``scale`` divides the per-prompt loss sum (1 / total prompts of the step), so the
-    accumulated gradient equals the gradient of the step's mean loss. Returns (loss sum × scale,
-    number of prompts).
+    accumulated gradient equals the gradient of the step's mean loss. ``decoder``: the
+    ``training.distributed.DecodeStep`` to decode through (DDP-wrapped in a distributed run:
+    gradients are all-reduced with the step's last image only, and a rank without prompts
+    still joins that all-reduce). Returns (loss sum × scale, number of prompts).
     """
     device = model.device
-    images = np.stack([a.image for a in augmented])
-    with torch.no_grad(), autocast_context(device):
-        embeddings, hq = model.encode(
-            preprocess(model.sam, images, [a.valid_hw for a in augmented])
-        )
-    embeddings = embeddings.float()
+    decoder = decoder if decoder is not None else distributed.DecodeStep(model, [])
+    ddp = isinstance(decoder, nn.parallel.DistributedDataParallel)
+    with_prompts = [i for i, plist in enumerate(prompt_lists) if plist]
     total, count = 0.0, 0
-    for i, (aug, plist) in enumerate(zip(augmented, prompt_lists, strict=True)):
-        if not plist:
-            continue
-        emb = embeddings[i : i + 1]
-        hq_i = None if hq is None else hq[i : i + 1].float()
-        logits_all, targets_all = [], []
+    if with_prompts:
+        images = np.stack([augmented[i].image for i in with_prompts])
+        with torch.no_grad(), autocast_context(device):
+            embeddings, hq = model.encode(
+                preprocess(model.sam, images, [augmented[i].valid_hw for i in with_prompts])
+            )
+        embeddings = embeddings.float()
+    for k, i in enumerate(with_prompts):
+        aug, plist = augmented[i], prompt_lists[i]
+        prompts, targets_all = [], []
         for group in rts.group_prompts(plist).values():
             points, boxes, masks = rts.prompt_tensors(group, device)
             with torch.no_grad():
-                sparse, dense = model.encode_prompts(points, boxes, masks)
-            with autocast_context(device):
-                logits, _ = model.decode(emb, sparse, dense, False, hq_i)
-            logits_all.append(logits)
+                prompts.append(model.encode_prompts(points, boxes, masks))
             targets_all.append(np.stack([aug.masks[p.target] for p in group]))
-        logits = torch.cat(logits_all)
         targets = torch.as_tensor(np.concatenate(targets_all), device=device)
+        last = k == len(with_prompts) - 1
         # Gradients are accumulated image by image: one image's decoder graph at a time.
-        loss = bce_dice_loss(logits, targets) * (len(plist) * scale)
-        if backward:
-            loss.backward()
+        with decoder.no_sync() if ddp and not last else contextlib.nullcontext():
+            with autocast_context(device):
+                logits = decoder(
+                    embeddings[k : k + 1], prompts, None if hq is None else hq[k : k + 1].float()
+                )
+            loss = bce_dice_loss(logits, targets) * (len(plist) * scale)
+            if backward:
+                loss.backward()
         total += float(loss.detach())
         count += len(plist)
+    if ddp and backward and not with_prompts:
+        decoder(None).backward()  # this rank has nothing to decode: a zero gradient
     return total, count
 
 
@@ -257,13 +266,22 @@ def fit(
     config: TrainConfig,
     progress: Progress | None = None,
     modules_to_train: Sequence[nn.Module] = (),
+    ranks: distributed.Ranks | None = None,
 ) -> TrainResult:
-    """The RTS loop shared by the plugins and the DT-SAM baseline: trains ``parameters``."""
+    """The RTS loop shared by the plugins and the DT-SAM baseline: trains ``parameters``
+    (those of ``modules_to_train``).
+
+    ``ranks``: this process's share of a ``torchrun`` run (``training.distributed``; default a
+    world of one). Every image of a step draws its augmentation and prompts from its own
+    generator, seeded by (seed, step, position in the step), so any number of ranks train
+    exactly what one process trains with the same total batch.
+    """
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
     parameters = list(parameters)
     if not parameters:
         raise ValueError("nothing to train: no parameters given")
+    ranks = ranks or distributed.Ranks()
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     side = model.image_size
@@ -275,56 +293,62 @@ def fit(
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     for m in modules_to_train:
         m.train()
+    decoder = distributed.wrap(distributed.DecodeStep(model, modules_to_train), ranks, model.device)
 
     losses: list[float] = []
     images_seen, prompts_seen, step = 0, 0, 0
     start = time.perf_counter()
-    logger.info(
-        "RTS training: %d images, %d steps of %d prompts (%d images/step), robust=%s, device=%s",
-        len(dataset),
-        total_steps,
-        config.batch_prompts,
-        per_step,
-        config.rts.robust,
-        model.device,
-    )
-    # Step plan: one shuffled pass per epoch, cut into groups of ``per_step`` images.
+    if ranks.main:
+        logger.info(
+            "RTS training: %d images, %d steps of %d prompts (%d images/step), robust=%s, "
+            "device=%s, %d process(es)",
+            len(dataset),
+            total_steps,
+            config.batch_prompts,
+            per_step,
+            config.rts.robust,
+            model.device,
+            ranks.world,
+        )
+    # Step plan: one shuffled pass per epoch, cut into groups of ``per_step`` images; the same
+    # on every rank, which takes its positions of each step (and their occlusion donors).
     plan = [
         order[first : first + per_step]
         for order in (rng.permutation(len(dataset)) for _ in range(config.epochs))
         for first in range(0, len(order), per_step)
     ][:total_steps]
     # Samples are read (synthetic scenes rendered) one step ahead in a thread: numpy/OpenCV
-    # release the GIL, so this overlaps with the decoder passes. Augmentation stays here, so
-    # the random stream, and the run, are deterministic.
+    # release the GIL, so this overlaps with the decoder passes.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rts-prefetch")
-    pending = pool.submit(_load, dataset, plan[0]) if plan else None
+    pending = pool.submit(_load_shard, dataset, plan[0], ranks) if plan else None
     try:
         for index in range(len(plan)):
-            samples = pending.result()
+            shard = pending.result()
             if index + 1 < len(plan):
-                pending = pool.submit(_load, dataset, plan[index + 1])
+                pending = pool.submit(_load_shard, dataset, plan[index + 1], ranks)
             augmented, prompt_lists = [], []
-            for j, sample in enumerate(samples):
-                # Occluders come from another image of the step (itself when alone).
-                donor = samples[(j + 1) % len(samples)]
-                aug = rts.augment(sample, donor, side, rng, config.rts)
+            for position, sample, donor in shard:
+                image_rng = np.random.default_rng((config.seed, index, position))
+                aug = rts.augment(sample, donor, side, image_rng, config.rts)
                 augmented.append(aug)
                 prompt_lists.append(
-                    rts.sample_prompts(aug, config.prompts_per_image, rng, config.rts)
+                    rts.sample_prompts(aug, config.prompts_per_image, image_rng, config.rts)
                 )
-            n_prompts = sum(len(p) for p in prompt_lists)
-            images_seen += len(samples)
+            n_prompts = int(ranks.sum(sum(len(p) for p in prompt_lists), model.device))
+            images_seen += len(plan[index])
             step += 1
-            if n_prompts == 0:
+            if n_prompts == 0:  # on every rank alike
                 logger.debug("step %d: no promptable objects, skipped", step)
                 continue
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = step_loss(model, augmented, prompt_lists, 1.0 / n_prompts)
+            # DDP averages the ranks' gradients: ``world`` undoes its division by world.
+            scale = ranks.world / n_prompts
+            local, _ = step_loss(model, augmented, prompt_lists, scale, decoder=decoder)
             clip_and_step(optimizer, parameters, config.grad_clip)
+            loss = ranks.sum(local, model.device) / ranks.world
             losses.append(loss)
             prompts_seen += n_prompts
-            if progress is not None:
+            if progress is not None and ranks.main:
                 progress(step, total_steps, loss)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -350,21 +374,35 @@ def fit(
             "images_per_s": round(images_seen / wall, 3) if wall > 0 else 0.0,
             "device": str(model.device),
             "torch_threads": torch.get_num_threads(),
+            "processes": ranks.world,
+            "process_group": torch.distributed.get_backend() if ranks.distributed else None,
             "config": _jsonable(asdict(config)),
         },
     )
-    logger.info(
-        "RTS training done: %d steps, final loss %.4f, %.1f s, %.2f images/s",
-        result.steps,
-        result.final_loss,
-        result.wall_s,
-        result.images_per_s,
-    )
+    if ranks.main:
+        logger.info(
+            "RTS training done: %d steps, final loss %.4f, %.1f s, %.2f images/s",
+            result.steps,
+            result.final_loss,
+            result.wall_s,
+            result.images_per_s,
+        )
     return result
 
 
-def _load(dataset: Sequence[Sample], indices: np.ndarray) -> list[Sample]:
-    return [dataset[int(i)] for i in indices]
+def _load_shard(
+    dataset: Sequence[Sample], indices: np.ndarray, ranks: distributed.Ranks
+) -> list[tuple[int, Sample, Sample]]:
+    """This rank's (position, sample, occlusion donor) of one step. The donor is the step's
+    next image (itself when alone), as in a one-process run."""
+    n = len(indices)
+    out = []
+    for position in ranks.shard(n):
+        sample = dataset[int(indices[position])]
+        donor_position = (position + 1) % n
+        donor = sample if donor_position == position else dataset[int(indices[donor_position])]
+        out.append((position, sample, donor))
+    return out
 
 
 def _jsonable(value: Any) -> Any:
@@ -380,6 +418,7 @@ def train_plugins(
     dataset: Sequence[Sample],
     config: TrainConfig | None = None,
     progress: Progress | None = None,
+    ranks: distributed.Ranks | None = None,
 ) -> TrainResult:
     """Train ``model.plugins`` (DSP + DRP) on ``dataset`` with RTS; SAM stays frozen.
 
@@ -388,6 +427,7 @@ def train_plugins(
       dataset: any sequence of ``Sample`` (image (H,W,3) uint8, masks (N,H,W) bool, name).
       config: ``TrainConfig`` (defaults: one epoch, Adam lr 1e-3, 32 prompts per step).
       progress: called as ``progress(step, total_steps, loss)`` after each optimiser step.
+      ranks: this process's share of a ``torchrun`` run (``training.distributed``).
     """
     if model.plugins is None:
         raise ValueError("train_plugins needs a StableSam with plugins (plain SAM given)")
@@ -395,7 +435,7 @@ def train_plugins(
     params = model.trainable_parameters()
     for p in params:
         p.requires_grad_(True)
-    return fit(model, params, dataset, config, progress, modules_to_train=[model.plugins])
+    return fit(model, params, dataset, config, progress, [model.plugins], ranks)
 
 
 __all__ = [

@@ -13,6 +13,16 @@ Variants (``--variant``; the rows of paper Table 5 and the DT-SAM baseline):
   ``dsp``         DSP only (routing fixed to α = (1, 0)), full RTS
   ``dsp-no-rts``  DSP only, clean prompts (GT boxes), no occlusion synthesis
   ``dt-sam``      no plugins; SAM's mask decoder fine-tuned with RTS (lr 1e-4)
+
+``--data``: ``synthetic``, a folder of ``images/`` + ``masks/``, or an HQSeg-44K root
+(``training.hqseg``). As the paper trained (8 GPUs, total batch 32, one epoch of HQSeg-44K)::
+
+    torchrun --nproc_per_node=8 -m training.train --base sam_vit_l_0b3195.pth \\
+        --model-type vit_l --data data/sam-hq --images 0 --batch-prompts 32 --out plugins.safetensors
+
+Under ``torchrun`` the step's images are shared out over the processes and DDP averages the
+gradients (``training.distributed``); ``--images`` replaces ``--n`` there (torchrun's own
+parser takes ``--n`` for one of its options).
 """
 
 from __future__ import annotations
@@ -26,17 +36,23 @@ from pathlib import Path
 import torch
 
 from runtime.logs import configure_logging
+from training import distributed
 from training.baselines import VARIANTS
 from training.data import MaskFolderDataset, Sample
 from training.engine import TrainResult
+from training.hqseg import SUBSET_NAMES, HQSegDataset, is_hqseg_root
 from training.scenes import SceneDataset
 
 
-def load_dataset(data: str, n: int, split: str = "train") -> Sequence[Sample]:
-    """``synthetic`` -> ``n`` synthetic scenes of ``split``; a folder -> ``MaskFolderDataset``."""
+def load_dataset(
+    data: str, n: int, split: str = "train", hqseg_subsets: Sequence[str] | None = None
+) -> Sequence[Sample]:
+    """``synthetic`` -> ``n`` synthetic scenes of ``split``; an HQSeg-44K root ->
+    ``HQSegDataset`` (its ``hqseg_subsets``, default all); another folder ->
+    ``MaskFolderDataset``. ``n`` > 0 keeps the first ``n`` images."""
     if data == "synthetic":
         return SceneDataset(split, n)
-    folder = MaskFolderDataset(data)
+    folder = HQSegDataset(data, hqseg_subsets) if is_hqseg_root(data) else MaskFolderDataset(data)
     return folder if n <= 0 or n >= len(folder) else [folder[i] for i in range(n)]
 
 
@@ -47,7 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--data", default="synthetic", help="'synthetic' or a mask folder (images/, masks/)"
     )
-    parser.add_argument("--n", type=int, default=1000, help="number of training images")
+    # --images under torchrun, whose own parser takes "--n" for an abbreviation of its options.
+    parser.add_argument(
+        "--images", "--n", dest="n", type=int, default=1000, help="number of training images"
+    )
+    parser.add_argument(
+        "--hqseg-subsets",
+        default=None,
+        help=f"with an HQSeg-44K --data root: comma-separated subsets of {','.join(SUBSET_NAMES)}",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output .safetensors")
     parser.add_argument("--variant", choices=tuple(VARIANTS), default="stable")
     parser.add_argument("--epochs", type=int, default=1)
@@ -66,16 +90,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
-    configure_logging("INFO")
     args = parse_args(argv)
+    # Under torchrun: one process per GPU (or CPU share), gradients averaged by DDP.
+    ranks, device = distributed.start(args.device)
+    try:
+        return _run(args, argv, ranks, device)
+    finally:
+        distributed.stop()
+
+
+def _run(
+    args: argparse.Namespace, argv: list[str] | None, ranks: distributed.Ranks, device: str | None
+) -> TrainResult:
+    configure_logging("INFO" if ranks.main else "WARNING")
     if args.threads:
         torch.set_num_threads(args.threads)
     variant = VARIANTS[args.variant]
 
     # Data.
-    dataset = load_dataset(args.data, args.n)
+    subsets = args.hqseg_subsets.split(",") if args.hqseg_subsets else None
+    dataset = load_dataset(args.data, args.n, hqseg_subsets=subsets)
     # Model: a frozen SAM, with fresh plugins (or, for DT-SAM, its decoder to fine-tune).
-    model = variant.build_model(args.model_type, args.base, args.device, seed=args.seed)
+    model = variant.build_model(args.model_type, args.base, device, seed=args.seed)
     # Optimiser and loop: Adam inside the engine's RTS loop.
     config = variant.train_config(
         lr=args.lr,
@@ -84,10 +120,10 @@ def main(argv: list[str] | None = None) -> TrainResult:
         prompts_per_image=args.prompts_per_image,
         seed=args.seed,
         max_steps=args.max_steps,
-        device=args.device,
+        device=device,
     )
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and ranks.main:
         from tqdm import tqdm
 
         bar = tqdm(total=1, unit="step", desc=f"RTS {args.variant}")
@@ -98,7 +134,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(step - bar.n)
 
-    result = variant.train(model, dataset, config, progress)
+    result = variant.train(model, dataset, config, progress, ranks)
     if bar is not None:
         bar.close()
     # Checkpoint: the plugin (or decoder) file with the run's summary in its metadata.
@@ -111,6 +147,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
             "command": "python -m training.train " + " ".join(argv or sys.argv[1:]),
         }
     )
+    if not ranks.main:
+        return result  # every rank holds the same weights: rank 0 writes them
     meta = {"version": args.version or f"{args.variant}-seed{args.seed}"}
     meta["training_summary"] = result.summary
     variant.save(model, args.out, meta)

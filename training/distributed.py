@@ -1,0 +1,119 @@
+"""Data-parallel training over processes started by ``torchrun`` (PyTorch DDP).
+
+``torchrun --nproc_per_node=N -m training.train ...`` starts N processes with ``WORLD_SIZE``,
+``RANK`` and ``LOCAL_RANK`` set; ``start`` joins them into one process group (NCCL on CUDA, one
+GPU per ``LOCAL_RANK``; gloo on CPU). Each step of ``training.engine.fit`` then gives every
+rank its own share of the step's images (``Ranks.shard``): the rank loads, augments and encodes
+only those (frozen encoder, no gradients), decodes their prompts and DistributedDataParallel
+averages the plugins' gradients. The randomness of every image is its own (seeded by run, step
+and position), so N processes compute what one process computes with the same total batch.
+A plain ``python -m training.train`` is a world of one: nothing here changes it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run: ``world`` processes, this one ``rank``."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """The rank that logs, reports progress and writes the output file."""
+        return self.rank == 0
+
+    def shard(self, n: int) -> range:
+        """This rank's positions among ``n`` items of a step (every ``world``-th one)."""
+        return range(self.rank, n, self.world)
+
+    def sum(self, value: float, device: torch.device | str) -> float:
+        """``value`` summed over every rank (itself in a world of one)."""
+        if not self.distributed:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return float(total.item())
+
+
+def from_env() -> Ranks:
+    """The ranks ``torchrun`` set in the environment (a world of one without it)."""
+    return Ranks(
+        world=int(os.environ.get("WORLD_SIZE", "1")),
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def start(device: str | None) -> tuple[Ranks, str | None]:
+    """Join the process group when started by ``torchrun``; returns the ranks and the device
+    this rank trains on (``cuda:LOCAL_RANK`` on a GPU host unless ``device`` says otherwise)."""
+    ranks = from_env()
+    if not ranks.distributed:
+        return ranks, device
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(ranks.local_rank)
+        device = f"cuda:{ranks.local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return ranks, device
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DecodeStep(nn.Module):
+    """The trained part of one decoder pass, as the module DDP wraps.
+
+    Registers only ``trained`` (the plugins, or the mask decoder for DT-SAM), so DDP
+    broadcasts and synchronises those and not the frozen encoder. Every trainable parameter
+    takes part in every forward (``0 * sum``), so a rank whose images have no prompt, or a
+    parameter the loss does not reach (DT-SAM's IoU head), still joins the all-reduce.
+    """
+
+    def __init__(self, model: nn.Module, trained: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.trained = nn.ModuleList(trained)
+        self._model = [model]  # not a submodule: DDP must not own the frozen base
+
+    def forward(
+        self,
+        embedding: Tensor | None,
+        prompts: Sequence[tuple[Tensor, Tensor]] = (),
+        hq: Tensor | None = None,
+    ) -> Tensor:
+        """One image's low-res logits for each (sparse, dense) prompt group, concatenated:
+        one forward per backward, as DDP requires. ``embedding=None``: a zero loss."""
+        touch = sum((p.sum() for p in self.parameters() if p.requires_grad), torch.zeros(()))
+        touch = touch * 0.0
+        if embedding is None:  # nothing to decode on this rank this step
+            return touch
+        model = self._model[0]
+        logits = [model.decode(embedding, s, d, False, hq)[0] for s, d in prompts]
+        return torch.cat(logits) + touch.to(logits[0].device)
+
+
+def wrap(step: DecodeStep, ranks: Ranks, device: torch.device) -> nn.Module:
+    """``step`` in DistributedDataParallel (itself in a world of one)."""
+    if not ranks.distributed:
+        return step
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(step, device_ids=device_ids, broadcast_buffers=False)
