@@ -54,17 +54,9 @@ class PluginVersion:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view (for ``/status`` and reports); ``path`` as a string."""
-        return {
-            "project": self.project,
-            "name": self.name,
-            "path": str(self.path),
-            "created": self.created,
-            "promoted": self.promoted,
-            "metrics": self.metrics,
-            "reason": self.reason,
-            "metadata": self.metadata,
-            "sha256": self.sha256,
-        }
+        view = {"project": self.project, **self.manifest_entry(), "path": str(self.path)}
+        del view["file"]
+        return view
 
     def manifest_entry(self) -> dict[str, Any]:
         """The version as its manifest lists it (the file by name: stores place files)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from bench.processes import (
     RQWorker,
     running_worker,
     settings_env,
-    tiny_mini_checkpoint,
     wait_until,
 )
 from runtime.queue.connection import SERIALIZER
@@ -39,17 +37,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PROJECT = "7"
 RUN_TIMEOUT_S = 240.0
 START = {"action": "START_TRAINING", "project": {"id": int(PROJECT), "title": "p"}}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_mini_checkpoint(tmp_path_factory.mktemp("ckpt") / "mini.pth")
-
-
-@pytest.fixture(scope="module")
-def label_studio() -> Iterator[LabelStudioAPI]:
-    with LabelStudioAPI(project_id=int(PROJECT), n_tasks=5, size=96) as api:
-        yield api
 
 
 @pytest.fixture
