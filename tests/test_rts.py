@@ -141,6 +141,16 @@ def test_tiny_objects_are_not_prompted():
     assert rts.sample_prompts(aug, 4, np.random.default_rng(0), rts.RTSConfig()) == []
 
 
+def test_an_image_without_objects_gets_no_prompts_and_no_occluder():
+    # A mask folder keeps images without any mask (N = 0); training must pass over them.
+    empty = Sample(np.zeros((40, 50, 3), np.uint8), np.zeros((0, 40, 50), bool), "empty")
+    donor = Sample(np.zeros((40, 50, 3), np.uint8), _square((40, 50), 5, 30, 5, 30)[None], "d")
+    config = rts.RTSConfig(occlusion_prob=1.0)
+    aug = rts.augment(empty, donor, 64, np.random.default_rng(0), config)
+    assert aug.masks.shape == (0, 64, 64)
+    assert rts.sample_prompts(aug, 4, np.random.default_rng(0), config) == []
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_large_scale_jitter_keeps_pixels_and_masks_aligned(seed):
     rng = np.random.default_rng(seed)

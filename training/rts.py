@@ -216,7 +216,7 @@ def synthesize_occlusion(
 ) -> AugmentedImage:
     """Paste the donor object (scale-jittered, maybe flipped) so that its centre lies inside the
     box of a randomly chosen target object; see ``paste_object`` for the mask update."""
-    areas = target.masks.reshape(len(target.masks), -1).sum(axis=1)
+    areas = target.masks.sum(axis=(1, 2))  # (N,) even for N = 0, unlike reshape(N, -1)
     candidates = np.flatnonzero(areas >= config.min_target_pixels)
     if candidates.size == 0 or not donor_mask.any():
         return target
@@ -303,7 +303,7 @@ def sample_prompts(
 ) -> list[TargetPrompt]:
     """``n`` prompts for the image's objects (each object at least once when n allows), each
     of a kind drawn from the RTS mix. Objects under ``min_target_pixels`` are skipped."""
-    areas = aug.masks.reshape(len(aug.masks), -1).sum(axis=1)
+    areas = aug.masks.sum(axis=(1, 2))
     valid = np.flatnonzero(areas >= config.min_target_pixels)
     if valid.size == 0 or n <= 0:
         return []
