@@ -5,7 +5,7 @@ float tolerance, and so do the recorded losses.
 The runs: 9 synthetic scenes, 4 images (32 prompts) per step, so 3 steps whose last has one
 image (rank 1 has nothing to decode there and must still join the all-reduce). Measured: the
 largest difference of any trained value is ~2e-6 (values up to ~1); a rank training on the
-wrong share of a step moved them by 5.7e-3, a loss not scaled back by the world size by 3.7e-4
+wrong share of a step moved them by 5.7e-3 (strided shards then), a loss not scaled back by the world size by 3.7e-4
 (both checked by breaking the code).
 """
 
@@ -70,11 +70,23 @@ def test_two_gloo_processes_train_what_one_process_trains(tmp_path: Path, varian
         assert sb[key] == pytest.approx(sa[key], rel=1e-4), key
 
 
-def test_each_rank_takes_every_world_th_position_of_a_step() -> None:
+def test_each_rank_takes_a_block_of_a_step_and_loads_one_image_past_it() -> None:
     from training.distributed import Ranks
+    from training.engine import _load_shard
 
-    # Positions of a 4-image step: one process takes all, two take the even / odd ones.
+    # Positions of a step: one process takes all, the ranks split them into blocks.
     assert list(Ranks().shard(4)) == [0, 1, 2, 3]
-    assert [list(Ranks(world=2, rank=r).shard(4)) for r in (0, 1)] == [[0, 2], [1, 3]]
+    assert [list(Ranks(world=2, rank=r).shard(4)) for r in (0, 1)] == [[0, 1], [2, 3]]
+    assert [list(Ranks(world=3, rank=r).shard(4)) for r in (0, 1, 2)] == [[0, 1], [2], [3]]
     assert [list(Ranks(world=2, rank=r).shard(1)) for r in (0, 1)] == [[0], []]
+    reads: list[int] = []
+
+    class Counting(list):
+        def __getitem__(self, i):  # type: ignore[override]
+            reads.append(i)
+            return f"sample{i}"
+
+    shard = _load_shard(Counting(range(10)), [7, 3, 5, 1], Ranks(world=2, rank=0))
+    assert shard == [(0, "sample7", "sample3"), (1, "sample3", "sample5")]
+    assert sorted(reads) == [3, 5, 7]  # each image read once
     assert Ranks().sum(2.5, "cpu") == 2.5  # a world of one needs no process group

@@ -39,8 +39,13 @@ class Ranks:
         return self.rank == 0
 
     def shard(self, n: int) -> range:
-        """This rank's positions among ``n`` items of a step (every ``world``-th one)."""
-        return range(self.rank, n, self.world)
+        """This rank's positions among a step's ``n`` images: a contiguous block, one longer on
+        the first ``n % world`` ranks, empty on some when ``n < world``. Contiguous because an
+        image's occlusion donor is the step's next image: a block loads one image past itself,
+        where every ``world``-th position would load twice its share."""
+        size, longer = divmod(n, self.world)
+        first = self.rank * size + min(self.rank, longer)
+        return range(first, first + size + (self.rank < longer))
 
     def sum(self, value: float, device: torch.device | str) -> float:
         """``value`` summed over every rank (itself in a world of one)."""

@@ -396,13 +396,15 @@ def _load_shard(
     """This rank's (position, sample, occlusion donor) of one step. The donor is the step's
     next image (itself when alone), as in a one-process run."""
     n = len(indices)
-    out = []
-    for position in ranks.shard(n):
-        sample = dataset[int(indices[position])]
-        donor_position = (position + 1) % n
-        donor = sample if donor_position == position else dataset[int(indices[donor_position])]
-        out.append((position, sample, donor))
-    return out
+    positions = ranks.shard(n)
+    loaded: dict[int, Sample] = {}
+
+    def load(position: int) -> Sample:
+        if position not in loaded:
+            loaded[position] = dataset[int(indices[position])]
+        return loaded[position]
+
+    return [(p, load(p), load((p + 1) % n)) for p in positions]
 
 
 def _jsonable(value: Any) -> Any:
