@@ -310,6 +310,16 @@ def fit(
             model.device,
             ranks.world,
         )
+    if ranks.main and ranks.world > per_step:
+        logger.warning(
+            "%d processes but %d images per step (%d prompts, %d per image): %d processes "
+            "idle every step; lower --prompts-per-image",
+            ranks.world,
+            per_step,
+            config.batch_prompts,
+            config.prompts_per_image,
+            ranks.world - per_step,
+        )
     # Step plan: one shuffled pass per epoch, cut into groups of ``per_step`` images; the same
     # on every rank, which takes its positions of each step (and their occlusion donors).
     plan = [

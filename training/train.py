@@ -18,7 +18,7 @@ Variants (``--variant``; the rows of paper Table 5 and the DT-SAM baseline):
 (``training.hqseg``). As the paper trained (8 GPUs, total batch 32, one epoch of HQSeg-44K)::
 
     torchrun --nproc_per_node=8 -m training.train --base sam_vit_l_0b3195.pth \\
-        --model-type vit_l --data data/sam-hq --images 0 --batch-prompts 32 --out plugins.safetensors
+        --model-type vit_l --data data/sam-hq --images 0 --batch-prompts 32 --prompts-per-image 4 --out plugins.safetensors
 
 Under ``torchrun`` the step's images are shared out over the processes and DDP averages the
 gradients (``training.distributed``); ``--images`` replaces ``--n`` there (torchrun's own
