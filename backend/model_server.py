@@ -143,7 +143,16 @@ class ModelServer:
 
     def plugins_for(self, project: str | None) -> PluginChoice:
         """The project's newest promoted plugins (cached by file), else the default ones."""
-        version = self.current_version(project)
+        try:
+            return self._plugins_of(self.current_version(project), project)
+        except FileNotFoundError:
+            # Pruned between reading the manifest and opening the file (a newer version was
+            # promoted meanwhile): the manifest read again names it.
+            return self._plugins_of(self.current_version(project), project, retry=False)
+
+    def _plugins_of(
+        self, version: PluginVersion | None, project: str | None, retry: bool = True
+    ) -> PluginChoice:
         if version is None:
             return PluginChoice(None, self.spec.version)
         from stable_sam import read_plugins
@@ -164,11 +173,18 @@ class ModelServer:
                     self._plugin_cache[key] = plugins
                 logger.info("project %s: serving plugin version %s", project, version.name)
             return PluginChoice(plugins, version.name)
+        except FileNotFoundError:
+            if retry:
+                raise
+            return self._unusable(version, project, "its file is gone")
         except (OSError, ValueError, KeyError) as exc:  # PluginMismatchError is a ValueError
-            logger.error(
-                "project %s: plugin version %s unusable (%s); serving the default plugins",
-                project,
-                version.name,
-                exc,
-            )
-            return PluginChoice(None, self.spec.version)
+            return self._unusable(version, project, str(exc))
+
+    def _unusable(self, version: PluginVersion, project: str | None, why: str) -> PluginChoice:
+        logger.error(
+            "project %s: plugin version %s unusable (%s); serving the default plugins",
+            project,
+            version.name,
+            why,
+        )
+        return PluginChoice(None, self.spec.version)

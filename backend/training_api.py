@@ -11,6 +11,7 @@ offending field, never its value.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any
@@ -52,6 +53,10 @@ def _redis_down(settings: Settings, exc: Exception) -> JSONResponse:
 def _versions_down(exc: VersionStoreUnavailableError) -> JSONResponse:
     logger.error("%s", exc)
     return error_response(503, "versions_unavailable", f"{exc}; ask again when it is back")
+
+
+def _versions_malformed(exc: ValueError) -> JSONResponse:
+    return error_response(502, "versions_malformed", str(exc))
 
 
 def _version_view(version: PluginVersion | None) -> dict[str, Any] | None:
@@ -119,9 +124,17 @@ def build_training_router(settings: Settings, connection: redis.Redis | None = N
         if project is not None and key is None:
             return error_response(400, "invalid_request", "project: must be a numeric project id")
         try:
-            return JSONResponse({"versions": [v.name for v in store.list(key)]})
+            if key is not None:
+                return JSONResponse({"versions": [v.name for v in store.list(key)]})
+            names = []
+            for project_key in store.projects():  # one malformed project hides only itself
+                with contextlib.suppress(ValueError):
+                    names.extend(v.name for v in store.list(project_key))
+            return JSONResponse({"versions": names})
         except VersionStoreUnavailableError as exc:
             return _versions_down(exc)
+        except ValueError as exc:
+            return _versions_malformed(exc)
 
     @router.get("/status")
     def status_all() -> JSONResponse:
@@ -158,6 +171,10 @@ def _project_status(
     status: TrainingStatus, store: VersionStore, conversions: Conversions, project: str
 ) -> dict[str, Any]:
     view = status.status(project)
-    view["current_version"] = _version_view(store.current(project))
+    try:
+        view["current_version"] = _version_view(store.current(project))
+    except ValueError as exc:  # a malformed manifest: this project's view says so, no 500
+        view["current_version"] = None
+        view["versions_error"] = str(exc)
     view["conversion"] = conversions.latest(project)
     return view

@@ -15,6 +15,7 @@ Label Studio's API is the loopback stand-in of ``bench.label_studio_api``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -184,9 +185,17 @@ class AppServer:
     Its settings come from ``settings`` through the environment, exactly as in production.
     """
 
-    def __init__(self, settings: Any, log_path: Path, root: Path = REPO_ROOT) -> None:
-        """``root``: the checkout whose code runs (another one for a before/after comparison)."""
+    def __init__(
+        self,
+        settings: Any,
+        log_path: Path,
+        root: Path = REPO_ROOT,
+        auth: tuple[str, str] | None = None,
+    ) -> None:
+        """``root``: the checkout whose code runs (another one for a before/after comparison);
+        ``auth``: the basic-auth pair its ``/health`` needs, when ``settings`` set one."""
         self.port = free_port()
+        self.auth = auth
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "uvicorn", "backend.app:create_app", "--factory"]
@@ -206,7 +215,7 @@ class AppServer:
         if self.process.poll() is not None:
             raise AssertionError(f"the app exited:\n{self.log_tail()}")
         try:
-            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+            return httpx.get(f"{self.url}/health", auth=self.auth, timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -295,16 +304,27 @@ class RedisServer:
 
 class ReplicaProxy:
     """HAProxy with the deployment's own ``deploy/haproxy.cfg`` in front of backend replicas
-    ``replicas`` ("host:port" each, as REPLICA_A, REPLICA_B), on a free loopback port."""
+    ``replicas`` ("host:port" each, as REPLICA_A, REPLICA_B), on a free loopback port;
+    ``auth``: the replicas' basic-auth (user, password), for the health checks as compose
+    passes it."""
 
-    def __init__(self, replicas: Sequence[str], log_path: Path, root: Path = REPO_ROOT) -> None:
+    def __init__(
+        self,
+        replicas: Sequence[str],
+        log_path: Path,
+        auth: tuple[str, str] | None = None,
+        root: Path = REPO_ROOT,
+    ) -> None:
         binary = shutil.which("haproxy")
         if binary is None:
             raise AssertionError("haproxy is not installed (scripts/test.sh installs it)")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.auth = auth
+        login = base64.b64encode(":".join(auth or ("", "")).encode()).decode()
         env = {"PATH": os.environ.get("PATH", ""), "PROXY_BIND": f"127.0.0.1:{self.port}"}
+        env["HEALTH_AUTH"] = login
         env |= {f"REPLICA_{chr(ord('A') + i)}": r for i, r in enumerate(replicas)}
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in __exit__
         self.process = subprocess.Popen(
@@ -320,7 +340,7 @@ class ReplicaProxy:
             text = self.log_path.read_text(errors="replace")
             raise AssertionError(f"haproxy exited:\n{text[-3000:]}")
         try:
-            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+            return httpx.get(f"{self.url}/health", auth=self.auth, timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 

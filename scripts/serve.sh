@@ -121,7 +121,7 @@ pidfile $pidfile
 logfile $redis_dir/redis-$SERVE_REDIS_PORT.log
 dir $redis_dir
 save ""
-appendonly no
+appendonly $([[ "${VERSIONS_STORE:-local}" == redis ]] && echo yes || echo no)
 EOF
 )
         chmod 600 "$conf"

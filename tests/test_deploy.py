@@ -21,9 +21,22 @@ def _compose() -> dict:
 
 def test_the_proxy_service_sets_every_variable_the_config_reads() -> None:
     config = (ROOT / "deploy" / "haproxy.cfg").read_text()
-    used = set(re.findall(r'"\$\{([A-Z_]+)\}"', config))
+    used = set(re.findall(r"\$\{([A-Z_]+)\}", config))
     proxy = _compose()["services"]["proxy"]
-    assert set(proxy["environment"]) == used
+    # HEALTH_AUTH is made at start from the basic-auth pair, which the backends get too.
+    assert used == {"PROXY_BIND", "REPLICA_A", "REPLICA_B", "HEALTH_AUTH"}
+    assert set(proxy["environment"]) == used - {"HEALTH_AUTH"} | {
+        "BASIC_AUTH_USER",
+        "BASIC_AUTH_PASS",
+    }
+    command = " ".join(proxy["command"])
+    assert (
+        'HEALTH_AUTH="$$(printf' in command and '"$$BASIC_AUTH_USER" "$$BASIC_AUTH_PASS"' in command
+    )
+    assert "exec haproxy" in command and "/usr/local/etc/haproxy/haproxy.cfg" in command
+    backend_env = _compose()["x-backend-env"]
+    assert proxy["environment"]["BASIC_AUTH_USER"] == backend_env["BASIC_AUTH_USER"]
+    assert proxy["environment"]["BASIC_AUTH_PASS"] == backend_env["BASIC_AUTH_PASS"]
     assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in proxy["volumes"]
 
 
@@ -45,7 +58,7 @@ def test_every_replica_the_proxy_names_is_a_backend_service_on_its_port() -> Non
 def test_haproxy_accepts_the_config_with_the_compose_values() -> None:
     binary = shutil.which("haproxy")
     assert binary is not None, "haproxy is not installed (scripts/test.sh installs it)"
-    env = dict(_compose()["services"]["proxy"]["environment"])
+    env = dict(_compose()["services"]["proxy"]["environment"], HEALTH_AUTH="dTpw")
     # The service names resolve only inside compose's network: the same ports on loopback.
     for key in ("REPLICA_A", "REPLICA_B"):
         env[key] = "127.0.0.1:" + env[key].split(":")[1]

@@ -77,3 +77,16 @@ def test_train_reads_an_hqseg_root_and_an_images_masks_folder(tmp_path: Path) ->
     (tmp_path / "plain" / "images").mkdir(parents=True)
     assert not is_hqseg_root(tmp_path / "plain")
     assert not isinstance(load_dataset(str(tmp_path / "plain"), 0), HQSegDataset)
+
+
+def test_a_number_of_images_is_spread_over_every_source_not_the_first_ones(
+    tmp_path: Path,
+) -> None:
+    for i in range(6):
+        _write(tmp_path, "DIS5K-TR", f"d{i}")
+        _write(tmp_path, "MSRA10K", f"m{i}")
+    chosen = load_dataset(str(tmp_path), 4)
+    names = [chosen[i].name.split("/")[0] for i in range(len(chosen))]
+    assert len(names) == 4
+    assert set(names) == {"DIS5K-TR", "MSRA10K"}
+    assert not isinstance(chosen, list)  # a lazy view: nothing read until asked

@@ -53,7 +53,25 @@ def load_dataset(
     if data == "synthetic":
         return SceneDataset(split, n)
     folder = HQSegDataset(data, hqseg_subsets) if is_hqseg_root(data) else MaskFolderDataset(data)
-    return folder if n <= 0 or n >= len(folder) else [folder[i] for i in range(n)]
+    if n <= 0 or n >= len(folder):
+        return folder
+    # Spread over the whole folder (HQSeg-44K lists its sources one after the other), read
+    # lazily: every torchrun rank holds only the indices.
+    return Spread(folder, n)
+
+
+class Spread(Sequence[Sample]):
+    """``n`` items of ``data`` evenly spaced from its first to its last, read on access."""
+
+    def __init__(self, data: Sequence[Sample], n: int) -> None:
+        self.data = data
+        self.indices = sorted({round(i * (len(data) - 1) / max(1, n - 1)) for i in range(n)})
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
+        return self.data[self.indices[index]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,6 +11,7 @@ names), prune by the same rule, and never reuse a name.
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from labelstudio.errors import quoted
 from runtime.project_ids import normalize_project_id
 
 PLUGIN_SUFFIX = ".safetensors"
+_NAME = re.compile(r"stable-sam-p[0-9]+-v[0-9]{1,12}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Validation metrics written before the training job named its prompt kinds as the evaluation
 # protocol does (``training.evaluation``: points_1, not 1_point); read with today's names.
 _RENAMED_METRICS = {"miou_1_point": "miou_points_1", "miou_3_points": "miou_points_3"}
@@ -73,20 +76,52 @@ class PluginVersion:
 
     @classmethod
     def from_manifest_entry(
-        cls, project: str, entry: dict[str, Any], folder: Path
+        cls, project: str, entry: Any, folder: Path, file: str | None = None
     ) -> PluginVersion:
-        """The version a manifest entry describes, its file under ``folder``."""
+        """The version a manifest entry describes, its file ``file`` (default: the entry's own
+        ``file``, a plain file name) under ``folder``. ``ValueError`` naming what is wrong for
+        an entry that is not what ``manifest_entry`` writes."""
+        if not isinstance(entry, dict):
+            raise ValueError(f"a version entry must be an object, got {type(entry).__name__}")
+        name = entry.get("name")
+        if (
+            not isinstance(name, str)
+            or not _NAME.fullmatch(name)
+            or not name.startswith(f"stable-sam-p{project}-v")
+        ):
+            raise ValueError(f"version name {quoted(str(name))} is not one of project {project}")
+        sha256 = entry.get("sha256", "")
+        if not isinstance(sha256, str) or (sha256 and not _SHA256.fullmatch(sha256)):
+            raise ValueError(f"version {name}: sha256 is not 64 hex digits")
+        if file is None:
+            file = entry.get("file")
+            if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+                raise ValueError(f"version {name}: file must be a plain file name")
+        for key in ("metrics", "metadata"):
+            if not isinstance(entry.get(key, {}), dict):
+                raise ValueError(f"version {name}: {key} must be an object")
+        if not isinstance(entry.get("created"), str):
+            raise ValueError(f"version {name}: created must be a string")
         return cls(
             project=project,
-            name=entry["name"],
-            path=folder / entry["file"],
+            name=name,
+            path=folder / file,
             created=entry["created"],
-            promoted=bool(entry["promoted"]),
+            promoted=bool(entry.get("promoted")),
             metrics=_current_metric_names(entry.get("metrics", {})),
             reason=str(entry.get("reason", "")),
             metadata=dict(entry.get("metadata", {})),
-            sha256=str(entry.get("sha256", "")),
+            sha256=sha256,
         )
+
+
+def next_sequence_of(data: Any) -> int:
+    """A manifest's ``next_sequence``: a positive integer (JSON also allows 1e400 or
+    Infinity, which Python reads as floats), else ``ValueError``."""
+    value = data.get("next_sequence") if isinstance(data, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 10**12:
+        raise ValueError(f"next_sequence must be a positive integer, got {quoted(str(value))}")
+    return value
 
 
 def version_name(project: str, sequence: int) -> str:

@@ -36,6 +36,7 @@ from runtime.versions.base import (
     VersionStore,
     check_project,
     file_sha256,
+    next_sequence_of,
     version_name,
 )
 from runtime.versions.files import atomic_write_bytes, delete_files
@@ -96,12 +97,19 @@ class LocalVersionStore(VersionStore):
             if cached is not None and cached.stamp == stamp:
                 return cached
         # os.replace swaps the whole file, so this read sees one complete manifest.
-        data = json.loads(path.read_text(encoding="utf-8"))
-        versions = [
-            PluginVersion.from_manifest_entry(project, entry, path.parent)
-            for entry in data.get("versions", [])
-        ]
-        loaded = _CachedManifest(stamp, versions, int(data.get("next_sequence", len(versions) + 1)))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            entries = data.get("versions", []) if isinstance(data, dict) else None
+            if not isinstance(entries, list):
+                raise ValueError("versions must be a list")
+            versions = [
+                PluginVersion.from_manifest_entry(project, entry, path.parent) for entry in entries
+            ]
+            if "next_sequence" not in data:  # manifests before it was recorded
+                data["next_sequence"] = len(versions) + 1
+            loaded = _CachedManifest(stamp, versions, next_sequence_of(data))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"the versions manifest {path} is malformed: {exc}") from exc
         with self._cache_lock:
             self._cache[project] = loaded
         return loaded

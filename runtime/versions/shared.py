@@ -21,6 +21,7 @@ after ``RETRY_AFTER_S``), so predictions go on with the versions they had.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -32,6 +33,7 @@ from typing import Any
 
 import redis
 
+from labelstudio.errors import quoted
 from runtime.project_ids import normalize_project_id
 from runtime.queue.connection import MALFORMED, transaction
 from runtime.versions.base import (
@@ -41,16 +43,20 @@ from runtime.versions.base import (
     VersionStoreUnavailableError,
     check_project,
     file_sha256,
+    next_sequence_of,
     version_name,
 )
-from runtime.versions.files import atomic_write_bytes, delete_files
+from runtime.versions.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "stable-sam:versions"
 PROJECTS_KEY = f"{PREFIX}:projects"
-# A plugin file larger than this is refused (ours are ~330 KB; Redis strings stop at 512 MB).
+# A plugin file larger than this is refused, written or read (ours are ~330 KB); a manifest
+# larger than this is malformed (one of 5 versions is ~2 KB). Reads fetch at most one byte
+# more, so whoever can write Redis cannot make a host download more.
 MAX_PLUGIN_BYTES = 64 * 1024 * 1024
+MAX_MANIFEST_BYTES = 1024 * 1024
 # After Redis failed to answer, serve what was read before for this long before asking again.
 RETRY_AFTER_S = 5.0
 
@@ -68,6 +74,12 @@ class _Manifest:
     raw: bytes | None
     versions: list[PluginVersion]
     next_sequence: int
+    error: ValueError | None = None  # a malformed manifest: raised again until it changes
+
+
+def copy_name(name: str, sha256: str) -> str:
+    """This host's file name for the copy of version ``name`` (checked names only)."""
+    return f"{name}-{sha256[:12]}{PLUGIN_SUFFIX}"
 
 
 def _sequence(file_name: str) -> int | None:
@@ -89,6 +101,9 @@ class RedisVersionStore(VersionStore):
         self._seen: dict[str, _Manifest] = {}
         self._lock = threading.Lock()
         self._down_until = 0.0
+        # (project, name, sha256) -> (monotonic time to try again, the error): a file that
+        # could not be fetched is not downloaded again on every request.
+        self._failed_files: dict[tuple[str, str, str], tuple[float, Exception]] = {}
 
     def _unavailable(self, exc: Exception) -> VersionStoreUnavailableError:
         kwargs = self._redis.connection_pool.connection_kwargs
@@ -100,10 +115,29 @@ class RedisVersionStore(VersionStore):
     # --- reading -------------------------------------------------------------------------
 
     def _versions(self, project: str) -> list[PluginVersion]:
-        return list(self._load(project).versions)
+        manifest = self._load(project)
+        if manifest.error is not None:
+            raise manifest.error
+        return list(manifest.versions)
+
+    def _get_bounded(self, key: str, limit: int, what: str) -> bytes | None:
+        """The value of ``key`` (``None`` if absent), refused (``ValueError``) when over
+        ``limit`` bytes without fetching more than ``limit + 1``."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(key)
+            pipe.getrange(key, 0, limit)
+            exists, data = pipe.execute()
+        if not exists:
+            return None
+        if len(data) > limit:
+            raise ValueError(f"{what} in Redis is over {limit} bytes")
+        return data
 
     def next_name(self, project: str) -> str:
-        return version_name(project, self._load(check_project(project)).next_sequence)
+        manifest = self._load(check_project(project))
+        if manifest.error is not None:
+            raise manifest.error
+        return version_name(project, manifest.next_sequence)
 
     def projects(self) -> list[str]:
         try:
@@ -119,7 +153,11 @@ class RedisVersionStore(VersionStore):
             if seen is not None and time.monotonic() < self._down_until:
                 return seen
         try:
-            raw = self._redis.get(manifest_key(project))
+            raw = self._get_bounded(
+                manifest_key(project), MAX_MANIFEST_BYTES, f"the manifest of project {project}"
+            )
+        except ValueError as exc:
+            raw, error = b"", exc
         except redis.RedisError as exc:
             with self._lock:
                 first_failure = time.monotonic() >= self._down_until
@@ -129,9 +167,18 @@ class RedisVersionStore(VersionStore):
             if first_failure:
                 logger.warning("%s; serving the versions read before", self._unavailable(exc))
             return seen
+        else:
+            error = None
         if seen is not None and seen.raw == raw:
             return seen
-        parsed = self._parse(project, raw)
+        if error is not None:
+            parsed = _Manifest(raw, [], 1, error)
+        else:
+            try:
+                parsed = self._parse(project, raw)
+            except ValueError as exc:
+                logger.error("%s", exc)
+                parsed = _Manifest(raw, [], 1, exc)
         with self._lock:
             self._seen[project] = parsed
         return parsed
@@ -141,54 +188,81 @@ class RedisVersionStore(VersionStore):
             return _Manifest(None, [], 1)
         try:
             data = json.loads(raw)
-            versions = [
-                PluginVersion.from_manifest_entry(project, entry, self.cache_dir / project)
-                for entry in data["versions"]
-            ]
-            return _Manifest(raw, versions, int(data["next_sequence"]))
-        except MALFORMED as exc:
+            entries = data.get("versions") if isinstance(data, dict) else None
+            if not isinstance(entries, list):
+                raise ValueError("versions must be a list")
+            versions = []
+            for entry in entries:
+                # The copy's name is this host's, from the checked name and hash, never the
+                # entry's "file": whoever writes Redis does not choose a path here.
+                sha = entry.get("sha256") if isinstance(entry, dict) else None
+                name = entry.get("name") if isinstance(entry, dict) else None
+                if not isinstance(sha, str) or not sha:
+                    raise ValueError(f"version {quoted(str(name))} has no sha256")
+                version = PluginVersion.from_manifest_entry(
+                    project, entry, self.cache_dir / project, file=copy_name(str(name), sha)
+                )
+                versions.append(version)
+            return _Manifest(raw, versions, next_sequence_of(data))
+        except (*MALFORMED, OverflowError) as exc:
             raise ValueError(
                 f"the versions manifest of project {project} in Redis is malformed: {exc}"
             ) from exc
 
     def plugin_file(self, version: PluginVersion) -> Path:
-        path = self.cache_dir / check_project(version.project) / version.path.name
+        project = check_project(version.project)
+        path = self.cache_dir / project / copy_name(version.name, version.sha256)
         if path.is_file():
             return path
+        key = (project, version.name, version.sha256)
+        with self._lock:
+            failed = self._failed_files.get(key)
+        if failed is not None and time.monotonic() < failed[0]:
+            raise failed[1]
         try:
-            data = self._redis.get(file_key(version.project, version.name))
+            data = self._get_bounded(
+                file_key(project, version.name), MAX_PLUGIN_BYTES, f"the file of {version.name}"
+            )
+            if data is None:
+                raise FileNotFoundError(f"plugin file of version {version.name} is gone (pruned?)")
+            if file_sha256(data) != version.sha256:
+                raise ValueError(
+                    f"plugin file of version {version.name} in Redis does not match its "
+                    "manifest's SHA-256"
+                )
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
-        if data is None:
-            raise FileNotFoundError(f"plugin file of version {version.name} is gone (pruned?)")
-        if file_sha256(data) != version.sha256:
-            raise ValueError(
-                f"plugin file of version {version.name} in Redis does not match its manifest's "
-                "SHA-256"
-            )
+        except (ValueError, FileNotFoundError) as exc:
+            with self._lock:
+                self._failed_files = {
+                    k: v for k, v in self._failed_files.items() if v[0] > time.monotonic()
+                }
+                self._failed_files[key] = (time.monotonic() + RETRY_AFTER_S, exc)
+            raise
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
-        self._prune_cache(version.project)
+        self._prune_cache(project)
         return path
 
     def _prune_cache(self, project: str) -> None:
-        """Delete this host's copies of versions the manifest no longer lists. Copies newer
-        than the manifest read last (another process of this host may have just fetched
-        one) are left alone, and so are temp files (their writer may be mid-write)."""
-        listed = self._load(project).versions
-        if not listed:
-            return
-        newest = max(_sequence(v.path.name) or 0 for v in listed)
+        """Delete this host's copies of versions the manifest no longer lists, and anything
+        else in the folder but temp files (their writer may be mid-write). Copies newer than
+        the manifest read last (another process of this host may have just fetched one) are
+        left alone."""
+        manifest = self._load(project)
         folder = self.cache_dir / project
-        if not folder.is_dir():
+        if manifest.error is not None or not manifest.versions or not folder.is_dir():
             return
-        keep = {v.path.name for v in listed}
-        keep |= {
-            p.name
-            for p in folder.glob(f"*{PLUGIN_SUFFIX}")
-            if (_sequence(p.name) or newest + 1) > newest
-        }
-        delete_files(folder, PLUGIN_SUFFIX, keep, temp_files=False)
+        newest = max(_sequence(v.path.name) or 0 for v in manifest.versions)
+        keep = {v.path.name for v in manifest.versions}
+        for path in folder.iterdir():
+            sequence = _sequence(path.name) if path.suffix == PLUGIN_SUFFIX else None
+            temp = path.name.startswith(".") and path.name.endswith(".tmp")
+            if path.name in keep or temp or (sequence is not None and sequence > newest):
+                continue
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+                path.unlink()
+                logger.info("pruned %s", path)
 
     # --- writing -------------------------------------------------------------------------
 
@@ -222,7 +296,7 @@ class RedisVersionStore(VersionStore):
             version = PluginVersion(
                 project=project,
                 name=name,
-                path=self.cache_dir / project / f"{name}-{sha256[:12]}{PLUGIN_SUFFIX}",
+                path=self.cache_dir / project / copy_name(name, sha256),
                 created=created,
                 promoted=bool(promote),
                 metrics=dict(metrics),

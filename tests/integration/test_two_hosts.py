@@ -9,12 +9,14 @@ trainer on a seeded random ``mini`` SAM; Label Studio's API is the loopback stan
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from pydantic import SecretStr
 from rq.job import Job, JobStatus
 
 from bench.label_studio_api import LEGACY_TOKEN, LabelStudioAPI
@@ -224,3 +226,32 @@ def test_the_proxy_sends_every_click_of_a_task_to_one_replica_and_fails_over(
             # b's own tasks stayed where they were (consistent hashing).
             for task in (t for t, name in on.items() if name == "b"):
                 assert click(proxy.url, task).headers["x-served-by"] == "b"
+
+
+def test_the_proxy_s_health_checks_log_in_when_the_replicas_use_basic_auth(
+    hosts: dict[str, Settings], tmp_path: Path
+) -> None:
+    """The backends guard /health too: checks without credentials would mark every replica
+    down and the proxy would answer 503 to everything."""
+    auth = ("annotator", "s3cret-pass")
+    guarded = {
+        host: settings.model_copy(
+            update={"basic_auth_user": auth[0], "basic_auth_pass": SecretStr(auth[1])}
+        )
+        for host, settings in hosts.items()
+    }
+    with (
+        AppServer(guarded["a"], tmp_path / "app-a.log", auth=auth) as app_a,
+        AppServer(guarded["b"], tmp_path / "app-b.log", auth=auth) as app_b,
+    ):
+        assert httpx.get(f"{app_a.url}/health").status_code == 401  # guarded indeed
+        replicas = [f"127.0.0.1:{app.port}" for app in (app_a, app_b)]
+        with ReplicaProxy(replicas, tmp_path / "haproxy.log", auth=auth) as proxy:
+            # HAProxy starts servers up and marks them down after "fall 2" failed checks
+            # "inter 2s" apart: past that, only replicas whose checks pass still serve.
+            time.sleep(5.5)
+            seen = {
+                httpx.get(f"{proxy.url}/health", auth=auth).headers["x-served-by"] for _ in range(4)
+            }
+            assert seen == {"a", "b"}  # both replicas are up for the proxy
+            assert httpx.get(f"{proxy.url}/health").status_code == 401
