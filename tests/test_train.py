@@ -210,3 +210,64 @@ def test_building_a_seeded_variant_leaves_the_callers_generator_alone(base_file)
     torch.manual_seed(11)
     VARIANTS["stable"].build_model("mini", base_file, "cpu", seed=0)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_pt_sam_trains_only_the_tokens_and_round_trips_strictly(base_file, tmp_path):
+    from training.baselines import PT_SAM_TOKENS, load_tokens, save_tokens, train_pt_sam
+
+    model = build_stable_sam("mini", base_file, plugins=False, device="cpu")
+    before = {k: v.clone() for k, v in model.sam.state_dict().items()}
+    cfg = TrainConfig(lr=1e-3, batch_prompts=8, prompts_per_image=4, epochs=4, seed=1)
+    result = train_pt_sam(model, _tiny_dataset(2), cfg)
+    assert result.steps == 4
+    after = model.sam.state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    # Every token RTS's prompts use moved, the prompt encoder's too; RTS draws no negative
+    # clicks, so the negative-point embedding has no gradient and stays SAM's.
+    assert changed == set(PT_SAM_TOKENS) - {"prompt_encoder.point_embeddings.0.weight"}
+    assert not any(p.requires_grad for p in model.sam.parameters())  # ... nothing else did
+
+    path = save_tokens(model, tmp_path / "pt.safetensors", {"training_summary": result.summary})
+    assert set(load_file(str(path))) == set(PT_SAM_TOKENS)
+    fresh = build_stable_sam("mini", base_file, plugins=False, device="cpu")
+    load_tokens(fresh, path)
+    assert all(torch.equal(v, after[k]) for k, v in fresh.sam.state_dict().items())
+    # Strict: a file missing a token, or with one of another shape, is refused.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    state = load_file(str(path))
+    del state[PT_SAM_TOKENS[0]]
+    save_file(state, str(tmp_path / "missing.safetensors"), header)
+    with pytest.raises(ValueError, match="missing"):
+        load_tokens(fresh, tmp_path / "missing.safetensors")
+    state = load_file(str(path))
+    state["mask_decoder.mask_tokens.weight"] = torch.zeros(3, 256)
+    save_file(state, str(tmp_path / "shape.safetensors"), header)
+    with pytest.raises(ValueError, match="mask_tokens"):
+        load_tokens(fresh, tmp_path / "shape.safetensors")
+
+
+def test_pt_sam_at_its_initial_tokens_is_plain_sam(base_file):
+    """PT-SAM starts from SAM's own tokens (no new parameters): its output is SAM's, bit for
+    bit, before training; the step's gradient reaches the prompt encoder's tokens."""
+    from training.baselines import PT_SAM_TOKENS, pt_sam_parameters
+
+    sam = build_stable_sam("mini", base_file, plugins=False, device="cpu")
+    pt = build_stable_sam("mini", base_file, plugins=False, device="cpu")
+    for p in pt_sam_parameters(pt):
+        p.requires_grad_(True)
+    aug = rts.augment(
+        _tiny_dataset(1)[0], None, sam.image_size, np.random.default_rng(0), rts.RTSConfig()
+    )
+    prompts = rts.sample_prompts(aug, 4, np.random.default_rng(1), rts.RTSConfig())
+    with torch.no_grad():
+        a, _ = step_loss(sam, [aug], [prompts], 0.25, backward=False)
+    b, _ = step_loss(pt, [aug], [prompts], 0.25, backward=True)
+    assert a == b
+    grads = {name: p.grad for name, p in zip(PT_SAM_TOKENS, pt_sam_parameters(pt), strict=True)}
+    reached = {name for name, g in grads.items() if g is not None and g.abs().sum() > 0}
+    assert {"mask_decoder.iou_token.weight", "mask_decoder.mask_tokens.weight"} <= reached
+    assert any(name.startswith("prompt_encoder.") for name in reached), reached

@@ -321,7 +321,15 @@ def test_models_from_names_sam_hq_sam_and_project_versions(tmp_path):
     store = LocalVersionStore(tmp_path / "versions")
     version = store.write("7", plugin_file, {}, {}, promote=True, reason="test")
     project_dir = tmp_path / "versions" / "7"  # means: project 7's current version
-    names = ["sam", "hq-sam", f"project:{plugin_file}", f"project:{project_dir}"]
+    from training.baselines import save_decoder, save_tokens
+
+    plain = build_stable_sam("mini", base, plugins=False, device="cpu")
+    with torch.no_grad():
+        plain.sam.mask_decoder.mask_tokens.weight.add_(0.5)  # as if trained
+    save_decoder(plain, tmp_path / "dt.safetensors")
+    save_tokens(plain, tmp_path / "pt.safetensors")
+    baselines = [f"dt-sam:{tmp_path / 'dt.safetensors'}", f"pt-sam:{tmp_path / 'pt.safetensors'}"]
+    names = ["sam", "hq-sam", f"project:{plugin_file}", f"project:{project_dir}", *baselines]
     models = build_models(
         names,
         base_type="mini",
@@ -334,6 +342,10 @@ def test_models_from_names_sam_hq_sam_and_project_versions(tmp_path):
     assert "HQ-SAM hq_mini" in models["hq-sam"].description
     assert "v1.safetensors" in models[f"project:{plugin_file}"].description
     assert version.path.name in models[f"project:{project_dir}"].description
+    for name in baselines:  # the file was loaded: its tokens, not the base's
+        tokens = models[name].predictor.model.sam.mask_decoder.mask_tokens.weight
+        assert torch.equal(tokens, plain.sam.mask_decoder.mask_tokens.weight)
+        assert name.split(":")[0].upper() in models[name].description
     with pytest.raises(FileNotFoundError):
         build_models(["project:/no/such/file"], base_type="mini", base_checkpoint=base)
     image = np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8)

@@ -6,6 +6,7 @@ Every variant trains with the RTS loop of ``training.engine`` for a fair compari
   ``dsp``         DSP only (routing fixed to α = (1, 0)), full RTS
   ``dsp-no-rts``  DSP only, clean prompts (GT boxes), no occlusion synthesis
   ``dt-sam``      no plugins; SAM's mask decoder fine-tuned with RTS
+  ``pt-sam``      no plugins; only SAM's tokens fine-tuned with RTS (paper Table 1's PT-SAM)
 
 DT-SAM is the paper's strongest naive alternative to Stable-SAM. Its image and prompt encoders
 stay frozen; the result is saved as the full mask-decoder state_dict (``.safetensors``, ~16 MB in
@@ -13,6 +14,16 @@ fp32 for the 256-wide decoder) with the same metadata layout as a plugin file, a
 into a plain SAM of the same base. The paper does not publish DT-SAM's learning rate; we use
 Adam 1e-4 (the plugins' 1e-3 is for freshly initialised weights; a pretrained decoder at 1e-3
 drifts far from SAM).
+
+PT-SAM ("finetuning SAM's prompt token", paper §5.1) trains only the learned tokens that enter
+SAM's two-way transformer beside the image: the prompt encoder's sparse prompt embeddings (the
+positive / negative point and the two box-corner embeddings, and the padding point's) and the
+mask decoder's output tokens (IoU token and four mask tokens), 11 x 256 values on every base
+(``PT_SAM_TOKENS``; RTS draws no negative clicks, so the negative point's embedding gets no
+gradient and stays SAM's). The dense "no mask" embedding, added to every image token, is left frozen:
+it is not a token. The paper does not publish PT-SAM's learning rate; we use the plugins' 1e-3
+(the tokens are few and their gradients small). Saved as those tensors alone (~11 KB), loaded
+strictly into a plain SAM of the same base.
 """
 
 from __future__ import annotations
@@ -37,7 +48,18 @@ from training.distributed import Ranks
 from training.engine import Progress, TrainConfig, TrainResult, fit, train_plugins
 
 DECODER_FORMAT = "stable-sam-dt-decoder"
-PLUGIN_LR, DT_SAM_LR = 1e-3, 1e-4
+TOKENS_FORMAT = "stable-sam-pt-tokens"
+PLUGIN_LR, DT_SAM_LR, PT_SAM_LR = 1e-3, 1e-4, 1e-3
+# What PT-SAM trains: names in SAM's state_dict.
+PT_SAM_TOKENS = (
+    "prompt_encoder.point_embeddings.0.weight",
+    "prompt_encoder.point_embeddings.1.weight",
+    "prompt_encoder.point_embeddings.2.weight",
+    "prompt_encoder.point_embeddings.3.weight",
+    "prompt_encoder.not_a_point_embed.weight",
+    "mask_decoder.iou_token.weight",
+    "mask_decoder.mask_tokens.weight",
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +71,7 @@ class Variant:
     robust: bool  # the full RTS; False: clean prompts (GT boxes), no occlusion synthesis
     lr: float  # the variant's default Adam learning rate
     fixed_alpha: tuple[float, float] | None = None  # routing fixed (DSP without DRP)
+    tokens_only: bool = False  # with plugins=False: PT-SAM (the tokens), not DT-SAM (decoder)
 
     def build_model(
         self, model_type: str, base: str | Path, device: str | None = None, seed: int | None = None
@@ -84,12 +107,16 @@ class Variant:
         process's share of it with ``ranks``)."""
         if self.plugins:
             return train_plugins(model, dataset, config, progress, ranks)
+        if self.tokens_only:
+            return train_pt_sam(model, dataset, config, progress, ranks)
         return train_dt_sam(model, dataset, config, progress, ranks)
 
     def save(self, model: StableSam, path: str | Path, metadata: dict[str, Any]) -> Path:
-        """Write what trained: the plugin file, or DT-SAM's decoder file."""
+        """Write what trained: the plugin file, DT-SAM's decoder file or PT-SAM's tokens."""
         if self.plugins:
             return save_plugins(model, path, metadata)
+        if self.tokens_only:
+            return save_tokens(model, path, metadata)
         return save_decoder(model, path, metadata)
 
 
@@ -100,6 +127,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("dsp", plugins=True, robust=True, lr=PLUGIN_LR, fixed_alpha=(1.0, 0.0)),
         Variant("dsp-no-rts", plugins=True, robust=False, lr=PLUGIN_LR, fixed_alpha=(1.0, 0.0)),
         Variant("dt-sam", plugins=False, robust=True, lr=DT_SAM_LR),
+        Variant("pt-sam", plugins=False, robust=True, lr=PT_SAM_LR, tokens_only=True),
     )
 }
 
@@ -131,13 +159,42 @@ def train_dt_sam(
             p.requires_grad_(False)
 
 
-def save_decoder(
-    model: StableSam, path: str | Path, metadata: dict[str, Any] | None = None
-) -> Path:
-    """Write the (fine-tuned) mask decoder's state_dict atomically, tagged with its base."""
+# ----------------------------------------------------------------------------- PT-SAM
+
+
+def pt_sam_parameters(model: StableSam) -> list[torch.nn.Parameter]:
+    """The parameters PT-SAM trains (``PT_SAM_TOKENS``), in that order."""
+    named = dict(model.sam.named_parameters())
+    return [named[name] for name in PT_SAM_TOKENS]
+
+
+def train_pt_sam(
+    model: StableSam,
+    dataset: Sequence[Sample],
+    config: TrainConfig | None = None,
+    progress: Progress | None = None,
+    ranks: Ranks | None = None,
+) -> TrainResult:
+    """Fine-tune only SAM's tokens (``PT_SAM_TOKENS``) with RTS; everything else frozen."""
+    if model.plugins is not None:
+        raise ValueError("PT-SAM tunes plain SAM's tokens: build the model with plugins=False")
+    config = config or TrainConfig(lr=PT_SAM_LR)
+    params = pt_sam_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    modules = [model.sam.prompt_encoder, model.sam.mask_decoder]
+    try:
+        return fit(model, params, dataset, config, progress, modules, ranks)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
+def _base_header(model: StableSam, fmt: str, metadata: dict[str, Any] | None) -> dict[str, str]:
+    """A trained file's header: its format, the base it binds to, version, summary, extras."""
     metadata = dict(metadata or {})
     header = {
-        "format": DECODER_FORMAT,
+        "format": fmt,
         "base_model_type": model.model_type,
         "base_checkpoint_sha256": model.base_checkpoint_sha256,
         "version": str(metadata.pop("version", "unversioned")),
@@ -145,6 +202,60 @@ def save_decoder(
         "training_summary": json.dumps(metadata.pop("training_summary", {}), sort_keys=True),
     }
     header.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    return header
+
+
+def _check_base_file(model: StableSam, path: str | Path, fmt: str, what: str) -> dict[str, str]:
+    """The header of ``path``, refused unless it is a ``fmt`` file of ``model``'s base and
+    ``model`` is a plain SAM."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not a {what} file")
+    if (
+        meta["base_model_type"] != model.model_type
+        or meta["base_checkpoint_sha256"] != model.base_checkpoint_sha256
+    ):
+        raise PluginMismatchError(f"{what} {Path(path).name} belongs to another base")
+    if model.plugins is not None:
+        raise ValueError(f"load the {what} into a plain SAM (plugins=False)")
+    return meta
+
+
+def save_tokens(model: StableSam, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write PT-SAM's tokens atomically, tagged with their base."""
+    state = {
+        name: p.detach().cpu()
+        for name, p in zip(PT_SAM_TOKENS, pt_sam_parameters(model), strict=True)
+    }
+    return write_safetensors_atomic(state, path, _base_header(model, TOKENS_FORMAT, metadata))
+
+
+def load_tokens(model: StableSam, path: str | Path) -> dict[str, str]:
+    """Load a PT-SAM tokens file into ``model.sam`` (exactly ``PT_SAM_TOKENS``, shapes
+    checked); returns its metadata. ``PluginMismatchError`` for another base's file."""
+    meta = _check_base_file(model, path, TOKENS_FORMAT, "PT-SAM tokens")
+    state = load_file(str(path))
+    if set(state) != set(PT_SAM_TOKENS):
+        missing, extra = set(PT_SAM_TOKENS) - set(state), set(state) - set(PT_SAM_TOKENS)
+        raise ValueError(
+            f"PT-SAM tokens file {Path(path).name}: missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
+    with torch.no_grad():
+        for name, param in zip(PT_SAM_TOKENS, pt_sam_parameters(model), strict=True):
+            if state[name].shape != param.shape:
+                raise ValueError(
+                    f"PT-SAM tokens file {Path(path).name}: {name} is {tuple(state[name].shape)}, the base's {tuple(param.shape)}"
+                )
+            param.copy_(state[name].to(param.device, param.dtype))
+    return meta
+
+
+def save_decoder(
+    model: StableSam, path: str | Path, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write the (fine-tuned) mask decoder's state_dict atomically, tagged with its base."""
+    header = _base_header(model, DECODER_FORMAT, metadata)
     return write_safetensors_atomic(model.sam.mask_decoder.state_dict(), path, header)
 
 
@@ -153,17 +264,7 @@ def load_decoder(model: StableSam, path: str | Path) -> dict[str, str]:
 
     Raises ``PluginMismatchError`` when the file was trained on another base.
     """
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != DECODER_FORMAT:
-        raise ValueError(f"{path} is not a DT-SAM decoder file")
-    if (
-        meta["base_model_type"] != model.model_type
-        or meta["base_checkpoint_sha256"] != model.base_checkpoint_sha256
-    ):
-        raise PluginMismatchError(f"DT-SAM decoder {Path(path).name} belongs to another base")
-    if model.plugins is not None:
-        raise ValueError("load the DT-SAM decoder into a plain SAM (plugins=False)")
+    meta = _check_base_file(model, path, DECODER_FORMAT, "DT-SAM decoder")
     state = {k: v.to(model.device) for k, v in load_file(str(path)).items()}
     model.sam.mask_decoder.load_state_dict(state, strict=True)
     return meta
@@ -171,9 +272,15 @@ def load_decoder(model: StableSam, path: str | Path) -> dict[str, str]:
 
 __all__ = [
     "DECODER_FORMAT",
+    "PT_SAM_TOKENS",
+    "TOKENS_FORMAT",
     "VARIANTS",
     "Variant",
     "load_decoder",
+    "load_tokens",
+    "pt_sam_parameters",
     "save_decoder",
+    "save_tokens",
     "train_dt_sam",
+    "train_pt_sam",
 ]

@@ -54,7 +54,10 @@ MODEL_ROWS = {
     "dsp_rts": ("DSP + RTS (Table 5)", "dsp"),
     "dsp_drp_rts": ("DSP + DRP + RTS (Table 5)", "stable"),
     "dt_sam": ("DT-SAM (decoder fine-tuned, RTS)", "dt-sam"),
+    "pt_sam": ("PT-SAM (tokens fine-tuned, RTS)", "pt-sam"),
 }
+# The plain-SAM variants (no plugins) and what their files hold.
+PLAIN_SAM_FILES = {"dt-sam": "decoder", "pt-sam": "tokens"}
 MULTIMASK_POLICIES: tuple[MultimaskPolicy, ...] = ("single", "best", "auto")
 
 
@@ -174,7 +177,7 @@ def markdown_report(result: dict, notes: Sequence[str] = ()) -> str:
 
 
 def variant_path(cache_dir: Path, variant: str, n_train: int, base_sha: str) -> Path:
-    suffix = "decoder" if variant == "dt-sam" else "plugins"
+    suffix = PLAIN_SAM_FILES.get(variant, "plugins")
     return cache_dir / f"{variant}-n{n_train}-{base_sha[:12]}.{suffix}.safetensors"
 
 
@@ -205,7 +208,9 @@ def train_variant(
 def build_rows(args: argparse.Namespace) -> tuple[list[EvalModel], list[str]]:
     """The model rows that exist (training missing ablations when asked); notes for the table."""
     from stable_sam.checkpoint import read_plugins
-    from training.baselines import load_decoder
+    from training.baselines import load_decoder, load_tokens
+
+    loaders = {"dt-sam": load_decoder, "pt-sam": load_tokens}
 
     base = Path(args.base)
     base_sha = file_sha256(base)
@@ -256,9 +261,9 @@ def build_rows(args: argparse.Namespace) -> tuple[list[EvalModel], list[str]]:
                 args.train_max_steps,
                 device=device,
             )
-        if variant == "dt-sam":
+        if variant in PLAIN_SAM_FILES:
             dt = build_stable_sam(args.model_type, base, plugins=False, device=device)
-            meta = load_decoder(dt, path)
+            meta = loaders[variant](dt, path)
             summary = json.loads(meta.get("training_summary", "{}"))
             notes.append(
                 f"- `{key}`: `{path.name}` trained on {summary.get('images', '?')} images, "

@@ -224,6 +224,8 @@ def step_loss(
     device = model.device
     decoder = decoder if decoder is not None else distributed.DecodeStep(model, [])
     ddp = isinstance(decoder, nn.parallel.DistributedDataParallel)
+    # Prompt embeddings need gradients only when the prompt encoder trains (PT-SAM's tokens).
+    prompt_grad = backward and any(p.requires_grad for p in model.sam.prompt_encoder.parameters())
     with_prompts = [i for i, plist in enumerate(prompt_lists) if plist]
     total, count = 0.0, 0
     if with_prompts:
@@ -238,7 +240,7 @@ def step_loss(
         prompts, targets_all = [], []
         for group in rts.group_prompts(plist).values():
             points, boxes, masks = rts.prompt_tensors(group, device)
-            with torch.no_grad():
+            with torch.set_grad_enabled(prompt_grad):
                 prompts.append(model.encode_prompts(points, boxes, masks))
             targets_all.append(np.stack([aug.masks[p.target] for p in group]))
         targets = torch.as_tensor(np.concatenate(targets_all), device=device)

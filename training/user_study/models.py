@@ -5,7 +5,9 @@
 - ``hq-sam``: HQ-SAM, only with ``hq_checkpoint`` (an official HQ-SAM ``.pth``);
 - ``project:<path>``: the base with a plugin file, e.g. a project-trained version
   (``VERSIONS_DIR/<project>/<version>.safetensors``), or ``project:VERSIONS_DIR/<project>`` for
-  that project's current (newest promoted) version from ``runtime.versions``.
+  that project's current (newest promoted) version from ``runtime.versions``;
+- ``dt-sam:<path>`` / ``pt-sam:<path>``: the plain base with a DT-SAM decoder file or PT-SAM
+  tokens file (``python -m training.train --variant dt-sam|pt-sam --out <path>``).
 
 ``base_type`` / ``base_checkpoint`` replace the embedded default base (e.g. an official
 ``vit_l`` checkpoint); the shipped plugins only fit the base they were trained on.
@@ -83,6 +85,14 @@ def build_models(
                 raise ValueError("model 'hq-sam' needs --hq-checkpoint (an HQ-SAM .pth)")
             model = build_stable_sam(hq_model_type, hq_checkpoint, plugins=False, device=device)
             description = f"HQ-SAM {hq_model_type} ({_name(hq_checkpoint)})"
+        elif name.startswith(("dt-sam:", "pt-sam:")):
+            from training.baselines import load_decoder, load_tokens
+
+            kind, path = name.split(":", 1)
+            model = build_stable_sam(base_type, base_checkpoint, plugins=False, device=device)
+            (load_decoder if kind == "dt-sam" else load_tokens)(model, path)
+            what = "decoder fine-tuned" if kind == "dt-sam" else "tokens fine-tuned"
+            description = f"{kind.upper()}: {base_type} ({_name(base_checkpoint)}), {what} ({path})"
         elif name.startswith("project:"):
             path = project_plugin_file(name.split(":", 1)[1])
             model = build_stable_sam(
@@ -93,7 +103,8 @@ def build_models(
             )
         else:
             raise ValueError(
-                f"unknown model {name!r}; expected sam, stable-sam, hq-sam or project:<plugin file>"
+                f"unknown model {name!r}; expected sam, stable-sam, hq-sam, project:<plugin file>, "
+                "dt-sam:<decoder file> or pt-sam:<tokens file>"
             )
         logger.info("user study model %s: %s", name, description)
         out[name] = EvalModel(name, StableSamPredictor(model), description=description)
