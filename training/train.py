@@ -13,6 +13,7 @@ Variants (``--variant``; the rows of paper Table 5 and the DT-SAM baseline):
   ``dsp``         DSP only (routing fixed to α = (1, 0)), full RTS
   ``dsp-no-rts``  DSP only, clean prompts (GT boxes), no occlusion synthesis
   ``dt-sam``      no plugins; SAM's mask decoder fine-tuned with RTS (lr 1e-4)
+  ``pt-sam``      no plugins; only SAM's tokens fine-tuned with RTS (lr 1e-3)
 
 ``--data``: ``synthetic``, a folder of ``images/`` + ``masks/``, or an HQSeg-44K root
 (``training.hqseg``). As the paper trained (8 GPUs, total batch 32, one epoch of HQSeg-44K)::
