@@ -11,14 +11,20 @@ names), prune by the same rule, and never reuse a name.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from labelstudio.errors import quoted
 from runtime.project_ids import normalize_project_id
+
+logger = logging.getLogger(__name__)
 
 PLUGIN_SUFFIX = ".safetensors"
 _NAME = re.compile(r"stable-sam-p[0-9]+-v[0-9]{1,12}")
@@ -26,6 +32,15 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Validation metrics written before the training job named its prompt kinds as the evaluation
 # protocol does (``training.evaluation``: points_1, not 1_point); read with today's names.
 _RENAMED_METRICS = {"miou_1_point": "miou_points_1", "miou_3_points": "miou_points_3"}
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A plugin file being written as a version: where it came from, its bytes and hash."""
+
+    source: Path
+    data: bytes
+    sha256: str
 
 
 class VersionStoreUnavailableError(OSError):
@@ -204,7 +219,6 @@ class VersionStore(ABC):
 
     # --- writing -------------------------------------------------------------------------
 
-    @abstractmethod
     def write(
         self,
         project: str,
@@ -220,6 +234,46 @@ class VersionStore(ABC):
         ``metrics`` must be JSON-serialisable. Returns the new version; it is served from the
         moment this returns if ``promote`` is true.
         """
+        check_project(project)
+        source = Path(plugin_path_tmp)
+        if not source.is_file():
+            raise FileNotFoundError(f"plugin file {source} does not exist")
+        # Fail before touching anything if the metadata cannot be stored.
+        json.dumps({"metadata": metadata, "metrics": metrics})
+        data = source.read_bytes()  # plugin files are ~330 KB
+        new = NewFile(source, data, file_sha256(data))
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+
+        def make(name: str, path: Path) -> PluginVersion:
+            return PluginVersion(
+                project=project,
+                name=name,
+                path=path,
+                created=created,
+                promoted=bool(promote),
+                metrics=dict(metrics),
+                reason=reason,
+                metadata=dict(metadata),
+                sha256=new.sha256,
+            )
+
+        version = self._add(project, new, make)
+        logger.info(
+            "project %s: wrote version %s to the %s (promoted=%s, reason=%s)",
+            project,
+            version.name,
+            type(self).__name__,
+            promote,
+            reason,
+        )
+        return version
+
+    @abstractmethod
+    def _add(
+        self, project: str, new: NewFile, make: Callable[[str, Path], PluginVersion]
+    ) -> PluginVersion:
+        """Store ``new`` as ``project``'s next version, ``make(name, path)`` (``path``: where
+        this host reads it), atomically with the manifest; prune; return the version."""
 
     def _prune_list(self, versions: list[PluginVersion]) -> list[PluginVersion]:
         newest = versions[-self.keep :]

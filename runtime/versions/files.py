@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -36,13 +37,15 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
     _fsync_dir(target.parent)
 
 
-def delete_files(folder: Path, suffix: str, keep: set[str], temp_files: bool = True) -> None:
-    """Remove the ``suffix`` files of ``folder`` not named in ``keep`` and, with
-    ``temp_files``, stray temp files (only where no other writer can be mid-write)."""
+def is_temp_file(path: Path) -> bool:
+    """A temp file of ``atomic_write_bytes`` (its writer may still be writing it)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def delete_files(folder: Path, stale: Callable[[Path], bool]) -> None:
+    """Remove the files of ``folder`` that ``stale`` picks (each logged)."""
     for path in folder.iterdir():
-        stale = path.suffix == suffix and path.name not in keep
-        stale_temp = temp_files and path.name.startswith(".") and path.name.endswith(".tmp")
-        if stale or stale_temp:
-            with contextlib.suppress(FileNotFoundError):
+        if stale(path):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
                 path.unlink()
-            logger.info("pruned %s", path)
+                logger.info("pruned %s", path)

@@ -23,23 +23,21 @@ import fcntl
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from runtime.project_ids import normalize_project_id
 from runtime.versions.base import (
     PLUGIN_SUFFIX,
+    NewFile,
     PluginVersion,
     VersionStore,
     check_project,
-    file_sha256,
     next_sequence_of,
     version_name,
 )
-from runtime.versions.files import atomic_write_bytes, delete_files
+from runtime.versions.files import atomic_write_bytes, delete_files, is_temp_file
 
 logger = logging.getLogger(__name__)
 
@@ -127,44 +125,25 @@ class LocalVersionStore(VersionStore):
             finally:
                 fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
-    def write(
-        self,
-        project: str,
-        plugin_path_tmp: str | Path,
-        metadata: dict[str, Any],
-        metrics: dict[str, Any],
-        promote: bool,
-        reason: str,
+    def _add(
+        self, project: str, new: NewFile, make: Callable[[str, Path], PluginVersion]
     ) -> PluginVersion:
-        source = Path(plugin_path_tmp)
-        if not source.is_file():
-            raise FileNotFoundError(f"plugin file {source} does not exist")
-        # Fail before touching anything if the metadata cannot be stored.
-        json.dumps({"metadata": metadata, "metrics": metrics})
-        data = source.read_bytes()  # plugin files are ~330 KB
         with self._project_lock(project) as folder:
             manifest = self._load(project)
             sequence = manifest.next_sequence
             name = version_name(project, sequence)
             target = folder / f"{name}{PLUGIN_SUFFIX}"
-            atomic_write_bytes(target, data)
-            version = PluginVersion(
-                project=project,
-                name=name,
-                path=target,
-                created=datetime.now(UTC).isoformat(timespec="seconds"),
-                promoted=bool(promote),
-                metrics=dict(metrics),
-                reason=reason,
-                metadata=dict(metadata),
-                sha256=file_sha256(data),
-            )
+            atomic_write_bytes(target, new.data)
+            version = make(name, target)
             kept = self._prune_list([*manifest.versions, version])
             self._write_manifest(folder, kept, sequence + 1)
-            delete_files(folder, PLUGIN_SUFFIX, {v.path.name for v in kept})
-        logger.info(
-            "project %s: wrote version %s (promoted=%s, reason=%s)", project, name, promote, reason
-        )
+            # Versions pruned from the manifest, and temp files of writers killed mid-write
+            # (this one holds the project's lock: no other is writing).
+            keep = {v.path.name for v in kept}
+            delete_files(
+                folder,
+                lambda p: (p.suffix == PLUGIN_SUFFIX and p.name not in keep) or is_temp_file(p),
+            )
         return version
 
     def _write_manifest(

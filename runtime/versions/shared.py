@@ -21,13 +21,12 @@ after ``RETRY_AFTER_S``), so predictions go on with the versions they had.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from runtime.project_ids import normalize_project_id
 from runtime.queue.connection import MALFORMED, transaction
 from runtime.versions.base import (
     PLUGIN_SUFFIX,
+    NewFile,
     PluginVersion,
     VersionStore,
     VersionStoreUnavailableError,
@@ -46,7 +46,7 @@ from runtime.versions.base import (
     next_sequence_of,
     version_name,
 )
-from runtime.versions.files import atomic_write_bytes
+from runtime.versions.files import atomic_write_bytes, delete_files, is_temp_file
 
 logger = logging.getLogger(__name__)
 
@@ -255,55 +255,29 @@ class RedisVersionStore(VersionStore):
             return
         newest = max(_sequence(v.path.name) or 0 for v in manifest.versions)
         keep = {v.path.name for v in manifest.versions}
-        for path in folder.iterdir():
+
+        def stale(path: Path) -> bool:
             sequence = _sequence(path.name) if path.suffix == PLUGIN_SUFFIX else None
-            temp = path.name.startswith(".") and path.name.endswith(".tmp")
-            if path.name in keep or temp or (sequence is not None and sequence > newest):
-                continue
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
-                path.unlink()
-                logger.info("pruned %s", path)
+            newer = sequence is not None and sequence > newest
+            return not (path.name in keep or is_temp_file(path) or newer)
+
+        delete_files(folder, stale)
 
     # --- writing -------------------------------------------------------------------------
 
-    def write(
-        self,
-        project: str,
-        plugin_path_tmp: str | Path,
-        metadata: dict[str, Any],
-        metrics: dict[str, Any],
-        promote: bool,
-        reason: str,
+    def _add(
+        self, project: str, new: NewFile, make: Callable[[str, Path], PluginVersion]
     ) -> PluginVersion:
-        check_project(project)
-        source = Path(plugin_path_tmp)
-        if not source.is_file():
-            raise FileNotFoundError(f"plugin file {source} does not exist")
-        # Fail before touching anything if the metadata cannot be stored.
-        json.dumps({"metadata": metadata, "metrics": metrics})
-        data = source.read_bytes()
-        if len(data) > MAX_PLUGIN_BYTES:
+        if len(new.data) > MAX_PLUGIN_BYTES:
             raise ValueError(
-                f"plugin file {source.name} is {len(data)} bytes, over the {MAX_PLUGIN_BYTES} "
-                "a version in Redis may have"
+                f"plugin file {new.source.name} is {len(new.data)} bytes, over the "
+                f"{MAX_PLUGIN_BYTES} a version in Redis may have"
             )
-        sha256 = file_sha256(data)
-        created = datetime.now(UTC).isoformat(timespec="seconds")
 
         def body(pipe: Any) -> PluginVersion:
             seen = self._parse(project, pipe.get(manifest_key(project)))
             name = version_name(project, seen.next_sequence)
-            version = PluginVersion(
-                project=project,
-                name=name,
-                path=self.cache_dir / project / copy_name(name, sha256),
-                created=created,
-                promoted=bool(promote),
-                metrics=dict(metrics),
-                reason=reason,
-                metadata=dict(metadata),
-                sha256=sha256,
-            )
+            version = make(name, self.cache_dir / project / copy_name(name, new.sha256))
             kept = self._prune_list([*seen.versions, version])
             manifest = {
                 "project": project,
@@ -311,7 +285,7 @@ class RedisVersionStore(VersionStore):
                 "versions": [v.manifest_entry() for v in kept],
             }
             pipe.multi()
-            pipe.set(file_key(project, name), data)
+            pipe.set(file_key(project, name), new.data)
             pipe.set(manifest_key(project), json.dumps(manifest))
             kept_names = {v.name for v in kept}
             for old in seen.versions:
@@ -328,13 +302,6 @@ class RedisVersionStore(VersionStore):
             raise self._unavailable(exc) from exc
         # This host's copy, so that the writer (the training job) needs no download.
         version.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(version.path, data)
+        atomic_write_bytes(version.path, new.data)
         self._prune_cache(project)
-        logger.info(
-            "project %s: wrote version %s to Redis (promoted=%s, reason=%s)",
-            project,
-            version.name,
-            promote,
-            reason,
-        )
         return version
