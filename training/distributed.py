@@ -89,15 +89,17 @@ class DecodeStep(nn.Module):
     """The trained part of one decoder pass, as the module DDP wraps.
 
     Registers only ``trained`` (the plugins, or the mask decoder for DT-SAM), so DDP
-    broadcasts and synchronises those and not the frozen encoder. Every trainable parameter
-    takes part in every forward (``0 * sum``), so a rank whose images have no prompt, or a
-    parameter the loss does not reach (DT-SAM's IoU head), still joins the all-reduce.
+    broadcasts and synchronises those and not the frozen encoder. Under DDP (``wrap``) every
+    trainable parameter takes part in every forward (``0 * sum``), so a rank whose images have
+    no prompt, or a parameter the loss does not reach (DT-SAM's IoU head), still joins the
+    all-reduce; in one process that sum is not computed.
     """
 
     def __init__(self, model: nn.Module, trained: Sequence[nn.Module]) -> None:
         super().__init__()
         self.trained = nn.ModuleList(trained)
         self._model = [model]  # not a submodule: DDP must not own the frozen base
+        self.touch_all = False  # set by ``wrap`` for DDP
 
     def forward(
         self,
@@ -107,18 +109,20 @@ class DecodeStep(nn.Module):
     ) -> Tensor:
         """One image's low-res logits for each (sparse, dense) prompt group, concatenated:
         one forward per backward, as DDP requires. ``embedding=None``: a zero loss."""
-        touch = sum((p.sum() for p in self.parameters() if p.requires_grad), torch.zeros(()))
-        touch = touch * 0.0
+        touch = torch.zeros(())
+        if self.touch_all:
+            touch = sum((p.sum() for p in self.parameters() if p.requires_grad), touch) * 0.0
         if embedding is None:  # nothing to decode on this rank this step
             return touch
         model = self._model[0]
-        logits = [model.decode(embedding, s, d, False, hq)[0] for s, d in prompts]
-        return torch.cat(logits) + touch.to(logits[0].device)
+        logits = torch.cat([model.decode(embedding, s, d, False, hq)[0] for s, d in prompts])
+        return logits + touch.to(logits.device) if self.touch_all else logits
 
 
 def wrap(step: DecodeStep, ranks: Ranks, device: torch.device) -> nn.Module:
     """``step`` in DistributedDataParallel (itself in a world of one)."""
     if not ranks.distributed:
         return step
+    step.touch_all = True
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(step, device_ids=device_ids, broadcast_buffers=False)
