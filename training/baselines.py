@@ -111,6 +111,20 @@ class Variant:
             return train_pt_sam(model, dataset, config, progress, ranks)
         return train_dt_sam(model, dataset, config, progress, ranks)
 
+    @property
+    def file_kind(self) -> str:
+        """What this variant's file holds: ``plugins``, ``decoder`` (DT-SAM) or ``tokens``."""
+        if self.plugins:
+            return "plugins"
+        return "tokens" if self.tokens_only else "decoder"
+
+    def load(self, model: StableSam, path: str | Path) -> dict[str, str]:
+        """Load a file of a plain-SAM variant (DT-SAM's decoder, PT-SAM's tokens) into
+        ``model`` (built with ``plugins=False``); returns the file's metadata."""
+        if self.plugins:
+            raise ValueError(f"{self.name} trains plugins: load them with build_stable_sam")
+        return (load_tokens if self.tokens_only else load_decoder)(model, path)
+
     def save(self, model: StableSam, path: str | Path, metadata: dict[str, Any]) -> Path:
         """Write what trained: the plugin file, DT-SAM's decoder file or PT-SAM's tokens."""
         if self.plugins:
@@ -147,13 +161,26 @@ def train_dt_sam(
         raise ValueError(
             "DT-SAM fine-tunes plain SAM's decoder: build the model with plugins=False"
         )
-    config = config or TrainConfig(lr=DT_SAM_LR)
     decoder = model.sam.mask_decoder
     params = list(decoder.parameters())
+    config = config or TrainConfig(lr=DT_SAM_LR)
+    return _fine_tune(model, params, [decoder], dataset, config, progress, ranks)
+
+
+def _fine_tune(
+    model: StableSam,
+    params: list[torch.nn.Parameter],
+    modules: Sequence[torch.nn.Module],
+    dataset: Sequence[Sample],
+    config: TrainConfig,
+    progress: Progress | None,
+    ranks: Ranks | None,
+) -> TrainResult:
+    """The RTS loop on ``params`` of the plain SAM (in ``modules``), frozen again after."""
     for p in params:
         p.requires_grad_(True)
     try:
-        return fit(model, params, dataset, config, progress, [decoder], ranks)
+        return fit(model, params, dataset, config, progress, modules, ranks)
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -179,15 +206,8 @@ def train_pt_sam(
     if model.plugins is not None:
         raise ValueError("PT-SAM tunes plain SAM's tokens: build the model with plugins=False")
     config = config or TrainConfig(lr=PT_SAM_LR)
-    params = pt_sam_parameters(model)
-    for p in params:
-        p.requires_grad_(True)
     modules = [model.sam.prompt_encoder, model.sam.mask_decoder]
-    try:
-        return fit(model, params, dataset, config, progress, modules, ranks)
-    finally:
-        for p in params:
-            p.requires_grad_(False)
+    return _fine_tune(model, pt_sam_parameters(model), modules, dataset, config, progress, ranks)
 
 
 def _base_header(model: StableSam, fmt: str, metadata: dict[str, Any] | None) -> dict[str, str]:

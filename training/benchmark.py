@@ -41,6 +41,7 @@ from stable_sam import (
 )
 from stable_sam.predictor import MultimaskPolicy
 from training import evaluation
+from training.baselines import VARIANTS
 from training.data import Sample
 from training.evaluation import KIND_TITLES, PROMPT_KINDS, EvalModel, ModelScores, summarize
 
@@ -56,8 +57,6 @@ MODEL_ROWS = {
     "dt_sam": ("DT-SAM (decoder fine-tuned, RTS)", "dt-sam"),
     "pt_sam": ("PT-SAM (tokens fine-tuned, RTS)", "pt-sam"),
 }
-# The plain-SAM variants (no plugins) and what their files hold.
-PLAIN_SAM_FILES = {"dt-sam": "decoder", "pt-sam": "tokens"}
 MULTIMASK_POLICIES: tuple[MultimaskPolicy, ...] = ("single", "best", "auto")
 
 
@@ -177,8 +176,8 @@ def markdown_report(result: dict, notes: Sequence[str] = ()) -> str:
 
 
 def variant_path(cache_dir: Path, variant: str, n_train: int, base_sha: str) -> Path:
-    suffix = PLAIN_SAM_FILES.get(variant, "plugins")
-    return cache_dir / f"{variant}-n{n_train}-{base_sha[:12]}.{suffix}.safetensors"
+    kind = VARIANTS[variant].file_kind
+    return cache_dir / f"{variant}-n{n_train}-{base_sha[:12]}.{kind}.safetensors"
 
 
 def train_variant(
@@ -193,7 +192,6 @@ def train_variant(
 ) -> None:
     """Train one ablation variant on ``n_train`` synthetic train scenes into ``out``: the file
     ``python -m training.train --variant VARIANT --data synthetic --n N_TRAIN`` writes."""
-    from training.baselines import VARIANTS
     from training.scenes import SceneDataset
 
     setup = VARIANTS[variant]
@@ -208,9 +206,6 @@ def train_variant(
 def build_rows(args: argparse.Namespace) -> tuple[list[EvalModel], list[str]]:
     """The model rows that exist (training missing ablations when asked); notes for the table."""
     from stable_sam.checkpoint import read_plugins
-    from training.baselines import load_decoder, load_tokens
-
-    loaders = {"dt-sam": load_decoder, "pt-sam": load_tokens}
 
     base = Path(args.base)
     base_sha = file_sha256(base)
@@ -261,9 +256,9 @@ def build_rows(args: argparse.Namespace) -> tuple[list[EvalModel], list[str]]:
                 args.train_max_steps,
                 device=device,
             )
-        if variant in PLAIN_SAM_FILES:
+        if not VARIANTS[variant].plugins:
             dt = build_stable_sam(args.model_type, base, plugins=False, device=device)
-            meta = loaders[variant](dt, path)
+            meta = VARIANTS[variant].load(dt, path)
             summary = json.loads(meta.get("training_summary", "{}"))
             notes.append(
                 f"- `{key}`: `{path.name}` trained on {summary.get('images', '?')} images, "

@@ -86,11 +86,11 @@ def build_models(
             model = build_stable_sam(hq_model_type, hq_checkpoint, plugins=False, device=device)
             description = f"HQ-SAM {hq_model_type} ({_name(hq_checkpoint)})"
         elif name.startswith(("dt-sam:", "pt-sam:")):
-            from training.baselines import load_decoder, load_tokens
+            from training.baselines import VARIANTS
 
             kind, path = name.split(":", 1)
             model = build_stable_sam(base_type, base_checkpoint, plugins=False, device=device)
-            (load_decoder if kind == "dt-sam" else load_tokens)(model, path)
+            VARIANTS[kind].load(model, path)
             what = "decoder fine-tuned" if kind == "dt-sam" else "tokens fine-tuned"
             description = f"{kind.upper()}: {base_type} ({_name(base_checkpoint)}), {what} ({path})"
         elif name.startswith("project:"):
