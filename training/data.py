@@ -119,3 +119,17 @@ def write_mask_folder(samples: Sequence[Sample], root: str | Path) -> Path:
         for k, m in enumerate(s.masks):
             cv2.imwrite(str(root / "masks" / f"{s.name}_{k}.png"), m.astype(np.uint8) * 255)
     return root
+
+
+class Spread(Sequence[Sample]):
+    """``n`` items of ``data`` evenly spaced from its first to its last, read on access."""
+
+    def __init__(self, data: Sequence[Sample], n: int) -> None:
+        self.data = data
+        self.indices = sorted({round(i * (len(data) - 1) / max(1, n - 1)) for i in range(n)})
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
+        return self.data[self.indices[index]]

@@ -39,7 +39,7 @@ import torch
 from runtime.logs import configure_logging
 from training import distributed
 from training.baselines import VARIANTS
-from training.data import MaskFolderDataset, Sample
+from training.data import MaskFolderDataset, Sample, Spread
 from training.engine import TrainResult
 from training.hqseg import SUBSET_NAMES, HQSegDataset, is_hqseg_root
 from training.scenes import SceneDataset
@@ -59,20 +59,6 @@ def load_dataset(
     # Spread over the whole folder (HQSeg-44K lists its sources one after the other), read
     # lazily: every torchrun rank holds only the indices.
     return Spread(folder, n)
-
-
-class Spread(Sequence[Sample]):
-    """``n`` items of ``data`` evenly spaced from its first to its last, read on access."""
-
-    def __init__(self, data: Sequence[Sample], n: int) -> None:
-        self.data = data
-        self.indices = sorted({round(i * (len(data) - 1) / max(1, n - 1)) for i in range(n)})
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
-        return self.data[self.indices[index]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
