@@ -160,12 +160,13 @@ class ModelServer:
         try:
             # A version's file never changes once named, but a manifest from before the hash
             # was recorded is keyed by the file's mtime (a store rebuilt under the same names).
-            stamp = version.sha256 or str(self._versions.plugin_file(version).stat().st_mtime_ns)
+            path = None if version.sha256 else self._versions.plugin_file(version)
+            stamp = version.sha256 or str(path.stat().st_mtime_ns)
             key = (version.project, version.name, stamp)
             plugins = self._plugin_cache.get(key)
             if plugins is None:
-                path = self._versions.plugin_file(version)
-                plugins, _ = read_plugins(self.predictor().model, path)
+                model = self.predictor().model  # built first: the file is opened right after
+                plugins, _ = read_plugins(model, path or self._versions.plugin_file(version))
                 with self._lock:
                     self._plugin_cache = {
                         k: v for k, v in self._plugin_cache.items() if k[0] != version.project
