@@ -9,7 +9,9 @@ trainer on a seeded random ``mini`` SAM; Label Studio's API is the loopback stan
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -64,6 +66,18 @@ def hosts(
         "torch_threads": 1,
     }
     return {host: Settings(**shared, versions_dir=tmp_path / host / "versions") for host in "ab"}
+
+
+@contextlib.contextmanager
+def replicas(
+    hosts: dict[str, Settings], tmp_path: Path, auth: tuple[str, str] | None = None
+) -> Iterator[tuple[AppServer, AppServer]]:
+    """The backend of host a and of host b, both up (``auth``: their basic-auth pair)."""
+    with (
+        AppServer(hosts["a"], tmp_path / "app-a.log", auth=auth) as app_a,
+        AppServer(hosts["b"], tmp_path / "app-b.log", auth=auth) as app_b,
+    ):
+        yield app_a, app_b
 
 
 def worker_on(settings: Settings, log: Path) -> AbstractContextManager[RQWorker]:
@@ -121,10 +135,7 @@ def test_a_version_trained_by_either_worker_is_served_by_both_replicas(
     hosts: dict[str, Settings], tmp_path: Path
 ) -> None:
     a, b = hosts["a"], hosts["b"]
-    with (
-        AppServer(a, tmp_path / "app-a.log") as app_a,
-        AppServer(b, tmp_path / "app-b.log") as app_b,
-    ):
+    with replicas(hosts, tmp_path) as (app_a, app_b):
         default = served_version(app_a)
         assert served_version(app_b) == default
         assert click_version(app_b) == default
@@ -153,8 +164,7 @@ def test_a_burst_of_webhooks_to_both_replicas_coalesces_into_one_run(
 ) -> None:
     a, b = hosts["a"], hosts["b"]
     with (
-        AppServer(a, tmp_path / "app-a.log") as app_a,
-        AppServer(b, tmp_path / "app-b.log") as app_b,
+        replicas(hosts, tmp_path) as (app_a, app_b),
         worker_on(a, tmp_path / "worker-a.log") as worker_a,
         worker_on(b, tmp_path / "worker-b.log") as worker_b,
     ):
@@ -192,13 +202,9 @@ def test_the_proxy_sends_every_click_of_a_task_to_one_replica_and_fails_over(
     hosts: dict[str, Settings], tmp_path: Path
 ) -> None:
     """deploy/haproxy.cfg, as the compose profile runs it, in front of the two replicas."""
-    a, b = hosts["a"], hosts["b"]
-    with (
-        AppServer(a, tmp_path / "app-a.log") as app_a,
-        AppServer(b, tmp_path / "app-b.log") as app_b,
-    ):
-        replicas = [f"127.0.0.1:{app.port}" for app in (app_a, app_b)]
-        with ReplicaProxy(replicas, tmp_path / "haproxy.log") as proxy:
+    with replicas(hosts, tmp_path) as (app_a, app_b):
+        addresses = [f"127.0.0.1:{app.port}" for app in (app_a, app_b)]
+        with ReplicaProxy(addresses, tmp_path / "haproxy.log") as proxy:
             served_by: dict[int, set[str]] = {}
             for task in range(1000, 1016):
                 for x in (30, 40, 50):  # three clicks, as a user refines one object
@@ -240,13 +246,10 @@ def test_the_proxy_s_health_checks_log_in_when_the_replicas_use_basic_auth(
         )
         for host, settings in hosts.items()
     }
-    with (
-        AppServer(guarded["a"], tmp_path / "app-a.log", auth=auth) as app_a,
-        AppServer(guarded["b"], tmp_path / "app-b.log", auth=auth) as app_b,
-    ):
+    with replicas(guarded, tmp_path, auth) as (app_a, app_b):
         assert httpx.get(f"{app_a.url}/health").status_code == 401  # guarded indeed
-        replicas = [f"127.0.0.1:{app.port}" for app in (app_a, app_b)]
-        with ReplicaProxy(replicas, tmp_path / "haproxy.log", auth=auth) as proxy:
+        addresses = [f"127.0.0.1:{app.port}" for app in (app_a, app_b)]
+        with ReplicaProxy(addresses, tmp_path / "haproxy.log", auth=auth) as proxy:
             # HAProxy starts servers up and marks them down after "fall 2" failed checks
             # "inter 2s" apart: past that, only replicas whose checks pass still serve.
             time.sleep(5.5)
