@@ -11,7 +11,6 @@ offending field, never its value.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from typing import Any
@@ -124,13 +123,7 @@ def build_training_router(settings: Settings, connection: redis.Redis | None = N
         if project is not None and key is None:
             return error_response(400, "invalid_request", "project: must be a numeric project id")
         try:
-            if key is not None:
-                return JSONResponse({"versions": [v.name for v in store.list(key)]})
-            names = []
-            for project_key in store.projects():  # one malformed project hides only itself
-                with contextlib.suppress(ValueError):
-                    names.extend(v.name for v in store.list(project_key))
-            return JSONResponse({"versions": names})
+            return JSONResponse({"versions": [v.name for v in store.list(key)]})
         except VersionStoreUnavailableError as exc:
             return _versions_down(exc)
         except ValueError as exc:

@@ -195,10 +195,17 @@ class VersionStore(ABC):
         return None
 
     def list(self, project: str | None = None) -> list[PluginVersion]:
-        """Versions of ``project`` (oldest first), or of every project when ``None``."""
+        """Versions of ``project`` (oldest first; ``ValueError`` for a malformed manifest), or
+        of every project when ``None``, where a malformed project hides only itself (logged)."""
         if project is not None:
             return self._versions(check_project(project))
-        return [v for name in self.projects() for v in self._versions(name)]
+        versions: list[PluginVersion] = []
+        for name in self.projects():
+            try:
+                versions.extend(self._versions(name))
+            except ValueError as exc:
+                logger.error("versions of project %s left out: %s", name, exc)
+        return versions
 
     @abstractmethod
     def _versions(self, project: str) -> list[PluginVersion]:
