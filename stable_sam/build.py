@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -51,15 +52,23 @@ HQ_PREFIX = "hq_"
 MODEL_TYPES = tuple(ENCODER_SPECS) + tuple(HQ_PREFIX + t for t in ENCODER_SPECS)
 
 
-def build_sam(model_type: str, checkpoint: str | Path | None = None) -> nn.Module:
+def build_sam(
+    model_type: str, checkpoint: str | Path | None = None, add_hq: bool = False
+) -> nn.Module:
     """Build a SAM of ``model_type``; load ``checkpoint`` strictly if given.
 
     ``model_type`` is one of ``vit_b``, ``vit_l``, ``vit_h``, ``mini``, or the same with an
     ``hq_`` prefix for HQ-SAM (``segment_anything_hq``'s classes). ``checkpoint`` may be an
     official ``.pth`` state_dict or a ``.safetensors`` file (the format the project ships its mini
     SAM in, stored in fp16). ``None`` leaves random weights.
+
+    ``add_hq``: HQ-SAM's architecture on a plain SAM ``checkpoint`` (``model_type`` without the
+    prefix): every SAM key loads strictly, HQ-SAM's new parameters (``HQ_PARAMETER_PREFIXES``)
+    keep their fresh initialisation, to be trained (``training.baselines``'s ``hq-sam``).
     """
-    hq = model_type.startswith(HQ_PREFIX)
+    if add_hq and model_type.startswith(HQ_PREFIX):
+        raise ValueError(f"add_hq is for a plain SAM base, not {model_type!r}")
+    hq = add_hq or model_type.startswith(HQ_PREFIX)
     base_type = model_type.removeprefix(HQ_PREFIX)
     if base_type not in ENCODER_SPECS:
         raise ValueError(
@@ -113,9 +122,45 @@ def build_sam(model_type: str, checkpoint: str | Path | None = None) -> nn.Modul
         pixel_std=[58.395, 57.12, 57.375],
     )
     sam.eval()
-    if checkpoint is not None:
+    if checkpoint is not None and add_hq:
+        _load_base_into_hq(sam, load_state_dict(checkpoint), checkpoint)
+    elif checkpoint is not None:
         sam.load_state_dict(load_state_dict(checkpoint), strict=True)
     return sam
+
+
+# What HQ-SAM adds to SAM (its paper §3.2): the HQ-Output token, its three-layer MLP and the
+# global-local fusion convolutions, all in the mask decoder.
+HQ_PARAMETER_PREFIXES = tuple(
+    f"mask_decoder.{name}."
+    for name in (
+        "hf_token",
+        "hf_mlp",
+        "compress_vit_feat",
+        "embedding_encoder",
+        "embedding_maskfeature",
+    )
+)
+
+
+def is_hq_parameter(name: str) -> bool:
+    """Whether ``name`` (a key of an HQ-SAM state_dict) is one of HQ-SAM's new parameters."""
+    return name.startswith(HQ_PARAMETER_PREFIXES)
+
+
+def _load_base_into_hq(sam: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load a plain SAM state_dict into an HQ-SAM: strict on SAM's keys, HQ's left fresh."""
+    hq_keys = {k for k in sam.state_dict() if is_hq_parameter(k)}
+    stray = sorted(k for k in state if is_hq_parameter(k))
+    if stray:
+        raise ValueError(f"{Path(path).name} is already an HQ-SAM checkpoint (has {stray[0]})")
+    missing, unexpected = sam.load_state_dict(state, strict=False)
+    missing = sorted(set(missing) - hq_keys)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{Path(path).name} does not match the SAM base: missing {missing[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -141,20 +186,25 @@ def build_stable_sam(
     plugin_config: PluginConfig | None = None,
     plugin_checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
+    add_hq: bool = False,
 ) -> StableSam:
     """Build Stable-SAM (or, with ``plugins=False``, plain SAM) on a frozen SAM base.
 
     ``plugin_checkpoint`` loads trained plugins (its own config wins over ``plugin_config``) and
     is checked against the base: a plugin file trained on another base raises
-    ``PluginMismatchError``. ``device`` defaults to CUDA when available, else CPU.
+    ``PluginMismatchError``. ``device`` defaults to CUDA when available, else CPU. ``add_hq``:
+    HQ-SAM's new (untrained) parameters on the plain SAM base (``build_sam``); the model keeps
+    the base's ``model_type`` and hash, which HQ-SAM files trained on it bind to.
     """
     from .checkpoint import load_plugins
     from .device import pick_device
 
-    sam = build_sam(model_type, checkpoint)
+    sam = build_sam(model_type, checkpoint, add_hq=add_hq)
     base_hash = file_sha256(checkpoint) if checkpoint is not None else "random-init"
     config = (plugin_config or PluginConfig()) if plugins else None
     model = StableSam(sam, model_type, base_hash, config)
+    if add_hq:  # fresh HQ parameters: features cached for them are this model's alone
+        model.hq_tag = f"hq-fresh-{uuid.uuid4().hex[:12]}"
     model.to(pick_device(device))
     if plugin_checkpoint is not None:
         if not plugins:

@@ -91,7 +91,7 @@ class StableSamPredictor:
     @property
     def encoder_id(self) -> str:
         """Identifies the image encoder; embeddings are shared by every plugin version."""
-        return f"{self.model.model_type}:{self.model.base_checkpoint_sha256}"
+        return self.model.encoder_id
 
     # -- embeddings --------------------------------------------------------------------------
     def embed(self, image: np.ndarray, image_key: str | None = None) -> ImageEmbedding:

@@ -321,13 +321,15 @@ def test_models_from_names_sam_hq_sam_and_project_versions(tmp_path):
     store = LocalVersionStore(tmp_path / "versions")
     version = store.write("7", plugin_file, {}, {}, promote=True, reason="test")
     project_dir = tmp_path / "versions" / "7"  # means: project 7's current version
-    from training.baselines import save_decoder, save_tokens
+    from training.baselines import VARIANTS, save_decoder, save_hq, save_tokens
 
     plain = build_stable_sam("mini", base, plugins=False, device="cpu")
     with torch.no_grad():
         plain.sam.mask_decoder.mask_tokens.weight.add_(0.5)  # as if trained
     save_decoder(plain, tmp_path / "dt.safetensors")
     save_tokens(plain, tmp_path / "pt.safetensors")
+    hq_params = VARIANTS["hq-sam"].build_model("mini", base, "cpu", seed=2)
+    save_hq(hq_params, tmp_path / "hq.safetensors")
     baselines = [f"dt-sam:{tmp_path / 'dt.safetensors'}", f"pt-sam:{tmp_path / 'pt.safetensors'}"]
     names = ["sam", "hq-sam", f"project:{plugin_file}", f"project:{project_dir}", *baselines]
     models = build_models(
@@ -346,6 +348,13 @@ def test_models_from_names_sam_hq_sam_and_project_versions(tmp_path):
         tokens = models[name].predictor.model.sam.mask_decoder.mask_tokens.weight
         assert torch.equal(tokens, plain.sam.mask_decoder.mask_tokens.weight)
         assert name.split(":")[0].upper() in models[name].description
+    hq_name = f"hq-sam:{tmp_path / 'hq.safetensors'}"
+    hq_model = build_models([hq_name], base_type="mini", base_checkpoint=base)[hq_name]
+    assert torch.equal(
+        hq_model.predictor.model.sam.mask_decoder.hf_token.weight,
+        hq_params.sam.mask_decoder.hf_token.weight,
+    )
+    assert "HQ-SAM parameters trained" in hq_model.description
     with pytest.raises(FileNotFoundError):
         build_models(["project:/no/such/file"], base_type="mini", base_checkpoint=base)
     image = np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8)

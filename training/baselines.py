@@ -7,6 +7,8 @@ Every variant trains with the RTS loop of ``training.engine`` for a fair compari
   ``dsp-no-rts``  DSP only, clean prompts (GT boxes), no occlusion synthesis
   ``dt-sam``      no plugins; SAM's mask decoder fine-tuned with RTS
   ``pt-sam``      no plugins; only SAM's tokens fine-tuned with RTS (paper Table 1's PT-SAM)
+  ``hq-sam``      HQ-SAM (Ke et al., NeurIPS 2023) on our base, trained with its own recipe
+  ``hq-sam-rts``  the same HQ-SAM parameters trained with RTS, one epoch (a fair comparison)
 
 DT-SAM is the paper's strongest naive alternative to Stable-SAM. Its image and prompt encoders
 stay frozen; the result is saved as the full mask-decoder state_dict (``.safetensors``, ~16 MB in
@@ -24,12 +26,23 @@ gradient and stays SAM's). The dense "no mask" embedding, added to every image t
 it is not a token. The paper does not publish PT-SAM's learning rate; we use the plugins' 1e-3
 (the tokens are few and their gradients small). Saved as those tensors alone (~11 KB), loaded
 strictly into a plain SAM of the same base.
+
+HQ-SAM adds to the frozen SAM an HQ-Output token (a fifth mask token, joining the two-way
+transformer's tokens), its three-layer MLP and the global-local fusion (the final embedding and
+the early ViT features after the first global-attention block, each upsampled to S/4 and
+summed) — ``segment_anything_hq``'s ``MaskDecoderHQ``, built on our plain base with
+``add_hq=True`` (``stable_sam.build``). Only those train (Adam 1e-3, BCE + dice on the HQ token's
+mask, as HQ-SAM supervises); the file holds them alone (~1.3 MB on the mini), bound to the plain
+base. HQ-SAM has no identity initialisation: its token joins SAM's self-attention among tokens,
+so even SAM's own mask changes once it is there. We serve the HQ token's mask alone
+(``hq_token_only``, stored in the file), what HQ-SAM evaluates its HQ benchmarks with.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,7 +53,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from stable_sam import PluginConfig, PluginMismatchError, StableSam, build_stable_sam, save_plugins
+from stable_sam import (
+    PluginConfig,
+    PluginMismatchError,
+    StableSam,
+    build_stable_sam,
+    file_sha256,
+    save_plugins,
+)
+from stable_sam.build import HQ_PARAMETER_PREFIXES, is_hq_parameter
 from stable_sam.checkpoint import write_safetensors_atomic
 from training import rts
 from training.data import Sample
@@ -49,7 +70,8 @@ from training.engine import Progress, TrainConfig, TrainResult, fit, train_plugi
 
 DECODER_FORMAT = "stable-sam-dt-decoder"
 TOKENS_FORMAT = "stable-sam-pt-tokens"
-PLUGIN_LR, DT_SAM_LR, PT_SAM_LR = 1e-3, 1e-4, 1e-3
+HQ_FORMAT = "stable-sam-hq-params"
+PLUGIN_LR, DT_SAM_LR, PT_SAM_LR, HQ_SAM_LR = 1e-3, 1e-4, 1e-3, 1e-3
 # What PT-SAM trains: names in SAM's state_dict.
 PT_SAM_TOKENS = (
     "prompt_encoder.point_embeddings.0.weight",
@@ -72,27 +94,52 @@ class Variant:
     lr: float  # the variant's default Adam learning rate
     fixed_alpha: tuple[float, float] | None = None  # routing fixed (DSP without DRP)
     tokens_only: bool = False  # with plugins=False: PT-SAM (the tokens), not DT-SAM (decoder)
+    hq: bool = False  # with plugins=False: HQ-SAM's new parameters train on the plain base
+    # The RTS prompt mix when not the full one (HQ-SAM's own recipe), and the default schedule.
+    prompt_weights: dict[str, float] | None = None
+    occlusion: bool = True
+    epochs: int = 1
+    lr_drop_epochs: tuple[int, ...] = ()
 
     def build_model(
         self, model_type: str, base: str | Path, device: str | None = None, seed: int | None = None
     ) -> StableSam:
         """The untrained model of this variant on the frozen ``base`` checkpoint. With ``seed``,
-        the fresh plugins are initialised from it (the same file every run); without, from
-        torch's global generator, which this torch build seeds differently in every process."""
+        the fresh plugins (or HQ-SAM parameters) are initialised from it (the same file every
+        run); without, from torch's global generator, which this torch build seeds differently
+        in every process."""
         config = PluginConfig(fixed_alpha=self.fixed_alpha) if self.plugins else None
         # fork_rng: the caller's generator state is left as it was.
         with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
             if seed is not None:
                 torch.manual_seed(seed)
-            return build_stable_sam(
-                model_type, base, plugins=self.plugins, plugin_config=config, device=device
+            model = build_stable_sam(
+                model_type,
+                base,
+                plugins=self.plugins,
+                plugin_config=config,
+                device=device,
+                add_hq=self.hq,
             )
+        model.hq_token_only = self.hq  # HQ-SAM trains (and we serve) the HQ token's mask
+        return model
 
-    def train_config(self, lr: float | None = None, **fields: Any) -> TrainConfig:
-        """A ``TrainConfig`` with this variant's learning rate and RTS mode (``fields`` as
-        ``TrainConfig``'s)."""
+    def train_config(
+        self, lr: float | None = None, epochs: int | None = None, **fields: Any
+    ) -> TrainConfig:
+        """A ``TrainConfig`` with this variant's learning rate, schedule and prompt mix
+        (``fields`` as ``TrainConfig``'s; ``None`` for the variant's default)."""
+        mix = rts.RTSConfig(robust=self.robust)
+        if self.prompt_weights is not None:
+            mix.prompt_weights = dict(self.prompt_weights)
+        if not self.occlusion:
+            mix.occlusion_prob = 0.0
         return TrainConfig(
-            lr=self.lr if lr is None else lr, rts=rts.RTSConfig(robust=self.robust), **fields
+            lr=self.lr if lr is None else lr,
+            epochs=self.epochs if epochs is None else epochs,
+            lr_drop_epochs=self.lr_drop_epochs,
+            rts=mix,
+            **fields,
         )
 
     def train(
@@ -107,6 +154,8 @@ class Variant:
         process's share of it with ``ranks``)."""
         if self.plugins:
             return train_plugins(model, dataset, config, progress, ranks)
+        if self.hq:
+            return train_hq_sam(model, dataset, config, progress, ranks)
         if self.tokens_only:
             return train_pt_sam(model, dataset, config, progress, ranks)
         return train_dt_sam(model, dataset, config, progress, ranks)
@@ -116,19 +165,27 @@ class Variant:
         """What this variant's file holds: ``plugins``, ``decoder`` (DT-SAM) or ``tokens``."""
         if self.plugins:
             return "plugins"
+        if self.hq:
+            return "hq"
         return "tokens" if self.tokens_only else "decoder"
 
     def load(self, model: StableSam, path: str | Path) -> dict[str, str]:
-        """Load a file of a plain-SAM variant (DT-SAM's decoder, PT-SAM's tokens) into
-        ``model`` (built with ``plugins=False``); returns the file's metadata."""
+        """Load a file of a plain-SAM variant (DT-SAM's decoder, PT-SAM's tokens, HQ-SAM's
+        parameters) into ``model`` (this variant's ``build_model``); returns the file's
+        metadata."""
         if self.plugins:
             raise ValueError(f"{self.name} trains plugins: load them with build_stable_sam")
+        if self.hq:
+            return load_hq(model, path)
         return (load_tokens if self.tokens_only else load_decoder)(model, path)
 
     def save(self, model: StableSam, path: str | Path, metadata: dict[str, Any]) -> Path:
-        """Write what trained: the plugin file, DT-SAM's decoder file or PT-SAM's tokens."""
+        """Write what trained: the plugin file, DT-SAM's decoder file, PT-SAM's tokens or
+        HQ-SAM's parameters."""
         if self.plugins:
             return save_plugins(model, path, metadata)
+        if self.hq:
+            return save_hq(model, path, metadata)
         if self.tokens_only:
             return save_tokens(model, path, metadata)
         return save_decoder(model, path, metadata)
@@ -142,6 +199,22 @@ VARIANTS: dict[str, Variant] = {
         Variant("dsp-no-rts", plugins=True, robust=False, lr=PLUGIN_LR, fixed_alpha=(1.0, 0.0)),
         Variant("dt-sam", plugins=False, robust=True, lr=DT_SAM_LR),
         Variant("pt-sam", plugins=False, robust=True, lr=PT_SAM_LR, tokens_only=True),
+        # HQ-SAM's own recipe (its §4.1 and appendix): GT boxes, 10 random points and
+        # boundary-noised coarse masks in equal parts, large-scale jitter, no occlusion; lr 1e-3
+        # for 12 epochs, dropping to 1e-4 after 10.
+        Variant(
+            "hq-sam",
+            plugins=False,
+            robust=True,
+            lr=HQ_SAM_LR,
+            hq=True,
+            prompt_weights={"gt_box": 1.0, "points_10": 1.0, "coarse_mask": 1.0},
+            occlusion=False,
+            epochs=12,
+            lr_drop_epochs=(10,),
+        ),
+        # The same parameters trained like Stable-SAM: full RTS, one epoch.
+        Variant("hq-sam-rts", plugins=False, robust=True, lr=HQ_SAM_LR, hq=True),
     )
 }
 
@@ -208,6 +281,76 @@ def train_pt_sam(
     config = config or TrainConfig(lr=PT_SAM_LR)
     modules = [model.sam.prompt_encoder, model.sam.mask_decoder]
     return _fine_tune(model, pt_sam_parameters(model), modules, dataset, config, progress, ranks)
+
+
+# ----------------------------------------------------------------------------- HQ-SAM
+
+
+def hq_sam_modules(model: StableSam) -> list[torch.nn.Module]:
+    """What HQ-SAM trains (its §3.3): the HQ-Output token, its MLP and the three fusion
+    convolutions (``stable_sam.build.HQ_PARAMETER_PREFIXES``)."""
+    decoder = model.sam.mask_decoder
+    if not model.is_hq:
+        raise ValueError("HQ-SAM trains HQ-SAM's parameters: build the model with add_hq=True")
+    return [
+        getattr(decoder, prefix.removeprefix("mask_decoder.").rstrip("."))
+        for prefix in HQ_PARAMETER_PREFIXES
+    ]
+
+
+def train_hq_sam(
+    model: StableSam,
+    dataset: Sequence[Sample],
+    config: TrainConfig | None = None,
+    progress: Progress | None = None,
+    ranks: Ranks | None = None,
+) -> TrainResult:
+    """Train HQ-SAM's new parameters on the frozen SAM, with BCE + dice on the HQ token's mask
+    (the model's ``hq_token_only`` output, as HQ-SAM supervises)."""
+    if model.plugins is not None:
+        raise ValueError("HQ-SAM trains on a plain SAM: build the model with plugins=False")
+    modules = hq_sam_modules(model)
+    params = [p for m in modules for p in m.parameters()]
+    config = config or VARIANTS["hq-sam"].train_config()
+    only = model.hq_token_only
+    model.hq_token_only = True
+    try:
+        return _fine_tune(model, params, modules, dataset, config, progress, ranks)
+    finally:
+        model.hq_token_only = only
+        model.hq_tag = f"hq-trained-{uuid.uuid4().hex[:12]}"  # its HQ features changed
+
+
+def save_hq(model: StableSam, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write HQ-SAM's parameters (``HQ_PARAMETER_PREFIXES`` of the SAM state_dict) atomically,
+    tagged with the plain base they were trained on and the output they are served with."""
+    state = {k: v for k, v in model.sam.state_dict().items() if is_hq_parameter(k)}
+    metadata = {"hq_token_only": str(model.hq_token_only).lower(), **(metadata or {})}
+    return write_safetensors_atomic(state, path, _base_header(model, HQ_FORMAT, metadata))
+
+
+def load_hq(model: StableSam, path: str | Path) -> dict[str, str]:
+    """Load an HQ-SAM parameters file into ``model`` (built with ``add_hq=True`` on the file's
+    base): exactly HQ-SAM's keys with their shapes; the served output from the file."""
+    meta = _check_base_file(model, path, HQ_FORMAT, "HQ-SAM parameters")
+    state = load_file(str(path))
+    own = {k: v for k, v in model.sam.state_dict().items() if is_hq_parameter(k)}
+    if not own:
+        raise ValueError("load HQ-SAM parameters into a model built with add_hq=True")
+    if set(state) != set(own):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise ValueError(
+            f"HQ-SAM parameters file {Path(path).name}: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != own[name].shape:
+            raise ValueError(
+                f"HQ-SAM parameters file {Path(path).name}: {name} is {tuple(tensor.shape)}, the base's {tuple(own[name].shape)}"
+            )
+    model.sam.load_state_dict({**model.sam.state_dict(), **state}, strict=True)
+    model.hq_token_only = meta.get("hq_token_only", "true") == "true"
+    model.hq_tag = f"hq-{file_sha256(path)[:16]}"
+    return meta
 
 
 def _base_header(model: StableSam, fmt: str, metadata: dict[str, Any] | None) -> dict[str, str]:
@@ -292,15 +435,20 @@ def load_decoder(model: StableSam, path: str | Path) -> dict[str, str]:
 
 __all__ = [
     "DECODER_FORMAT",
+    "HQ_FORMAT",
     "PT_SAM_TOKENS",
     "TOKENS_FORMAT",
     "VARIANTS",
     "Variant",
+    "hq_sam_modules",
     "load_decoder",
+    "load_hq",
     "load_tokens",
     "pt_sam_parameters",
     "save_decoder",
+    "save_hq",
     "save_tokens",
     "train_dt_sam",
+    "train_hq_sam",
     "train_pt_sam",
 ]

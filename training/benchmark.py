@@ -56,6 +56,8 @@ MODEL_ROWS = {
     "dsp_drp_rts": ("DSP + DRP + RTS (Table 5)", "stable"),
     "dt_sam": ("DT-SAM (decoder fine-tuned, RTS)", "dt-sam"),
     "pt_sam": ("PT-SAM (tokens fine-tuned, RTS)", "pt-sam"),
+    "hq_sam": ("HQ-SAM (its recipe, 12 epochs)", "hq-sam"),
+    "hq_sam_rts": ("HQ-SAM (RTS, 1 epoch)", "hq-sam-rts"),
 }
 MULTIMASK_POLICIES: tuple[MultimaskPolicy, ...] = ("single", "best", "auto")
 
@@ -257,7 +259,7 @@ def build_rows(args: argparse.Namespace) -> tuple[list[EvalModel], list[str]]:
                 device=device,
             )
         if not VARIANTS[variant].plugins:
-            dt = build_stable_sam(args.model_type, base, plugins=False, device=device)
+            dt = VARIANTS[variant].build_model(args.model_type, base, device)
             meta = VARIANTS[variant].load(dt, path)
             summary = json.loads(meta.get("training_summary", "{}"))
             notes.append(

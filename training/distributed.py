@@ -105,16 +105,19 @@ class DecodeStep(nn.Module):
         self,
         embedding: Tensor | None,
         prompts: Sequence[tuple[Tensor, Tensor]] = (),
-        hq: Tensor | None = None,
+        vit_features: Tensor | None = None,
     ) -> Tensor:
         """One image's low-res logits for each (sparse, dense) prompt group, concatenated:
-        one forward per backward, as DDP requires. ``embedding=None``: a zero loss."""
+        one forward per backward, as DDP requires. ``embedding=None``: a zero loss.
+        ``vit_features``: HQ-SAM's early ViT features (``StableSam.encode_backbone``), fused
+        here, inside the step, since HQ-SAM trains the fusion."""
         touch = torch.zeros(())
         if self.touch_all:
             touch = sum((p.sum() for p in self.parameters() if p.requires_grad), touch) * 0.0
         if embedding is None:  # nothing to decode on this rank this step
             return touch
         model = self._model[0]
+        hq = None if vit_features is None else model.hq_features(embedding, vit_features)
         logits = torch.cat([model.decode(embedding, s, d, False, hq)[0] for s, d in prompts])
         return logits + touch.to(logits.device) if self.touch_all else logits
 

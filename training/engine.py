@@ -187,6 +187,14 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     device: str | None = None  # None: CUDA when available, else CPU
     rts: rts.RTSConfig = field(default_factory=rts.RTSConfig)
+    # Step schedule: the learning rate is multiplied by ``lr_drop_factor`` at the start of each
+    # of these (0-based) epochs (HQ-SAM's recipe: 12 epochs, 1e-3 dropping to 1e-4 after 10).
+    lr_drop_epochs: tuple[int, ...] = ()
+    lr_drop_factor: float = 0.1
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of (0-based) ``epoch``."""
+        return self.lr * self.lr_drop_factor ** sum(epoch >= e for e in self.lr_drop_epochs)
 
     @property
     def images_per_step(self) -> int:
@@ -231,7 +239,9 @@ def step_loss(
     if with_prompts:
         images = np.stack([augmented[i].image for i in with_prompts])
         with torch.no_grad(), autocast_context(device):
-            embeddings, hq = model.encode(
+            # HQ-SAM's fusion of the ViT features is per image in the decoder step: HQ-SAM
+            # trains it (``training.baselines``'s hq-sam).
+            embeddings, vit_features = model.encode_backbone(
                 preprocess(model.sam, images, [augmented[i].valid_hw for i in with_prompts])
             )
         embeddings = embeddings.float()
@@ -248,9 +258,8 @@ def step_loss(
         # Gradients are accumulated image by image: one image's decoder graph at a time.
         with decoder.no_sync() if ddp and not last else contextlib.nullcontext():
             with autocast_context(device):
-                logits = decoder(
-                    embeddings[k : k + 1], prompts, None if hq is None else hq[k : k + 1].float()
-                )
+                vit = None if vit_features is None else vit_features[k : k + 1].float()
+                logits = decoder(embeddings[k : k + 1], prompts, vit)
             loss = bce_dice_loss(logits, targets) * (len(plist) * scale)
             if backward:
                 loss.backward()
@@ -352,6 +361,8 @@ def fit(
             if n_prompts == 0:  # on every rank alike
                 logger.debug("step %d: no promptable objects, skipped", step)
                 continue
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(index // steps_per_epoch)
             optimizer.zero_grad(set_to_none=True)
             # DDP averages the ranks' gradients: ``world`` undoes its division by world.
             scale = ranks.world / n_prompts

@@ -14,6 +14,8 @@ Variants (``--variant``; the rows of paper Table 5 and the DT-SAM baseline):
   ``dsp-no-rts``  DSP only, clean prompts (GT boxes), no occlusion synthesis
   ``dt-sam``      no plugins; SAM's mask decoder fine-tuned with RTS (lr 1e-4)
   ``pt-sam``      no plugins; only SAM's tokens fine-tuned with RTS (lr 1e-3)
+  ``hq-sam``      HQ-SAM's new parameters, its own recipe (12 epochs, lr 1e-3 → 1e-4 after 10)
+  ``hq-sam-rts``  HQ-SAM's new parameters trained with RTS (one epoch)
 
 ``--data``: ``synthetic``, a folder of ``images/`` + ``masks/``, or an HQSeg-44K root
 (``training.hqseg``). As the paper trained (8 GPUs, total batch 32, one epoch of HQSeg-44K)::
@@ -79,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", required=True, type=Path, help="output .safetensors")
     parser.add_argument("--variant", choices=tuple(VARIANTS), default="stable")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="default: the variant's (1; hq-sam: 12)"
+    )
     parser.add_argument("--lr", type=float, default=None, help="default 1e-3 (dt-sam: 1e-4)")
     parser.add_argument("--batch-prompts", type=int, default=32)
     parser.add_argument("--prompts-per-image", type=int, default=8)

@@ -37,6 +37,12 @@ class StableSam(nn.Module):
         self.model_type = model_type
         self.base_checkpoint_sha256 = base_checkpoint_sha256
         self.is_hq = hasattr(sam.mask_decoder, "hf_token")
+        # HQ-SAM only: serve the HQ token's mask alone (HQ-SAM's choice for single-object
+        # images) instead of SAM's mask plus it (its default, ``hq_token_only=False``).
+        self.hq_token_only = False
+        # What the cached per-image features depend on beyond the base: HQ-SAM parameters
+        # trained on a plain base (``add_hq``) change its HQ features; their loader sets this.
+        self.hq_tag = ""
         for p in self.sam.parameters():
             p.requires_grad_(False)
         self.sam.eval()
@@ -90,6 +96,13 @@ class StableSam(nn.Module):
         """α (B, 2) of the last decoder call; ``None`` for plain SAM."""
         return None if self._block is None else self._block.last_alpha
 
+    @property
+    def encoder_id(self) -> str:
+        """Identifies what ``encode`` computes: the base and, for HQ-SAM parameters trained on
+        it, their tag. Embedding caches key on it; plugins never change it."""
+        base = f"{self.model_type}:{self.base_checkpoint_sha256}"
+        return f"{base}+{self.hq_tag}" if self.hq_tag else base
+
     # -- geometry ----------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -108,13 +121,26 @@ class StableSam(nn.Module):
         Returns (B, 256, S/16, S/16) embeddings and, for HQ-SAM, its per-image HQ features
         (B, 32, S/4, S/4) — computed once here so the decoder does not recompute them per prompt.
         """
+        embeddings, vit_features = self.encode_backbone(images)
+        if vit_features is None:
+            return embeddings, None
+        return embeddings, self.hq_features(embeddings, vit_features)
+
+    @torch.no_grad()
+    def encode_backbone(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The frozen ViT alone: (B, 256, S/16, S/16) embeddings and, for HQ-SAM, the early
+        ViT features (B, D, S/16, S/16) (after its first global-attention block) that
+        ``hq_features`` fuses; ``None`` for SAM."""
         if not self.is_hq:
             return self.sam.image_encoder(images), None
         embeddings, interm = self.sam.image_encoder(images)
+        return embeddings, interm[0].permute(0, 3, 1, 2)
+
+    def hq_features(self, embeddings: Tensor, vit_features: Tensor) -> Tensor:
+        """HQ-SAM's global-local fusion (its Eq. in §3.2): the final embedding and the early ViT
+        features, each upsampled to (B, 32, S/4, S/4), summed. Differentiable: HQ-SAM trains it."""
         decoder = self.sam.mask_decoder
-        vit_features = interm[0].permute(0, 3, 1, 2)
-        hq = decoder.embedding_encoder(embeddings) + decoder.compress_vit_feat(vit_features)
-        return embeddings, hq
+        return decoder.embedding_encoder(embeddings) + decoder.compress_vit_feat(vit_features)
 
     def decode(
         self,
@@ -148,8 +174,13 @@ class StableSam(nn.Module):
             dense_prompt_embeddings=dense,
             hq_features=hq_features,
         )
-        # HQ-SAM's selection (hq_token_only=False): the chosen SAM mask plus the HQ mask.
+        # HQ-SAM's selection: the chosen SAM mask plus the HQ mask, or (``hq_token_only``) the
+        # HQ mask alone, with SAM's predicted IoU either way.
         n = decoder.num_mask_tokens
+        if self.hq_token_only:
+            masks = masks[:, n - 1 : n]
+            iou = iou[:, 1 : n - 1].max(dim=1).values[:, None] if multimask_output else iou[:, :1]
+            return masks, iou
         if multimask_output:
             iou_multi, best = iou[:, 1 : n - 1].max(dim=1)
             sam_mask = masks[:, 1 : n - 1][torch.arange(masks.shape[0]), best].unsqueeze(1)

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--models",
         default="sam,stable-sam",
-        help="comma list: sam, stable-sam, hq-sam, project:<plugin file>; 'none' for box quality only",
+        help="comma list: sam, stable-sam, hq-sam (official, --hq-checkpoint), project:<plugin "
+        "file>, dt-sam:<file>, pt-sam:<file>, hq-sam:<file> (trained on the base); 'none' for "
+        "box quality only",
     )
     e.add_argument("--base-type", help="SAM base model type (default: the embedded default)")
     e.add_argument("--base-checkpoint", help="SAM base checkpoint (default: the embedded default)")

@@ -6,8 +6,9 @@
 - ``project:<path>``: the base with a plugin file, e.g. a project-trained version
   (``VERSIONS_DIR/<project>/<version>.safetensors``), or ``project:VERSIONS_DIR/<project>`` for
   that project's current (newest promoted) version from ``runtime.versions``;
-- ``dt-sam:<path>`` / ``pt-sam:<path>``: the plain base with a DT-SAM decoder file or PT-SAM
-  tokens file (``python -m training.train --variant dt-sam|pt-sam --out <path>``).
+- ``dt-sam:<path>`` / ``pt-sam:<path>`` / ``hq-sam:<path>``: the plain base with a DT-SAM
+  decoder file, PT-SAM tokens file or HQ-SAM parameters file trained on it
+  (``python -m training.train --variant dt-sam|pt-sam|hq-sam --out <path>``).
 
 ``base_type`` / ``base_checkpoint`` replace the embedded default base (e.g. an official
 ``vit_l`` checkpoint); the shipped plugins only fit the base they were trained on.
@@ -21,6 +22,13 @@ from pathlib import Path
 from training.evaluation import EvalModel
 
 logger = logging.getLogger(__name__)
+
+# ``<variant>:<file>`` models: the trained baselines of ``training.baselines`` on the base.
+TRAINED_BASELINES = {
+    "dt-sam": "decoder fine-tuned",
+    "pt-sam": "tokens fine-tuned",
+    "hq-sam": "HQ-SAM parameters trained",
+}
 
 
 def model_names(spec: str) -> list[str]:
@@ -85,13 +93,13 @@ def build_models(
                 raise ValueError("model 'hq-sam' needs --hq-checkpoint (an HQ-SAM .pth)")
             model = build_stable_sam(hq_model_type, hq_checkpoint, plugins=False, device=device)
             description = f"HQ-SAM {hq_model_type} ({_name(hq_checkpoint)})"
-        elif name.startswith(("dt-sam:", "pt-sam:")):
+        elif name.startswith(tuple(f"{kind}:" for kind in TRAINED_BASELINES)):
             from training.baselines import VARIANTS
 
             kind, path = name.split(":", 1)
-            model = build_stable_sam(base_type, base_checkpoint, plugins=False, device=device)
+            model = VARIANTS[kind].build_model(base_type, base_checkpoint, device)
             VARIANTS[kind].load(model, path)
-            what = "decoder fine-tuned" if kind == "dt-sam" else "tokens fine-tuned"
+            what = TRAINED_BASELINES[kind]
             description = f"{kind.upper()}: {base_type} ({_name(base_checkpoint)}), {what} ({path})"
         elif name.startswith("project:"):
             path = project_plugin_file(name.split(":", 1)[1])
@@ -104,7 +112,7 @@ def build_models(
         else:
             raise ValueError(
                 f"unknown model {name!r}; expected sam, stable-sam, hq-sam, project:<plugin file>, "
-                "dt-sam:<decoder file> or pt-sam:<tokens file>"
+                "dt-sam:<decoder file>, pt-sam:<tokens file> or hq-sam:<HQ-SAM parameters file>"
             )
         logger.info("user study model %s: %s", name, description)
         out[name] = EvalModel(name, StableSamPredictor(model), description=description)
