@@ -79,6 +79,28 @@ def test_quick_benchmark_writes_the_tables_and_json(trained, tmp_path):
     assert cached[0].stat().st_mtime == mtime
 
 
+def test_every_trained_comparison_row_trains_and_scores_in_seconds(trained, tmp_path):
+    """``--train-missing`` from an empty cache: the smoke of each baseline trainer (one step)."""
+    _root, base, plugins = trained
+    rows = [k for k, (_title, variant) in benchmark.MODEL_ROWS.items() if variant is not None]
+    argv = ["--out", str(tmp_path / "b"), "--base", str(base), "--plugins", str(plugins)]
+    argv += ["--quick", "--cache-dir", str(tmp_path / "cache"), "--train-missing", "--models"]
+    result = benchmark.main([*argv, *rows, "--no-progress"])
+    assert set(result["models"]) == {"sam", "stable_sam", *rows}
+    kinds = {p.name.split(".")[-2] for p in (tmp_path / "cache").glob("*.safetensors")}
+    assert {"plugins", "decoder", "tokens", "hq"} <= kinds
+
+
+def test_the_comparison_bench_times_each_row_against_sam(capsys):
+    from bench.bench_comparison_rows import main as bench_main
+
+    bench_main(["--repeats", "1", "--rows", "sam", "pt_sam", "hq_sam"])
+    out = capsys.readouterr().out
+    assert "  sam " in out and "x 1.00" in out
+    assert "2,560" in out  # PT-SAM's ten tokens
+    assert "481,280" in out  # HQ-SAM's parameters on the mini
+
+
 def test_missing_variants_are_reported_not_trained(trained, tmp_path):
     _root, base, plugins = trained
     argv = ["--out", str(tmp_path / "b"), "--base", str(base), "--plugins", str(plugins)]

@@ -20,7 +20,7 @@ drifts far from SAM).
 PT-SAM ("finetuning SAM's prompt token", paper §5.1) trains only the learned tokens that enter
 SAM's two-way transformer beside the image: the prompt encoder's sparse prompt embeddings (the
 positive / negative point and the two box-corner embeddings, and the padding point's) and the
-mask decoder's output tokens (IoU token and four mask tokens), 11 x 256 values on every base
+mask decoder's output tokens (IoU token and four mask tokens), 10 x 256 values on every base
 (``PT_SAM_TOKENS``; RTS draws no negative clicks, so the negative point's embedding gets no
 gradient and stays SAM's). The dense "no mask" embedding, added to every image token, is left frozen:
 it is not a token. The paper does not publish PT-SAM's learning rate; we use the plugins' 1e-3

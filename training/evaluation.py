@@ -271,12 +271,12 @@ def evaluate(
 ) -> dict[str, ModelScores]:
     """Score every model with the protocol's prompts on ``dataset``; keyed by ``EvalModel.key``.
 
-    All models must share the base encoder: the first model's predictor embeds each image
-    (once; from its cache when it has seen the image). Each kind's prompts of all an image's
-    objects are decoded in one batch.
+    Each image is embedded once per encoder (``StableSamPredictor.encoder_id``: the base, plus
+    HQ-SAM parameters trained on it), by the first model's predictor with that encoder (from its
+    cache when it has seen the image). Each kind's prompts of all an image's objects are decoded
+    in one batch.
     """
     scores = {m.key: ModelScores() for m in models}
-    encoder = models[0].predictor
     indices: Sequence[int] = range(len(dataset))
     if progress:
         from tqdm import tqdm
@@ -287,8 +287,12 @@ def evaluate(
         if sample.num_instances == 0:
             continue
         objects, per_object = image_prompts(sample, index, seed, n_prompts, max_objects, kinds)
-        embedding = encoder.embed(sample.image)
+        embeddings: dict[str, ImageEmbedding] = {}
         for model in models:
+            encoder = model.predictor.encoder_id
+            if encoder not in embeddings:
+                embeddings[encoder] = model.predictor.embed(sample.image)
+            embedding = embeddings[encoder]
             for kind in kinds:
                 arrays = [p.by_kind[kind] for p in per_object]
                 masks, alpha = decode(model, embedding, np.concatenate(arrays))
