@@ -24,13 +24,16 @@ from .modeling import (
     DynamicRoutingPlugin,
     PluginConfig,
     StableSam,
+    StableSam2,
     StableSamPlugins,
 )
 from .predictor import BatchPrediction, Prediction, StableSamPredictor, image_content_key
 from .refinement import ClickMemory, PromptKey
+from .sam2_base import SAM2_MODEL_TYPES
 
 __all__ = [
     "MODEL_TYPES",
+    "SAM2_MODEL_TYPES",
     "BatchPrediction",
     "ClickMemory",
     "DeformableSamplingPlugin",
@@ -42,6 +45,7 @@ __all__ = [
     "Prediction",
     "PromptKey",
     "StableSam",
+    "StableSam2",
     "StableSamPlugins",
     "StableSamPredictor",
     "autocast_context",

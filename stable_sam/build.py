@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .modeling import PluginConfig, StableSam
+from .modeling import PluginConfig, StableSam, StableSam2
+from .sam2_base import SAM2_MODEL_TYPES, build_sam2_base, is_sam2_type
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ ENCODER_SPECS: dict[str, EncoderSpec] = {
 
 HQ_PREFIX = "hq_"
 MODEL_TYPES = tuple(ENCODER_SPECS) + tuple(HQ_PREFIX + t for t in ENCODER_SPECS)
+MODEL_TYPES += SAM2_MODEL_TYPES  # SAM 2.1 image models (``stable_sam.sam2_base``)
 
 
 def build_sam(
@@ -65,7 +67,14 @@ def build_sam(
     ``add_hq``: HQ-SAM's architecture on a plain SAM ``checkpoint`` (``model_type`` without the
     prefix): every SAM key loads strictly, HQ-SAM's new parameters (``HQ_PARAMETER_PREFIXES``)
     keep their fresh initialisation, to be trained (``training.baselines``'s ``hq-sam``).
+
+    A SAM 2.1 ``model_type`` (``sam2.1_hiera_tiny`` ...) builds ``sam2``'s ``SAM2Base``
+    (``stable_sam.sam2_base``; checkpoints are its official ``.pt`` files).
     """
+    if is_sam2_type(model_type):
+        if add_hq:
+            raise ValueError(f"add_hq is for a plain SAM base, not {model_type!r}")
+        return build_sam2_base(model_type, checkpoint)
     if add_hq and model_type.startswith(HQ_PREFIX):
         raise ValueError(f"add_hq is for a plain SAM base, not {model_type!r}")
     hq = add_hq or model_type.startswith(HQ_PREFIX)
@@ -202,7 +211,8 @@ def build_stable_sam(
     sam = build_sam(model_type, checkpoint, add_hq=add_hq)
     base_hash = file_sha256(checkpoint) if checkpoint is not None else "random-init"
     config = (plugin_config or PluginConfig()) if plugins else None
-    model = StableSam(sam, model_type, base_hash, config)
+    wrapper = StableSam2 if is_sam2_type(model_type) else StableSam
+    model = wrapper(sam, model_type, base_hash, config)
     if add_hq:  # fresh HQ parameters: features cached for them are this model's alone
         model.hq_tag = f"hq-fresh-{uuid.uuid4().hex[:12]}"
     model.to(pick_device(device))

@@ -25,11 +25,20 @@ class ImageEmbedding:
     hq_features: torch.Tensor | None  # (1, 32, S/4, S/4) for HQ-SAM, else None
     original_size: tuple[int, int]  # (H, W) of the image as given
     input_size: tuple[int, int]  # (h, w) after resizing the longest side to S
+    # SAM 2: the decoder's high-resolution skip features (1, 32, S/4, S/4), (1, 64, S/8, S/8).
+    high_res_features: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def decoder_features(self) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
+        """What the model's ``decode`` takes beside the embedding: SAM 2's high-resolution
+        features, HQ-SAM's HQ features, or ``None`` (SAM)."""
+        return self.high_res_features if self.high_res_features is not None else self.hq_features
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.hq_features is None else self.hq_features.nbytes
-        return self.embeddings.nbytes + extra
+        """Bytes of every tensor held (what ``EmbeddingCache`` counts against its cap)."""
+        tensors = [self.embeddings, self.hq_features, *(self.high_res_features or ())]
+        return sum(t.nbytes for t in tensors if t is not None)
 
 
 class EmbeddingCache:

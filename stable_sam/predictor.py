@@ -113,18 +113,22 @@ class StableSamPredictor:
     @torch.no_grad()
     def _compute_embedding(self, key: str, image: np.ndarray) -> ImageEmbedding:
         side = self.model.image_size
-        resized = resize_longest_side(image, side)
+        resized = resize_longest_side(image, side, self.model.square_input)
         device = self.model.device
         x = torch.as_tensor(resized, device=device).permute(2, 0, 1).unsqueeze(0).float()
-        x = self.model.sam.preprocess(x)  # normalise, pad to S x S
+        x = self.model.preprocess(x)  # normalise, pad to S x S
         with autocast_context(device):
-            embeddings, hq = self.model.encode(x)
+            embeddings, features = self.model.encode(x)
+        # SAM 2 returns its high-resolution features (a tuple), HQ-SAM its HQ features.
+        high_res = tuple(f.float() for f in features) if isinstance(features, tuple) else None
+        hq = features.float() if isinstance(features, torch.Tensor) else None
         return ImageEmbedding(
             key=key,
             embeddings=embeddings.float(),
-            hq_features=None if hq is None else hq.float(),
+            hq_features=hq,
             original_size=tuple(image.shape[:2]),
             input_size=tuple(resized.shape[:2]),
+            high_res_features=high_res,
         )
 
     # -- prediction --------------------------------------------------------------------------
@@ -213,12 +217,11 @@ class StableSamPredictor:
             logits, scores = logits[rows, best][:, None], scores[rows, best][:, None]
         masks = None
         if return_masks:
-            side = self.model.image_size
+            side, square = self.model.image_size, self.model.square_input
+            size = embedding.original_size
             masks = np.stack(
                 [
-                    np.stack(
-                        [low_res_to_original(m, embedding.original_size, side) > 0 for m in per]
-                    )
+                    np.stack([low_res_to_original(m, size, side, square) > 0 for m in per])
                     for per in logits
                 ]
             )
@@ -242,7 +245,7 @@ class StableSamPredictor:
         with self._decode_lock, self.model.use_plugins(plugins):
             sparse, dense = self.model.encode_prompts(sparse_points, boxes, masks)
             logits, scores = self.model.decode(
-                embedding.embeddings, sparse, dense, multimask_output, embedding.hq_features
+                embedding.embeddings, sparse, dense, multimask_output, embedding.decoder_features
             )
             alpha = self.model.last_alpha
         return (
@@ -261,11 +264,12 @@ class StableSamPredictor:
     ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
         """Prompts in original pixels -> tensors in the model's input frame, on its device."""
         device, side, size = self.model.device, self.model.image_size, embedding.original_size
+        square = self.model.square_input
         points = None
         if point_coords is not None:
             if point_labels is None:
                 raise ValueError("point_coords given without point_labels")
-            coords = torch.as_tensor(scale_coords(point_coords, size, side), device=device)
+            coords = torch.as_tensor(scale_coords(point_coords, size, side, square), device=device)
             labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.int, device=device)
             if coords.ndim != 3 or labels.shape != coords.shape[:2]:
                 raise ValueError(
@@ -275,7 +279,7 @@ class StableSamPredictor:
             points = (coords, labels)
         boxes = None
         if boxes_xyxy is not None:
-            boxes = torch.as_tensor(scale_boxes(boxes_xyxy, size, side), device=device)
+            boxes = torch.as_tensor(scale_boxes(boxes_xyxy, size, side, square), device=device)
             if boxes.ndim != 2 or boxes.shape[1] != 4:
                 raise ValueError(f"boxes must be (B, 4); got {tuple(boxes.shape)}")
         masks = None

@@ -199,7 +199,7 @@ def run_image(
     ).reshape(n_objects, len(ks), 2, 4)
     prompt_boxes = np.concatenate([boxes.reshape(-1, 4), extra.reshape(-1, 4)])
     embedding = models[0].predictor.embed(sample.image)
-    side = models[0].predictor.model.image_size
+    side, square = models[0].predictor.model.image_size, models[0].predictor.model.square_input
     hw = embedding.original_size
     out: dict[str, list[ObjectResult]] = {}
     for model in models:
@@ -210,7 +210,9 @@ def run_image(
             plugins=model.plugins,
             return_masks=False,
         )
-        logits = np.stack([low_res_to_original(m[0], hw, side) for m in batch.low_res_logits])
+        logits = np.stack(
+            [low_res_to_original(m[0], hw, side, square) for m in batch.low_res_logits]
+        )
         scores = batch.scores[:, 0]
         crowd_logits = logits[: n_objects * n_annotators].reshape(n_objects, n_annotators, *hw)
         crowd_scores = scores[: n_objects * n_annotators].reshape(n_objects, n_annotators)

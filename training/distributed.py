@@ -105,19 +105,20 @@ class DecodeStep(nn.Module):
         self,
         embedding: Tensor | None,
         prompts: Sequence[tuple[Tensor, Tensor]] = (),
-        vit_features: Tensor | None = None,
+        vit_features: Tensor | tuple[Tensor, ...] | None = None,
     ) -> Tensor:
         """One image's low-res logits for each (sparse, dense) prompt group, concatenated:
         one forward per backward, as DDP requires. ``embedding=None``: a zero loss.
         ``vit_features``: HQ-SAM's early ViT features (``StableSam.encode_backbone``), fused
-        here, inside the step, since HQ-SAM trains the fusion."""
+        here, inside the step, since HQ-SAM trains the fusion; SAM 2's high-resolution features,
+        passed on as they are."""
         touch = torch.zeros(())
         if self.touch_all:
             touch = sum((p.sum() for p in self.parameters() if p.requires_grad), touch) * 0.0
         if embedding is None:  # nothing to decode on this rank this step
             return touch
         model = self._model[0]
-        hq = None if vit_features is None else model.hq_features(embedding, vit_features)
+        hq = model.decoder_features(embedding, vit_features)
         logits = torch.cat([model.decode(embedding, s, d, False, hq)[0] for s, d in prompts])
         return logits + touch.to(logits.device) if self.touch_all else logits
 

@@ -146,10 +146,13 @@ def sam_loss(
 # ----------------------------------------------------------------------------- inputs and step
 
 
-def preprocess(sam: Sam, images: np.ndarray, valid_hw: Sequence[tuple[int, int]]) -> Tensor:
+def preprocess(
+    sam: Sam | StableSam, images: np.ndarray, valid_hw: Sequence[tuple[int, int]]
+) -> Tensor:
     """Input-frame images (B, S, S, 3) uint8 -> normalised (B, 3, S, S) on the model's device.
 
-    Like SAM's ``preprocess``: normalise with SAM's pixel mean / std, then zero the padding
+    Like SAM's ``preprocess``: normalise with the model's pixel mean / std (a SAM's, or a
+    ``StableSam``'s, which is its base's: SAM 2's for a SAM 2 base), then zero the padding
     outside each image's valid (h, w) top-left region.
     """
     x = torch.as_tensor(images, device=sam.pixel_mean.device).permute(0, 3, 1, 2).float()
@@ -233,16 +236,16 @@ def step_loss(
     decoder = decoder if decoder is not None else distributed.DecodeStep(model, [])
     ddp = isinstance(decoder, nn.parallel.DistributedDataParallel)
     # Prompt embeddings need gradients only when the prompt encoder trains (PT-SAM's tokens).
-    prompt_grad = backward and any(p.requires_grad for p in model.sam.prompt_encoder.parameters())
+    prompt_grad = backward and any(p.requires_grad for p in model.prompt_encoder.parameters())
     with_prompts = [i for i, plist in enumerate(prompt_lists) if plist]
     total, count = 0.0, 0
     if with_prompts:
         images = np.stack([augmented[i].image for i in with_prompts])
         with torch.no_grad(), autocast_context(device):
             # HQ-SAM's fusion of the ViT features is per image in the decoder step: HQ-SAM
-            # trains it (``training.baselines``'s hq-sam).
+            # trains it (``training.baselines``'s hq-sam). SAM 2: its high-resolution features.
             embeddings, vit_features = model.encode_backbone(
-                preprocess(model.sam, images, [augmented[i].valid_hw for i in with_prompts])
+                preprocess(model, images, [augmented[i].valid_hw for i in with_prompts])
             )
         embeddings = embeddings.float()
     for k, i in enumerate(with_prompts):
@@ -258,7 +261,7 @@ def step_loss(
         # Gradients are accumulated image by image: one image's decoder graph at a time.
         with decoder.no_sync() if ddp and not last else contextlib.nullcontext():
             with autocast_context(device):
-                vit = None if vit_features is None else vit_features[k : k + 1].float()
+                vit = _image_features(vit_features, k)
                 logits = decoder(embeddings[k : k + 1], prompts, vit)
             loss = bce_dice_loss(logits, targets) * (len(plist) * scale)
             if backward:
@@ -268,6 +271,17 @@ def step_loss(
     if ddp and backward and not with_prompts:
         decoder(None).backward()  # this rank has nothing to decode: a zero gradient
     return total, count
+
+
+def _image_features(
+    features: Tensor | tuple[Tensor, ...] | None, k: int
+) -> Tensor | tuple[Tensor, ...] | None:
+    """Image ``k``'s share (batch of one, float) of ``encode_backbone``'s per-image features."""
+    if features is None:
+        return None
+    if isinstance(features, tuple):
+        return tuple(f[k : k + 1].float() for f in features)
+    return features[k : k + 1].float()
 
 
 def fit(

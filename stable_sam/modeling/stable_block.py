@@ -13,7 +13,9 @@ MASK_TOKEN_INDEX = 1  # output tokens are [iou, mask_0, ...] in SAM and HQ-SAM; 
 class StableTwoWayAttentionBlock(nn.Module):
     """A ``TwoWayAttentionBlock`` whose token-to-image attention sees routed, resampled features.
 
-    It adopts the original block's sub-modules under their original names, so the SAM state_dict
+    ``block`` is a ``TwoWayAttentionBlock`` of ``segment_anything`` (SAM, HQ-SAM) or of ``sam2``
+    (SAM 2): the same four steps under the same sub-module names. It adopts the original block's
+    sub-modules under their original names, so the SAM state_dict
     keys are unchanged and official checkpoints load strictly. The plugins are referenced, not
     registered, here: they belong to ``StableSam.plugins`` and are saved separately.
 
@@ -23,11 +25,16 @@ class StableTwoWayAttentionBlock(nn.Module):
     encoding (with α = [0, 1] this is exactly vanilla SAM).
     """
 
-    def __init__(self, block: nn.Module, plugins: StableSamPlugins) -> None:
+    def __init__(
+        self, block: nn.Module, plugins: StableSamPlugins, mask_token_index: int = MASK_TOKEN_INDEX
+    ) -> None:
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
         self.skip_first_layer_pe = block.skip_first_layer_pe
+        # Where t_o (the output mask token the DRP routes on) sits among the tokens: 1 in SAM
+        # and HQ-SAM; SAM 2 puts its object-score token first, so 2 there.
+        self.mask_token_index = mask_token_index
         object.__setattr__(self, "_plugins", plugins)  # not a sub-module: keeps keys unchanged
         self.feature_hw: tuple[int, int] | None = None
         self.last_alpha: Tensor | None = None
@@ -52,7 +59,7 @@ class StableTwoWayAttentionBlock(nn.Module):
 
         # Dynamic routing from the output mask token, then deformable sampling of x_p.
         hw = self.feature_hw or _square_hw(keys.shape[1])
-        alpha = self.plugins.route(queries[:, MASK_TOKEN_INDEX, :])  # (B, 2)
+        alpha = self.plugins.route(queries[:, self.mask_token_index, :])  # (B, 2)
         resampled, offsets = self.plugins.dsp(keys, hw)  # (B, HW, C), contiguous
         # x_mix = α1 · x*_{p+Δp} + α2 · x_p. Contiguous operands keep the attention's matmuls
         # (and so α = [0, 1]) bit-identical to vanilla SAM.

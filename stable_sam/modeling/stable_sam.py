@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .fast_ops import use_patch_transposed_convs
 from .plugins import PluginConfig, StableSamPlugins
-from .stable_block import StableTwoWayAttentionBlock
+from .stable_block import MASK_TOKEN_INDEX, StableTwoWayAttentionBlock
 
 PLUGIN_LAYER = 1  # decoder layer 2 of the two-way transformer (0-based index 1)
 
@@ -36,7 +36,7 @@ class StableSam(nn.Module):
         self.sam = sam
         self.model_type = model_type
         self.base_checkpoint_sha256 = base_checkpoint_sha256
-        self.is_hq = hasattr(sam.mask_decoder, "hf_token")
+        self.is_hq = hasattr(self.mask_decoder, "hf_token")
         # HQ-SAM only: serve the HQ token's mask alone (HQ-SAM's choice for single-object
         # images) instead of SAM's mask plus it (its default, ``hq_token_only=False``).
         self.hq_token_only = False
@@ -46,7 +46,7 @@ class StableSam(nn.Module):
         for p in self.sam.parameters():
             p.requires_grad_(False)
         self.sam.eval()
-        use_patch_transposed_convs(self.sam.mask_decoder)  # same weights, faster on CPU
+        use_patch_transposed_convs(self.mask_decoder)  # same weights, faster on CPU
         self._swap_lock = threading.RLock()
         self.plugins: StableSamPlugins | None = None
         self._block: StableTwoWayAttentionBlock | None = None
@@ -56,12 +56,14 @@ class StableSam(nn.Module):
     # -- plugins -----------------------------------------------------------------------------
     def install_plugins(self, plugins: StableSamPlugins) -> None:
         """Insert ``plugins`` into decoder layer 2 (or replace the ones already there)."""
-        layers = self.sam.mask_decoder.transformer.layers
+        transformer = self.mask_decoder.transformer
         if self._block is None:
-            self._block = StableTwoWayAttentionBlock(layers[PLUGIN_LAYER], plugins)
-            layers[PLUGIN_LAYER] = self._block
+            self._block = StableTwoWayAttentionBlock(
+                transformer.layers[PLUGIN_LAYER], plugins, self.mask_token_index
+            )
+            transformer.layers[PLUGIN_LAYER] = self._block
             # The block sees flattened keys; record H x W from the transformer's input.
-            self.sam.mask_decoder.transformer.register_forward_pre_hook(self._record_hw)
+            transformer.register_forward_pre_hook(self._record_hw)
         else:
             self._block.set_plugins(plugins)
         self.plugins = plugins.to(self.device)
@@ -103,15 +105,44 @@ class StableSam(nn.Module):
         base = f"{self.model_type}:{self.base_checkpoint_sha256}"
         return f"{base}+{self.hq_tag}" if self.hq_tag else base
 
+    # -- the base's parts --------------------------------------------------------------------
+    # Where the decoder keeps t_o, the output mask token the DRP routes on (see
+    # ``StableTwoWayAttentionBlock``): tokens are [iou, mask_0, mask_1, ...] in SAM and HQ-SAM.
+    mask_token_index = MASK_TOKEN_INDEX
+    # How images enter the encoder: False, SAM's longest side resized to S and padded to S x S;
+    # True, the whole image resized to S x S (SAM 2). ``stable_sam.transforms`` maps both.
+    square_input = False
+
+    @property
+    def mask_decoder(self) -> nn.Module:
+        return self.sam.mask_decoder
+
+    @property
+    def prompt_encoder(self) -> nn.Module:
+        return self.sam.prompt_encoder
+
+    @property
+    def pixel_mean(self) -> Tensor:
+        """(3, 1, 1) RGB mean in 0..255 that the encoder's input is normalised with."""
+        return self.sam.pixel_mean
+
+    @property
+    def pixel_std(self) -> Tensor:
+        return self.sam.pixel_std
+
     # -- geometry ----------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.sam.pixel_mean.device
+        return self.pixel_mean.device
 
     @property
     def image_size(self) -> int:
         """Side of the square encoder input (1024 for official SAM, 256 for the mini)."""
-        return self.sam.prompt_encoder.input_image_size[0]
+        return self.prompt_encoder.input_image_size[0]
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Resized images (B, 3, h, w) in 0..255 -> normalised and padded (B, 3, S, S)."""
+        return self.sam.preprocess(images)
 
     # -- forward pieces ----------------------------------------------------------------------
     @torch.no_grad()
@@ -136,10 +167,19 @@ class StableSam(nn.Module):
         embeddings, interm = self.sam.image_encoder(images)
         return embeddings, interm[0].permute(0, 3, 1, 2)
 
+    def decoder_features(
+        self, embeddings: Tensor, backbone_features: Tensor | None
+    ) -> Tensor | None:
+        """The per-image features ``decode`` takes beyond the embedding, from what
+        ``encode_backbone`` returned: HQ-SAM's fused HQ features; ``None`` for SAM."""
+        if backbone_features is None:
+            return None
+        return self.hq_features(embeddings, backbone_features)
+
     def hq_features(self, embeddings: Tensor, vit_features: Tensor) -> Tensor:
         """HQ-SAM's global-local fusion (its Eq. in §3.2): the final embedding and the early ViT
         features, each upsampled to (B, 32, S/4, S/4), summed. Differentiable: HQ-SAM trains it."""
-        decoder = self.sam.mask_decoder
+        decoder = self.mask_decoder
         return decoder.embedding_encoder(embeddings) + decoder.compress_vit_feat(vit_features)
 
     def decode(
@@ -155,8 +195,8 @@ class StableSam(nn.Module):
         Returns low-res mask logits (B, K, 4h, 4w) and predicted IoUs (B, K), K = 3 with
         multimask output, else 1 — exactly SAM's ``MaskDecoder.forward`` selection.
         """
-        decoder = self.sam.mask_decoder
-        pe = self.sam.prompt_encoder.get_dense_pe()
+        decoder = self.mask_decoder
+        pe = self.prompt_encoder.get_dense_pe()
         if not self.is_hq:
             return decoder(
                 image_embeddings=image_embeddings,
@@ -196,4 +236,4 @@ class StableSam(nn.Module):
         masks: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         """SAM's prompt encoder (inputs in the resized-input frame)."""
-        return self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        return self.prompt_encoder(points=points, boxes=boxes, masks=masks)
