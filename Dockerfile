@@ -26,7 +26,8 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY requirements.txt .
-RUN pip install -r requirements.txt
+COPY scripts/install_requirements.sh scripts/
+RUN bash scripts/install_requirements.sh pip
 
 # Official checkpoints, fetched at build time (none by default: the embedded default ships in
 # stable_sam/weights/).

@@ -60,7 +60,7 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 if [[ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]]; then
     log "installing requirements.txt into .venv (first run takes a while)"
-    .venv/bin/pip install -r requirements.txt
+    bash scripts/install_requirements.sh .venv/bin/pip
     echo "$want" > "$stamp"
 fi
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README; .ci/run calls exactly this). On a fresh machine it:
-#   1. creates .venv from requirements.txt (torch/torchvision install from this machine's disk),
+#   1. creates .venv from requirements.txt (torch/torchvision install from this machine's disk;
+#      scripts/install_requirements.sh: sam2's sdist is built without build isolation),
 #   2. installs redis-server with apt-get if missing and starts one on 127.0.0.1:6379 if none answers
 #      (tests also start private servers of their own), and haproxy (the replicas' proxy),
 #   3. installs label-studio==1.23.2 into its own .venv-ls for the end-to-end tests,
@@ -20,7 +21,7 @@ want="$(sha256sum requirements.txt | cut -d' ' -f1)"
 [[ -x .venv/bin/python ]] || { log "creating .venv"; "$PYTHON" -m venv .venv; }
 if [[ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]]; then
     log "installing requirements.txt into .venv"
-    quiet_pip .venv/bin/pip install --quiet -r requirements.txt
+    quiet_pip bash scripts/install_requirements.sh .venv/bin/pip
     echo "$want" > "$stamp"
 fi
 
