@@ -276,6 +276,24 @@ def test_the_predictor_answers_a_box_points_and_both(base: Base, prompt):
     assert out.scores.shape == (1,) and np.isfinite(out.scores).all()
     three = base.stable.predict(image, multimask_output=True, **PROMPTS[prompt])
     assert three.masks.shape == (3, 600, SIDE)
+    assert base.stable.embed(image).input_size == (SIDE, SIDE)  # stretched, not padded
+
+
+def test_the_predictor_puts_prompts_where_sam2s_transforms_put_them(base: Base):
+    from sam2.utils.transforms import SAM2Transforms
+
+    if base.model_type != TINY:
+        pytest.skip("the frame does not depend on the size")
+    hw = (480, 640)
+    fake = ImageEmbedding("x", base.embedding.embeddings, None, hw, (SIDE, SIDE))
+    box = np.array([[10.0, 20.0, 300.0, 400.0]], np.float32)
+    points = np.array([[[5.0, 7.0], [600.0, 470.0]]], np.float32)
+    (coords, _), boxes, _ = base.vanilla.prompt_tensors(fake, box, points, np.ones((1, 2)), None)
+    transforms = SAM2Transforms(resolution=SIDE, mask_threshold=0.0)
+    theirs_box = transforms.transform_boxes(torch.tensor(box), normalize=True, orig_hw=hw)
+    theirs_pts = transforms.transform_coords(torch.tensor(points), normalize=True, orig_hw=hw)
+    assert torch.allclose(boxes, theirs_box.reshape(1, 4))
+    assert torch.allclose(coords, theirs_pts)
 
 
 def test_the_square_frame_maps_prompts_and_masks_as_sam2_does():
