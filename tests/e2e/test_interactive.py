@@ -23,6 +23,7 @@ from bench.loopback import png_bytes
 from stable_sam import StableSamPredictor, build_stable_sam
 from stable_sam.build import build_sam
 from stable_sam.metrics import mask_iou
+from stable_sam.sam2_base import is_sam2_type, save_sam2_checkpoint
 from training.click_loop import next_click
 from training.scenes import make_scene, scene_seed
 
@@ -335,22 +336,36 @@ def test_rectangle_covers_the_object(
 # --- The transport, independent of how well the model is trained ------------------------------
 
 
-@pytest.fixture(scope="module")
-def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A mini SAM with fixed random weights, saved as an official-format ``.pth`` state_dict.
+# The bases the transport is pinned for: the mini SAM and, for SAM 2's square input frame, its
+# box-as-points prompts and high-resolution features, SAM 2.1 hiera tiny. Seeds of their random
+# weights: mini seed 7 gives masks covering 59-67 % of the first target image for all three
+# prompts, so a misplaced prompt changes many pixels (seed 0 covers 86-98 %: too little
+# contrast); hiera tiny seed 1 covers 39-58 % (its seed 0: 97 %).
+TRANSPORT_BASES = {"mini": 7, "sam2.1_hiera_tiny": 1}
 
-    Seed 7 gives masks covering 59-67 % of the first target image for all three prompts, so a
-    misplaced prompt changes many pixels (seed 0 covers 86-98 %: too little contrast)."""
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("weights") / "mini-random.pth"
-    torch.save(build_sam("mini").state_dict(), path)
+
+@pytest.fixture(scope="module", params=list(TRANSPORT_BASES))
+def base_type(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory, base_type: str) -> Path:
+    """A ``base_type`` SAM with fixed random weights, saved as an official checkpoint (a
+    ``.pth`` state_dict for SAM, ``{"model": state_dict}`` in a ``.pt`` for SAM 2)."""
+    torch.manual_seed(TRANSPORT_BASES[base_type])
+    folder = tmp_path_factory.mktemp("weights")
+    if is_sam2_type(base_type):
+        return save_sam2_checkpoint(build_sam(base_type), folder / f"{base_type}-random.pt")
+    path = folder / f"{base_type}-random.pth"
+    torch.save(build_sam(base_type).state_dict(), path)
     return path
 
 
 @pytest.fixture(scope="module")
-def reference_predictor(random_checkpoint: Path) -> StableSamPredictor:
+def reference_predictor(random_checkpoint: Path, base_type: str) -> StableSamPredictor:
     """The same plain SAM as the backend serves, in this process."""
-    model = build_stable_sam("mini", random_checkpoint, plugins=False, device="cpu")
+    model = build_stable_sam(base_type, random_checkpoint, plugins=False, device="cpu")
     return StableSamPredictor(model)
 
 
@@ -361,19 +376,20 @@ def plain_sam_setup(
     start_backend,
     targets: list[Target],
     random_checkpoint: Path,
+    base_type: str,
 ) -> Connected:
-    """A project served by a backend running plain SAM from ``random_checkpoint``."""
+    """A project served by a backend running plain ``base_type`` from ``random_checkpoint``."""
     ls_client.set_legacy_tokens(False)
     env = {
         "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.personal_access_token,
-        "SAM_MODEL_TYPE": "mini",
+        "SAM_MODEL_TYPE": base_type,
         "SAM_CHECKPOINT": str(random_checkpoint),
         "SAM_PLUGINS": "none",
         "REFINE_MASKS": "on",  # so the refined second click's transport is pinned too
     }
-    backend = start_backend("backend-plain-sam", env)
-    project = ls_client.create_project("Stable-SAM e2e (plain SAM)", SAM_CONFIG)
+    backend = start_backend(f"backend-plain-{base_type}", env)
+    project = ls_client.create_project(f"Stable-SAM e2e (plain {base_type})", SAM_CONFIG)
     tasks = ls_client.import_images(project["id"], {t.name: t.png for t in targets})
     ml_backend = ls_client.connect_ml_backend(project["id"], backend.url)
     return Connected(PAT, project["id"], tasks, ml_backend, backend)
