@@ -41,9 +41,11 @@ class Settings(BaseSettings):
     label_studio_trust_setup: bool = False
 
     # --- Model selection ---
-    # SAM base: "mini" (the embedded default), vit_b/vit_l/vit_h, or HQ-SAM hq_* (MODEL_TYPES).
+    # SAM base: "mini" (the embedded default), vit_b/vit_l/vit_h, HQ-SAM hq_*, or SAM 2.1
+    # sam2.1_hiera_{tiny,small,base_plus,large} (MODEL_TYPES).
     sam_model_type: ModelType = "mini"
-    # Official-format SAM checkpoint (.pth) or our .safetensors; empty with "mini" = shipped one.
+    # Official-format SAM checkpoint (.pth; SAM 2.1: .pt) or our .safetensors; empty with "mini"
+    # = shipped one.
     sam_checkpoint: Path | None = None
     # Stable-SAM plugins: "default" (the shipped plugins for the embedded default base, none
     # for other bases until a project trains some), "none" (plain SAM, for side-by-side

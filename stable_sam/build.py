@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .modeling import PluginConfig, StableSam, StableSam2
-from .sam2_base import SAM2_MODEL_TYPES, build_sam2_base, is_sam2_type
+from .sam2_base import SAM2_MODEL_TYPES, build_sam2_base, is_sam2_type, load_sam2_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,10 @@ def build_sam(
     if is_sam2_type(model_type):
         if add_hq:
             raise ValueError(f"add_hq is for a plain SAM base, not {model_type!r}")
-        return build_sam2_base(model_type, checkpoint)
+        sam2 = build_sam2_base(model_type)
+        if checkpoint is not None:
+            load_sam2_state_dict(sam2, load_state_dict(checkpoint), checkpoint)
+        return sam2
     if add_hq and model_type.startswith(HQ_PREFIX):
         raise ValueError(f"add_hq is for a plain SAM base, not {model_type!r}")
     hq = add_hq or model_type.startswith(HQ_PREFIX)

@@ -31,11 +31,9 @@ def is_sam2_type(model_type: str) -> bool:
     return model_type in SAM2_CONFIGS
 
 
-def build_sam2_base(model_type: str, checkpoint: str | Path | None = None) -> nn.Module:
-    """A ``sam2.modeling.sam2_base.SAM2Base`` of ``model_type`` on the CPU, in eval mode.
-
-    ``checkpoint``: an official ``.pt`` (``{"model": state_dict}``), a bare state_dict, or a
-    ``.safetensors`` file, loaded strictly; ``None`` leaves random weights. Built as
+def build_sam2_base(model_type: str) -> nn.Module:
+    """A ``sam2.modeling.sam2_base.SAM2Base`` of ``model_type`` with random weights, on the CPU,
+    in eval mode (``stable_sam.build.build_sam`` loads a checkpoint into it). Built as
     ``sam2.build_sam.build_sam2`` builds it for ``SAM2ImagePredictor`` (its post-processing
     defaults on: a single-mask output that is not stable falls back to the best of the three).
     """
@@ -45,18 +43,14 @@ def build_sam2_base(model_type: str, checkpoint: str | Path | None = None) -> nn
         )
     from sam2.build_sam import build_sam2
 
-    model = build_sam2(SAM2_CONFIGS[model_type], ckpt_path=None, device="cpu", mode="eval")
-    if checkpoint is not None:
-        load_sam2_checkpoint(model, checkpoint)
-    return model
+    return build_sam2(SAM2_CONFIGS[model_type], ckpt_path=None, device="cpu", mode="eval")
 
 
-def load_sam2_checkpoint(model: nn.Module, checkpoint: str | Path) -> None:
-    """Load ``checkpoint`` into ``model`` strictly; a file of another size or model is refused
-    with the keys that do not match."""
-    from .build import load_state_dict
-
-    state = load_state_dict(checkpoint)
+def load_sam2_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], checkpoint: str | Path
+) -> None:
+    """Load ``state`` (read from ``checkpoint``) into ``model`` strictly; a file of another size
+    or model is refused with the keys that do not match."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -53,3 +53,22 @@ def test_an_upward_import_and_a_forbidden_framework_are_reported():
         "training.jobs:3 imports backend.queue",
         "labelstudio.images:4 imports torch",
     ]
+
+
+def test_our_training_package_shadows_the_one_sam2_installs(tmp_path):
+    # sam2's sdist installs a top-level `training` (its own trainer) into site-packages. The
+    # worker, the scripts and the Docker image put the repository on PYTHONPATH, ahead of it.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", "import sam2, training; print(training.__file__)"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert Path(out.stdout.strip()) == root / "training" / "__init__.py"
