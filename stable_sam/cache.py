@@ -25,11 +25,13 @@ class ImageEmbedding:
     hq_features: torch.Tensor | None  # (1, 32, S/4, S/4) for HQ-SAM, else None
     original_size: tuple[int, int]  # (H, W) of the image as given
     input_size: tuple[int, int]  # (h, w) after resizing the longest side to S
+    # PA-SAM's detail tensor [I, ∇I] (1, 4, S/4, S/4) fp16 (+1/8 of the embedding's bytes)
+    detail: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.hq_features is None else self.hq_features.nbytes
-        return self.embeddings.nbytes + extra
+        extras = (t for t in (self.hq_features, self.detail) if t is not None)
+        return self.embeddings.nbytes + sum(t.nbytes for t in extras)
 
 
 class EmbeddingCache:

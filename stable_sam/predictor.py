@@ -125,6 +125,7 @@ class StableSamPredictor:
             hq_features=None if hq is None else hq.float(),
             original_size=tuple(image.shape[:2]),
             input_size=tuple(resized.shape[:2]),
+            detail=self.model.image_detail(x),
         )
 
     # -- prediction --------------------------------------------------------------------------
@@ -242,7 +243,12 @@ class StableSamPredictor:
         with self._decode_lock, self.model.use_plugins(plugins):
             sparse, dense = self.model.encode_prompts(sparse_points, boxes, masks)
             logits, scores = self.model.decode(
-                embedding.embeddings, sparse, dense, multimask_output, embedding.hq_features
+                embedding.embeddings,
+                sparse,
+                dense,
+                multimask_output,
+                embedding.hq_features,
+                embedding.detail,
             )
             alpha = self.model.last_alpha
         return (

@@ -1,4 +1,5 @@
-"""``StableSam``: a frozen SAM (or HQ-SAM) with the Stable-SAM plugins in its mask decoder."""
+"""``StableSam``: a frozen SAM (or HQ-SAM) with the Stable-SAM plugins (or PA-SAM's prompt
+adapter) in its mask decoder."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from .fast_ops import use_patch_transposed_convs
 from .plugins import PluginConfig, StableSamPlugins
+from .prompt_adapter import PromptAdapter, PromptAdapterOutput, image_detail
 from .stable_block import StableTwoWayAttentionBlock
 
 PLUGIN_LAYER = 1  # decoder layer 2 of the two-way transformer (0-based index 1)
@@ -49,6 +51,7 @@ class StableSam(nn.Module):
         use_patch_transposed_convs(self.sam.mask_decoder)  # same weights, faster on CPU
         self._swap_lock = threading.RLock()
         self.plugins: StableSamPlugins | None = None
+        self.prompt_adapter: PromptAdapter | None = None
         self._block: StableTwoWayAttentionBlock | None = None
         if plugin_config is not None:
             self.install_plugins(StableSamPlugins(plugin_config))
@@ -56,6 +59,8 @@ class StableSam(nn.Module):
     # -- plugins -----------------------------------------------------------------------------
     def install_plugins(self, plugins: StableSamPlugins) -> None:
         """Insert ``plugins`` into decoder layer 2 (or replace the ones already there)."""
+        if self.prompt_adapter is not None:
+            raise ValueError("this model has PA-SAM's prompt adapter in layer 2: no plugins")
         layers = self.sam.mask_decoder.transformer.layers
         if self._block is None:
             self._block = StableTwoWayAttentionBlock(layers[PLUGIN_LAYER], plugins)
@@ -84,6 +89,12 @@ class StableSam(nn.Module):
             finally:
                 self._block.set_plugins(own)
 
+    def install_prompt_adapter(self, adapter: PromptAdapter) -> None:
+        """Put PA-SAM's prompt adapter beside decoder layer 2 (or replace the one there)."""
+        if self._block is not None or self.is_hq:
+            raise ValueError("PA-SAM's prompt adapter goes on a plain SAM (no plugins, no HQ)")
+        self.prompt_adapter = adapter.to(self.device)
+
     @property
     def has_plugins(self) -> bool:
         return self._block is not None
@@ -99,9 +110,12 @@ class StableSam(nn.Module):
     @property
     def encoder_id(self) -> str:
         """Identifies what ``encode`` computes: the base and, for HQ-SAM parameters trained on
-        it, their tag. Embedding caches key on it; plugins never change it."""
-        base = f"{self.model_type}:{self.base_checkpoint_sha256}"
-        return f"{base}+{self.hq_tag}" if self.hq_tag else base
+        it, their tag; with a prompt adapter, ``+pa-detail`` (its cached embeddings carry the
+        detail tensor). Embedding caches key on it; plugins and adapter weights never change it."""
+        key = f"{self.model_type}:{self.base_checkpoint_sha256}"
+        if self.hq_tag:
+            key += f"+{self.hq_tag}"
+        return key + "+pa-detail" if self.prompt_adapter is not None else key
 
     # -- geometry ----------------------------------------------------------------------------
     @property
@@ -136,6 +150,12 @@ class StableSam(nn.Module):
         embeddings, interm = self.sam.image_encoder(images)
         return embeddings, interm[0].permute(0, 3, 1, 2)
 
+    @torch.no_grad()
+    def image_detail(self, images: Tensor) -> Tensor | None:
+        """PA-SAM's detail tensor ``[I, ∇I]`` (B, 4, S/4, S/4) fp16 of preprocessed images
+        (``prompt_adapter.image_detail``); ``None`` without a prompt adapter."""
+        return None if self.prompt_adapter is None else image_detail(images)
+
     def hq_features(self, embeddings: Tensor, vit_features: Tensor) -> Tensor:
         """HQ-SAM's global-local fusion (its Eq. in §3.2): the final embedding and the early ViT
         features, each upsampled to (B, 32, S/4, S/4), summed. Differentiable: HQ-SAM trains it."""
@@ -149,12 +169,20 @@ class StableSam(nn.Module):
         dense: Tensor,
         multimask_output: bool,
         hq_features: Tensor | None = None,
+        detail: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Mask decoder for one image's embedding (1, C, h, w) and B prompts.
 
         Returns low-res mask logits (B, K, 4h, 4w) and predicted IoUs (B, K), K = 3 with
-        multimask output, else 1 — exactly SAM's ``MaskDecoder.forward`` selection.
+        multimask output, else 1 — exactly SAM's ``MaskDecoder.forward`` selection. ``detail``:
+        the image's ``image_detail``, which a model with a prompt adapter needs (PA-SAM's
+        Eq. 3 mask is what it returns).
         """
+        if self.prompt_adapter is not None:
+            out = self.decode_prompt_adapter(
+                image_embeddings, sparse, dense, multimask_output, detail
+            )
+            return out.masks, out.iou_predictions
         decoder = self.sam.mask_decoder
         pe = self.sam.prompt_encoder.get_dense_pe()
         if not self.is_hq:
@@ -188,6 +216,33 @@ class StableSam(nn.Module):
         else:
             sam_mask, iou = masks[:, 0:1], iou[:, 0:1]
         return sam_mask + masks[:, n - 1 : n], iou
+
+    def decode_prompt_adapter(
+        self,
+        image_embeddings: Tensor,
+        sparse: Tensor,
+        dense: Tensor,
+        multimask_output: bool,
+        detail: Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> PromptAdapterOutput:
+        """PA-SAM's decoder pass (``PromptAdapter.decode``): the served Eq. 3 masks, SAM's IoUs,
+        and M_SAM and M_U's logits for the loss. ``generator``: the Gumbel noise's stream when
+        the adapter trains."""
+        if self.prompt_adapter is None:
+            raise ValueError("this model has no prompt adapter")
+        if detail is None:
+            raise ValueError("PA-SAM decoding needs the image's detail tensor (image_detail)")
+        return self.prompt_adapter.decode(
+            self.sam.mask_decoder,
+            image_embeddings,
+            self.sam.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+            detail,
+            multimask_output,
+            generator,
+        )
 
     def encode_prompts(
         self,
