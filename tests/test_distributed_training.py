@@ -52,7 +52,7 @@ def _summary(path: Path) -> dict:
         return json.loads(f.metadata()["training_summary"])
 
 
-@pytest.mark.parametrize("variant", ["stable", "dt-sam", "pt-sam", "hq-sam-rts"])
+@pytest.mark.parametrize("variant", ["stable", "dt-sam", "pt-sam", "hq-sam-rts", "pa-sam"])
 def test_two_gloo_processes_train_what_one_process_trains(tmp_path: Path, variant: str) -> None:
     one = _train(tmp_path / "one.safetensors", variant, 1)
     two = _train(tmp_path / "two.safetensors", variant, 2)
