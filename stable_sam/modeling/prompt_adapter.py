@@ -141,6 +141,8 @@ def gumbel_top_k(phi: Tensor, k: int, tau: float, noise: Tensor | None = None) -
     each draw is ``one-hot(argmax φⁿ over the cells not yet picked) + gⁿ − sg(gⁿ)``: exactly
     one-hot forward, ``gⁿ``'s gradient backward. Returns (B, k, L), k distinct cells per row.
     """
+    if k > phi.shape[-1]:
+        raise ValueError(f"cannot pick {k} distinct cells of {phi.shape[-1]}")
     logits = phi.float() if noise is None else phi.float() + noise.to(phi.device)
     taken = torch.zeros_like(logits, dtype=torch.bool)
     draws = []
