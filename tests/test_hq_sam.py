@@ -111,16 +111,16 @@ def test_training_moves_only_hq_parameters_and_no_gradient_reaches_sam(base_file
             assert p.grad is None, name
 
 
-def test_the_hq_token_mask_is_what_trains_and_is_served(base_file):
+def test_the_hq_token_mask_is_what_trains_and_sams_mask_plus_it_is_served(base_file):
     model = _hq(base_file)
-    assert model.hq_token_only
+    assert not model.hq_token_only  # served: HQ-SAM's default, SAM's mask plus the HQ mask
     image = np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8)
     predictor = StableSamPredictor(model, multimask_policy="single")
     emb = predictor.embed(image)
     sparse, dense = model.encode_prompts(None, torch.tensor([[10.0, 10, 120, 120]]), None)
-    only, iou = model.decode(emb.embeddings, sparse, dense, False, emb.hq_features)
-    model.hq_token_only = False
     summed, iou_summed = model.decode(emb.embeddings, sparse, dense, False, emb.hq_features)
+    model.hq_token_only = True
+    only, iou = model.decode(emb.embeddings, sparse, dense, False, emb.hq_features)
     decoder = model.sam.mask_decoder
     masks, _ = decoder.predict_masks(
         emb.embeddings, model.sam.prompt_encoder.get_dense_pe(), sparse, dense, emb.hq_features
@@ -129,6 +129,23 @@ def test_the_hq_token_mask_is_what_trains_and_is_served(base_file):
     torch.testing.assert_close(only, masks[:, n - 1 : n], rtol=0, atol=0)
     torch.testing.assert_close(summed, masks[:, :1] + masks[:, n - 1 : n], rtol=0, atol=0)
     assert torch.equal(iou, iou_summed)
+
+    # Training supervises the HQ token's mask alone, and leaves the served output as it was.
+    model.hq_token_only = False
+    seen = []
+    decode = model.decode
+
+    def spy(*args, **kwargs):
+        seen.append(model.hq_token_only)
+        return decode(*args, **kwargs)
+
+    model.decode = spy
+    config = VARIANTS["hq-sam"].train_config(
+        batch_prompts=8, prompts_per_image=4, max_steps=1, device="cpu"
+    )
+    train_hq_sam(model, _tiny_dataset(1), config)
+    assert seen and all(seen)
+    assert not model.hq_token_only
 
 
 def test_a_saved_file_holds_the_hq_parameters_alone_and_reloads_to_the_same_masks(
@@ -141,7 +158,7 @@ def test_a_saved_file_holds_the_hq_parameters_alone_and_reloads_to_the_same_mask
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert meta["format"] == HQ_FORMAT and meta["base_model_type"] == "mini"
-    assert meta["hq_token_only"] == "true"
+    assert meta["hq_token_only"] == "false"
 
     fresh = _hq(base_file, seed=7)
     VARIANTS["hq-sam"].load(fresh, path)
