@@ -289,6 +289,31 @@ def test_a_saved_adapter_holds_its_tensors_alone_and_reloads_to_the_same_masks(
     )
 
 
+def test_the_served_output_is_m_sam_or_the_blend_as_the_file_says(trained, base_file, tmp_path):
+    model, _, _, _ = trained
+    emb = StableSamPredictor(model).embed(_image(3))
+    sparse, dense = model.encode_prompts(None, torch.tensor([[10.0, 10, 120, 120]]), None)
+    out = model.decode_prompt_adapter(emb.embeddings, sparse, dense, False, emb.detail)
+    assert not torch.equal(out.masks, out.sam_masks)  # trained: the blend differs from M_SAM
+    served = {}
+    for serve in ("sam", "blend"):
+        model.prompt_adapter.serve = serve
+        served[serve] = model.decode(emb.embeddings, sparse, dense, False, detail=emb.detail)[0]
+        path = save_pa(model, tmp_path / f"{serve}.safetensors")
+        fresh = _pa(base_file, seed=9)
+        VARIANTS["pa-sam"].load(fresh, path)
+        assert fresh.prompt_adapter.serve == serve
+    model.prompt_adapter.serve = "sam"
+    assert torch.equal(served["sam"], out.sam_masks)  # the paper's inference output
+    assert torch.equal(served["blend"], out.masks)
+    state = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        header = {**f.metadata(), "pa_serve": "coarse"}
+    save_file(state, str(tmp_path / "odd.safetensors"), metadata=header)
+    with pytest.raises(ValueError, match="serves 'coarse'"):
+        VARIANTS["pa-sam"].load(_pa(base_file), tmp_path / "odd.safetensors")
+
+
 def test_loading_is_strict_and_bound_to_the_base(trained, base_file, tmp_path):
     model, _, _, _ = trained
     path = save_pa(model, tmp_path / "pa.safetensors")

@@ -44,7 +44,7 @@ file), HQ-SAM's own default. Measured on the held-out benchmark the sum is ahead
 PA-SAM adds its prompt adapter (``stable_sam.modeling.prompt_adapter``, 1.45 M parameters,
 whatever the encoder: the decoder is 256 wide everywhere) beside decoder layer 2 of the frozen
 SAM; only the adapter trains, as the paper trains it. Its loss is the paper's (§3.1): BCE + dice
-on M_SAM (SAM's mask with the adapter's residuals) and on M_PA (Eq. 3's blend, which we serve),
+on M_SAM (SAM's mask with the adapter's residuals) and on M_PA (Eq. 3's blend),
 plus BCE on M_U against the uncertain band, the pixels within ``uncertain_band_px`` (2) of the
 GT boundary (our reading of "boundary dilation of the ground truth mask"), all at the input
 frame's S x S, weighted 1 : 1 : 1 (the paper gives no weights). Recipe: the paper's Adam lr 1e-3;
@@ -52,7 +52,8 @@ its batch of 4 images is ours (32 prompts, 8 per image); it gives no epoch count
 mix, so PA-SAM trains like Stable-SAM: full RTS, one epoch. Its Gumbel noise is drawn from each
 image's own seed (``training.engine.fit``), so a DDP run draws what one process draws. The file
 (``stable-sam-pa-adapter``) holds the adapter's tensors alone (~5.8 MB in fp32), with its config,
-bound to the base like the others and reloaded strictly.
+bound to the base like the others and reloaded strictly. It also says what is served
+(``pa_serve``): M_SAM, the paper's inference output ("sam", the default), or M_PA ("blend").
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ from stable_sam import (
 )
 from stable_sam.build import HQ_PARAMETER_PREFIXES, is_hq_parameter
 from stable_sam.checkpoint import write_safetensors_atomic
+from stable_sam.modeling.prompt_adapter import SERVED_OUTPUTS
 from training import rts
 from training.data import Sample
 from training.distributed import AdapterMasks, Ranks
@@ -453,7 +455,11 @@ def save_pa(model: StableSam, path: str | Path, metadata: dict[str, Any] | None 
     """Write PA-SAM's adapter (its tensors alone, and its config) atomically, bound to the
     base it was trained beside."""
     adapter = prompt_adapter_of(model)
-    metadata = {"prompt_adapter_config": adapter.config.to_json(), **(metadata or {})}
+    metadata = {
+        "prompt_adapter_config": adapter.config.to_json(),
+        "pa_serve": adapter.serve,
+        **(metadata or {}),
+    }
     header = _base_header(model, PA_FORMAT, metadata)
     return write_safetensors_atomic(adapter.state_dict(), path, header)
 
@@ -473,6 +479,12 @@ def load_pa(model: StableSam, path: str | Path) -> dict[str, str]:
     state = load_file(str(path))
     check_tensors(state, adapter.state_dict(), path, "PA-SAM adapter")
     adapter.load_state_dict(state, strict=True)
+    serve = meta.get("pa_serve", "sam")
+    if serve not in SERVED_OUTPUTS:
+        raise ValueError(
+            f"PA-SAM adapter {Path(path).name} serves {serve!r}, not one of {SERVED_OUTPUTS}"
+        )
+    adapter.serve = serve
     model.install_prompt_adapter(adapter.eval())
     return meta
 

@@ -44,8 +44,10 @@ Values the paper leaves open, our choices (``PromptAdapterConfig``):
   draw yields exactly ``N_sample`` distinct points per sign (4 + 4, Table 3's best).
 * Multimask output: refine and uncertain tokens are made for every mask token (shared MLPs and
   hypernetworks), so each of SAM's three masks gets its own Eq. 3.
-* The served output is Eq. 3's blend (``M_PA``); SAM's own mask with the adapter's residuals
-  (``M_SAM``) and ``M_U``'s logits are returned beside it for the loss.
+* What is served (``PromptAdapter.serve``, stored in the adapter's file): the paper serves "only
+  the output mask from the mask prediction module" (Fig. 2), which we read as ``M_SAM``, SAM's
+  own mask with the adapter's residuals in (``"sam"``); ``M_PA``, Eq. 3's blend, supervises it.
+  ``"blend"`` serves ``M_PA`` instead. Both are returned, with ``M_U``'s logits, for the loss.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ ADAPTER_LAYER = 1  # layer 2 of the two-way transformer (0-based index 1), as PL
 DETAIL_CHANNELS = 4  # [I (RGB), |∇I|]
 DETAIL_STRIDE = 4  # the detail tensor is at S/4
 MINING_TOKEN = 0  # mask token whose maps guide hard point mining (the single-mask output)
+SERVED_OUTPUTS = ("sam", "blend")  # M_SAM (the paper's inference output) or M_PA (Eq. 3)
 
 
 @dataclass
@@ -108,7 +111,7 @@ class AdapterPrompts(NamedTuple):
 class PromptAdapterOutput(NamedTuple):
     """One decoder pass with the adapter: served masks and what the loss needs beside them."""
 
-    masks: Tensor  # (B, K, S/4, S/4) M_PA logits (Eq. 3), what is served
+    masks: Tensor  # (B, K, S/4, S/4) M_PA logits (Eq. 3)
     iou_predictions: Tensor  # (B, K) SAM's IoU head
     sam_masks: Tensor  # (B, K, S/4, S/4) M_SAM = M_C logits (SAM's mask, adapter residuals in)
     uncertainty_logits: Tensor  # (B, K, S/4, S/4) logits of M_U
@@ -166,6 +169,7 @@ class PromptAdapter(nn.Module):
     def __init__(self, config: PromptAdapterConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or PromptAdapterConfig()
+        self.serve: str = "sam"  # SERVED_OUTPUTS: what StableSam.decode returns
         c, hyper = config.embed_dim, config.hyper_dim
         d8, d16 = config.detail_dims
         # Eq. 1: W_g from [I, ∇I] at S/4 to the S/16 grid, and the guided gate.

@@ -175,14 +175,15 @@ class StableSam(nn.Module):
 
         Returns low-res mask logits (B, K, 4h, 4w) and predicted IoUs (B, K), K = 3 with
         multimask output, else 1 — exactly SAM's ``MaskDecoder.forward`` selection. ``detail``:
-        the image's ``image_detail``, which a model with a prompt adapter needs (PA-SAM's
-        Eq. 3 mask is what it returns).
+        the image's ``image_detail``, which a model with a prompt adapter needs (it returns
+        ``M_SAM`` or Eq. 3's ``M_PA``, as its adapter's ``serve`` says).
         """
         if self.prompt_adapter is not None:
             out = self.decode_prompt_adapter(
                 image_embeddings, sparse, dense, multimask_output, detail
             )
-            return out.masks, out.iou_predictions
+            served = out.sam_masks if self.prompt_adapter.serve == "sam" else out.masks
+            return served, out.iou_predictions
         decoder = self.sam.mask_decoder
         pe = self.sam.prompt_encoder.get_dense_pe()
         if not self.is_hq:
@@ -226,7 +227,7 @@ class StableSam(nn.Module):
         detail: Tensor | None,
         generator: torch.Generator | None = None,
     ) -> PromptAdapterOutput:
-        """PA-SAM's decoder pass (``PromptAdapter.decode``): the served Eq. 3 masks, SAM's IoUs,
+        """PA-SAM's decoder pass (``PromptAdapter.decode``): Eq. 3's M_PA, SAM's IoUs,
         and M_SAM and M_U's logits for the loss. ``generator``: the Gumbel noise's stream when
         the adapter trains."""
         if self.prompt_adapter is None:
