@@ -1,5 +1,6 @@
 """Stable-SAM (Fan et al., ICLR 2025) on top of ``segment_anything``: SAM kept frozen, a deformable
-sampling plugin (DSP) and a dynamic routing plugin (DRP) in its mask decoder."""
+sampling plugin (DSP) and a dynamic routing plugin (DRP) in its mask decoder (or, for comparison,
+PA-SAM's prompt adapter beside the same decoder layer)."""
 
 from . import metrics, prompts
 from .build import (
@@ -23,6 +24,8 @@ from .modeling import (
     DeformableSamplingPlugin,
     DynamicRoutingPlugin,
     PluginConfig,
+    PromptAdapter,
+    PromptAdapterConfig,
     StableSam,
     StableSam2,
     StableSamPlugins,
@@ -43,6 +46,8 @@ __all__ = [
     "PluginConfig",
     "PluginMismatchError",
     "Prediction",
+    "PromptAdapter",
+    "PromptAdapterConfig",
     "PromptKey",
     "StableSam",
     "StableSam2",

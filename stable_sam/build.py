@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .modeling import PluginConfig, StableSam, StableSam2
+from .modeling import PluginConfig, PromptAdapter, PromptAdapterConfig, StableSam, StableSam2
 from .sam2_base import SAM2_MODEL_TYPES, build_sam2_base, is_sam2_type, load_sam2_state_dict
 
 logger = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ def build_stable_sam(
     plugin_checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
     add_hq: bool = False,
+    prompt_adapter: PromptAdapterConfig | None = None,
 ) -> StableSam:
     """Build Stable-SAM (or, with ``plugins=False``, plain SAM) on a frozen SAM base.
 
@@ -207,6 +208,8 @@ def build_stable_sam(
     ``PluginMismatchError``. ``device`` defaults to CUDA when available, else CPU. ``add_hq``:
     HQ-SAM's new (untrained) parameters on the plain SAM base (``build_sam``); the model keeps
     the base's ``model_type`` and hash, which HQ-SAM files trained on it bind to.
+    ``prompt_adapter``: PA-SAM's prompt adapter of that config, freshly initialised (equal to
+    SAM until trained), beside decoder layer 2 of a plain SAM (``plugins=False``).
     """
     from .checkpoint import load_plugins
     from .device import pick_device
@@ -216,6 +219,8 @@ def build_stable_sam(
     config = (plugin_config or PluginConfig()) if plugins else None
     wrapper = StableSam2 if is_sam2_type(model_type) else StableSam
     model = wrapper(sam, model_type, base_hash, config)
+    if prompt_adapter is not None:
+        model.install_prompt_adapter(PromptAdapter(prompt_adapter))
     if add_hq:  # fresh HQ parameters: features cached for them are this model's alone
         model.hq_tag = f"hq-fresh-{uuid.uuid4().hex[:12]}"
     model.to(pick_device(device))

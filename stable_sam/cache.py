@@ -25,6 +25,8 @@ class ImageEmbedding:
     hq_features: torch.Tensor | None  # (1, 32, S/4, S/4) for HQ-SAM, else None
     original_size: tuple[int, int]  # (H, W) of the image as given
     input_size: tuple[int, int]  # (h, w) after resizing the longest side to S
+    # PA-SAM's detail tensor [I, ∇I] (1, 4, S/4, S/4) fp16 (+1/8 of the embedding's bytes)
+    detail: torch.Tensor | None = None
     # SAM 2: the decoder's high-resolution skip features (1, 32, S/4, S/4), (1, 64, S/8, S/8).
     high_res_features: tuple[torch.Tensor, ...] | None = None
 
@@ -37,7 +39,7 @@ class ImageEmbedding:
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor held (what ``EmbeddingCache`` counts against its cap)."""
-        tensors = [self.embeddings, self.hq_features, *(self.high_res_features or ())]
+        tensors = [self.embeddings, self.hq_features, self.detail, *(self.high_res_features or ())]
         return sum(t.nbytes for t in tensors if t is not None)
 
 

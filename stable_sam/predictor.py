@@ -128,6 +128,7 @@ class StableSamPredictor:
             hq_features=hq,
             original_size=tuple(image.shape[:2]),
             input_size=tuple(resized.shape[:2]),
+            detail=self.model.image_detail(x),
             high_res_features=high_res,
         )
 
@@ -245,7 +246,12 @@ class StableSamPredictor:
         with self._decode_lock, self.model.use_plugins(plugins):
             sparse, dense = self.model.encode_prompts(sparse_points, boxes, masks)
             logits, scores = self.model.decode(
-                embedding.embeddings, sparse, dense, multimask_output, embedding.decoder_features
+                embedding.embeddings,
+                sparse,
+                dense,
+                multimask_output,
+                embedding.decoder_features,
+                embedding.detail,
             )
             alpha = self.model.last_alpha
         return (

@@ -88,17 +88,18 @@ def test_every_trained_comparison_row_trains_and_scores_in_seconds(trained, tmp_
     result = benchmark.main([*argv, *rows, "--no-progress"])
     assert set(result["models"]) == {"sam", "stable_sam", *rows}
     kinds = {p.name.split(".")[-2] for p in (tmp_path / "cache").glob("*.safetensors")}
-    assert {"plugins", "decoder", "tokens", "hq"} <= kinds
+    assert {"plugins", "decoder", "tokens", "hq", "pa"} <= kinds
 
 
 def test_the_comparison_bench_times_each_row_against_sam(capsys):
     from bench.bench_comparison_rows import main as bench_main
 
-    bench_main(["--repeats", "1", "--rows", "sam", "pt_sam", "hq_sam"])
+    bench_main(["--repeats", "1", "--rows", "sam", "pt_sam", "hq_sam", "pa_sam"])
     out = capsys.readouterr().out
     assert "  sam " in out and "x 1.00" in out
     assert "2,560" in out  # PT-SAM's ten tokens
     assert "481,280" in out  # HQ-SAM's parameters on the mini
+    assert "  pa_sam " in out and "1,454,464" in out  # PA-SAM's prompt adapter
 
 
 def test_missing_variants_are_reported_not_trained(trained, tmp_path):

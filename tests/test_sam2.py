@@ -326,7 +326,12 @@ def test_the_cache_holds_the_embedding_and_both_high_res_maps_at_their_real_size
     cache.put(embedding)
     assert cache.nbytes == 16 * MIB
     other = ImageEmbedding(
-        "other", embedding.embeddings, None, (SIDE, SIDE), (SIDE, SIDE), (s0.clone(), s1)
+        "other",
+        embedding.embeddings,
+        None,
+        (SIDE, SIDE),
+        (SIDE, SIDE),
+        high_res_features=(s0.clone(), s1),
     )
     cache.put(other)  # two no longer fit under the cap: the older one goes
     assert "other" in cache and embedding.key not in cache and cache.nbytes == 16 * MIB

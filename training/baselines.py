@@ -1,4 +1,4 @@
-"""The paper's training variants: Stable-SAM, its Table 5 ablations and the DT-SAM baseline.
+"""The paper's training variants: Stable-SAM, its Table 5 ablations and the baselines.
 
 Every variant trains with the RTS loop of ``training.engine`` for a fair comparison:
 
@@ -9,6 +9,7 @@ Every variant trains with the RTS loop of ``training.engine`` for a fair compari
   ``pt-sam``      no plugins; only SAM's tokens fine-tuned with RTS (paper Table 1's PT-SAM)
   ``hq-sam``      HQ-SAM (Ke et al., NeurIPS 2023) on our base, trained with its own recipe
   ``hq-sam-rts``  the same HQ-SAM parameters trained with RTS, one epoch (a fair comparison)
+  ``pa-sam``      PA-SAM (Xie et al., ICME 2024): its prompt adapter on our base, RTS, one epoch
 
 DT-SAM is the paper's strongest naive alternative to Stable-SAM. Its image and prompt encoders
 stay frozen; the result is saved as the full mask-decoder state_dict (``.safetensors``, ~16 MB in
@@ -39,14 +40,29 @@ HQ-SAM supervises; we serve SAM's chosen mask plus it (``hq_token_only=False``, 
 file), HQ-SAM's own default. Measured on the held-out benchmark the sum is ahead on every row
 (GT box 60.5 vs 60.0, noisy box 54.5 vs 54.2, 1 point 43.0 vs 41.5, 10 points 56.5 vs 56.0 for
 ``hq-sam``; the same ordering for ``hq-sam-rts``; docs/BENCHMARKS.md).
+
+PA-SAM adds its prompt adapter (``stable_sam.modeling.prompt_adapter``, 1.45 M parameters,
+whatever the encoder: the decoder is 256 wide everywhere) beside decoder layer 2 of the frozen
+SAM; only the adapter trains, as the paper trains it. Its loss is the paper's (§3.1): BCE + dice
+on M_SAM (SAM's mask with the adapter's residuals) and on M_PA (Eq. 3's blend),
+plus BCE on M_U against the uncertain band, the pixels within ``uncertain_band_px`` (2) of the
+GT boundary (our reading of "boundary dilation of the ground truth mask"), all at the input
+frame's S x S, weighted 1 : 1 : 1 (the paper gives no weights). Recipe: the paper's Adam lr 1e-3;
+its batch of 4 images is ours (32 prompts, 8 per image); it gives no epoch count and no prompt
+mix, so PA-SAM trains like Stable-SAM: full RTS, one epoch. Its Gumbel noise is drawn from each
+image's own seed (``training.engine.fit``), so a DDP run draws what one process draws. The file
+(``stable-sam-pa-adapter``) holds the adapter's tensors alone (~5.8 MB in fp32), with its config,
+bound to the base like the others and reloaded strictly. It also says what is served
+(``pa_serve``): M_SAM, the paper's inference output ("sam", the default), or M_PA ("blend").
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,10 +71,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import Tensor
+from torch.nn import functional as F
 
 from stable_sam import (
     PluginConfig,
     PluginMismatchError,
+    PromptAdapter,
+    PromptAdapterConfig,
     StableSam,
     build_stable_sam,
     file_sha256,
@@ -66,15 +86,27 @@ from stable_sam import (
 )
 from stable_sam.build import HQ_PARAMETER_PREFIXES, is_hq_parameter
 from stable_sam.checkpoint import write_safetensors_atomic
+from stable_sam.modeling.prompt_adapter import SERVED_OUTPUTS
 from training import rts
 from training.data import Sample
-from training.distributed import Ranks
-from training.engine import Progress, TrainConfig, TrainResult, fit, train_plugins
+from training.distributed import AdapterMasks, Ranks
+from training.engine import (
+    LossFn,
+    Progress,
+    TrainConfig,
+    TrainResult,
+    bce_dice_loss,
+    bce_loss,
+    fit,
+    train_plugins,
+    upsample_logits,
+)
 
 DECODER_FORMAT = "stable-sam-dt-decoder"
 TOKENS_FORMAT = "stable-sam-pt-tokens"
 HQ_FORMAT = "stable-sam-hq-params"
-PLUGIN_LR, DT_SAM_LR, PT_SAM_LR, HQ_SAM_LR = 1e-3, 1e-4, 1e-3, 1e-3
+PA_FORMAT = "stable-sam-pa-adapter"
+PLUGIN_LR, DT_SAM_LR, PT_SAM_LR, HQ_SAM_LR, PA_SAM_LR = 1e-3, 1e-4, 1e-3, 1e-3, 1e-3
 # What PT-SAM trains: names in SAM's state_dict.
 PT_SAM_TOKENS = (
     "prompt_encoder.point_embeddings.0.weight",
@@ -98,6 +130,7 @@ class Variant:
     fixed_alpha: tuple[float, float] | None = None  # routing fixed (DSP without DRP)
     tokens_only: bool = False  # with plugins=False: PT-SAM (the tokens), not DT-SAM (decoder)
     hq: bool = False  # with plugins=False: HQ-SAM's new parameters train on the plain base
+    pa: bool = False  # with plugins=False: PA-SAM's prompt adapter trains beside the plain base
     # The RTS prompt mix when not the full one (HQ-SAM's own recipe), and the default schedule.
     prompt_weights: dict[str, float] | None = None
     occlusion: bool = True
@@ -123,6 +156,7 @@ class Variant:
                 plugin_config=config,
                 device=device,
                 add_hq=self.hq,
+                prompt_adapter=PromptAdapterConfig() if self.pa else None,
             )
         # Served: SAM's mask plus the HQ token's (HQ-SAM's default); training sets token-only.
         model.hq_token_only = False
@@ -160,36 +194,45 @@ class Variant:
             return train_plugins(model, dataset, config, progress, ranks)
         if self.hq:
             return train_hq_sam(model, dataset, config, progress, ranks)
+        if self.pa:
+            return train_pa_sam(model, dataset, config, progress, ranks)
         if self.tokens_only:
             return train_pt_sam(model, dataset, config, progress, ranks)
         return train_dt_sam(model, dataset, config, progress, ranks)
 
     @property
     def file_kind(self) -> str:
-        """What this variant's file holds: ``plugins``, ``decoder`` (DT-SAM) or ``tokens``."""
+        """What this variant's file holds: ``plugins``, ``decoder`` (DT-SAM), ``tokens``
+        (PT-SAM), ``hq`` (HQ-SAM) or ``pa`` (PA-SAM's adapter)."""
         if self.plugins:
             return "plugins"
         if self.hq:
             return "hq"
+        if self.pa:
+            return "pa"
         return "tokens" if self.tokens_only else "decoder"
 
     def load(self, model: StableSam, path: str | Path) -> dict[str, str]:
         """Load a file of a plain-SAM variant (DT-SAM's decoder, PT-SAM's tokens, HQ-SAM's
-        parameters) into ``model`` (this variant's ``build_model``); returns the file's
-        metadata."""
+        parameters, PA-SAM's adapter) into ``model`` (this variant's ``build_model``); returns
+        the file's metadata."""
         if self.plugins:
             raise ValueError(f"{self.name} trains plugins: load them with build_stable_sam")
         if self.hq:
             return load_hq(model, path)
+        if self.pa:
+            return load_pa(model, path)
         return (load_tokens if self.tokens_only else load_decoder)(model, path)
 
     def save(self, model: StableSam, path: str | Path, metadata: dict[str, Any]) -> Path:
-        """Write what trained: the plugin file, DT-SAM's decoder file, PT-SAM's tokens or
-        HQ-SAM's parameters."""
+        """Write what trained: the plugin file, DT-SAM's decoder file, PT-SAM's tokens,
+        HQ-SAM's parameters or PA-SAM's adapter."""
         if self.plugins:
             return save_plugins(model, path, metadata)
         if self.hq:
             return save_hq(model, path, metadata)
+        if self.pa:
+            return save_pa(model, path, metadata)
         if self.tokens_only:
             return save_tokens(model, path, metadata)
         return save_decoder(model, path, metadata)
@@ -219,6 +262,8 @@ VARIANTS: dict[str, Variant] = {
         ),
         # The same parameters trained like Stable-SAM: full RTS, one epoch.
         Variant("hq-sam-rts", plugins=False, robust=True, lr=HQ_SAM_LR, hq=True),
+        # PA-SAM: the paper's Adam lr 1e-3; no epochs or prompt mix given: Stable-SAM's RTS.
+        Variant("pa-sam", plugins=False, robust=True, lr=PA_SAM_LR, pa=True),
     )
 }
 
@@ -252,12 +297,13 @@ def _fine_tune(
     config: TrainConfig,
     progress: Progress | None,
     ranks: Ranks | None,
+    loss_fn: LossFn | None = None,
 ) -> TrainResult:
     """The RTS loop on ``params`` of the plain SAM (in ``modules``), frozen again after."""
     for p in params:
         p.requires_grad_(True)
     try:
-        return fit(model, params, dataset, config, progress, modules, ranks)
+        return fit(model, params, dataset, config, progress, modules, ranks, loss_fn)
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -341,20 +387,125 @@ def load_hq(model: StableSam, path: str | Path) -> dict[str, str]:
     own = {k: v for k, v in model.sam.state_dict().items() if is_hq_parameter(k)}
     if not own:
         raise ValueError("load HQ-SAM parameters into a model built with add_hq=True")
-    if set(state) != set(own):
-        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        raise ValueError(
-            f"HQ-SAM parameters file {Path(path).name}: missing {missing[:5]}, unexpected {extra[:5]}"
-        )
-    for name, tensor in state.items():
-        if tensor.shape != own[name].shape:
-            raise ValueError(
-                f"HQ-SAM parameters file {Path(path).name}: {name} is {tuple(tensor.shape)}, the base's {tuple(own[name].shape)}"
-            )
+    check_tensors(state, own, path, "HQ-SAM parameters")
     model.sam.load_state_dict({**model.sam.state_dict(), **state}, strict=True)
     model.hq_token_only = meta.get("hq_token_only", "false") == "true"
     model.hq_tag = f"hq-{file_sha256(path)[:16]}"
     return meta
+
+
+# ----------------------------------------------------------------------------- PA-SAM
+
+
+def boundary_band(masks: Tensor, band_px: int) -> Tensor:
+    """PA-SAM's uncertain-map target: (B, H, W) {0, 1} masks -> (B, H, W) float, 1 within
+    ``band_px`` pixels (chessboard distance) of the boundary: where the (2 r + 1)² window
+    around a pixel holds both object and background, inside the image (its edge is no
+    boundary)."""
+    m = masks.float()[:, None]
+    size = 2 * band_px + 1
+    dilated = F.max_pool2d(m, size, stride=1, padding=band_px)
+    eroded = -F.max_pool2d(-m, size, stride=1, padding=band_px)
+    return (dilated - eroded)[:, 0]
+
+
+def pa_sam_loss(
+    output: tuple[Tensor, AdapterMasks | None], target_masks: Tensor, band_px: int = 2
+) -> Tensor:
+    """PA-SAM's loss (its §3.1) for a decoder step's output and (B, S, S) GT masks: BCE + dice
+    on M_PA (the served logits) and on M_SAM, BCE on M_U against ``boundary_band``; each a mean
+    over the prompts, summed (scalar)."""
+    logits, masks = output
+    if masks is None:
+        raise ValueError("PA-SAM's loss needs the prompt adapter's masks (a PA-SAM model)")
+    band = boundary_band(target_masks, band_px)
+    uncertainty = upsample_logits(masks.uncertainty_logits, target_masks.shape[-2:])[:, 0]
+    return (
+        bce_dice_loss(logits, target_masks)
+        + bce_dice_loss(masks.sam_logits, target_masks)
+        + bce_loss(uncertainty, band).mean()
+    )
+
+
+def prompt_adapter_of(model: StableSam) -> PromptAdapter:
+    """The model's prompt adapter, refused for a model without one."""
+    if model.prompt_adapter is None:
+        raise ValueError(
+            "PA-SAM trains a prompt adapter: build the model with VARIANTS['pa-sam'].build_model"
+        )
+    return model.prompt_adapter
+
+
+def train_pa_sam(
+    model: StableSam,
+    dataset: Sequence[Sample],
+    config: TrainConfig | None = None,
+    progress: Progress | None = None,
+    ranks: Ranks | None = None,
+) -> TrainResult:
+    """Train PA-SAM's prompt adapter beside the frozen SAM on ``pa_sam_loss`` (RTS prompts)."""
+    adapter = prompt_adapter_of(model)
+    config = config or VARIANTS["pa-sam"].train_config()
+    loss_fn = functools.partial(pa_sam_loss, band_px=adapter.config.uncertain_band_px)
+    params = list(adapter.parameters())
+    return _fine_tune(model, params, [adapter], dataset, config, progress, ranks, loss_fn)
+
+
+def save_pa(model: StableSam, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write PA-SAM's adapter (its tensors alone, and its config) atomically, bound to the
+    base it was trained beside."""
+    adapter = prompt_adapter_of(model)
+    metadata = {
+        "prompt_adapter_config": adapter.config.to_json(),
+        "pa_serve": adapter.serve,
+        **(metadata or {}),
+    }
+    header = _base_header(model, PA_FORMAT, metadata)
+    return write_safetensors_atomic(adapter.state_dict(), path, header)
+
+
+def load_pa(model: StableSam, path: str | Path) -> dict[str, str]:
+    """Install the PA-SAM adapter of ``path`` beside ``model``'s decoder (a plain SAM of the
+    file's base): exactly the adapter's tensors with their shapes, or ``ValueError``;
+    ``PluginMismatchError`` for another base's file. Returns the file's metadata."""
+    meta = _check_base_file(model, path, PA_FORMAT, "PA-SAM adapter")
+    config = PromptAdapterConfig.from_json(meta["prompt_adapter_config"])
+    width = model.sam.mask_decoder.transformer_dim
+    if config.embed_dim != width:
+        raise ValueError(
+            f"PA-SAM adapter {Path(path).name} is {config.embed_dim} wide, the decoder {width}"
+        )
+    adapter = PromptAdapter(config)
+    state = load_file(str(path))
+    check_tensors(state, adapter.state_dict(), path, "PA-SAM adapter")
+    adapter.load_state_dict(state, strict=True)
+    serve = meta.get("pa_serve", "sam")
+    if serve not in SERVED_OUTPUTS:
+        raise ValueError(
+            f"PA-SAM adapter {Path(path).name} serves {serve!r}, not one of {SERVED_OUTPUTS}"
+        )
+    adapter.serve = serve
+    model.install_prompt_adapter(adapter.eval())
+    return meta
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def check_tensors(
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], path: str | Path, what: str
+) -> None:
+    """Refuse (``ValueError``) a file's ``state`` unless it holds exactly ``expected``'s names,
+    each with ``expected``'s shape: loading trained tensors is strict for every variant."""
+    name = Path(path).name
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"{what} file {name}: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(
+                f"{what} file {name}: {key} is {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+            )
 
 
 def _base_header(model: StableSam, fmt: str, metadata: dict[str, Any] | None) -> dict[str, str]:
@@ -403,17 +554,10 @@ def load_tokens(model: StableSam, path: str | Path) -> dict[str, str]:
     checked); returns its metadata. ``PluginMismatchError`` for another base's file."""
     meta = _check_base_file(model, path, TOKENS_FORMAT, "PT-SAM tokens")
     state = load_file(str(path))
-    if set(state) != set(PT_SAM_TOKENS):
-        missing, extra = set(PT_SAM_TOKENS) - set(state), set(state) - set(PT_SAM_TOKENS)
-        raise ValueError(
-            f"PT-SAM tokens file {Path(path).name}: missing {sorted(missing)}, unexpected {sorted(extra)}"
-        )
+    own = dict(zip(PT_SAM_TOKENS, pt_sam_parameters(model), strict=True))
+    check_tensors(state, own, path, "PT-SAM tokens")
     with torch.no_grad():
-        for name, param in zip(PT_SAM_TOKENS, pt_sam_parameters(model), strict=True):
-            if state[name].shape != param.shape:
-                raise ValueError(
-                    f"PT-SAM tokens file {Path(path).name}: {name} is {tuple(state[name].shape)}, the base's {tuple(param.shape)}"
-                )
+        for name, param in own.items():
             param.copy_(state[name].to(param.device, param.dtype))
     return meta
 
@@ -440,19 +584,27 @@ def load_decoder(model: StableSam, path: str | Path) -> dict[str, str]:
 __all__ = [
     "DECODER_FORMAT",
     "HQ_FORMAT",
+    "PA_FORMAT",
     "PT_SAM_TOKENS",
     "TOKENS_FORMAT",
     "VARIANTS",
     "Variant",
+    "boundary_band",
+    "check_tensors",
     "hq_sam_modules",
     "load_decoder",
     "load_hq",
+    "load_pa",
     "load_tokens",
+    "pa_sam_loss",
+    "prompt_adapter_of",
     "pt_sam_parameters",
     "save_decoder",
     "save_hq",
+    "save_pa",
     "save_tokens",
     "train_dt_sam",
     "train_hq_sam",
+    "train_pa_sam",
     "train_pt_sam",
 ]

@@ -8,8 +8,8 @@ and ST (stability over the prompts of one object). Every model sees the same pro
 the frozen base encoder, so each image is embedded once.
 
 Rows: SAM (the mini base), Stable-SAM (the shipped plugins), the ablations of paper Table 5
-(DSP without RTS, DSP + RTS, DSP + DRP + RTS), DT-SAM (decoder fine-tuned with RTS), all with
-the decoder's single-mask output; the mean routing weight α1 per prompt type (appendix
+(DSP without RTS, DSP + RTS, DSP + DRP + RTS), DT-SAM (decoder fine-tuned with RTS), PT-SAM,
+HQ-SAM and PA-SAM (``training.baselines``), all with the decoder's single-mask output; the mean routing weight α1 per prompt type (appendix
 Table 6); and a multimask study: SAM and Stable-SAM through predictors with each
 ``multimask_policy`` (single output, best of 3, the served default ``auto``).
 
@@ -58,6 +58,7 @@ MODEL_ROWS = {
     "pt_sam": ("PT-SAM (tokens fine-tuned, RTS)", "pt-sam"),
     "hq_sam": ("HQ-SAM (its recipe, 12 epochs)", "hq-sam"),
     "hq_sam_rts": ("HQ-SAM (RTS, 1 epoch)", "hq-sam-rts"),
+    "pa_sam": ("PA-SAM (prompt adapter, RTS, 1 epoch)", "pa-sam"),
 }
 MULTIMASK_POLICIES: tuple[MultimaskPolicy, ...] = ("single", "best", "auto")
 

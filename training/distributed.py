@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -85,10 +86,18 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
+class AdapterMasks(NamedTuple):
+    """PA-SAM's masks beside the served ones, for its loss (``training.baselines``)."""
+
+    sam_logits: Tensor  # (B, 1, S/4, S/4) M_SAM: SAM's mask with the adapter's residuals
+    uncertainty_logits: Tensor  # (B, 1, S/4, S/4) logits of M_U
+
+
 class DecodeStep(nn.Module):
     """The trained part of one decoder pass, as the module DDP wraps.
 
-    Registers only ``trained`` (the plugins, or the mask decoder for DT-SAM), so DDP
+    Registers only ``trained`` (the plugins, the mask decoder for DT-SAM, PA-SAM's prompt
+    adapter, ...), so DDP
     broadcasts and synchronises those and not the frozen encoder. Under DDP (``wrap``) every
     trainable parameter takes part in every forward (``0 * sum``), so a rank whose images have
     no prompt, or a parameter the loss does not reach (DT-SAM's IoU head), still joins the
@@ -106,21 +115,41 @@ class DecodeStep(nn.Module):
         embedding: Tensor | None,
         prompts: Sequence[tuple[Tensor, Tensor]] = (),
         vit_features: Tensor | tuple[Tensor, ...] | None = None,
-    ) -> Tensor:
-        """One image's low-res logits for each (sparse, dense) prompt group, concatenated:
-        one forward per backward, as DDP requires. ``embedding=None``: a zero loss.
+        detail: Tensor | None = None,
+        noise_seed: int | None = None,
+    ) -> Tensor | tuple[Tensor, AdapterMasks | None]:
+        """One image's low-res logits (B, 1, S/4, S/4) for each (sparse, dense) prompt group,
+        concatenated, and PA-SAM's ``AdapterMasks`` of them (``None`` for other models): one
+        forward per backward, as DDP requires. ``embedding=None``: a zero loss (a scalar).
         ``vit_features``: HQ-SAM's early ViT features (``StableSam.encode_backbone``), fused
         here, inside the step, since HQ-SAM trains the fusion; SAM 2's high-resolution features,
-        passed on as they are."""
+        passed on as they are. ``detail``: PA-SAM's detail tensor of the image; ``noise_seed``
+        seeds its Gumbel noise for this image, so that any number of ranks draws what one
+        process draws."""
         touch = torch.zeros(())
         if self.touch_all:
             touch = sum((p.sum() for p in self.parameters() if p.requires_grad), touch) * 0.0
         if embedding is None:  # nothing to decode on this rank this step
             return touch
         model = self._model[0]
-        hq = model.decoder_features(embedding, vit_features)
-        logits = torch.cat([model.decode(embedding, s, d, False, hq)[0] for s, d in prompts])
-        return logits + touch.to(logits.device) if self.touch_all else logits
+        masks = None
+        if model.prompt_adapter is None:
+            hq = model.decoder_features(embedding, vit_features)
+            logits = torch.cat([model.decode(embedding, s, d, False, hq)[0] for s, d in prompts])
+        else:
+            generator = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
+            outs = [
+                model.decode_prompt_adapter(embedding, s, d, False, detail, generator)
+                for s, d in prompts
+            ]
+            logits = torch.cat([o.masks for o in outs])
+            masks = AdapterMasks(
+                torch.cat([o.sam_masks for o in outs]),
+                torch.cat([o.uncertainty_logits for o in outs]),
+            )
+        if self.touch_all:
+            logits = logits + touch.to(logits.device)
+        return logits, masks
 
 
 def wrap(step: DecodeStep, ranks: Ranks, device: torch.device) -> nn.Module:

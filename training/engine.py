@@ -4,7 +4,8 @@ Shared by the three trainers of this repository:
 
 * the Stable-SAM plugins (``train_plugins``): DSP + DRP on a frozen SAM, robust training strategy
   (``training.rts``), the paper's "fast adaptation" default (Adam, lr 1e-3, one epoch);
-* the DT-SAM baseline (``training.baselines``): SAM's mask decoder fine-tuned by the same loop;
+* the baselines (``training.baselines``): DT-SAM, PT-SAM, HQ-SAM, PA-SAM, by the same loop (a
+  variant's own loss plugs in as ``loss_fn``);
 * the pretraining of the mini SAM (``training.pretrain``): its own loop (the whole model, a
   wall-time schedule, resume), on the losses, the preprocessing and the optimiser step below.
 
@@ -38,6 +39,9 @@ from training.data import Sample
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]  # (step, total_steps, loss)
+# (the decoder step's output: logits (B, 1, S/4, S/4) and PA-SAM's masks or None, the GT masks
+# (B, S, S)) -> the mean loss over the B prompts (a scalar).
+LossFn = Callable[[tuple[Tensor, distributed.AdapterMasks | None], Tensor], Tensor]
 
 # SAM's loss weights (SAM §A): focal : dice = 20 : 1, plus the IoU head's MSE.
 FOCAL_WEIGHT, DICE_WEIGHT, IOU_WEIGHT = 20.0, 1.0, 1.0
@@ -112,6 +116,11 @@ def bce_dice_loss(low_res_logits: Tensor, target_masks: Tensor) -> Tensor:
     (B, S, S), against the GT masks in the input frame. Mean over prompts (scalar)."""
     logits = upsample_logits(low_res_logits, target_masks.shape[-2:])[:, 0]
     return mask_loss(logits, target_masks.float(), "bce_dice").mean()
+
+
+def decoder_loss(output: tuple[Tensor, Any], target_masks: Tensor) -> Tensor:
+    """The default ``LossFn``: the RTS loss (``bce_dice_loss``) of the step's logits."""
+    return bce_dice_loss(output[0], target_masks)
 
 
 def sam_loss(
@@ -223,6 +232,8 @@ def step_loss(
     scale: float,
     backward: bool = True,
     decoder: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
+    noise_seeds: Sequence[int] | None = None,
 ) -> tuple[float, int]:
     """Embed the images once (no grad), decode every prompt, accumulate gradients of the loss.
 
@@ -230,9 +241,12 @@ def step_loss(
     accumulated gradient equals the gradient of the step's mean loss. ``decoder``: the
     ``training.distributed.DecodeStep`` to decode through (DDP-wrapped in a distributed run:
     gradients are all-reduced with the step's last image only, and a rank without prompts
-    still joins that all-reduce). Returns (loss sum × scale, number of prompts).
+    still joins that all-reduce). ``loss_fn``: the per-prompt mean loss of one image's decoder
+    output (default ``decoder_loss``). ``noise_seeds``: one per image, seeding the decoder's
+    own randomness (PA-SAM's Gumbel noise). Returns (loss sum × scale, number of prompts).
     """
     device = model.device
+    loss_fn = loss_fn or decoder_loss
     decoder = decoder if decoder is not None else distributed.DecodeStep(model, [])
     ddp = isinstance(decoder, nn.parallel.DistributedDataParallel)
     # Prompt embeddings need gradients only when the prompt encoder trains (PT-SAM's tokens).
@@ -244,9 +258,9 @@ def step_loss(
         with torch.no_grad(), autocast_context(device):
             # HQ-SAM's fusion of the ViT features is per image in the decoder step: HQ-SAM
             # trains it (``training.baselines``'s hq-sam). SAM 2: its high-resolution features.
-            embeddings, vit_features = model.encode_backbone(
-                preprocess(model, images, [augmented[i].valid_hw for i in with_prompts])
-            )
+            inputs = preprocess(model, images, [augmented[i].valid_hw for i in with_prompts])
+            embeddings, vit_features = model.encode_backbone(inputs)
+            details = model.image_detail(inputs)  # PA-SAM's [I, ∇I]; None for the others
         embeddings = embeddings.float()
     for k, i in enumerate(with_prompts):
         aug, plist = augmented[i], prompt_lists[i]
@@ -262,8 +276,10 @@ def step_loss(
         with decoder.no_sync() if ddp and not last else contextlib.nullcontext():
             with autocast_context(device):
                 vit = _image_features(vit_features, k)
-                logits = decoder(embeddings[k : k + 1], prompts, vit)
-            loss = bce_dice_loss(logits, targets) * (len(plist) * scale)
+                detail = None if details is None else details[k : k + 1]
+                seed = None if noise_seeds is None else noise_seeds[i]
+                output = decoder(embeddings[k : k + 1], prompts, vit, detail, seed)
+            loss = loss_fn(output, targets) * (len(plist) * scale)
             if backward:
                 loss.backward()
         total += float(loss.detach())
@@ -292,9 +308,10 @@ def fit(
     progress: Progress | None = None,
     modules_to_train: Sequence[nn.Module] = (),
     ranks: distributed.Ranks | None = None,
+    loss_fn: LossFn | None = None,
 ) -> TrainResult:
-    """The RTS loop shared by the plugins and the DT-SAM baseline: trains ``parameters``
-    (those of ``modules_to_train``).
+    """The RTS loop shared by the plugins and the baselines: trains ``parameters`` (those of
+    ``modules_to_train``) on ``loss_fn`` (default ``decoder_loss``, the RTS loss).
 
     ``ranks``: this process's share of a ``torchrun`` run (``training.distributed``; default a
     world of one). Every image of a step draws its augmentation and prompts from its own
@@ -361,7 +378,7 @@ def fit(
             shard = pending.result()
             if index + 1 < len(plan):
                 pending = pool.submit(_load_shard, dataset, plan[index + 1], ranks)
-            augmented, prompt_lists = [], []
+            augmented, prompt_lists, noise_seeds = [], [], []
             for position, sample, donor in shard:
                 image_rng = np.random.default_rng((config.seed, index, position))
                 aug = rts.augment(sample, donor, side, image_rng, config.rts)
@@ -369,6 +386,8 @@ def fit(
                 prompt_lists.append(
                     rts.sample_prompts(aug, config.prompts_per_image, image_rng, config.rts)
                 )
+                # The decoder's own noise (PA-SAM's Gumbel draws), from the image's stream too.
+                noise_seeds.append(int(image_rng.integers(2**62)))
             n_prompts = int(ranks.sum(sum(len(p) for p in prompt_lists), model.device))
             images_seen += len(plan[index])
             step += 1
@@ -380,7 +399,15 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             # DDP averages the ranks' gradients: ``world`` undoes its division by world.
             scale = ranks.world / n_prompts
-            local, _ = step_loss(model, augmented, prompt_lists, scale, decoder=decoder)
+            local, _ = step_loss(
+                model,
+                augmented,
+                prompt_lists,
+                scale,
+                decoder=decoder,
+                loss_fn=loss_fn,
+                noise_seeds=noise_seeds,
+            )
             clip_and_step(optimizer, parameters, config.grad_clip)
             loss = ranks.sum(local, model.device) / ranks.world
             losses.append(loss)
@@ -482,12 +509,14 @@ __all__ = [
     "FOCAL_WEIGHT",
     "IOU_WEIGHT",
     "MASK_LOSSES",
+    "LossFn",
     "Progress",
     "TrainConfig",
     "TrainResult",
     "bce_dice_loss",
     "bce_loss",
     "clip_and_step",
+    "decoder_loss",
     "dice_loss",
     "fit",
     "focal_loss",

@@ -8,7 +8,7 @@ loop and the losses are ``training.engine``'s, the variants ``training.baselines
 
 Adam, lr 1e-3, weight decay 0, one epoch (the paper's "fast adaptation" default).
 
-Variants (``--variant``; the rows of paper Table 5 and the DT-SAM baseline):
+Variants (``--variant``; the rows of paper Table 5 and the baselines, ``training.baselines``):
   ``stable``      DSP + DRP, full RTS (the shipped default plugins)
   ``dsp``         DSP only (routing fixed to α = (1, 0)), full RTS
   ``dsp-no-rts``  DSP only, clean prompts (GT boxes), no occlusion synthesis
@@ -16,6 +16,7 @@ Variants (``--variant``; the rows of paper Table 5 and the DT-SAM baseline):
   ``pt-sam``      no plugins; only SAM's tokens fine-tuned with RTS (lr 1e-3)
   ``hq-sam``      HQ-SAM's new parameters, its own recipe (12 epochs, lr 1e-3 → 1e-4 after 10)
   ``hq-sam-rts``  HQ-SAM's new parameters trained with RTS (one epoch)
+  ``pa-sam``      PA-SAM's prompt adapter beside the frozen SAM, RTS (one epoch, lr 1e-3)
 
 ``--data``: ``synthetic``, a folder of ``images/`` + ``masks/``, or an HQSeg-44K root
 (``training.hqseg``). As the paper trained (8 GPUs, total batch 32, one epoch of HQSeg-44K)::

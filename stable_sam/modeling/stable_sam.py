@@ -1,4 +1,5 @@
-"""``StableSam``: a frozen SAM (or HQ-SAM) with the Stable-SAM plugins in its mask decoder."""
+"""``StableSam``: a frozen SAM (or HQ-SAM) with the Stable-SAM plugins (or PA-SAM's prompt
+adapter) in its mask decoder."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from .fast_ops import use_patch_transposed_convs
 from .plugins import PluginConfig, StableSamPlugins
+from .prompt_adapter import PromptAdapter, PromptAdapterOutput, image_detail
 from .stable_block import MASK_TOKEN_INDEX, StableTwoWayAttentionBlock
 
 PLUGIN_LAYER = 1  # decoder layer 2 of the two-way transformer (0-based index 1)
@@ -49,6 +51,7 @@ class StableSam(nn.Module):
         use_patch_transposed_convs(self.mask_decoder)  # same weights, faster on CPU
         self._swap_lock = threading.RLock()
         self.plugins: StableSamPlugins | None = None
+        self.prompt_adapter: PromptAdapter | None = None
         self._block: StableTwoWayAttentionBlock | None = None
         if plugin_config is not None:
             self.install_plugins(StableSamPlugins(plugin_config))
@@ -56,6 +59,8 @@ class StableSam(nn.Module):
     # -- plugins -----------------------------------------------------------------------------
     def install_plugins(self, plugins: StableSamPlugins) -> None:
         """Insert ``plugins`` into decoder layer 2 (or replace the ones already there)."""
+        if self.prompt_adapter is not None:
+            raise ValueError("this model has PA-SAM's prompt adapter in layer 2: no plugins")
         transformer = self.mask_decoder.transformer
         if self._block is None:
             self._block = StableTwoWayAttentionBlock(
@@ -86,6 +91,12 @@ class StableSam(nn.Module):
             finally:
                 self._block.set_plugins(own)
 
+    def install_prompt_adapter(self, adapter: PromptAdapter) -> None:
+        """Put PA-SAM's prompt adapter beside decoder layer 2 (or replace the one there)."""
+        if self._block is not None or self.is_hq:
+            raise ValueError("PA-SAM's prompt adapter goes on a plain SAM (no plugins, no HQ)")
+        self.prompt_adapter = adapter.to(self.device)
+
     @property
     def has_plugins(self) -> bool:
         return self._block is not None
@@ -101,9 +112,12 @@ class StableSam(nn.Module):
     @property
     def encoder_id(self) -> str:
         """Identifies what ``encode`` computes: the base and, for HQ-SAM parameters trained on
-        it, their tag. Embedding caches key on it; plugins never change it."""
-        base = f"{self.model_type}:{self.base_checkpoint_sha256}"
-        return f"{base}+{self.hq_tag}" if self.hq_tag else base
+        it, their tag; with a prompt adapter, ``+pa-detail`` (its cached embeddings carry the
+        detail tensor). Embedding caches key on it; plugins and adapter weights never change it."""
+        key = f"{self.model_type}:{self.base_checkpoint_sha256}"
+        if self.hq_tag:
+            key += f"+{self.hq_tag}"
+        return key + "+pa-detail" if self.prompt_adapter is not None else key
 
     # -- the base's parts --------------------------------------------------------------------
     # Where the decoder keeps t_o, the output mask token the DRP routes on (see
@@ -176,6 +190,12 @@ class StableSam(nn.Module):
             return None
         return self.hq_features(embeddings, backbone_features)
 
+    @torch.no_grad()
+    def image_detail(self, images: Tensor) -> Tensor | None:
+        """PA-SAM's detail tensor ``[I, ∇I]`` (B, 4, S/4, S/4) fp16 of preprocessed images
+        (``prompt_adapter.image_detail``); ``None`` without a prompt adapter."""
+        return None if self.prompt_adapter is None else image_detail(images)
+
     def hq_features(self, embeddings: Tensor, vit_features: Tensor) -> Tensor:
         """HQ-SAM's global-local fusion (its Eq. in §3.2): the final embedding and the early ViT
         features, each upsampled to (B, 32, S/4, S/4), summed. Differentiable: HQ-SAM trains it."""
@@ -189,12 +209,21 @@ class StableSam(nn.Module):
         dense: Tensor,
         multimask_output: bool,
         hq_features: Tensor | None = None,
+        detail: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Mask decoder for one image's embedding (1, C, h, w) and B prompts.
 
         Returns low-res mask logits (B, K, 4h, 4w) and predicted IoUs (B, K), K = 3 with
-        multimask output, else 1 — exactly SAM's ``MaskDecoder.forward`` selection.
+        multimask output, else 1 — exactly SAM's ``MaskDecoder.forward`` selection. ``detail``:
+        the image's ``image_detail``, which a model with a prompt adapter needs (it returns
+        ``M_SAM`` or Eq. 3's ``M_PA``, as its adapter's ``serve`` says).
         """
+        if self.prompt_adapter is not None:
+            out = self.decode_prompt_adapter(
+                image_embeddings, sparse, dense, multimask_output, detail
+            )
+            served = out.sam_masks if self.prompt_adapter.serve == "sam" else out.masks
+            return served, out.iou_predictions
         decoder = self.mask_decoder
         pe = self.prompt_encoder.get_dense_pe()
         if not self.is_hq:
@@ -228,6 +257,33 @@ class StableSam(nn.Module):
         else:
             sam_mask, iou = masks[:, 0:1], iou[:, 0:1]
         return sam_mask + masks[:, n - 1 : n], iou
+
+    def decode_prompt_adapter(
+        self,
+        image_embeddings: Tensor,
+        sparse: Tensor,
+        dense: Tensor,
+        multimask_output: bool,
+        detail: Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> PromptAdapterOutput:
+        """PA-SAM's decoder pass (``PromptAdapter.decode``): Eq. 3's M_PA, SAM's IoUs,
+        and M_SAM and M_U's logits for the loss. ``generator``: the Gumbel noise's stream when
+        the adapter trains."""
+        if self.prompt_adapter is None:
+            raise ValueError("this model has no prompt adapter")
+        if detail is None:
+            raise ValueError("PA-SAM decoding needs the image's detail tensor (image_detail)")
+        return self.prompt_adapter.decode(
+            self.sam.mask_decoder,
+            image_embeddings,
+            self.sam.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+            detail,
+            multimask_output,
+            generator,
+        )
 
     def encode_prompts(
         self,

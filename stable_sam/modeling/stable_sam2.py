@@ -72,6 +72,9 @@ class StableSam2(StableSam):
         object-score token, as in SAM)."""
         return SAM2_MASK_TOKEN_INDEX if self.mask_decoder.pred_obj_scores else 1
 
+    def install_prompt_adapter(self, adapter: nn.Module) -> None:
+        raise ValueError("PA-SAM's prompt adapter is built for SAM's decoder, not SAM 2's")
+
     # -- the base's parts --------------------------------------------------------------------
     @property
     def mask_decoder(self) -> nn.Module:
@@ -142,13 +145,14 @@ class StableSam2(StableSam):
         dense: Tensor,
         multimask_output: bool,
         high_res_features: HighResFeatures | None = None,
+        detail: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """SAM 2's mask decoder for one image's embedding (1, C, h, w) and B prompts.
 
         Returns low-res mask logits (B, K, 4h, 4w) and predicted IoUs (B, K), K = 3 with
         multimask output, else 1, selected as ``MaskDecoder.forward`` selects (a single mask
         that is not stable falls back to the best of the three). The object-score logits are
-        kept in ``last_object_score_logits``.
+        kept in ``last_object_score_logits``. ``detail`` (PA-SAM's) is never set on SAM 2.
         """
         if high_res_features is None:
             raise ValueError("SAM 2 decoding needs the image's high-resolution features")

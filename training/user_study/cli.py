@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         default="sam,stable-sam",
         help="comma list: sam, stable-sam, hq-sam (official, --hq-checkpoint), project:<plugin "
-        "file>, dt-sam:<file>, pt-sam:<file>, hq-sam:<file> (trained on the base); 'none' for "
+        "file>, dt-sam:<file>, pt-sam:<file>, hq-sam:<file>, pa-sam:<file> (trained on the base); 'none' for "
         "box quality only",
     )
     e.add_argument("--base-type", help="SAM base model type (default: the embedded default)")

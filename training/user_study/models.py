@@ -6,9 +6,9 @@
 - ``project:<path>``: the base with a plugin file, e.g. a project-trained version
   (``VERSIONS_DIR/<project>/<version>.safetensors``), or ``project:VERSIONS_DIR/<project>`` for
   that project's current (newest promoted) version from ``runtime.versions``;
-- ``dt-sam:<path>`` / ``pt-sam:<path>`` / ``hq-sam:<path>``: the plain base with a DT-SAM
-  decoder file, PT-SAM tokens file or HQ-SAM parameters file trained on it
-  (``python -m training.train --variant dt-sam|pt-sam|hq-sam --out <path>``).
+- ``dt-sam:<path>`` / ``pt-sam:<path>`` / ``hq-sam:<path>`` / ``pa-sam:<path>``: the plain base
+  with a DT-SAM decoder file, PT-SAM tokens file, HQ-SAM parameters file or PA-SAM adapter file
+  trained on it (``python -m training.train --variant dt-sam|pt-sam|hq-sam|pa-sam --out <path>``).
 
 ``base_type`` / ``base_checkpoint`` replace the embedded default base (e.g. an official
 ``vit_l`` checkpoint); the shipped plugins only fit the base they were trained on.
@@ -28,6 +28,7 @@ TRAINED_BASELINES = {
     "dt-sam": "decoder fine-tuned",
     "pt-sam": "tokens fine-tuned",
     "hq-sam": "HQ-SAM parameters trained",
+    "pa-sam": "PA-SAM prompt adapter trained",
 }
 
 
@@ -112,7 +113,8 @@ def build_models(
         else:
             raise ValueError(
                 f"unknown model {name!r}; expected sam, stable-sam, hq-sam, project:<plugin file>, "
-                "dt-sam:<decoder file>, pt-sam:<tokens file> or hq-sam:<HQ-SAM parameters file>"
+                "dt-sam:<decoder file>, pt-sam:<tokens file>, hq-sam:<HQ-SAM parameters file> or "
+                "pa-sam:<PA-SAM adapter file>"
             )
         logger.info("user study model %s: %s", name, description)
         out[name] = EvalModel(name, StableSamPredictor(model), description=description)
