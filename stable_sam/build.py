@@ -160,12 +160,16 @@ def _load_strict(
     sam: nn.Module, state: dict[str, torch.Tensor], path: str | Path, model_type: str
 ) -> None:
     """``load_state_dict(strict=True)``, refusing a file of another layout by name and key."""
-    missing, unexpected = sam.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = sam.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or reshaped:
         raise RuntimeError(
-            f"{Path(path).name} is not a {model_type} checkpoint: missing keys "
-            f"{sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}"
+            f"{Path(path).name} is not a {model_type} checkpoint: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}, other shapes {reshaped[:5]}"
         )
+    sam.load_state_dict(state, strict=True)
 
 
 # What HQ-SAM adds to SAM (its paper §3.2): the HQ-Output token, its three-layer MLP and the
