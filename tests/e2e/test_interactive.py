@@ -335,22 +335,31 @@ def test_rectangle_covers_the_object(
 # --- The transport, independent of how well the model is trained ------------------------------
 
 
-@pytest.fixture(scope="module")
-def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A mini SAM with fixed random weights, saved as an official-format ``.pth`` state_dict.
+@pytest.fixture(scope="module", params=["mini", "vit_t"])
+def base_type(request: pytest.FixtureRequest) -> str:
+    """The base the transport is pinned on: the embedded mini and MobileSAM (real size, 1024 px
+    input, TinyViT encoder)."""
+    return request.param
 
-    Seed 7 gives masks covering 59-67 % of the first target image for all three prompts, so a
-    misplaced prompt changes many pixels (seed 0 covers 86-98 %: too little contrast)."""
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory, base_type: str) -> Path:
+    """A SAM of ``base_type`` with fixed random weights, saved as an official-format ``.pth``
+    state_dict.
+
+    Seed 7 gives masks covering 59-67 % (mini) and 43-66 % (vit_t) of the first target image
+    for all three prompts, so a misplaced prompt changes many pixels (seed 0 covers 86-98 % on
+    the mini: too little contrast)."""
     torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("weights") / "mini-random.pth"
-    torch.save(build_sam("mini").state_dict(), path)
+    path = tmp_path_factory.mktemp("weights") / f"{base_type}-random.pth"
+    torch.save(build_sam(base_type).state_dict(), path)
     return path
 
 
 @pytest.fixture(scope="module")
-def reference_predictor(random_checkpoint: Path) -> StableSamPredictor:
+def reference_predictor(random_checkpoint: Path, base_type: str) -> StableSamPredictor:
     """The same plain SAM as the backend serves, in this process."""
-    model = build_stable_sam("mini", random_checkpoint, plugins=False, device="cpu")
+    model = build_stable_sam(base_type, random_checkpoint, plugins=False, device="cpu")
     return StableSamPredictor(model)
 
 
@@ -361,19 +370,20 @@ def plain_sam_setup(
     start_backend,
     targets: list[Target],
     random_checkpoint: Path,
+    base_type: str,
 ) -> Connected:
     """A project served by a backend running plain SAM from ``random_checkpoint``."""
     ls_client.set_legacy_tokens(False)
     env = {
         "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.personal_access_token,
-        "SAM_MODEL_TYPE": "mini",
+        "SAM_MODEL_TYPE": base_type,
         "SAM_CHECKPOINT": str(random_checkpoint),
         "SAM_PLUGINS": "none",
         "REFINE_MASKS": "on",  # so the refined second click's transport is pinned too
     }
-    backend = start_backend("backend-plain-sam", env)
-    project = ls_client.create_project("Stable-SAM e2e (plain SAM)", SAM_CONFIG)
+    backend = start_backend(f"backend-plain-sam-{base_type}", env)
+    project = ls_client.create_project(f"Stable-SAM e2e (plain SAM, {base_type})", SAM_CONFIG)
     tasks = ls_client.import_images(project["id"], {t.name: t.png for t in targets})
     ml_backend = ls_client.connect_ml_backend(project["id"], backend.url)
     return Connected(PAT, project["id"], tasks, ml_backend, backend)
