@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     label_studio_trust_setup: bool = False
 
     # --- Model selection ---
-    # SAM base: "mini" (the embedded default), vit_b/vit_l/vit_h, or HQ-SAM hq_* (MODEL_TYPES).
+    # SAM base: "mini" (the embedded default), vit_b/vit_l/vit_h, MobileSAM vit_t, or HQ-SAM hq_*
+    # (MODEL_TYPES).
     sam_model_type: ModelType = "mini"
     # Official-format SAM checkpoint (.pth) or our .safetensors; empty with "mini" = shipped one.
     sam_checkpoint: Path | None = None
