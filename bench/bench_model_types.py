@@ -9,7 +9,10 @@ For each model type, random weights (time does not depend on what was learned), 
   masks resized to the image), percentiles of ``--repeats``;
 - ``overhead``: prompt encoder + mask decoder (single-mask output) of Stable-SAM over plain SAM
   on the same frozen base and embedding, ratio of medians; the two are interleaved call by call,
-  so the machine's load hits both alike (target <= 1.10).
+  so the machine's load hits both alike (target <= 1.10);
+- ``peak RSS``: the process's peak resident memory while the row ran (Linux; the interpreter and
+  torch included, ~0.3 GB, and what earlier rows left in the allocator), its base with a plain
+  SAM copy of the decoder, the encoding and the clicks.
 
 Plugins are moved off their identity initialisation (non-zero offsets, real routing) as after
 training. ``--clock cpu`` (default) counts this process's CPU time, robust on a shared machine;
@@ -22,11 +25,14 @@ training. ``--clock cpu`` (default) counts this process's CPU time, robust on a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,23 +57,44 @@ class ModelTypeTiming:
     click_p95_ms: float
     sam_decode_ms: float
     stable_decode_ms: float
+    peak_rss_bytes: int | None = None
 
     @property
     def overhead(self) -> float:
         return self.stable_decode_ms / self.sam_decode_ms
 
     def markdown(self) -> str:
+        rss = "n/a" if self.peak_rss_bytes is None else f"{self.peak_rss_bytes / 2**30:.2f} GB"
         return (
             f"| {self.model_type} | {self.image_size} | {self.parameters / 1e6:.1f} M | "
             f"{self.encode_ms:,.0f} | {self.click_p50_ms:.1f} / {self.click_p95_ms:.1f} | "
-            f"{self.sam_decode_ms:.1f} / {self.stable_decode_ms:.1f} | x {self.overhead:.3f} |"
+            f"{self.sam_decode_ms:.1f} / {self.stable_decode_ms:.1f} | x {self.overhead:.3f} | "
+            f"{rss} |"
         )
 
 
 HEADER = (
     "| model type | input px | parameters | encode ms | cached click p50 / p95 ms | "
-    "decoder SAM / Stable-SAM ms | overhead |\n|---|---|---|---|---|---|---|"
+    "decoder SAM / Stable-SAM ms | overhead | peak RSS |\n|---|---|---|---|---|---|---|---|"
 )
+
+
+def reset_peak_rss() -> None:
+    """Start the process's peak resident set (VmHWM) again from its current RSS (Linux)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set since the last reset; None where /proc cannot tell."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def pair_on_one_base(model_type: str) -> tuple[StableSamPredictor, StableSamPredictor]:
@@ -145,7 +172,10 @@ def main(argv: list[str] | None = None) -> list[ModelTypeTiming]:
     print(HEADER, flush=True)
     rows = []
     for model_type in args.model_types:
+        gc.collect()  # the previous row's model is gone before the peak starts again
+        reset_peak_rss()
         row = measure(model_type, args.repeats, args.encode_repeats, clock)
+        row.peak_rss_bytes = peak_rss_bytes()
         print(row.markdown(), flush=True)
         rows.append(row)
     worst = max(row.overhead for row in rows)

@@ -156,5 +156,6 @@ def test_the_model_types_bench_times_encoding_clicks_and_the_overhead_in_one_run
     assert 7e6 < row.parameters < 8e6
     assert 0 < row.click_p50_ms <= row.click_p95_ms and row.encode_ms > 0
     assert row.overhead == row.stable_decode_ms / row.sam_decode_ms
+    assert row.peak_rss_bytes is None or row.peak_rss_bytes > 100 * 2**20  # torch alone is more
     assert row.markdown() in out
     assert "worst overhead x" in out and "target <= 1.10" in out
