@@ -163,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         given = parse_hashes(os.environ.get(ENV_SHA256, ""))
-        mirrors = dict(item.split("=", 1) for item in args.url)
+        mirrors = {}
+        for item in args.url:
+            name, sep, url = item.partition("=")
+            if not sep or not url:
+                raise CheckpointError(f"--url {item!r} is not NAME=URL")
+            mirrors[name] = url
         for name in args.names:  # every name checked before the first download
             expected_sha256(name, given)
         for name in args.names:
