@@ -3,14 +3,19 @@
 #   docker build -t stable-sam-backend .                                  # embedded default only
 #   docker build --build-arg SAM_CHECKPOINTS="vit_b vit_l" -t stable-sam-backend .
 #
-# SAM_CHECKPOINTS (space-separated: vit_b vit_l vit_h hq_vit_b hq_vit_l hq_vit_h) downloads the
-# official SAM / HQ-SAM checkpoints into /models at build time; select one at run time with
-# SAM_MODEL_TYPE=vit_l SAM_CHECKPOINT=/models/sam_vit_l_0b3195.pth. The PyPI torch wheels bring
+# SAM_CHECKPOINTS (space-separated: vit_b vit_l vit_h vit_t hq_vit_b hq_vit_l hq_vit_h) downloads
+# the official SAM / MobileSAM / HQ-SAM checkpoints into /models at build time, each verified
+# against its SHA-256 pinned in deploy/checkpoints.py (a mismatch fails the build). hq_vit_b and
+# hq_vit_l have no published hash to pin: they are refused unless
+# --build-arg SAM_CHECKPOINT_SHA256="hq_vit_b=<sha256>" gives one (or mount the file instead).
+# Select one at run time with SAM_MODEL_TYPE=vit_l SAM_CHECKPOINT=/models/sam_vit_l_0b3195.pth
+# (MobileSAM: SAM_MODEL_TYPE=vit_t SAM_CHECKPOINT=/models/mobile_sam.pt). The PyPI torch wheels bring
 # their own CUDA libraries; the CUDA base image provides the NVIDIA container runtime setup.
 ARG CUDA_BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 FROM ${CUDA_BASE}
 
 ARG SAM_CHECKPOINTS=""
+ARG SAM_CHECKPOINT_SHA256=""
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -29,21 +34,10 @@ COPY requirements.txt .
 COPY scripts/install_requirements.sh scripts/
 RUN bash scripts/install_requirements.sh pip
 
-# Official checkpoints, fetched at build time (none by default: the embedded default ships in
-# stable_sam/weights/).
-RUN set -eu; mkdir -p /models; \
-    for name in ${SAM_CHECKPOINTS}; do \
-      case "$name" in \
-        vit_b) url=https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth ;; \
-        vit_l) url=https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth ;; \
-        vit_h) url=https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth ;; \
-        hq_vit_b) url=https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_b.pth ;; \
-        hq_vit_l) url=https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_l.pth ;; \
-        hq_vit_h) url=https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_h.pth ;; \
-        *) echo "unknown checkpoint '$name'" >&2; exit 1 ;; \
-      esac; \
-      echo "fetching $name"; curl -fL --retry 3 -o "/models/$(basename "$url")" "$url"; \
-    done
+# Official checkpoints, fetched at build time and verified against their pins (none by default:
+# the embedded default ships in stable_sam/weights/).
+COPY deploy/checkpoints.py deploy/checkpoints.py
+RUN mkdir -p /models && python deploy/checkpoints.py --dest /models ${SAM_CHECKPOINTS}
 
 # Only the code (never .venv or data): backend, model, training, scripts.
 COPY pyproject.toml ./

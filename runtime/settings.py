@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     label_studio_trust_setup: bool = False
 
     # --- Model selection ---
-    # SAM base: "mini" (the embedded default), vit_b/vit_l/vit_h, HQ-SAM hq_*, or SAM 2.1
-    # sam2.1_hiera_{tiny,small,base_plus,large} (MODEL_TYPES).
+    # SAM base: "mini" (the embedded default), vit_b/vit_l/vit_h, MobileSAM vit_t, HQ-SAM hq_*,
+    # or SAM 2.1 sam2.1_hiera_{tiny,small,base_plus,large} (MODEL_TYPES).
     sam_model_type: ModelType = "mini"
     # Official-format SAM checkpoint (.pth; SAM 2.1: .pt) or our .safetensors; empty with "mini"
     # = shipped one.

@@ -1,9 +1,10 @@
 """Builders for the SAM bases Stable-SAM plugs into.
 
 ``build_sam(model_type, checkpoint)`` mirrors ``segment_anything.sam_model_registry`` and adds
-the project's small ``mini`` SAM (the embedded default base, see ``docs/MODEL.md``). Official
-checkpoints (``.pth`` state_dicts) load strictly through the same code, with
-``torch.load(weights_only=True)`` so that no pickled code is ever executed.
+the project's small ``mini`` SAM (the embedded default base, see ``docs/MODEL.md``) and
+MobileSAM (``vit_t``: a TinyViT image encoder with SAM's prompt encoder and mask decoder).
+Official checkpoints (``.pth`` state_dicts, MobileSAM's ``mobile_sam.pt``) load strictly through
+the same code, with ``torch.load(weights_only=True)`` so that no pickled code is ever executed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -49,8 +51,13 @@ ENCODER_SPECS: dict[str, EncoderSpec] = {
 }
 
 
+# MobileSAM (Zhang et al., 2023): TinyViT-5M distilled from SAM's ViT-H, 1024 px input, 64x64
+# embedding, SAM's own prompt encoder and mask decoder (``modeling/tiny_vit.py``). Plain decoder
+# only: HQ-SAM's parameters are not built on it.
+TINY_VIT_TYPES = ("vit_t",)
+
 HQ_PREFIX = "hq_"
-MODEL_TYPES = tuple(ENCODER_SPECS) + tuple(HQ_PREFIX + t for t in ENCODER_SPECS)
+MODEL_TYPES = tuple(ENCODER_SPECS) + TINY_VIT_TYPES + tuple(HQ_PREFIX + t for t in ENCODER_SPECS)
 MODEL_TYPES += SAM2_MODEL_TYPES  # SAM 2.1 image models (``stable_sam.sam2_base``)
 
 
@@ -60,9 +67,10 @@ def build_sam(
     """Build a SAM of ``model_type``; load ``checkpoint`` strictly if given.
 
     ``model_type`` is one of ``vit_b``, ``vit_l``, ``vit_h``, ``mini``, or the same with an
-    ``hq_`` prefix for HQ-SAM (``segment_anything_hq``'s classes). ``checkpoint`` may be an
-    official ``.pth`` state_dict or a ``.safetensors`` file (the format the project ships its mini
-    SAM in, stored in fp16). ``None`` leaves random weights.
+    ``hq_`` prefix for HQ-SAM (``segment_anything_hq``'s classes), or ``vit_t`` for MobileSAM.
+    ``checkpoint`` may be an official ``.pth`` state_dict (``mobile_sam.pt`` for ``vit_t``) or a
+    ``.safetensors`` file (the format the project ships its mini SAM in, stored in fp16).
+    ``None`` leaves random weights.
 
     ``add_hq``: HQ-SAM's architecture on a plain SAM ``checkpoint`` (``model_type`` without the
     prefix): every SAM key loads strictly, HQ-SAM's new parameters (``HQ_PARAMETER_PREFIXES``)
@@ -71,6 +79,10 @@ def build_sam(
     A SAM 2.1 ``model_type`` (``sam2.1_hiera_tiny`` ...) builds ``sam2``'s ``SAM2Base``
     (``stable_sam.sam2_base``; checkpoints are its official ``.pt`` files).
     """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"unknown SAM model type {model_type!r}; expected one of {list(MODEL_TYPES)}"
+        )
     if is_sam2_type(model_type):
         if add_hq:
             raise ValueError(f"add_hq is for a plain SAM base, not {model_type!r}")
@@ -80,20 +92,21 @@ def build_sam(
         return sam2
     if add_hq and model_type.startswith(HQ_PREFIX):
         raise ValueError(f"add_hq is for a plain SAM base, not {model_type!r}")
+    if add_hq and model_type in TINY_VIT_TYPES:
+        raise ValueError(
+            f"add_hq is not supported on {model_type!r} (MobileSAM): it is a plain-decoder "
+            f"base; use a ViT base ({', '.join(ENCODER_SPECS)}) for HQ-SAM"
+        )
     hq = add_hq or model_type.startswith(HQ_PREFIX)
     base_type = model_type.removeprefix(HQ_PREFIX)
-    if base_type not in ENCODER_SPECS:
-        raise ValueError(
-            f"unknown SAM model type {model_type!r}; expected one of {list(MODEL_TYPES)}"
-        )
-    spec = ENCODER_SPECS[base_type]
     if hq:
         with warnings.catch_warnings():  # timm deprecation noise from segment_anything_hq
             warnings.simplefilter("ignore")
             from segment_anything_hq import modeling as classes
     else:
         from segment_anything import modeling as classes
-    embedding_size = spec.image_size // 16
+    image_encoder, image_size = _image_encoder(base_type, classes)
+    embedding_size = image_size // 16
     transformer = classes.TwoWayTransformer(
         depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8
     )
@@ -105,40 +118,70 @@ def build_sam(
         iou_head_hidden_dim=256,
     )
     if hq:
-        mask_decoder = classes.MaskDecoderHQ(vit_dim=spec.embed_dim, **decoder_args)
+        mask_decoder = classes.MaskDecoderHQ(
+            vit_dim=ENCODER_SPECS[base_type].embed_dim, **decoder_args
+        )
     else:
         mask_decoder = classes.MaskDecoder(**decoder_args)
     sam = classes.Sam(
-        image_encoder=classes.ImageEncoderViT(
-            depth=spec.depth,
-            embed_dim=spec.embed_dim,
-            img_size=spec.image_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=spec.num_heads,
-            patch_size=16,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=spec.global_attn_indexes,
-            window_size=spec.window_size,
-            out_chans=PROMPT_EMBED_DIM,
-        ),
+        image_encoder=image_encoder,
         prompt_encoder=classes.PromptEncoder(
             embed_dim=PROMPT_EMBED_DIM,
             image_embedding_size=(embedding_size, embedding_size),
-            input_image_size=(spec.image_size, spec.image_size),
+            input_image_size=(image_size, image_size),
             mask_in_chans=16,
         ),
         mask_decoder=mask_decoder,
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
-    sam.eval()
     if checkpoint is not None and add_hq:
         _load_base_into_hq(sam, load_state_dict(checkpoint), checkpoint)
     elif checkpoint is not None:
-        sam.load_state_dict(load_state_dict(checkpoint), strict=True)
+        _load_strict(sam, load_state_dict(checkpoint), checkpoint, model_type)
+    # After loading: TinyViT's attention caches its biases for inference when put in eval mode.
+    sam.eval()
     return sam
+
+
+def _image_encoder(base_type: str, classes: ModuleType) -> tuple[nn.Module, int]:
+    """The image encoder of ``base_type`` and the side of its square input in pixels."""
+    if base_type in TINY_VIT_TYPES:
+        from .modeling.tiny_vit import TINY_VIT_IMAGE_SIZE, TinyViTImageEncoder
+
+        return TinyViTImageEncoder(), TINY_VIT_IMAGE_SIZE
+    spec = ENCODER_SPECS[base_type]
+    encoder = classes.ImageEncoderViT(
+        depth=spec.depth,
+        embed_dim=spec.embed_dim,
+        img_size=spec.image_size,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=spec.num_heads,
+        patch_size=16,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=spec.global_attn_indexes,
+        window_size=spec.window_size,
+        out_chans=PROMPT_EMBED_DIM,
+    )
+    return encoder, spec.image_size
+
+
+def _load_strict(
+    sam: nn.Module, state: dict[str, torch.Tensor], path: str | Path, model_type: str
+) -> None:
+    """``load_state_dict(strict=True)``, refusing a file of another layout by name and key."""
+    expected = sam.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or reshaped:
+        raise RuntimeError(
+            f"{Path(path).name} is not a {model_type} checkpoint: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}, other shapes {reshaped[:5]}"
+        )
+    sam.load_state_dict(state, strict=True)
 
 
 # What HQ-SAM adds to SAM (its paper §3.2): the HQ-Output token, its three-layer MLP and the

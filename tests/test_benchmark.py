@@ -143,3 +143,20 @@ def test_multimask_rows_are_the_predictors_own_answers(trained, tmp_path):
         assert (one_point[policy]["miou"], one_point[policy]["mbiou"]) == expected, policy
     assert one_point["auto"] == one_point["best"]  # a lone click: auto takes the best of 3
     assert study["auto"]["points_3"] == study["single"]["points_3"]
+
+
+def test_the_model_types_bench_times_encoding_clicks_and_the_overhead_in_one_run(capsys):
+    from bench.bench_model_types import HEADER
+    from bench.bench_model_types import main as bench_main
+
+    rows = bench_main(["--model-types", "mini", "--repeats", "2", "--encode-repeats", "1"])
+    out = capsys.readouterr().out
+    assert HEADER in out and "clock cpu" in out
+    (row,) = rows
+    assert row.model_type == "mini" and row.image_size == 256
+    assert 7e6 < row.parameters < 8e6
+    assert 0 < row.click_p50_ms <= row.click_p95_ms and row.encode_ms > 0
+    assert row.overhead == row.stable_decode_ms / row.sam_decode_ms
+    assert row.peak_rss_bytes is None or row.peak_rss_bytes > 100 * 2**20  # torch alone is more
+    assert row.markdown() in out
+    assert "worst overhead x" in out and "target <= 1.10" in out
