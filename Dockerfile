@@ -3,14 +3,17 @@
 #   docker build -t stable-sam-backend .                                  # embedded default only
 #   docker build --build-arg SAM_CHECKPOINTS="vit_b vit_l" -t stable-sam-backend .
 #
-# SAM_CHECKPOINTS (space-separated: vit_b vit_l vit_h vit_t hq_vit_b hq_vit_l hq_vit_h) downloads
-# the official SAM / MobileSAM / HQ-SAM checkpoints into /models at build time, each verified
+# SAM_CHECKPOINTS (space-separated: vit_b vit_l vit_h vit_t hq_vit_b hq_vit_l hq_vit_h
+# sam2.1_hiera_tiny sam2.1_hiera_small sam2.1_hiera_base_plus sam2.1_hiera_large) downloads the
+# official SAM / MobileSAM / HQ-SAM / SAM 2.1 checkpoints into /models at build time, each verified
 # against its SHA-256 pinned in deploy/checkpoints.py (a mismatch fails the build). hq_vit_b and
 # hq_vit_l have no published hash to pin: they are refused unless
 # --build-arg SAM_CHECKPOINT_SHA256="hq_vit_b=<sha256>" gives one (or mount the file instead).
 # Select one at run time with SAM_MODEL_TYPE=vit_l SAM_CHECKPOINT=/models/sam_vit_l_0b3195.pth
-# (MobileSAM: SAM_MODEL_TYPE=vit_t SAM_CHECKPOINT=/models/mobile_sam.pt). The PyPI torch wheels bring
-# their own CUDA libraries; the CUDA base image provides the NVIDIA container runtime setup.
+# (MobileSAM: SAM_MODEL_TYPE=vit_t SAM_CHECKPOINT=/models/mobile_sam.pt; SAM 2.1:
+# SAM_MODEL_TYPE=sam2.1_hiera_tiny SAM_CHECKPOINT=/models/sam2.1_hiera_tiny.pt). The PyPI torch
+# wheels bring their own CUDA libraries; the CUDA base image provides the NVIDIA container runtime
+# setup.
 ARG CUDA_BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 FROM ${CUDA_BASE}
 

@@ -1,7 +1,8 @@
-"""Fetch official SAM checkpoints, each verified against a pinned SHA-256 (the Docker build's
-``SAM_CHECKPOINTS``). Standard library only: it runs before the project is copied in.
+"""Fetch official SAM, MobileSAM, HQ-SAM and SAM 2.1 checkpoints, each verified against a pinned
+SHA-256 (the Docker build's ``SAM_CHECKPOINTS``). Standard library only: it runs before the
+project is copied in.
 
-    python deploy/checkpoints.py --dest /models vit_b vit_t
+    python deploy/checkpoints.py --dest /models vit_b vit_t sam2.1_hiera_tiny
     SAM_CHECKPOINT_SHA256="hq_vit_b=<64 hex digits>" python deploy/checkpoints.py --dest /models hq_vit_b
 
 ``CHECKPOINTS`` is the one table of names, URLs and pins. A file is downloaded beside its target,
@@ -43,8 +44,11 @@ class Checkpoint:
 
 
 FBAI = "https://dl.fbaipublicfiles.com/segment_anything"
+FBAI_SAM2 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 HQ = "https://huggingface.co/lkeab/hq-sam/resolve/main"
 MICRO_SAM = "computational-cell-analytics/micro-sam micro_sam/util.py"
+# Its SAM 2.1 download table (HASHES of hvit_t / hvit_s / hvit_b / hvit_l, checked by pooch).
+MICRO_SAM_V2 = "computational-cell-analytics/micro-sam micro_sam/v2/util.py"
 REFINERS = "finegrain-ai/refiners src/refiners/conversion/models"
 
 CHECKPOINTS: dict[str, Checkpoint] = {
@@ -72,6 +76,26 @@ CHECKPOINTS: dict[str, Checkpoint] = {
         f"{HQ}/sam_hq_vit_h.pth",
         "a7ac14a085326d9fa6199c8c698c4f0e7280afdbb974d2c4660ec60877b45e35",
         f"{REFINERS}/hq_sam.py",
+    ),
+    "sam2.1_hiera_tiny": Checkpoint(
+        f"{FBAI_SAM2}/sam2.1_hiera_tiny.pt",
+        "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
+        MICRO_SAM_V2,
+    ),
+    "sam2.1_hiera_small": Checkpoint(
+        f"{FBAI_SAM2}/sam2.1_hiera_small.pt",
+        "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38",
+        MICRO_SAM_V2,
+    ),
+    "sam2.1_hiera_base_plus": Checkpoint(
+        f"{FBAI_SAM2}/sam2.1_hiera_base_plus.pt",
+        "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5",
+        MICRO_SAM_V2,
+    ),
+    "sam2.1_hiera_large": Checkpoint(
+        f"{FBAI_SAM2}/sam2.1_hiera_large.pt",
+        "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318",
+        MICRO_SAM_V2,
     ),
     # No full SHA-256 found in a public source: refused unless SAM_CHECKPOINT_SHA256 gives one.
     "hq_vit_b": Checkpoint(f"{HQ}/sam_hq_vit_b.pth", None),

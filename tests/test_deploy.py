@@ -93,12 +93,17 @@ def _fetch(args: list[str], hashes: str = "") -> subprocess.CompletedProcess:
     )
 
 
-def _pins() -> dict[str, str | None]:
+def _checkpoints() -> dict:
+    """The script's ``CHECKPOINTS`` (it is not a package module: the image copies it alone)."""
     spec = importlib.util.spec_from_file_location("checkpoints", CHECKPOINTS_SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["checkpoints"] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
-    return {name: c.sha256 for name, c in module.CHECKPOINTS.items()}
+    return module.CHECKPOINTS
+
+
+def _pins() -> dict[str, str | None]:
+    return {name: c.sha256 for name, c in _checkpoints().items()}
 
 
 def test_the_dockerfile_downloads_only_through_the_verifying_script() -> None:
@@ -108,8 +113,8 @@ def test_the_dockerfile_downloads_only_through_the_verifying_script() -> None:
     code = "\n".join(line for line in dockerfile.splitlines() if not line.startswith("#"))
     for other_download in ("curl -", "wget ", "dl.fbaipublicfiles", "huggingface.co", "github"):
         assert other_download not in code
-    named = re.search(r"SAM_CHECKPOINTS \(space-separated: ([a-z_ ]+)\)", dockerfile).group(1)
-    assert set(named.split()) == set(_pins())
+    named = re.search(r"SAM_CHECKPOINTS \(space-separated: ([a-z0-9_. \n#]+)\)", dockerfile)
+    assert set(named.group(1).replace("#", " ").split()) == set(_pins())
 
 
 def test_every_pin_is_a_full_sha256_and_mobile_sam_is_pinned() -> None:
@@ -117,6 +122,18 @@ def test_every_pin_is_a_full_sha256_and_mobile_sam_is_pinned() -> None:
     assert {"vit_b", "vit_l", "vit_h", "vit_t"} <= {k for k, v in pins.items() if v}
     for name, pin in pins.items():
         assert pin is None or re.fullmatch(r"[0-9a-f]{64}", pin), name
+
+
+def test_every_official_sam2_base_is_downloadable_and_pinned() -> None:
+    from stable_sam import SAM2_MODEL_TYPES
+
+    checkpoints = _checkpoints()
+    for model_type in SAM2_MODEL_TYPES:
+        checkpoint = checkpoints[model_type]
+        assert checkpoint.sha256 and "micro_sam/v2/util.py" in checkpoint.source, model_type
+        # Named as sam2 names its checkpoints, the model type's file (stable_sam/sam2_base.py).
+        assert checkpoint.filename == f"{model_type}.pt"
+        assert checkpoint.url.startswith("https://dl.fbaipublicfiles.com/segment_anything_2/")
 
 
 def test_a_download_that_does_not_match_its_pin_is_refused_and_removed(tmp_path: Path) -> None:
