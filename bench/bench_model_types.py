@@ -1,9 +1,12 @@
 """Image encoding, cached clicks and the plugins' decoder overhead for each SAM base (issue 16).
 
-For each model type, random weights (time does not depend on what was learned), on this CPU:
+Every base of ``stable_sam.MODEL_TYPES``: SAM, MobileSAM (``vit_t``), the mini and the SAM 2.1
+sizes (``sam2.1_hiera_tiny`` ... ``sam2.1_hiera_large``, on ``StableSam2``). For each model
+type, random weights (time does not depend on what was learned), on this CPU:
 
 - ``encode``: the image encoder on one 480 x 640 image (resized to the model's input side,
-  normalised, padded), median of ``--encode-repeats`` after one warm-up;
+  normalised, padded; SAM 2 also computes its decoder's high-resolution features), median of
+  ``--encode-repeats`` after one warm-up;
 - ``click p50 / p95``: one positive click on the cached embedding through
   ``StableSamPredictor.predict`` as the backend serves it (Stable-SAM, the multimask policy,
   masks resized to the image), percentiles of ``--repeats``;
@@ -20,6 +23,7 @@ training. ``--clock cpu`` (default) counts this process's CPU time, robust on a 
 
     .venv/bin/python -m bench.bench_model_types [--model-types mini vit_t vit_b] [--repeats 40]
     .venv/bin/python -m bench.bench_model_types --model-types vit_l vit_h --encode-repeats 2
+    .venv/bin/python -m bench.bench_model_types --model-types sam2.1_hiera_tiny sam2.1_hiera_small
 """
 
 from __future__ import annotations
@@ -37,8 +41,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stable_sam import PluginConfig, StableSam, StableSamPredictor, build_sam
+from stable_sam import (
+    MODEL_TYPES,
+    PluginConfig,
+    StableSam,
+    StableSam2,
+    StableSamPredictor,
+    build_sam,
+)
 from stable_sam.cache import ImageEmbedding
+from stable_sam.sam2_base import is_sam2_type
 
 IMAGE_HW = (480, 640)
 CLICK = dict(point_coords=np.array([[300.0, 220.0]]), point_labels=np.array([1]))
@@ -101,11 +113,12 @@ def pair_on_one_base(model_type: str) -> tuple[StableSamPredictor, StableSamPred
     """Plain SAM and Stable-SAM (trained-like plugins) sharing one base's weights; the plain
     one without an image encoder (it decodes the embedding the other computed)."""
     torch.manual_seed(0)
+    wrapper = StableSam2 if is_sam2_type(model_type) else StableSam
     sam = build_sam(model_type)
     encoder, sam.image_encoder = sam.image_encoder, torch.nn.Identity()
-    vanilla = StableSam(copy.deepcopy(sam), model_type, "random", None)
+    vanilla = wrapper(copy.deepcopy(sam), model_type, "random", None)
     sam.image_encoder = encoder
-    stable = StableSam(sam, model_type, "random", PluginConfig())
+    stable = wrapper(sam, model_type, "random", PluginConfig())
     with torch.no_grad():
         for p in stable.plugins.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -155,7 +168,9 @@ def measure(
 
 def main(argv: list[str] | None = None) -> list[ModelTypeTiming]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-types", nargs="+", default=["mini", "vit_t", "vit_b"])
+    parser.add_argument(
+        "--model-types", nargs="+", choices=MODEL_TYPES, default=["mini", "vit_t", "vit_b"]
+    )
     parser.add_argument("--repeats", type=int, default=40, help="clicks per model type")
     parser.add_argument("--encode-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

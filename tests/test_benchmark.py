@@ -160,3 +160,24 @@ def test_the_model_types_bench_times_encoding_clicks_and_the_overhead_in_one_run
     assert row.peak_rss_bytes is None or row.peak_rss_bytes > 100 * 2**20  # torch alone is more
     assert row.markdown() in out
     assert "worst overhead x" in out and "target <= 1.10" in out
+
+
+@pytest.mark.slow  # two Hiera encodings of a 1024 px image: ~12 s of CPU
+def test_the_model_types_bench_times_a_sam2_base_on_stable_sam2(capsys):
+    from bench.bench_model_types import main as bench_main
+
+    args = ["--model-types", "sam2.1_hiera_tiny", "--repeats", "2", "--encode-repeats", "1"]
+    (row,) = bench_main(args)
+    assert row.model_type == "sam2.1_hiera_tiny" and row.image_size == 1024
+    assert 35e6 < row.parameters < 45e6  # SAM 2.1 hiera tiny: 38.9 M
+    assert 0 < row.click_p50_ms <= row.click_p95_ms and row.encode_ms > 0
+    assert row.sam_decode_ms > 0 and row.stable_decode_ms > 0
+    assert row.markdown() in capsys.readouterr().out
+
+
+def test_the_model_types_bench_refuses_an_unknown_model_type(capsys):
+    from bench.bench_model_types import main as bench_main
+
+    with pytest.raises(SystemExit):
+        bench_main(["--model-types", "sam2_hiera_tiny"])
+    assert "invalid choice: 'sam2_hiera_tiny'" in capsys.readouterr().err
