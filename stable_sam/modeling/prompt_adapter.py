@@ -114,7 +114,7 @@ class PromptAdapterOutput(NamedTuple):
     masks: Tensor  # (B, K, S/4, S/4) M_PA logits (Eq. 3)
     iou_predictions: Tensor  # (B, K) SAM's IoU head
     sam_masks: Tensor  # (B, K, S/4, S/4) M_SAM = M_C logits (SAM's mask, adapter residuals in)
-    uncertainty_logits: Tensor  # (B, K, S/4, S/4) logits of M_U
+    uncertainty_logits: Tensor | None  # (B, K, S/4, S/4) logits of M_U (None: no blend)
 
 
 @torch.no_grad()
@@ -320,13 +320,15 @@ class PromptAdapter(nn.Module):
         detail: Tensor,
         multimask_output: bool,
         generator: torch.Generator | None = None,
+        blend: bool = True,
     ) -> PromptAdapterOutput:
         """SAM's ``MaskDecoder`` (``decoder``, frozen) with the adapter beside layer 2.
 
         The same operations as ``MaskDecoder.forward`` and ``TwoWayTransformer.forward``, in the
         same order, plus the adapter's residuals and Eq. 3: zero residuals give SAM's bits.
         image_embeddings (1, C, h, w), image_pe (1, C, h, w), sparse (B, N', C), dense
-        (B, C, h, w), detail (1, 4, 4h, 4w).
+        (B, C, h, w), detail (1, 4, 4h, 4w). ``blend=False`` (serving ``M_SAM``) skips Eq. 3:
+        ``masks`` is then ``M_SAM`` and ``uncertainty_logits`` ``None``.
         """
         transformer = decoder.transformer
         n_masks = decoder.num_mask_tokens
@@ -385,6 +387,8 @@ class PromptAdapter(nn.Module):
         # MaskDecoder.forward's selection, then Eq. 3 on the selected masks.
         chosen = slice(1, None) if multimask_output else slice(0, 1)
         sam_masks, iou_pred = masks[:, chosen], iou_pred[:, chosen]
+        if not blend:
+            return PromptAdapterOutput(sam_masks, iou_pred, sam_masks, None)
         blended, u_logits = self.blend(
             sam_masks,
             upscaled,

@@ -219,11 +219,11 @@ class StableSam(nn.Module):
         ``M_SAM`` or Eq. 3's ``M_PA``, as its adapter's ``serve`` says).
         """
         if self.prompt_adapter is not None:
+            blend = self.prompt_adapter.serve == "blend"
             out = self.decode_prompt_adapter(
-                image_embeddings, sparse, dense, multimask_output, detail
+                image_embeddings, sparse, dense, multimask_output, detail, blend=blend
             )
-            served = out.sam_masks if self.prompt_adapter.serve == "sam" else out.masks
-            return served, out.iou_predictions
+            return out.masks, out.iou_predictions
         decoder = self.mask_decoder
         pe = self.prompt_encoder.get_dense_pe()
         if not self.is_hq:
@@ -266,10 +266,11 @@ class StableSam(nn.Module):
         multimask_output: bool,
         detail: Tensor | None,
         generator: torch.Generator | None = None,
+        blend: bool = True,
     ) -> PromptAdapterOutput:
         """PA-SAM's decoder pass (``PromptAdapter.decode``): Eq. 3's M_PA, SAM's IoUs,
         and M_SAM and M_U's logits for the loss. ``generator``: the Gumbel noise's stream when
-        the adapter trains."""
+        the adapter trains; ``blend=False`` skips Eq. 3 (serving M_SAM)."""
         if self.prompt_adapter is None:
             raise ValueError("this model has no prompt adapter")
         if detail is None:
@@ -283,6 +284,7 @@ class StableSam(nn.Module):
             detail,
             multimask_output,
             generator,
+            blend,
         )
 
     def encode_prompts(
