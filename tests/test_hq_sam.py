@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_data import two_rectangles
 
 from stable_sam import PluginMismatchError, StableSamPredictor, build_sam, build_stable_sam
 from stable_sam.build import is_hq_parameter
@@ -24,17 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_dataset(n: int = 2, side: int = 96) -> list[Sample]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        image = rng.integers(0, 60, (side, side + 16, 3), dtype=np.uint8)
-        masks = np.zeros((2, side, side + 16), bool)
-        masks[0, 10:50, 10:60] = True
-        masks[1, 55:90, 40:100] = True
-        image[masks[0]] = (220, 40, 40)
-        image[masks[1]] = (40, 200, 60)
-        out.append(Sample(image, masks, f"tiny{i}"))
-    return out
+    return two_rectangles(n, side)
 
 
 @pytest.fixture(scope="module")

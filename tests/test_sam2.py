@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_data import two_rectangles
 
 from runtime.models import resolve_model
 from runtime.settings import Settings
@@ -348,17 +349,7 @@ def test_the_cache_key_names_the_encoder_and_the_plugins_share_it(base: Base):
 
 
 def _dataset(n: int = 1, side: int = 96) -> list[Sample]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        image = rng.integers(0, 60, (side, side + 16, 3), dtype=np.uint8)
-        masks = np.zeros((2, side, side + 16), bool)
-        masks[0, 10:50, 10:60] = True
-        masks[1, 55:90, 40:100] = True
-        image[masks[0]] = (220, 40, 40)
-        image[masks[1]] = (40, 200, 60)
-        out.append(Sample(image, masks, f"tiny{i}"))
-    return out
+    return two_rectangles(n, side)
 
 
 def test_training_moves_only_the_plugins_on_a_frozen_sam2(base: Base):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_data import two_rectangles
 
 from stable_sam import build_stable_sam, read_plugin_metadata
 from training import rts
@@ -16,17 +17,7 @@ from training.train import main
 
 
 def _tiny_dataset(n: int = 4, side: int = 96) -> list[Sample]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        image = rng.integers(0, 60, (side, side + 16, 3), dtype=np.uint8)
-        masks = np.zeros((2, side, side + 16), bool)
-        masks[0, 10:50, 10:60] = True
-        masks[1, 55:90, 40:100] = True
-        image[masks[0]] = (220, 40, 40)
-        image[masks[1]] = (40, 200, 60)
-        out.append(Sample(image, masks, f"tiny{i}"))
-    return out
+    return two_rectangles(n, side)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
