@@ -172,10 +172,9 @@ def _load_strict(
     sam: nn.Module, state: dict[str, torch.Tensor], path: str | Path, model_type: str
 ) -> None:
     """``load_state_dict(strict=True)``, refusing a file of another layout by name and key."""
-    expected = sam.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    from .checkpoint import state_mismatch
+
+    missing, unexpected, reshaped = state_mismatch(state, sam.state_dict())
     if missing or unexpected or reshaped:
         raise RuntimeError(
             f"{Path(path).name} is not a {model_type} checkpoint: missing keys {missing[:5]}, "

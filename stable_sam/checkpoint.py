@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,18 @@ FORMAT_VERSION = "1"
 
 class PluginMismatchError(ValueError):
     """A plugin file does not belong to this SAM base."""
+
+
+def state_mismatch(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """What keeps ``state`` from loading strictly where ``expected`` is: the names it lacks, the
+    names it has beyond them, and the shared names whose shapes differ, each sorted (all empty:
+    it loads). One check for base checkpoints and trained files alike; callers word the error."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    return missing, unexpected, reshaped
 
 
 def save_plugins(

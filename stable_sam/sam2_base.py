@@ -51,16 +51,16 @@ def load_sam2_state_dict(
 ) -> None:
     """Load ``state`` (read from ``checkpoint``) into ``model`` strictly; a file of another size
     or model is refused with the keys that do not match."""
+    from .checkpoint import state_mismatch
+
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing, unexpected, wrong = state_mismatch(state, own)
     if missing or unexpected:
         raise ValueError(
             f"{Path(checkpoint).name} is not a checkpoint of this SAM 2 model: "
             f"{len(missing)} keys missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
         raise ValueError(
             f"{Path(checkpoint).name} does not fit this SAM 2 model: {len(wrong)} tensors of "

@@ -85,7 +85,7 @@ from stable_sam import (
     save_plugins,
 )
 from stable_sam.build import HQ_PARAMETER_PREFIXES, is_hq_parameter
-from stable_sam.checkpoint import write_safetensors_atomic
+from stable_sam.checkpoint import state_mismatch, write_safetensors_atomic
 from stable_sam.modeling.prompt_adapter import SERVED_OUTPUTS
 from training import rts
 from training.data import Sample
@@ -498,14 +498,14 @@ def check_tensors(
     """Refuse (``ValueError``) a file's ``state`` unless it holds exactly ``expected``'s names,
     each with ``expected``'s shape: loading trained tensors is strict for every variant."""
     name = Path(path).name
-    if set(state) != set(expected):
-        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    missing, extra, reshaped = state_mismatch(state, expected)
+    if missing or extra:
         raise ValueError(f"{what} file {name}: missing {missing[:5]}, unexpected {extra[:5]}")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(
-                f"{what} file {name}: {key} is {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
-            )
+    if reshaped:
+        key = reshaped[0]
+        raise ValueError(
+            f"{what} file {name}: {key} is {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}"
+        )
 
 
 def _base_header(model: StableSam, fmt: str, metadata: dict[str, Any] | None) -> dict[str, str]:
