@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from identity_inputs import IMAGE, PROMPTS
 
 from stable_sam import (
     EmbeddingCache,
@@ -27,17 +28,6 @@ from stable_sam import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-IMAGE = np.random.default_rng(0).integers(0, 255, size=(180, 240, 3), dtype=np.uint8)
-PROMPTS = {
-    "box": dict(box_xyxy=np.array([20, 30, 150, 160])),
-    "points": dict(point_coords=np.array([[50, 60], [120, 90]]), point_labels=np.array([1, 0])),
-    "box+points": dict(
-        box_xyxy=np.array([20, 30, 150, 160]),
-        point_coords=np.array([[60, 70]]),
-        point_labels=np.array([1]),
-    ),
-}
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:

@@ -5,6 +5,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from identity_inputs import IMAGE
+from identity_inputs import PROMPTS as BASE_PROMPTS
 from torch.nn import functional as F
 
 from stable_sam import (
@@ -15,8 +17,6 @@ from stable_sam import (
     build_stable_sam,
 )
 from stable_sam.modeling import sample_at_offsets
-
-IMAGE = np.random.default_rng(0).integers(0, 255, size=(180, 240, 3), dtype=np.uint8)
 
 
 def _randomise_plugins(model: StableSam, seed: int = 0) -> None:
@@ -39,13 +39,7 @@ def _pair(
 
 
 PROMPTS = {
-    "box": dict(box_xyxy=np.array([20, 30, 150, 160])),
-    "points": dict(point_coords=np.array([[50, 60], [120, 90]]), point_labels=np.array([1, 0])),
-    "box+points": dict(
-        box_xyxy=np.array([20, 30, 150, 160]),
-        point_coords=np.array([[60, 70]]),
-        point_labels=np.array([1]),
-    ),
+    **BASE_PROMPTS,
     "mask": dict(mask_input=np.random.default_rng(1).normal(size=(1, 64, 64)).astype(np.float32)),
 }
 
