@@ -41,13 +41,16 @@ class EncoderSpec:
     window_size: int = 14
 
 
-# Official sizes (segment_anything/build_sam.py) and the project's mini SAM: ViT embed 192,
-# depth 6, 256 px input, 16x16 embedding, the standard 256-wide decoder (DESIGN §5).
+# Official sizes (segment_anything/build_sam.py) and the project's mini SAMs: ViT embed 192,
+# depth 6, the standard 256-wide decoder (DESIGN §5); ``mini`` takes a 256 px input (16x16
+# embedding), ``mini_512`` the same encoder at 512 px (32x32 embedding, 128x128 low-res masks),
+# warm-started from a ``mini`` file by ``training.pretrain`` (``--init-from``).
 ENCODER_SPECS: dict[str, EncoderSpec] = {
     "vit_h": EncoderSpec(1280, 32, 16, (7, 15, 23, 31)),
     "vit_l": EncoderSpec(1024, 24, 16, (5, 11, 17, 23)),
     "vit_b": EncoderSpec(768, 12, 12, (2, 5, 8, 11)),
     "mini": EncoderSpec(192, 6, 3, (1, 3, 5), image_size=256, window_size=8),
+    "mini_512": EncoderSpec(192, 6, 3, (1, 3, 5), image_size=512, window_size=8),
 }
 
 

@@ -9,7 +9,7 @@ import torch
 from stable_sam import build_sam, build_stable_sam, prompts
 from training import rts
 from training.data import Sample
-from training.pretrain.checkpoint import export_fp16
+from training.pretrain.checkpoint import export_fp16, resized_state, warm_start
 from training.pretrain.config import PretrainConfig
 from training.pretrain.data import (
     MIN_TARGET_PIXELS,
@@ -199,6 +199,78 @@ def test_smoke_run_writes_a_strictly_loadable_checkpoint_and_resumes(tmp_path) -
     write_provenance(tmp_path / "PROVENANCE.md", ["--resume"], cfg, summary, out, 1.0)
     text = (tmp_path / "PROVENANCE.md").read_text()
     assert "steps 2-3" in text and "| GT box |" in text
+
+
+def test_warm_start_resizes_the_position_tables_and_keeps_every_other_weight(tmp_path) -> None:
+    torch.manual_seed(0)
+    small = build_sam("mini")
+    with torch.no_grad():  # a constant field must stay constant through the resizing
+        small.image_encoder.pos_embed.fill_(0.25)
+    path = tmp_path / "mini.safetensors"
+    export_fp16(small, path)
+    big = build_sam("mini_512")
+    warm_start(big, path)
+    before = {k: v.half().float() for k, v in small.state_dict().items()}
+    after = big.state_dict()
+    assert after["image_encoder.pos_embed"].shape == (1, 32, 32, 192)
+    assert torch.allclose(after["image_encoder.pos_embed"], torch.tensor(0.25), atol=1e-3)
+    # Global blocks (1, 3, 5) attend over the 32x32 grid: tables of 2 * 32 - 1 rows, their
+    # ends kept; windowed blocks (window 8) keep theirs as they are.
+    glob = "image_encoder.blocks.1.attn.rel_pos_h"
+    assert after[glob].shape == (63, 64) and before[glob].shape == (31, 64)
+    assert torch.allclose(after[glob][[0, -1]], before[glob][[0, -1]], atol=0.05)
+    resized = {"image_encoder.pos_embed"} | {
+        f"image_encoder.blocks.{b}.attn.rel_pos_{a}" for b in (1, 3, 5) for a in "hw"
+    }
+    for key, value in before.items():
+        if key not in resized:
+            assert torch.equal(after[key], value), key
+    with torch.no_grad():
+        embedding = big.image_encoder(torch.zeros(1, 3, 512, 512))
+    assert embedding.shape == (1, 256, 32, 32)
+
+
+def test_warm_start_names_what_does_not_fit() -> None:
+    small = build_sam("mini").state_dict()
+    target = build_sam("mini_512").state_dict()
+    del small["mask_decoder.iou_token.weight"]
+    small["mask_decoder.mask_tokens.weight"] = torch.zeros(3, 256)
+    with pytest.raises(ValueError, match=r"missing \['mask_decoder.iou_token.weight'\].*"
+                       r"other shapes \['mask_decoder.mask_tokens.weight'\]"):  # fmt: skip
+        resized_state(small, target)
+
+
+def test_a_mini_512_run_starts_from_a_mini_file_and_exports_its_own_type(tmp_path) -> None:
+    init = tmp_path / "mini.safetensors"
+    export_fp16(build_sam("mini"), init)
+    out, state = tmp_path / "sam_mini_512.safetensors", tmp_path / "state.pt"
+    cfg = PretrainConfig(
+        model_type="mini_512",
+        init_from=str(init),
+        steps=1,
+        minutes=None,
+        batch_size=1,
+        objects_per_image=1,
+        lr=0.0,
+        warmup_steps=1,
+        train_size_range=(512, 512),
+        heldout_n=1,
+        heldout_size_range=(256, 256),
+        threads=1,
+    )
+    summary = pretrain(cfg, out, state, progress=False, device=torch.device("cpu"))
+    assert summary["steps"] == 1
+    exported = build_sam("mini_512", out)  # strict, at 512 px
+    assert exported.image_encoder.img_size == 512
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["model_type"] == "mini_512"
+    # lr 0: the one step changed nothing, so the export is the warm start itself.
+    expected = build_sam("mini_512")
+    warm_start(expected, init)
+    for key, value in expected.state_dict().items():
+        assert torch.allclose(exported.state_dict()[key], value, atol=2e-3), key
 
 
 def test_resolution_ceiling_is_perfect_for_big_grids_and_lower_for_small_ones() -> None:

@@ -24,6 +24,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--resume", action="store_true", help="continue from --state")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-type", choices=["mini", "mini_512"], default=PretrainConfig.model_type)
+    p.add_argument(
+        "--init-from", default=None,
+        help="a SAM file to start from (a mini file for mini_512: position tables resized)",
+    )  # fmt: skip
     p.add_argument("--minutes", type=float, default=50.0, help="training wall-time budget")
     p.add_argument("--steps", type=int, default=None, help="step budget (instead of --minutes)")
     p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("INFO")
     cfg = PretrainConfig(
         seed=args.seed,
+        model_type=args.model_type,
+        init_from=args.init_from,
         minutes=None if args.steps is not None else args.minutes,
         steps=args.steps,
         batch_size=args.batch_size,

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
 from stable_sam.checkpoint import write_safetensors_atomic
@@ -51,3 +52,46 @@ def load_state(
     sam.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     return int(state["step"]), float(state["elapsed_s"]), list(state.get("history", []))
+
+
+def resized_state(
+    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``state`` (a SAM of one input size) fitted to ``target``'s shapes (the same architecture
+    at another input size): the image encoder's absolute position embedding (1, h, w, C) is
+    resized bicubically to the new grid, the global-attention blocks' relative position tables
+    (2s - 1, C) linearly to the new length (SAM's own ``get_rel_pos`` rule); every other tensor
+    must match as is. Keys must be the same; a mismatch names them."""
+    from stable_sam.checkpoint import state_mismatch
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        want = target.get(key)
+        if want is None or want.shape == value.shape:
+            out[key] = value
+        elif key.endswith("pos_embed") and value.ndim == 4:
+            grid = F.interpolate(
+                value.permute(0, 3, 1, 2).float(), size=want.shape[1:3], mode="bicubic",
+                align_corners=False,
+            )  # fmt: skip
+            out[key] = grid.permute(0, 2, 3, 1).to(value.dtype)
+        elif ".rel_pos_" in key and value.ndim == 2:
+            table = F.interpolate(value.T[None].float(), size=want.shape[0], mode="linear")
+            out[key] = table[0].T.to(value.dtype)
+        else:
+            out[key] = value  # reported below
+    missing, unexpected, reshaped = state_mismatch(out, target)
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"cannot warm-start from this state: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, other shapes {reshaped[:5]}"
+        )
+    return out
+
+
+def warm_start(sam: Sam, path: Path) -> None:
+    """Load the SAM file ``path`` (another input size of the same architecture, e.g. a ``mini``
+    file into ``mini_512``) into ``sam`` through ``resized_state``."""
+    from stable_sam.build import load_state_dict
+
+    sam.load_state_dict(resized_state(load_state_dict(path), sam.state_dict()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MODEL_TYPE = "mini"
+MODEL_TYPE = "mini"  # the default; ``PretrainConfig.model_type`` picks another
 
 
 @dataclass
@@ -12,6 +12,10 @@ class PretrainConfig:
     """Hyper-parameters of one pretraining run (saved in the checkpoint and PROVENANCE)."""
 
     seed: int = 0
+    model_type: str = MODEL_TYPE  # "mini" (256 px) or "mini_512" (stable_sam.build.ENCODER_SPECS)
+    # A SAM file to start from instead of random weights, possibly of another input size (a
+    # ``mini`` file for ``mini_512``: position tables resized, ``checkpoint.warm_start``).
+    init_from: str | None = None
     minutes: float | None = 50.0  # training wall-time budget (None: use ``steps``)
     steps: int | None = None  # step budget (overrides ``minutes`` for the schedule)
     batch_size: int = 2  # images per step

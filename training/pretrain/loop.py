@@ -24,7 +24,7 @@ from tqdm import tqdm
 from stable_sam.build import build_sam
 from training import engine
 from training.data import Sample
-from training.pretrain.checkpoint import export_fp16, load_state, save_state
+from training.pretrain.checkpoint import export_fp16, load_state, save_state, warm_start
 from training.pretrain.config import MODEL_TYPE, PretrainConfig
 from training.pretrain.data import PretrainBatch, batch_stream
 from training.pretrain.provenance import git_commit, hardware_name
@@ -145,7 +145,9 @@ def train_step_loss(
 # ----------------------------------------------------------------------------- the loop
 
 
-def heldout_metrics(sam: Sam, scenes: Sequence[Sample], device: torch.device) -> dict:
+def heldout_metrics(
+    sam: Sam, scenes: Sequence[Sample], device: torch.device, model_type: str = MODEL_TYPE
+) -> dict:
     """Held-out mIoU (percent) of ``sam`` on ``scenes`` by the evaluation protocol
     (``training.evaluation``, one prompt per object): the GT box (``box_miou``), one positive
     point with the best of SAM's 3 outputs (``point1_miou``: SAM's rule, the predictor's
@@ -158,7 +160,7 @@ def heldout_metrics(sam: Sam, scenes: Sequence[Sample], device: torch.device) ->
     from stable_sam import StableSam, StableSamPredictor
     from training.evaluation import EvalModel, evaluate, summarize
 
-    frozen = StableSam(copy.deepcopy(sam).to(device), MODEL_TYPE, "pretraining in progress")
+    frozen = StableSam(copy.deepcopy(sam).to(device), model_type, "pretraining in progress")
     # A new predictor, so no embedding cached from earlier weights is used.
     auto = EvalModel("auto", StableSamPredictor(frozen, multimask_policy="auto"))
     rows = [auto, auto.with_policy("single", "single")]
@@ -220,7 +222,11 @@ def pretrain(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     # Model and optimiser.
-    sam = build_sam(MODEL_TYPE).to(device)
+    sam = build_sam(cfg.model_type)
+    if cfg.init_from and not resume:
+        warm_start(sam, Path(cfg.init_from))
+        logger.info("warm start from %s", cfg.init_from)
+    sam = sam.to(device)
     opt = make_optimizer(sam, cfg)
     step, elapsed = 0, 0.0
     history: list[dict] = []  # one entry per invocation (run, resumes)
@@ -264,7 +270,7 @@ def pretrain(
     def checkpoint() -> None:
         history[-1].update(to_step=step, train_min=round((elapsed - run_start_elapsed) / 60, 1))
         save_state(state_path, sam, opt, step, elapsed, cfg, history)
-        export_fp16(sam, out, {"step": str(step), "model_type": MODEL_TYPE})
+        export_fp16(sam, out, {"step": str(step), "model_type": cfg.model_type})
 
     # The loop.
     loss_ema = None
@@ -310,7 +316,7 @@ def pretrain(
         if elapsed - last_ckpt >= 60.0 * cfg.ckpt_minutes:
             last_ckpt = elapsed
             checkpoint()
-            metrics = heldout_metrics(sam, monitor, device)
+            metrics = heldout_metrics(sam, monitor, device, cfg.model_type)
             sam.train()
             logger.info(
                 "checkpoint step %d: monitor (%d held-out imgs) %s", step, cfg.monitor_n, metrics
@@ -327,7 +333,7 @@ def pretrain(
         "history": history,
     }
     # Held-out metrics of the exported fp16 weights, exactly as shipped.
-    shipped = build_sam(MODEL_TYPE, out).to(device)
+    shipped = build_sam(cfg.model_type, out).to(device)
     scenes = SceneDataset("heldout", n=cfg.heldout_n, size_range=cfg.heldout_size_range)
-    summary["heldout"] = heldout_metrics(shipped, scenes, device)
+    summary["heldout"] = heldout_metrics(shipped, scenes, device, cfg.model_type)
     return summary
