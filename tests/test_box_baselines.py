@@ -10,7 +10,7 @@ from stable_sam import metrics, prompts
 from training import evaluation
 from training.box_baselines import GrabCut, box_pixels, filled_box
 from training.data import Sample
-from training.real_benchmark import BOX_KINDS, evaluate_box_baselines, main
+from training.real_benchmark import BOX_KINDS, MODEL_KINDS, evaluate_baselines, main
 
 
 def square_on_noise(h: int = 200, w: int = 240, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -64,15 +64,36 @@ def test_the_baselines_are_scored_on_the_models_prompts() -> None:
     image = np.full((80, 90, 3), 30, np.uint8)
     image[mask] = 220
     samples = [Sample(image=image, masks=mask[None], name="box")]
-    scores = evaluate_box_baselines(samples, BOX_KINDS, n_prompts=4, seed=3)
+    kinds = (*BOX_KINDS, "points_1")
+    scores = evaluate_baselines(samples, kinds, n_prompts=4, seed=3)
     gt_box, noisy = (scores["filled_box"].objects[k][0] for k in BOX_KINDS)
     assert gt_box.ious == (1.0,)  # a rectangle is its own filled box
-    _, per_object = evaluation.image_prompts(samples[0], 0, 3, 4, None, BOX_KINDS)
+    assert "points_1" not in scores["filled_box"].objects  # a click fills no box
+    # The prompts are those the models get: drawn for all of the models' kinds.
+    _, per_object = evaluation.image_prompts(samples[0], 0, 3, 4, None, MODEL_KINDS)
     expected = [
         metrics.mask_iou(filled_box(b, mask.shape), mask)
         for b in per_object[0].by_kind["noisy_box"]
     ]
     assert noisy.ious == pytest.approx(tuple(expected))
+    grabcut = GrabCut(image)
+    clicks = [
+        metrics.mask_iou(grabcut.segment_clicks(p, np.ones(1, bool)), mask)
+        for p in per_object[0].by_kind["points_1"]
+    ]
+    assert scores["grabcut"].objects["points_1"][0].ious == pytest.approx(tuple(clicks))
+
+
+def test_grabcut_from_one_click_finds_a_distinct_object() -> None:
+    image, mask = square_on_noise()
+    ys, xs = np.nonzero(mask)
+    out = GrabCut(image).segment_clicks(np.array([[xs.mean(), ys.mean()]]), np.ones(1, bool))
+    assert metrics.mask_iou(out, mask) > 0.8
+    # A negative click where the object is: GrabCut keeps that disk background.
+    cx, cy = int(xs.mean()), int(ys.mean())
+    box = prompts.gt_box(mask)
+    cut = GrabCut(image).segment_clicks(np.array([[cx, cy]]), np.zeros(1, bool), box)
+    assert not cut[cy, cx] and cut.sum() > 0.5 * mask.sum()
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -80,4 +101,24 @@ def test_the_benchmark_prints_every_row(capsys: pytest.CaptureFixture[str]) -> N
     argv = ["--data", "synthetic", "--n-images", "1", "--n-prompts", "1", "--max-objects", "1"]
     result = main([*argv, "--size-range", "256", "256"])
     assert set(result["models"]) == {"grabcut", "filled_box", "sam", "stable_sam"}
-    assert "GrabCut (box, 5 iterations)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "GrabCut (box / click, 5 iterations)" in out and "| Stable-SAM |" in out
+    assert set(result["models"]["stable_sam"]) == set(MODEL_KINDS)
+    assert 0.0 <= result["models"]["stable_sam"]["points_5"]["alpha1"] <= 1.0
+    assert "alpha1" not in result["models"]["sam"]["points_1"]  # plain SAM routes nothing
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_model_pairs_get_a_row_each_with_their_label(tmp_path) -> None:
+    from stable_sam import default_model_paths
+
+    paths = default_model_paths()
+    pair = ["mini", str(paths.base_checkpoint), str(paths.plugin_checkpoint)]
+    argv = ["--data", "synthetic", "--n-images", "1", "--n-prompts", "1", "--max-objects", "1"]
+    argv += ["--size-range", "256", "256", "--model", "a", *pair, "--model", "b", *pair]
+    result = main([*argv, "--out", str(tmp_path), "--name", "two"])
+    assert list(result["models"]) == [
+        "grabcut", "filled_box", "sam:a", "stable_sam:a", "sam:b", "stable_sam:b"
+    ]  # fmt: skip
+    assert result["models"]["stable_sam:a"] == result["models"]["stable_sam:b"]
+    assert "| Stable-SAM (b) |" in (tmp_path / "two.md").read_text()

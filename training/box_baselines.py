@@ -22,6 +22,7 @@ import numpy as np
 
 GRABCUT_ITERATIONS = 5
 GRABCUT_MAX_SIDE = 512
+GRABCUT_SEED_RADIUS = 5  # px at the resolution GrabCut runs at: a click's sure-label disk
 
 
 def box_pixels(
@@ -45,8 +46,8 @@ def filled_box(box_xyxy: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 class GrabCut:
-    """GrabCut on one image (module doc): ``segment(box_xyxy) -> (H, W) bool``, or from the
-    click loop's seed map, ``segment_seeds(seeds)``."""
+    """GrabCut on one image (module doc): ``segment(box_xyxy) -> (H, W) bool``, from clicks
+    (and a box) ``segment_clicks``, or from a seed map ``segment_seeds(seeds)``."""
 
     def __init__(
         self,
@@ -85,6 +86,28 @@ class GrabCut:
             return filled_box(box_xyxy, self.size)
         return self.foreground(labels)
 
+    def segment_clicks(
+        self,
+        points_xy: np.ndarray,
+        labels: np.ndarray,
+        box_xyxy: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """GrabCut in its click mode: ``points_xy`` (k, 2) in pixels of the original image as
+        disks of sure foreground (``labels`` 1) or background (0) of ``GRABCUT_SEED_RADIUS``;
+        the box, if any, as its rectangle (outside sure background, inside probably
+        foreground); without one, everything else probably background."""
+        small_hw = self.image.shape[:2]
+        seeds = np.full(small_hw, cv2.GC_PR_BGD, np.uint8)
+        if box_xyxy is not None:
+            r0, r1, c0, c1 = box_pixels(box_xyxy, small_hw, self.scale)
+            seeds[:] = cv2.GC_BGD
+            seeds[r0:r1, c0:c1] = cv2.GC_PR_FGD
+        for (x, y), label in zip(np.asarray(points_xy), np.asarray(labels), strict=True):
+            centre = (int(x * self.scale), int(y * self.scale))
+            value = cv2.GC_FGD if label else cv2.GC_BGD
+            cv2.circle(seeds, centre, GRABCUT_SEED_RADIUS, value, -1)
+        return self.segment_seeds(seeds)
+
     def segment_seeds(self, seeds: np.ndarray) -> np.ndarray:
         """GrabCut's mask from a seed map at GrabCut's resolution (``image.shape[:2]``, values
         ``cv2.GC_BGD`` / ``GC_FGD`` / ``GC_PR_BGD`` / ``GC_PR_FGD``; ``GC_INIT_WITH_MASK``),
@@ -104,4 +127,11 @@ class GrabCut:
         return small.astype(bool)
 
 
-__all__ = ["GRABCUT_ITERATIONS", "GRABCUT_MAX_SIDE", "GrabCut", "box_pixels", "filled_box"]
+__all__ = [
+    "GRABCUT_ITERATIONS",
+    "GRABCUT_MAX_SIDE",
+    "GRABCUT_SEED_RADIUS",
+    "GrabCut",
+    "box_pixels",
+    "filled_box",
+]

@@ -45,7 +45,7 @@ import numpy as np
 
 from stable_sam import metrics
 from stable_sam.refinement import ClickMemory, FirstPrompt, PromptKey
-from training.box_baselines import GRABCUT_ITERATIONS, GRABCUT_MAX_SIDE, GrabCut, box_pixels
+from training.box_baselines import GRABCUT_ITERATIONS, GRABCUT_MAX_SIDE, GrabCut
 from training.data import Sample
 
 if TYPE_CHECKING:
@@ -57,7 +57,6 @@ MAX_CLICKS = 20
 THRESHOLDS = (0.85, 0.90)
 REPORT_AFTER = (1, 3, 5)  # mIoU after this many interactions
 FIRST_PROMPTS: tuple[FirstPrompt, ...] = ("click", "box")
-GRABCUT_SEED_RADIUS = 5  # px at the resolution GrabCut runs at
 
 
 # ----------------------------------------------------------------------------- the annotator
@@ -209,17 +208,9 @@ class GrabCutLoop(LoopModel):
     def _one(self, obj: ObjectLoop) -> np.ndarray:
         grabcut = self._grabcut
         assert grabcut is not None
-        small_hw, s = grabcut.image.shape[:2], grabcut.scale
-        seeds = np.full(small_hw, cv2.GC_PR_BGD, np.uint8)
-        if obj.box_xyxy is not None:
-            r0, r1, c0, c1 = box_pixels(obj.box_xyxy, small_hw, s)
-            seeds[:] = cv2.GC_BGD
-            seeds[r0:r1, c0:c1] = cv2.GC_PR_FGD
-        for click in obj.clicks:
-            centre = (int(click.x * s), int(click.y * s))
-            value = cv2.GC_FGD if click.positive else cv2.GC_BGD
-            cv2.circle(seeds, centre, GRABCUT_SEED_RADIUS, value, -1)
-        return grabcut.segment_seeds(seeds)
+        points = np.array([(c.x, c.y) for c in obj.clicks], np.float64).reshape(-1, 2)
+        labels = np.array([c.positive for c in obj.clicks], bool)
+        return grabcut.segment_clicks(points, labels, obj.box_xyxy)
 
 
 # ----------------------------------------------------------------------------- the loop
