@@ -166,3 +166,56 @@ def test_pretraining_mixes_in_composites_at_the_configured_share(fake) -> None:
     batch = samples[first]
     assert batch is not None
     assert not any(PretrainSamples(PretrainConfig(), 256).is_composite(i) for i in range(50))
+
+
+def test_a_mixture_takes_the_second_dataset_at_its_share_by_index() -> None:
+    from training.data import Mixture
+
+    def samples(name: str, n: int) -> list[Sample]:
+        return [Sample(np.zeros((4, 4, 3), np.uint8), np.zeros((0, 4, 4), bool), f"{name}{i}")
+                for i in range(n)]  # fmt: skip
+
+    mixed = Mixture(samples("s", 400), samples("c", 400), 0.3, seed=2)
+    names = [mixed[i].name for i in range(400)]
+    share = np.mean([n.startswith("c") for n in names])
+    assert 0.22 < share < 0.38
+    assert all(n.endswith(str(i)) for i, n in enumerate(names))  # item i is item i of either
+    assert mixed[-1].name == names[-1] and len(mixed) == 400
+    assert [Mixture(samples("s", 400), samples("c", 400), 0.3, seed=2)[i].name
+            for i in range(399, -1, -1)] == names[::-1]  # fmt: skip
+    with pytest.raises(IndexError):
+        mixed[400]
+    with pytest.raises(ValueError, match="400 and 3"):
+        Mixture(samples("s", 400), samples("c", 3), 0.3)
+
+
+@pytest.mark.skipif(
+    not _installed(), reason=f"Debian picture packages not installed ({INSTALL_COMMAND})"
+)
+def test_plugin_training_reads_composites_and_mixed_data() -> None:
+    from training.train import load_dataset
+
+    composites = load_dataset("composites", 3)
+    assert isinstance(composites, CompositeDataset) and len(composites) == 3
+    mixed = load_dataset("mixed", 40, composite_fraction=0.5)
+    kinds = {type(source).__name__ for source in (mixed.second, mixed.first)}
+    assert kinds == {"CompositeDataset", "SceneDataset"} and len(mixed) == 40
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_project_fit_trains_on_the_first_images_and_scores_the_rest(fake, tmp_path) -> None:
+    from training.project_fit import main
+
+    _, catalogue = fake
+    argv = ["--n-fit", "2", "--n-score", "1", "--n-prompts", "1", "--max-objects", "2",
+            "--size-range", "256", "256", "--catalogue", str(catalogue), "--out", str(tmp_path)]  # fmt: skip
+    result = main(argv)
+    meta = result["meta"]
+    assert meta["fit_images"] == 2 and meta["epochs"] == 1 and meta["train_steps"] >= 1
+    served, fitted = result["models"]["served"], result["models"]["fitted"]
+    for kind in ("gt_box", "noisy_box", "points_1"):
+        assert result["gain_miou"][kind] == pytest.approx(
+            fitted[kind]["miou"] - served[kind]["miou"], abs=0.011
+        )
+    assert served != fitted  # the training moved the plugins
+    assert "| gain |" in (tmp_path / "project_fit.md").read_text()

@@ -121,6 +121,35 @@ def write_mask_folder(samples: Sequence[Sample], root: str | Path) -> Path:
     return root
 
 
+class Mixture(Sequence[Sample]):
+    """Two datasets of one length interleaved: item ``i`` is ``second[i]`` for a ``fraction``
+    share of the indices (drawn from a generator seeded by ``(seed, i)``, so an item does not
+    depend on how the dataset is read), else ``first[i]``."""
+
+    def __init__(
+        self, first: Sequence[Sample], second: Sequence[Sample], fraction: float, seed: int = 0
+    ) -> None:
+        if len(first) != len(second):
+            raise ValueError(f"datasets of {len(first)} and {len(second)} items")
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction {fraction} outside [0, 1]")
+        self.first, self.second, self.fraction, self.seed = first, second, fraction, seed
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def from_second(self, index: int) -> bool:
+        return bool(np.random.default_rng((self.seed, index)).random() < self.fraction)
+
+    def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
+        if not isinstance(index, int):
+            raise TypeError("Mixture supports integer indexing only")
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return (self.second if self.from_second(index) else self.first)[index]
+
+
 class Spread(Sequence[Sample]):
     """``n`` items of ``data`` evenly spaced from its first to its last, read on access."""
 

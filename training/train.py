@@ -18,8 +18,9 @@ Variants (``--variant``; the rows of paper Table 5 and the baselines, ``training
   ``hq-sam-rts``  HQ-SAM's new parameters trained with RTS (one epoch)
   ``pa-sam``      PA-SAM's prompt adapter beside the frozen SAM, RTS (one epoch, lr 1e-3)
 
-``--data``: ``synthetic``, a folder of ``images/`` + ``masks/``, or an HQSeg-44K root
-(``training.hqseg``). As the paper trained (8 GPUs, total batch 32, one epoch of HQSeg-44K)::
+``--data``: ``synthetic``, ``composites`` (real-picture composites, ``training.composites``),
+``mixed`` (both, ``--composite-fraction`` composites), a folder of ``images/`` + ``masks/``, or
+an HQSeg-44K root (``training.hqseg``). As the paper trained (8 GPUs, total batch 32, one epoch of HQSeg-44K)::
 
     torchrun --nproc_per_node=8 -m training.train --base sam_vit_l_0b3195.pth \\
         --model-type vit_l --data data/sam-hq --images 0 --batch-prompts 32 --prompts-per-image 4 --out plugins.safetensors
@@ -42,20 +43,33 @@ import torch
 from runtime.logs import configure_logging
 from training import distributed
 from training.baselines import VARIANTS
-from training.data import MaskFolderDataset, Sample, Spread
+from training.data import MaskFolderDataset, Mixture, Sample, Spread
 from training.engine import TrainResult
 from training.hqseg import SUBSET_NAMES, HQSegDataset, is_hqseg_root
 from training.scenes import SceneDataset
 
 
 def load_dataset(
-    data: str, n: int, split: str = "train", hqseg_subsets: Sequence[str] | None = None
+    data: str,
+    n: int,
+    split: str = "train",
+    hqseg_subsets: Sequence[str] | None = None,
+    composite_fraction: float = 0.5,
 ) -> Sequence[Sample]:
-    """``synthetic`` -> ``n`` synthetic scenes of ``split``; an HQSeg-44K root ->
-    ``HQSegDataset`` (its ``hqseg_subsets``, default all); another folder ->
-    ``MaskFolderDataset``. ``n`` > 0 keeps the first ``n`` images."""
+    """``synthetic`` -> ``n`` synthetic scenes of ``split``; ``composites`` -> ``n``
+    real-picture composites of ``split`` (``training.composites``; their Debian packages
+    installed); ``mixed`` -> the two interleaved, a ``composite_fraction`` share composites;
+    an HQSeg-44K root -> ``HQSegDataset`` (its ``hqseg_subsets``, default all); another folder
+    -> ``MaskFolderDataset``. ``n`` > 0 keeps the first ``n`` images."""
     if data == "synthetic":
         return SceneDataset(split, n)
+    if data in ("composites", "mixed"):
+        from training.composites import CompositeDataset
+
+        composites = CompositeDataset(split, n)
+        if data == "composites":
+            return composites
+        return Mixture(SceneDataset(split, n), composites, composite_fraction)
     folder = HQSegDataset(data, hqseg_subsets) if is_hqseg_root(data) else MaskFolderDataset(data)
     if n <= 0 or n >= len(folder):
         return folder
@@ -69,7 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", required=True, help="SAM base checkpoint (.safetensors/.pth)")
     parser.add_argument("--model-type", default="mini")
     parser.add_argument(
-        "--data", default="synthetic", help="'synthetic' or a mask folder (images/, masks/)"
+        "--data",
+        default="synthetic",
+        help="'synthetic', 'composites' (real-picture composites), 'mixed' (both) or a mask "
+        "folder (images/, masks/)",
+    )
+    parser.add_argument(
+        "--composite-fraction", type=float, default=0.5, help="with --data mixed: composites' share"
     )
     # --images under torchrun, whose own parser takes "--n" for an abbreviation of its options.
     parser.add_argument(
@@ -119,7 +139,9 @@ def _run(
 
     # Data.
     subsets = args.hqseg_subsets.split(",") if args.hqseg_subsets else None
-    dataset = load_dataset(args.data, args.n, hqseg_subsets=subsets)
+    dataset = load_dataset(
+        args.data, args.n, hqseg_subsets=subsets, composite_fraction=args.composite_fraction
+    )
     # Model: a frozen SAM, with fresh plugins (or, for DT-SAM, its decoder to fine-tune).
     model = variant.build_model(args.model_type, args.base, device, seed=args.seed)
     # Optimiser and loop: Adam inside the engine's RTS loop.

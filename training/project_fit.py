@@ -1,0 +1,137 @@
+"""What fitting on a project's own annotations gains: the RTS job's training on part of the
+held-out real-picture composites, scored on the rest against the plugins it started from.
+
+A project here is ``training.composites``' held-out split (pictures none of the shipped
+model's training composites use): its images ``[0, n_fit)`` play the annotated tasks, images
+``[n_fit, n_fit + n_score)`` the images the project goes on to label. The training is the
+queue job's (``training.jobs.run_training``): ``training.engine.train_plugins`` with
+``TrainConfig(epochs=Settings().train_epochs)`` (``--epochs`` overrides), starting from the
+plugins served before (``--plugins``, default the shipped ones), the base frozen. Both plugin
+sets are then scored on the same prompts by ``training.evaluation.evaluate`` (single-mask
+output): the GT box, ``n_prompts`` noisy boxes and ``n_prompts`` single clicks per object.
+
+    python -m training.project_fit --n-fit 40 --n-score 20 --out docs/benchmark
+
+writes ``project_fit.json`` / ``.md`` in ``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.logs import configure_logging
+from runtime.settings import Settings
+from stable_sam import StableSamPredictor, build_stable_sam, default_model_paths
+from stable_sam.build import file_sha256
+from training import evaluation
+from training.composites import CompositeDataset
+from training.engine import TrainConfig, train_plugins
+from training.evaluation import KIND_TITLES, EvalModel
+from training.real_benchmark import KINDS, percent_table
+from training.real_pictures import CATALOGUE_PATH
+
+logger = logging.getLogger(__name__)
+
+ROWS = {"served": "Plugins served before (start)", "fitted": "Plugins fitted on the project"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    paths = default_model_paths()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-type", default=paths.model_type)
+    p.add_argument("--base", default=str(paths.base_checkpoint))
+    p.add_argument("--plugins", default=str(paths.plugin_checkpoint), help="the starting plugins")
+    p.add_argument("--n-fit", type=int, default=40, help="held-out images to train on")
+    p.add_argument("--n-score", type=int, default=20, help="held-out images to score on")
+    p.add_argument("--epochs", type=int, default=None, help="default: the job's (TRAIN_EPOCHS)")
+    p.add_argument("--n-prompts", type=int, default=5, help="noisy boxes / clicks per object")
+    p.add_argument("--max-objects", type=int, default=5)
+    p.add_argument("--size-range", type=int, nargs=2, default=(256, 1024))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--catalogue", type=Path, default=CATALOGUE_PATH, help="the pictures' catalogue")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    configure_logging("INFO")
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    size_range = tuple(args.size_range)
+    fit = CompositeDataset("heldout", args.n_fit, size_range, catalogue=args.catalogue)
+    rest = CompositeDataset(
+        "heldout", args.n_score, size_range, offset=args.n_fit, catalogue=args.catalogue
+    )
+    score = [rest[i] for i in range(args.n_score)]
+    model = build_stable_sam(
+        args.model_type, args.base, plugin_checkpoint=args.plugins, device=args.device
+    )
+    served = copy.deepcopy(model.plugins).eval()
+    epochs = args.epochs or Settings().train_epochs
+    config = TrainConfig(epochs=epochs, seed=args.seed, device=str(model.device))
+    start = time.perf_counter()
+    result = train_plugins(model, fit, config)
+    train_s = time.perf_counter() - start
+    model.plugins.eval()
+
+    predictor = StableSamPredictor(model, multimask_policy="single")
+    rows = [EvalModel("served", predictor, served), EvalModel("fitted", predictor, model.plugins)]
+    scores = evaluation.evaluate(rows, score, KINDS, args.n_prompts, args.max_objects, args.seed)
+    tables = {key: percent_table(s) for key, s in scores.items()}
+    gain = {k: round(tables["fitted"][k]["miou"] - tables["served"][k]["miou"], 2) for k in KINDS}
+    objects = len(scores["served"].objects.get("gt_box", []))
+    result_json = {
+        "models": tables,
+        "gain_miou": gain,
+        "meta": {
+            "fit_images": args.n_fit,
+            "score_images": args.n_score,
+            "score_objects": objects,
+            "epochs": epochs,
+            "train_steps": result.steps,
+            "train_s": round(train_s, 1),
+            "model_type": args.model_type,
+            "base": Path(args.base).name,
+            "base_sha256": file_sha256(args.base),
+            "plugins": Path(args.plugins).name,
+            "prompts_per_object": args.n_prompts,
+            "max_objects_per_image": args.max_objects,
+            "command": "python -m training.project_fit "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+        },
+    }
+    header = [f"{KIND_TITLES[k]} mIoU" for k in KINDS] + ["Noisy box ST"]
+    lines = [
+        f"Held-out composites: trained on images 0-{args.n_fit - 1} ({result.steps} RTS steps, "
+        f"{epochs} epoch(s), {train_s / 60:.1f} min), scored on images {args.n_fit}-"
+        f"{args.n_fit + args.n_score - 1} ({objects} objects); percent.",
+        "",
+        "| plugins | " + " | ".join(header) + " |",
+        "|---|" + "---|" * len(header),
+    ]
+    for key, table in tables.items():
+        cells = [f"{table[k]['miou']:.1f}" for k in KINDS] + [f"{table['noisy_box']['st']:.1f}"]
+        lines.append(f"| {ROWS[key]} | " + " | ".join(cells) + " |")
+    lines.append("| gain | " + " | ".join(f"{gain[k]:+.1f}" for k in KINDS) + " | |")
+    lines += ["", f"Command: `{result_json['meta']['command']}`"]
+    report = "\n".join(lines)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "project_fit.json").write_text(json.dumps(result_json, indent=2) + "\n")
+        (args.out / "project_fit.md").write_text(report + "\n")
+    print(report)
+    return result_json
+
+
+if __name__ == "__main__":
+    main()
