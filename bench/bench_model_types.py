@@ -4,7 +4,7 @@ Every base of ``stable_sam.MODEL_TYPES``: SAM, MobileSAM (``vit_t``), the mini a
 sizes (``sam2.1_hiera_tiny`` ... ``sam2.1_hiera_large``, on ``StableSam2``). For each model
 type, random weights (time does not depend on what was learned), on this CPU:
 
-- ``encode``: the image encoder on one 480 x 640 image (resized to the model's input side,
+- ``encode``: the image encoder on one 480 x 640 image (``--image-hw``; resized to the model's input side,
   normalised, padded; SAM 2 also computes its decoder's high-resolution features), median of
   ``--encode-repeats`` after one warm-up;
 - ``click p50 / p95``: one positive click on the cached embedding through
@@ -53,7 +53,16 @@ from stable_sam.cache import ImageEmbedding
 from stable_sam.sam2_base import is_sam2_type
 
 IMAGE_HW = (480, 640)
-CLICK = dict(point_coords=np.array([[300.0, 220.0]]), point_labels=np.array([1]))
+CLICK_AT = (300 / 640, 220 / 480)  # the click, as fractions of the image's width and height
+
+
+def click_at(image_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    """One positive click (x = 300, y = 220 on the default 480 x 640 image)."""
+    h, w = image_hw
+    x, y = round(CLICK_AT[0] * w), round(CLICK_AT[1] * h)
+    return dict(point_coords=np.array([[float(x), float(y)]]), point_labels=np.array([1]))
+
+
 WARMUP = 3
 
 
@@ -126,10 +135,15 @@ def pair_on_one_base(model_type: str) -> tuple[StableSamPredictor, StableSamPred
 
 
 def measure(
-    model_type: str, repeats: int, encode_repeats: int, clock: Callable[[], float]
+    model_type: str,
+    repeats: int,
+    encode_repeats: int,
+    clock: Callable[[], float],
+    image_hw: tuple[int, int] = IMAGE_HW,
 ) -> ModelTypeTiming:
     vanilla, stable = pair_on_one_base(model_type)
-    image = np.random.default_rng(0).integers(0, 255, (*IMAGE_HW, 3), dtype=np.uint8)
+    image = np.random.default_rng(0).integers(0, 255, (*image_hw, 3), dtype=np.uint8)
+    click = click_at(image_hw)
 
     encode_s = []
     embedding: ImageEmbedding | None = None
@@ -142,7 +156,7 @@ def measure(
     clicks, decode = [], {"sam": [], "stable": []}
     decode_args = dict(boxes_xyxy=None, mask_input=None, multimask_output=False)
     points = dict(
-        point_coords=CLICK["point_coords"][None], point_labels=CLICK["point_labels"][None]
+        point_coords=click["point_coords"][None], point_labels=click["point_labels"][None]
     )
     for i in range(WARMUP + repeats):
         for label, predictor in (("sam", vanilla), ("stable", stable)):
@@ -151,7 +165,7 @@ def measure(
             if i >= WARMUP:
                 decode[label].append(clock() - t0)
         t0 = clock()
-        stable.predict(embedding=embedding, **CLICK)
+        stable.predict(embedding=embedding, **click)
         if i >= WARMUP:
             clicks.append(clock() - t0)
     return ModelTypeTiming(
@@ -176,12 +190,16 @@ def main(argv: list[str] | None = None) -> list[ModelTypeTiming]:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     parser.add_argument("--target", type=float, default=1.10)
+    parser.add_argument(
+        "--image-hw", type=int, nargs=2, default=IMAGE_HW, help="the image's height and width"
+    )
     args = parser.parse_args(argv)
+    image_hw = tuple(args.image_hw)
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}, "
-        f"{args.repeats} clicks, {args.encode_repeats} encodings of a {IMAGE_HW[0]}x{IMAGE_HW[1]} "
+        f"{args.repeats} clicks, {args.encode_repeats} encodings of a {image_hw[0]}x{image_hw[1]} "
         "image per model type"
     )
     print(HEADER, flush=True)
@@ -189,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[ModelTypeTiming]:
     for model_type in args.model_types:
         gc.collect()  # the previous row's model is gone before the peak starts again
         reset_peak_rss()
-        row = measure(model_type, args.repeats, args.encode_repeats, clock)
+        row = measure(model_type, args.repeats, args.encode_repeats, clock, image_hw)
         row.peak_rss_bytes = peak_rss_bytes()
         print(row.markdown(), flush=True)
         rows.append(row)
