@@ -4,9 +4,10 @@ served as.
 The backend serves it and the training job trains on it; both resolve it here, so that a job
 trains the very base the backend serves, with the plugins it serves by default.
 
-- Base: SAM_CHECKPOINT if set; else, for the embedded ``mini``, the shipped checkpoint; else
-  random weights, allowed only with SAM_ALLOW_RANDOM_WEIGHTS (benchmarks, tests).
-- Default plugins: SAM_PLUGINS when it names a file; else, on the embedded base, the shipped
+- Base: SAM_CHECKPOINT if set; else, for a type the repository ships
+  (``stable_sam.build.SHIPPED_FILES``), its shipped checkpoint; else random weights, allowed
+  only with SAM_ALLOW_RANDOM_WEIGHTS (benchmarks, tests).
+- Default plugins: SAM_PLUGINS when it names a file; else, on a shipped base, its shipped
   plugins; else freshly initialised ones. SAM_PLUGINS=none serves plain SAM (a training job
   still starts from the default plugins).
 - Version name (``model_version`` when a project has no version of its own):
@@ -98,13 +99,15 @@ class ModelSpec:
 def resolve_model(settings: Settings, defaults: DefaultModelPaths | None = None) -> ModelSpec:
     """The model ``settings`` describe (no model is built; the shipped files are hashed once).
 
-    ``defaults``: where the embedded default model lives (``stable_sam.default_model_paths()``
-    unless given).
+    ``defaults``: where the shipped model lives (``stable_sam.default_model_paths``: of the
+    settings' model type when the repository ships one, else the embedded default) unless given.
     """
     if defaults is None:
         from stable_sam import default_model_paths
+        from stable_sam.build import SHIPPED_FILES
 
-        defaults = default_model_paths()
+        shipped = settings.sam_model_type in SHIPPED_FILES
+        defaults = default_model_paths(settings.sam_model_type if shipped else None)
     choice = settings.sam_plugins.strip()
     plugin_file = Path(choice) if choice.lower() not in ("default", "none") else None
     checkpoint = settings.sam_checkpoint

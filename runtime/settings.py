@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from labelstudio.download import DownloadLimits
 from labelstudio.polygon import DEFAULT_MIN_PART_PX, DEFAULT_TOLERANCE_PX
 from stable_sam import MODEL_TYPES
+from stable_sam.build import DEFAULT_MODEL_TYPE
 
 # The SAM bases stable_sam can build (its registry), so that a new one needs no change here.
 ModelType = Literal[MODEL_TYPES]  # type: ignore[valid-type]
@@ -41,11 +42,12 @@ class Settings(BaseSettings):
     label_studio_trust_setup: bool = False
 
     # --- Model selection ---
-    # SAM base: "mini" (the embedded default), vit_b/vit_l/vit_h, MobileSAM vit_t, HQ-SAM hq_*,
-    # or SAM 2.1 sam2.1_hiera_{tiny,small,base_plus,large} (MODEL_TYPES).
-    sam_model_type: ModelType = "mini"
-    # Official-format SAM checkpoint (.pth; SAM 2.1: .pt) or our .safetensors; empty with "mini"
-    # = shipped one.
+    # SAM base: the embedded default (DEFAULT_MODEL_TYPE) or another shipped mini (mini,
+    # mini_512: SHIPPED_FILES), vit_b/vit_l/vit_h, MobileSAM vit_t, HQ-SAM hq_*, or SAM 2.1
+    # sam2.1_hiera_{tiny,small,base_plus,large} (MODEL_TYPES).
+    sam_model_type: ModelType = DEFAULT_MODEL_TYPE
+    # Official-format SAM checkpoint (.pth; SAM 2.1: .pt) or our .safetensors; empty with a
+    # shipped type = its shipped one.
     sam_checkpoint: Path | None = None
     # Stable-SAM plugins: "default" (the shipped plugins for the embedded default base, none
     # for other bases until a project trains some), "none" (plain SAM, for side-by-side

@@ -277,30 +277,39 @@ def build_stable_sam(
 
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_BASE_FILE = "sam_mini.safetensors"
-DEFAULT_PLUGIN_FILE = "stable_sam_mini_plugins.safetensors"
+# The bases the repository ships (pretrained by ``training.pretrain``, provenance in
+# ``weights/PROVENANCE*.md``), each with its RTS-trained plugins: base file, plugin file.
+SHIPPED_FILES: dict[str, tuple[str, str]] = {
+    "mini": ("sam_mini.safetensors", "stable_sam_mini_plugins.safetensors"),
+}
+DEFAULT_MODEL_TYPE = "mini"  # the embedded default: what a fresh install serves
 
 
 @dataclass(frozen=True)
 class DefaultModelPaths:
-    """Where the embedded default model lives in the repository."""
+    """Where a shipped model (the embedded default, unless asked for another) lives."""
 
     model_type: str
     base_checkpoint: Path
     plugin_checkpoint: Path
 
 
-def default_model_paths() -> DefaultModelPaths:
-    """The shipped mini SAM and its RTS-trained plugins (``stable_sam/weights/``)."""
-    return DefaultModelPaths(
-        "mini", WEIGHTS_DIR / DEFAULT_BASE_FILE, WEIGHTS_DIR / DEFAULT_PLUGIN_FILE
-    )
+def default_model_paths(model_type: str | None = None) -> DefaultModelPaths:
+    """The shipped files of ``model_type`` (``SHIPPED_FILES``; default: the embedded default,
+    ``DEFAULT_MODEL_TYPE``) in ``stable_sam/weights/``."""
+    model_type = model_type or DEFAULT_MODEL_TYPE
+    if model_type not in SHIPPED_FILES:
+        raise ValueError(
+            f"no shipped weights for {model_type!r}; shipped: {', '.join(SHIPPED_FILES)}"
+        )
+    base, plugins = SHIPPED_FILES[model_type]
+    return DefaultModelPaths(model_type, WEIGHTS_DIR / base, WEIGHTS_DIR / plugins)
 
 
 def build_default_model(
     plugins: bool = True, device: str | torch.device | None = None
 ) -> StableSam:
-    """The embedded default: shipped mini SAM, with the shipped plugins unless ``plugins=False``."""
+    """The embedded default: the shipped base, with its shipped plugins unless ``plugins=False``."""
     paths = default_model_paths()
     if not paths.base_checkpoint.is_file():
         raise FileNotFoundError(f"embedded default base missing: {paths.base_checkpoint}")

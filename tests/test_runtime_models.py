@@ -15,6 +15,7 @@ from runtime.settings import Settings
 from stable_sam import build_sam, default_model_paths
 
 SHIPPED = default_model_paths()
+DEFAULT = SHIPPED.model_type  # the embedded default's type
 
 
 def short_hash(path: Path) -> str:
@@ -23,7 +24,7 @@ def short_hash(path: Path) -> str:
 
 def test_the_embedded_default_is_the_shipped_base_with_the_shipped_plugins():
     spec = resolve_model(Settings())
-    assert spec.model_type == "mini"
+    assert spec.model_type == DEFAULT == Settings().sam_model_type
     assert spec.checkpoint == SHIPPED.base_checkpoint
     assert spec.default_plugins == SHIPPED.plugin_checkpoint
     assert spec.plugins_enabled
@@ -39,9 +40,9 @@ def test_plain_sam_is_served_but_a_job_still_starts_from_the_default_plugins():
 
 def test_the_embedded_defaults_version_names_the_shipped_weights(tmp_path: Path):
     stable = resolve_model(Settings())
-    assert stable.version == f"stable-sam-mini-default-{short_hash(SHIPPED.plugin_checkpoint)}"
+    assert stable.version == f"stable-sam-{DEFAULT}-default-{short_hash(SHIPPED.plugin_checkpoint)}"
     plain = resolve_model(Settings(sam_plugins="none"))
-    assert plain.version == f"sam-mini-{short_hash(SHIPPED.base_checkpoint)}"
+    assert plain.version == f"sam-{DEFAULT}-{short_hash(SHIPPED.base_checkpoint)}"
 
     # New shipped plugins (a retrained default) give a new version, so Label Studio sees that
     # its stored predictions came from another model.
@@ -57,7 +58,25 @@ def test_a_plugin_file_is_the_default_plugins_and_names_the_version(tmp_path: Pa
     spec = resolve_model(Settings(sam_plugins=str(plugins)))
     assert spec.default_plugins == plugins
     assert spec.checkpoint == SHIPPED.base_checkpoint
-    assert spec.version == "stable-sam-mini-my_plugins"
+    assert spec.version == f"stable-sam-{DEFAULT}-my_plugins"
+
+
+def test_every_shipped_type_serves_its_own_files_and_others_name_the_shipped(monkeypatch):
+    from stable_sam import build
+
+    for model_type in build.SHIPPED_FILES:
+        paths = default_model_paths(model_type)
+        spec = resolve_model(Settings(sam_model_type=model_type))
+        assert spec.checkpoint == paths.base_checkpoint and paths.base_checkpoint.is_file()
+        assert spec.default_plugins == paths.plugin_checkpoint
+        assert paths.plugin_checkpoint.is_file()
+    # A type shipped beside the default resolves to its own files, not the default's.
+    other = ("other_base.safetensors", "other_plugins.safetensors")
+    monkeypatch.setitem(build.SHIPPED_FILES, "vit_t", other)
+    paths = default_model_paths("vit_t")
+    assert (paths.base_checkpoint.name, paths.plugin_checkpoint.name) == other
+    with pytest.raises(ValueError, match="no shipped weights for 'vit_b'; shipped: mini"):
+        default_model_paths("vit_b")
 
 
 def test_a_configured_checkpoint_names_the_base_and_starts_untrained(tmp_path: Path):
