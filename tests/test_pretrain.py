@@ -199,6 +199,7 @@ def test_smoke_run_writes_a_strictly_loadable_checkpoint_and_resumes(tmp_path) -
     write_provenance(tmp_path / "PROVENANCE.md", ["--resume"], cfg, summary, out, 1.0)
     text = (tmp_path / "PROVENANCE.md").read_text()
     assert "steps 2-3" in text and "| GT box |" in text
+    assert "The `mini` SAM" in text and "from random initialisation" in text
 
 
 def test_warm_start_resizes_the_position_tables_and_keeps_every_other_weight(tmp_path) -> None:
@@ -260,6 +261,9 @@ def test_a_mini_512_run_starts_from_a_mini_file_and_exports_its_own_type(tmp_pat
     )
     summary = pretrain(cfg, out, state, progress=False, device=torch.device("cpu"))
     assert summary["steps"] == 1
+    write_provenance(tmp_path / "PROVENANCE.md", [], cfg, summary, out, 1.0)
+    text = (tmp_path / "PROVENANCE.md").read_text()
+    assert "The `mini_512` SAM" in text and "from `mini.safetensors` (SHA-256 `" in text
     exported = build_sam("mini_512", out)  # strict, at 512 px
     assert exported.image_encoder.img_size == 512
     from safetensors import safe_open

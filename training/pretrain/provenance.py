@@ -65,16 +65,27 @@ def write_provenance(
             f"(`training/composites.py`, train split) from Debian packages {composite_packages(cfg)}. "
             "No external weights were used."
         )
+    start = "from random initialisation"
+    if cfg.init_from:
+        init = Path(cfg.init_from)
+        sha = file_sha256(init) if init.is_file() else "file not on this machine"
+        start = (
+            f"from `{init.name}` (SHA-256 `{sha}`, this repository's own; position tables "
+            "resized by `training.pretrain.checkpoint.warm_start`)"
+        )
+    data_line = "synthetic train scenes (even seeds)"
+    if cfg.composite_fraction > 0:
+        data_line += f" and real-picture composites ({100 * cfg.composite_fraction:.0f} %)"
     text = f"""# Provenance of `{out.name}`
 
-The `mini` SAM (see `docs/MODEL.md`), pretrained from random initialisation by this repository's
+The `{cfg.model_type}` SAM (see `docs/MODEL.md`), pretrained {start} by this repository's
 `training/pretrain/` on {data}
 
 - Command (last invocation): `python -m training.pretrain {" ".join(argv)}`
 - Runs that produced the weights (a run and its `--resume`s):
 {runs}
 - Seed: {cfg.seed}
-- Data: synthetic train scenes (even seeds), sides {cfg.train_size_range[0]}-{cfg.train_size_range[1]} px,
+- Data: {data_line}, sides {cfg.train_size_range[0]}-{cfg.train_size_range[1]} px,
   {summary["images"]} images seen ({summary["steps"]} steps x {cfg.batch_size}), rendered on the fly
 - Train wall time: {summary["train_wall_s"] / 60:.1f} min (this process: {wall_s / 60:.1f} min incl. evaluation);
   throughput of the last run: {summary["images_per_s_this_run"]} images/s
