@@ -122,3 +122,17 @@ def test_two_model_pairs_get_a_row_each_with_their_label(tmp_path) -> None:
     ]  # fmt: skip
     assert result["models"]["stable_sam:a"] == result["models"]["stable_sam:b"]
     assert "| Stable-SAM (b) |" in (tmp_path / "two.md").read_text()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_baselines_are_reused_only_from_a_run_on_the_same_images_and_prompts(tmp_path) -> None:
+    argv = ["--data", "synthetic", "--n-images", "1", "--n-prompts", "1", "--max-objects", "1",
+            "--size-range", "256", "256", "--out", str(tmp_path)]  # fmt: skip
+    first = main(argv)
+    earlier = tmp_path / "synthetic_boxes.json"
+    again = main([*argv, "--name", "again", "--baselines-from", str(earlier)])
+    assert again["models"] == first["models"]
+    assert "grabcut_and_filled_box" not in again["meta"]["wall_s"]
+    other = [*argv[:5], "2", *argv[6:]]  # two noisy boxes per object: other prompts
+    with pytest.raises(ValueError, match="prompts_per_object is 1, this run's 2"):
+        main([*other, "--baselines-from", str(earlier)])

@@ -221,7 +221,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch and OpenCV CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="folder for the .json and .md")
     parser.add_argument("--name", default=None, help="file name (default: real_composites)")
+    parser.add_argument(
+        "--baselines-from", type=Path, default=None,
+        help="take GrabCut's and the filled box's rows from this earlier run's .json (same "
+             "data, images, prompts and seed; checked) instead of computing them again",
+    )  # fmt: skip
     return parser.parse_args(argv)
+
+
+BASELINE_KEYS = ("grabcut", "filled_box")
+# What must agree for an earlier run's baseline rows to be this run's.
+SAME_RUN_KEYS = (
+    "data", "images", "kinds", "prompts_per_object", "max_objects_per_image", "size_range", "seed",
+)  # fmt: skip
+
+
+def reused_baselines(path: Path, meta: dict) -> dict[str, dict]:
+    """The baseline rows of the earlier run at ``path``, refused (ValueError naming the field)
+    unless it ran on the same images and prompts as ``meta`` describes."""
+    earlier = json.loads(path.read_text())
+    for key in SAME_RUN_KEYS:
+        if earlier["meta"].get(key) != meta[key]:
+            raise ValueError(
+                f"{path}: its {key} is {earlier['meta'].get(key)!r}, this run's {meta[key]!r}"
+            )
+    return {key: earlier["models"][key] for key in BASELINE_KEYS}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -236,12 +260,26 @@ def main(argv: list[str] | None = None) -> dict:
     ]  # fmt: skip
     samples = load_dataset(args.data, args.n_images, tuple(args.size_range))
     walls: dict[str, float] = {}
+    meta = {
+        "data": f"{args.data} (held-out)",
+        "images": len(samples),
+        "kinds": list(MODEL_KINDS),
+        "prompts_per_object": args.n_prompts,
+        "max_objects_per_image": args.max_objects,
+        "size_range": list(args.size_range),
+        "seed": args.seed,
+    }
 
-    start = time.perf_counter()
-    baselines = evaluate_baselines(
-        samples, KINDS, args.n_prompts, args.max_objects, args.seed, MODEL_KINDS
-    )
-    walls["grabcut_and_filled_box"] = round(time.perf_counter() - start, 1)
+    if args.baselines_from is not None:
+        tables = reused_baselines(args.baselines_from, meta)
+        meta["baselines_from"] = str(args.baselines_from)
+    else:
+        start = time.perf_counter()
+        baselines = evaluate_baselines(
+            samples, KINDS, args.n_prompts, args.max_objects, args.seed, MODEL_KINDS
+        )
+        walls["grabcut_and_filled_box"] = round(time.perf_counter() - start, 1)
+        tables = {key: percent_table(s) for key, s in baselines.items()}
 
     rows = pair_rows(pairs, args.device)
     start = time.perf_counter()
@@ -250,19 +288,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     walls["models"] = round(time.perf_counter() - start, 1)
 
-    all_scores = {**baselines, **models}
-    first = baselines["grabcut"].objects.get("gt_box", [])
+    first = next(iter(models.values())).objects.get("gt_box", [])
     result = {
-        "models": {key: percent_table(s) for key, s in all_scores.items()},
+        "models": {**tables, **{key: percent_table(s) for key, s in models.items()}},
         "meta": {
-            "data": f"{args.data} (held-out)",
-            "images": len(samples),
+            **meta,
             "objects": len(first),
-            "kinds": list(MODEL_KINDS),
-            "prompts_per_object": args.n_prompts,
-            "max_objects_per_image": args.max_objects,
-            "size_range": list(args.size_range),
-            "seed": args.seed,
             "pairs": [vars(p) | {"base_sha256": file_sha256(p.base)} for p in pairs],
             "wall_s": walls,
             "command": "python -m training.real_benchmark "
