@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             "prompts_per_object": args.n_prompts,
             "max_objects_per_image": args.max_objects,
             "command": "python -m training.project_fit "
-            + " ".join(argv if argv is not None else sys.argv[1:]),
+            + shlex.join(argv if argv is not None else sys.argv[1:]),
         },
     }
     header = [f"{KIND_TITLES[k]} mIoU" for k in KINDS] + ["Noisy box ST"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
             "pairs": [vars(p) | {"base_sha256": file_sha256(p.base)} for p in pairs],
             "wall_s": walls,
             "command": "python -m training.real_benchmark "
-            + " ".join(argv if argv is not None else _argv()),
+            + shlex.join(argv if argv is not None else _argv()),
         },
     }
     report = "\n".join(
