@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from stable_sam import build_sam, build_stable_sam, prompts
+from stable_sam.build import file_sha256
 from training import rts
 from training.data import Sample
 from training.pretrain.checkpoint import export_fp16, resized_state, warm_start
@@ -203,23 +207,36 @@ def test_smoke_run_writes_a_strictly_loadable_checkpoint_and_resumes(tmp_path) -
 
 
 def test_warm_start_resizes_the_position_tables_and_keeps_every_other_weight(tmp_path) -> None:
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
     torch.manual_seed(0)
     small = build_sam("mini")
-    with torch.no_grad():  # a constant field must stay constant through the resizing
-        small.image_encoder.pos_embed.fill_(0.25)
+    with torch.no_grad():  # SAM starts these at zero: give them a pattern to resize
+        for name, p in small.image_encoder.named_parameters():
+            if "rel_pos" in name:
+                p.copy_(torch.randn_like(p))
+        # A ramp along x (the third axis of (1, h, w, C)), constant along y.
+        ramp = torch.linspace(-1.0, 1.0, 16)
+        small.image_encoder.pos_embed.copy_(ramp[None, None, :, None].expand(1, 16, 16, 192))
     path = tmp_path / "mini.safetensors"
     export_fp16(small, path)
     big = build_sam("mini_512")
     warm_start(big, path)
     before = {k: v.half().float() for k, v in small.state_dict().items()}
     after = big.state_dict()
-    assert after["image_encoder.pos_embed"].shape == (1, 32, 32, 192)
-    assert torch.allclose(after["image_encoder.pos_embed"], torch.tensor(0.25), atol=1e-3)
-    # Global blocks (1, 3, 5) attend over the 32x32 grid: tables of 2 * 32 - 1 rows, their
-    # ends kept; windowed blocks (window 8) keep theirs as they are.
-    glob = "image_encoder.blocks.1.attn.rel_pos_h"
-    assert after[glob].shape == (63, 64) and before[glob].shape == (31, 64)
-    assert torch.allclose(after[glob][[0, -1]], before[glob][[0, -1]], atol=0.05)
+    pos = after["image_encoder.pos_embed"]
+    assert pos.shape == (1, 32, 32, 192)
+    assert torch.allclose(pos[:, :1], pos, atol=1e-6)  # still constant along y
+    assert torch.all(pos[0, 0, 1:, 0] > pos[0, 0, :-1, 0])  # and rising along x
+    assert abs(float(pos[0, 0, 0, 0]) + 1.0) < 0.1 and abs(float(pos[0, 0, -1, 0]) - 1.0) < 0.1
+    # Global blocks (1, 3, 5) attend over the 32x32 grid: tables of 2 * 32 - 1 rows, resized
+    # as SAM's own get_rel_pos resizes a short table at run time.
+    for b in (1, 3, 5):
+        for axis in "hw":
+            key = f"image_encoder.blocks.{b}.attn.rel_pos_{axis}"
+            assert after[key].shape == (63, 64) and before[key].shape == (31, 64)
+            expected = get_rel_pos(32, 32, before[key])
+            assert torch.allclose(get_rel_pos(32, 32, after[key]), expected, atol=1e-5)
     resized = {"image_encoder.pos_embed"} | {
         f"image_encoder.blocks.{b}.attn.rel_pos_{a}" for b in (1, 3, 5) for a in "hw"
     }
@@ -270,11 +287,47 @@ def test_a_mini_512_run_starts_from_a_mini_file_and_exports_its_own_type(tmp_pat
 
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["model_type"] == "mini_512"
+    assert summary["history"][0]["init_sha256"] == file_sha256(init)
     # lr 0: the one step changed nothing, so the export is the warm start itself.
     expected = build_sam("mini_512")
     warm_start(expected, init)
     for key, value in expected.state_dict().items():
         assert torch.allclose(exported.state_dict()[key], value, atol=2e-3), key
+
+
+def test_a_resume_keeps_the_runs_type_and_start(tmp_path) -> None:
+    init = tmp_path / "mini.safetensors"
+    export_fp16(build_sam("mini"), init)
+    out, state = tmp_path / "sam_mini_512.safetensors", tmp_path / "state.pt"
+    cfg = PretrainConfig(model_type="mini_512", init_from=str(init), steps=1, minutes=None,
+                         batch_size=1, objects_per_image=1, warmup_steps=1,
+                         train_size_range=(512, 512), heldout_n=1,
+                         heldout_size_range=(256, 256), threads=1)  # fmt: skip
+    pretrain(cfg, out, state, progress=False, device=torch.device("cpu"))
+    # The resume's command line names no start: it is the saved one, for the provenance.
+    again = dataclasses.replace(cfg, init_from=None, steps=2)
+    summary = pretrain(again, out, state, resume=True, progress=False, device=torch.device("cpu"))
+    assert summary["steps"] == 2 and again.init_from == str(init)
+    with pytest.raises(ValueError, match="is a mini_512 run; resume it with --model-type mini_512"):
+        pretrain(dataclasses.replace(cfg, model_type="mini"), out, state, resume=True,
+                 progress=False, device=torch.device("cpu"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"started from .*mini\.safetensors, not --init-from"):
+        pretrain(dataclasses.replace(cfg, init_from=str(out)), out, state, resume=True,
+                 progress=False, device=torch.device("cpu"))  # fmt: skip
+
+
+def test_the_command_lines_defaults_follow_the_model_type() -> None:
+    from training.pretrain.__main__ import parse_args
+
+    mini = parse_args([])
+    assert mini.out == Path("stable_sam/weights/sam_mini.safetensors")
+    assert mini.provenance == Path("stable_sam/weights/PROVENANCE.md")
+    big = parse_args(["--model-type", "mini_512"])
+    assert big.out == Path("stable_sam/weights/sam_mini_512.safetensors")
+    assert big.state == Path(".cache/pretrain/mini_512_state.pt")
+    assert big.provenance == Path("stable_sam/weights/PROVENANCE_mini_512.md")
+    with pytest.raises(SystemExit):  # the run would overwrite the file it starts from
+        parse_args(["--init-from", "stable_sam/weights/sam_mini.safetensors"])
 
 
 def test_resolution_ceiling_is_perfect_for_big_grids_and_lower_for_small_ones() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from runtime.logs import configure_logging
 from training.pretrain import __doc__ as package_doc
-from training.pretrain.config import PretrainConfig
+from training.pretrain.config import MODEL_TYPE, PRETRAIN_TYPES, PretrainConfig
 from training.pretrain.loop import pretrain
 from training.pretrain.provenance import write_provenance
 
@@ -18,13 +18,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m training.pretrain", description=package_doc.split("\n\n")[0]
     )
-    p.add_argument("--out", type=Path, default=Path("stable_sam/weights/sam_mini.safetensors"))
     p.add_argument(
-        "--state", type=Path, default=Path(".cache/pretrain/state.pt"), help="full training state"
+        "--out",
+        type=Path,
+        default=None,
+        help="the fp16 export (default: stable_sam/weights/sam_<model type>.safetensors)",
     )
+    p.add_argument(
+        "--state", type=Path, default=None,
+        help="full training state (default: .cache/pretrain/state.pt for mini, "
+             ".cache/pretrain/<model type>_state.pt otherwise)",
+    )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from --state")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model-type", choices=["mini", "mini_512"], default=PretrainConfig.model_type)
+    p.add_argument("--model-type", choices=PRETRAIN_TYPES, default=PretrainConfig.model_type)
     p.add_argument(
         "--init-from", default=None,
         help="a SAM file to start from (a mini file for mini_512: position tables resized)",
@@ -51,10 +58,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
              "python -m training.real_pictures --install)",
     )  # fmt: skip
     p.add_argument(
-        "--provenance", type=Path, default=None, help="default: PROVENANCE.md next to --out"
-    )
+        "--provenance", type=Path, default=None,
+        help="default: PROVENANCE.md (mini) or PROVENANCE_<model type>.md next to --out",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    mini = args.model_type == MODEL_TYPE
+    args.out = args.out or Path(f"stable_sam/weights/sam_{args.model_type}.safetensors")
+    args.state = args.state or Path(
+        ".cache/pretrain/state.pt" if mini else f".cache/pretrain/{args.model_type}_state.pt"
+    )
+    name = "PROVENANCE.md" if mini else f"PROVENANCE_{args.model_type}.md"
+    args.provenance = args.provenance or args.out.parent / name
+    if args.init_from and Path(args.init_from).resolve() == args.out.resolve():
+        p.error(f"--out {args.out} is the --init-from file: the run would overwrite its start")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,8 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         progress=not args.no_progress,
     )
     wall = time.time() - t0
-    provenance = args.provenance or args.out.parent / "PROVENANCE.md"
-    write_provenance(provenance, argv, cfg, summary, args.out, wall)
+    write_provenance(args.provenance, argv, cfg, summary, args.out, wall)
     h = summary["heldout"]
     print(
         f"done: {summary['steps']} steps, {summary['images']} images, "

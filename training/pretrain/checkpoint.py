@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
-from stable_sam.checkpoint import write_safetensors_atomic
+from stable_sam.checkpoint import state_mismatch, write_safetensors_atomic
 from training.pretrain.config import PretrainConfig
 
 
@@ -62,8 +62,6 @@ def resized_state(
     resized bicubically to the new grid, the global-attention blocks' relative position tables
     (2s - 1, C) linearly to the new length (SAM's own ``get_rel_pos`` rule); every other tensor
     must match as is. Keys must be the same; a mismatch names them."""
-    from stable_sam.checkpoint import state_mismatch
-
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         want = target.get(key)

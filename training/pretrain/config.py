@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MODEL_TYPE = "mini"  # the default; ``PretrainConfig.model_type`` picks another
+# What pretraining trains: the project's own ViT minis (``stable_sam.build.ENCODER_SPECS``).
+PRETRAIN_TYPES = ("mini", "mini_512")
 
 
 @dataclass
@@ -12,7 +14,7 @@ class PretrainConfig:
     """Hyper-parameters of one pretraining run (saved in the checkpoint and PROVENANCE)."""
 
     seed: int = 0
-    model_type: str = MODEL_TYPE  # "mini" (256 px) or "mini_512" (stable_sam.build.ENCODER_SPECS)
+    model_type: str = MODEL_TYPE  # one of PRETRAIN_TYPES: "mini" (256 px) or "mini_512"
     # A SAM file to start from instead of random weights, possibly of another input size (a
     # ``mini`` file for ``mini_512``: position tables resized, ``checkpoint.warm_start``).
     init_from: str | None = None
@@ -25,8 +27,8 @@ class PretrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 30
     min_lr_ratio: float = 0.05
-    scale_range: tuple[float, float] = (0.6, 1.5)  # LSJ-style jitter of the 256 px long side
-    train_size_range: tuple[int, int] = (256, 640)  # scene sides (px) before resizing to 256
+    scale_range: tuple[float, float] = (0.6, 1.5)  # LSJ-style jitter of the input's long side
+    train_size_range: tuple[int, int] = (256, 640)  # scene sides (px) before resizing
     correction_prob: float = 0.3  # chance of a SAM-style correction round on point prompts
     box_points_prob: float = 0.3  # chance of a box + points round
     grad_clip: float = 1.0

@@ -1,5 +1,6 @@
 """Pretraining data: synthetic train scenes (and, with ``composite_fraction``, real-picture
-composites of the train split), jittered into the 256 px frame and prompted.
+composites of the train split), jittered into the model's input frame (256 px for ``mini``,
+512 px for ``mini_512``) and prompted.
 
 The jitter is RTS's (``training.rts``), the prompts ``stable_sam.prompts``' (boxes in continuous
 pixel coordinates, points at pixel centres), as in RTS training and the benchmark.
@@ -23,7 +24,7 @@ from training.data import Sample
 from training.pretrain.config import PretrainConfig
 from training.scenes import SceneDataset
 
-MIN_TARGET_PIXELS = 8  # at the 256 px input; smaller objects are not prompted
+MIN_TARGET_PIXELS = 8  # in the input frame; smaller objects are not prompted
 
 
 def jitter_sample(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
-from stable_sam.build import build_sam
+from stable_sam.build import build_sam, file_sha256
 from training import engine
 from training.data import Sample
 from training.pretrain.checkpoint import export_fp16, load_state, save_state, warm_start
@@ -189,6 +189,23 @@ def cpu_threads(requested: int) -> int:
     return min(2, cores) if os.getloadavg()[0] < cores + 0.5 else 1
 
 
+def adopt_saved_start(cfg: PretrainConfig, state_path: Path) -> None:
+    """Before a resume: the run's model type and warm-start file are the saved state's. A
+    command line that names other ones is refused (``ValueError``, naming both); one that
+    leaves ``init_from`` out takes the saved one, so the provenance still names the start."""
+    saved = torch.load(state_path, map_location="cpu", weights_only=True).get("config", {})
+    saved_type = saved.get("model_type", MODEL_TYPE)
+    if cfg.model_type != saved_type:
+        raise ValueError(
+            f"{state_path} is a {saved_type} run; resume it with --model-type {saved_type} "
+            f"(not {cfg.model_type})"
+        )
+    saved_init = saved.get("init_from")
+    if cfg.init_from and saved_init and cfg.init_from != saved_init:
+        raise ValueError(f"{state_path} started from {saved_init}, not --init-from {cfg.init_from}")
+    cfg.init_from = cfg.init_from or saved_init
+
+
 def make_optimizer(sam: Sam, cfg: PretrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms, biases and positional terms."""
     decay, no_decay = [], []
@@ -222,9 +239,13 @@ def pretrain(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     # Model and optimiser.
+    if resume:
+        adopt_saved_start(cfg, state_path)
     sam = build_sam(cfg.model_type)
+    start: dict[str, str] = {}  # the first run's warm start, recorded in its history entry
     if cfg.init_from and not resume:
         warm_start(sam, Path(cfg.init_from))
+        start = {"init_from": cfg.init_from, "init_sha256": file_sha256(cfg.init_from)}
         logger.info("warm start from %s", cfg.init_from)
     sam = sam.to(device)
     opt = make_optimizer(sam, cfg)
@@ -264,6 +285,7 @@ def pretrain(
             "from_step": step,
             "to_step": step,
             "train_min": 0.0,
+            **start,
         }
     )
 

@@ -68,10 +68,13 @@ def write_provenance(
     start = "from random initialisation"
     if cfg.init_from:
         init = Path(cfg.init_from)
-        sha = file_sha256(init) if init.is_file() else "file not on this machine"
+        first = (summary.get("history") or [{}])[0]
+        sha = first.get("init_sha256") or (
+            file_sha256(init) if init.is_file() else "file not on this machine"
+        )
         start = (
-            f"from `{init.name}` (SHA-256 `{sha}`, this repository's own; position tables "
-            "resized by `training.pretrain.checkpoint.warm_start`)"
+            f"from `{init.name}` (SHA-256 `{sha}` when the run started; position tables "
+            "resized to the input by `training.pretrain.checkpoint.warm_start`)"
         )
     data_line = "synthetic train scenes (even seeds)"
     if cfg.composite_fraction > 0:
