@@ -112,8 +112,8 @@ def resolve_model(settings: Settings, defaults: DefaultModelPaths | None = None)
     plugin_file = Path(choice) if choice.lower() not in ("default", "none") else None
     checkpoint = settings.sam_checkpoint
     shipped_plugins = False
-    embedded = checkpoint is None and settings.sam_model_type == defaults.model_type
-    if embedded and defaults.base_checkpoint.is_file():
+    shipped_base = checkpoint is None and settings.sam_model_type == defaults.model_type
+    if shipped_base and defaults.base_checkpoint.is_file():
         checkpoint = defaults.base_checkpoint
         if plugin_file is None and defaults.plugin_checkpoint.is_file():
             plugin_file, shipped_plugins = defaults.plugin_checkpoint, True

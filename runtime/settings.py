@@ -42,15 +42,16 @@ class Settings(BaseSettings):
     label_studio_trust_setup: bool = False
 
     # --- Model selection ---
-    # SAM base: the embedded default (DEFAULT_MODEL_TYPE) or another shipped mini (mini,
-    # mini_512: SHIPPED_FILES), vit_b/vit_l/vit_h, MobileSAM vit_t, HQ-SAM hq_*, or SAM 2.1
+    # SAM base: the embedded default (DEFAULT_MODEL_TYPE) or another type the repository ships
+    # weights for (SHIPPED_FILES), the project's minis (mini, mini_512; without shipped weights
+    # they need SAM_CHECKPOINT), vit_b/vit_l/vit_h, MobileSAM vit_t, HQ-SAM hq_*, or SAM 2.1
     # sam2.1_hiera_{tiny,small,base_plus,large} (MODEL_TYPES).
     sam_model_type: ModelType = DEFAULT_MODEL_TYPE
     # Official-format SAM checkpoint (.pth; SAM 2.1: .pt) or our .safetensors; empty with a
     # shipped type = its shipped one.
     sam_checkpoint: Path | None = None
-    # Stable-SAM plugins: "default" (the shipped plugins for the embedded default base, none
-    # for other bases until a project trains some), "none" (plain SAM, for side-by-side
+    # Stable-SAM plugins: "default" (the shipped plugins of a shipped base, none for other
+    # bases until a project trains some), "none" (plain SAM, for side-by-side
     # comparison) or a path to a plugin .safetensors file.
     sam_plugins: str = "default"
     # Allow a SAM base without a checkpoint (random weights): benchmarks and tests only.

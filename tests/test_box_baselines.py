@@ -110,18 +110,27 @@ def test_the_benchmark_prints_every_row(capsys: pytest.CaptureFixture[str]) -> N
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_two_model_pairs_get_a_row_each_with_their_label(tmp_path) -> None:
-    from stable_sam import default_model_paths
+    from stable_sam import build_stable_sam, default_model_paths, save_plugins
 
-    paths = default_model_paths()
-    pair = ["mini", str(paths.base_checkpoint), str(paths.plugin_checkpoint)]
+    paths = default_model_paths("mini")
+    fresh = tmp_path / "fresh_plugins.safetensors"  # untrained plugins: Stable-SAM = SAM
+    save_plugins(build_stable_sam("mini", paths.base_checkpoint), fresh)
+    base = ["mini", str(paths.base_checkpoint)]
     argv = ["--data", "synthetic", "--n-images", "1", "--n-prompts", "1", "--max-objects", "1"]
-    argv += ["--size-range", "256", "256", "--model", "a", *pair, "--model", "b", *pair]
+    argv += ["--size-range", "256", "256", "--model", "a", *base, str(paths.plugin_checkpoint)]
+    argv += ["--model", "b", *base, str(fresh)]
     result = main([*argv, "--out", str(tmp_path), "--name", "two"])
-    assert list(result["models"]) == [
+    models = result["models"]
+    assert list(models) == [
         "grabcut", "filled_box", "sam:a", "stable_sam:a", "sam:b", "stable_sam:b"
     ]  # fmt: skip
-    assert result["models"]["stable_sam:a"] == result["models"]["stable_sam:b"]
+    assert models["sam:a"] == models["sam:b"]  # one base
+    # Each pair's Stable-SAM row is its own plugins': fresh ones give SAM's masks.
+    miou = {key: [models[key][k]["miou"] for k in MODEL_KINDS] for key in list(models)[2:]}
+    assert miou["stable_sam:b"] == miou["sam:b"] != miou["stable_sam:a"]
     assert "| Stable-SAM (b) |" in (tmp_path / "two.md").read_text()
+    with pytest.raises(ValueError, match="model labels must differ"):
+        main([*argv[:-5], "--model", "a", *base, str(fresh)])
 
 
 @pytest.mark.usefixtures("one_torch_thread")

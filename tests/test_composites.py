@@ -211,7 +211,10 @@ def test_the_project_fit_trains_on_the_first_images_and_scores_the_rest(fake, tm
             "--size-range", "256", "256", "--catalogue", str(catalogue), "--out", str(tmp_path)]  # fmt: skip
     result = main(argv)
     meta = result["meta"]
-    assert meta["fit_images"] == 2 and meta["epochs"] == 1 and meta["train_steps"] >= 1
+    from runtime.settings import Settings
+
+    assert meta["fit_images"] == 2 and meta["train_steps"] >= 1
+    assert meta["epochs"] == Settings().train_epochs  # the job's
     served, fitted = result["models"]["served"], result["models"]["fitted"]
     for kind in ("gt_box", "noisy_box", "points_1"):
         assert result["gain_miou"][kind] == pytest.approx(
@@ -219,3 +222,12 @@ def test_the_project_fit_trains_on_the_first_images_and_scores_the_rest(fake, tm
         )
     assert served != fitted  # the training moved the plugins
     assert "| gain |" in (tmp_path / "project_fit.md").read_text()
+
+
+def test_a_composite_share_without_mixed_data_is_refused() -> None:
+    from training.train import parse_args
+
+    base = ["--base", "b.safetensors", "--out", "p.safetensors"]
+    assert parse_args([*base, "--data", "mixed", "--composite-fraction", "0.3"]).data == "mixed"
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--composite-fraction", "0.3"])  # synthetic data: it would be ignored

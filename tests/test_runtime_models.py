@@ -61,21 +61,28 @@ def test_a_plugin_file_is_the_default_plugins_and_names_the_version(tmp_path: Pa
     assert spec.version == f"stable-sam-{DEFAULT}-my_plugins"
 
 
-def test_every_shipped_type_serves_its_own_files_and_others_name_the_shipped(monkeypatch):
+def test_a_type_shipped_beside_the_default_serves_its_own_files(monkeypatch, tmp_path):
     from stable_sam import build
 
-    for model_type in build.SHIPPED_FILES:
+    for model_type in build.SHIPPED_FILES:  # what the repository ships is on disk
         paths = default_model_paths(model_type)
-        spec = resolve_model(Settings(sam_model_type=model_type))
-        assert spec.checkpoint == paths.base_checkpoint and paths.base_checkpoint.is_file()
-        assert spec.default_plugins == paths.plugin_checkpoint
-        assert paths.plugin_checkpoint.is_file()
-    # A type shipped beside the default resolves to its own files, not the default's.
-    other = ("other_base.safetensors", "other_plugins.safetensors")
-    monkeypatch.setitem(build.SHIPPED_FILES, "vit_t", other)
-    paths = default_model_paths("vit_t")
-    assert (paths.base_checkpoint.name, paths.plugin_checkpoint.name) == other
-    with pytest.raises(ValueError, match="no shipped weights for 'vit_b'; shipped: mini"):
+        assert paths.base_checkpoint.is_file() and paths.plugin_checkpoint.is_file()
+    # A second shipped type, in a weights folder of its own: its files, not the default's.
+    monkeypatch.setattr(build, "WEIGHTS_DIR", tmp_path)
+    for name in build.SHIPPED_FILES[DEFAULT]:
+        (tmp_path / name).write_bytes(name.encode())
+    monkeypatch.setitem(build.SHIPPED_FILES, "vit_t", ("other_base.st", "other_plugins.st"))
+    (tmp_path / "other_base.st").write_bytes(b"base")
+    (tmp_path / "other_plugins.st").write_bytes(b"plugins")
+    spec = resolve_model(Settings(sam_model_type="vit_t"))
+    assert spec.checkpoint == tmp_path / "other_base.st"
+    assert spec.default_plugins == tmp_path / "other_plugins.st"
+    assert spec.version == f"stable-sam-vit_t-default-{short_hash(tmp_path / 'other_plugins.st')}"
+    default = resolve_model(Settings())  # the default still serves its own
+    assert default.model_type == DEFAULT
+    assert default.checkpoint == tmp_path / SHIPPED.base_checkpoint.name
+    # A type without shipped weights is named as such.
+    with pytest.raises(ValueError, match="no shipped weights for 'vit_b'; shipped: "):
         default_model_paths("vit_b")
 
 

@@ -1,15 +1,19 @@
-"""Box-prompt baselines that need no model: OpenCV's GrabCut and the filled box (the floor).
+"""Baselines that need no model: OpenCV's GrabCut (from a box or from clicks) and the filled
+box (the floor).
 
 - ``GrabCut``: ``cv2.grabCut`` initialised from the box (``GC_INIT_WITH_RECT``: outside
-  sure background, inside probably foreground), ``GRABCUT_ITERATIONS`` (5) iterations, the
-  probable and sure foreground as the mask. GrabCut's cost grows with the pixels (~1-2 s at
+  sure background, inside probably foreground), or in its click mode from seeds
+  (``segment_clicks``: each click a disk of sure foreground or background, the box if any as
+  its rectangle, the rest probably background; ``GC_INIT_WITH_MASK``),
+  ``GRABCUT_ITERATIONS`` (5) iterations, the probable and sure foreground as the mask. GrabCut's cost grows with the pixels (~1-2 s at
   1024 px on this CPU), so it runs at most ``max_side`` px on the long side (the click loop's
   GrabCut does the same) and its mask is scaled back with nearest-neighbour interpolation.
 - ``filled_box``: the box itself as the mask, the score a method must beat to have used the
   pixels at all.
 
-Both take boxes ``box_xyxy`` (4,) in pixels of the original image with exclusive corners, as
-``stable_sam.prompts.gt_box`` and ``noisy_box`` give them.
+Boxes ``box_xyxy`` (4,) and clicks ``points_xy`` (k, 2) are in pixels of the original image,
+boxes with exclusive corners, as ``stable_sam.prompts.gt_box`` / ``noisy_box`` /
+``sample_points`` give them.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ plugins served before (``--plugins``, default the shipped ones), the base frozen
 sets are then scored on the same prompts by ``training.evaluation.evaluate`` (single-mask
 output): the GT box, ``n_prompts`` noisy boxes and ``n_prompts`` single clicks per object.
 
+The fit and score images are different composites of one picture pool (the held-out split's
+backgrounds and objects), so they share backgrounds and some objects, as a project's images
+share a domain. ``training.real_benchmark`` scores held-out images from 0 on: those are among
+the fit images here, so fitted plugins are never scored there.
+
     python -m training.project_fit --n-fit 40 --n-score 20 --out docs/benchmark
 
 writes ``project_fit.json`` / ``.md`` in ``--out`` and prints the table.
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.model_type, args.base, plugin_checkpoint=args.plugins, device=args.device
     )
     served = copy.deepcopy(model.plugins).eval()
-    epochs = args.epochs or Settings().train_epochs
+    epochs = Settings().train_epochs if args.epochs is None else args.epochs
     config = TrainConfig(epochs=epochs, seed=args.seed, device=str(model.device))
     start = time.perf_counter()
     result = train_plugins(model, fit, config)

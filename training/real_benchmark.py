@@ -29,6 +29,7 @@ the table. ``--data synthetic`` runs the same rows on the held-out synthetic sce
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shlex
@@ -180,6 +181,9 @@ def pair_rows(pairs: Sequence[ModelPair], device: str | None = None) -> list[Eva
     there is more than one pair."""
     from stable_sam import StableSamPredictor, build_stable_sam
 
+    labels = [pair.label for pair in pairs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model labels must differ, got {labels}")
     rows = []
     for pair in pairs:
         suffix = f":{pair.label}" if len(pairs) > 1 else ""
@@ -234,7 +238,19 @@ BASELINE_KEYS = ("grabcut", "filled_box")
 # What must agree for an earlier run's baseline rows to be this run's.
 SAME_RUN_KEYS = (
     "data", "images", "kinds", "prompts_per_object", "max_objects_per_image", "size_range", "seed",
+    "samples_sha256",
 )  # fmt: skip
+
+
+def samples_sha256(samples: Sequence[Sample]) -> str:
+    """A hash of the rendered images and their masks: two runs with the same one scored the
+    same pixels (whatever changed in the renderer, the catalogue or the pictures)."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        for array in (sample.image, sample.masks):
+            digest.update(repr((array.shape, array.dtype.str)).encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def reused_baselines(path: Path, meta: dict) -> dict[str, dict]:
@@ -269,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_objects_per_image": args.max_objects,
         "size_range": list(args.size_range),
         "seed": args.seed,
+        "samples_sha256": samples_sha256(samples),
     }
 
     if args.baselines_from is not None:

@@ -55,10 +55,12 @@ def load_dataset(
     split: str = "train",
     hqseg_subsets: Sequence[str] | None = None,
     composite_fraction: float = 0.5,
+    seed: int = 0,
 ) -> Sequence[Sample]:
     """``synthetic`` -> ``n`` synthetic scenes of ``split``; ``composites`` -> ``n``
     real-picture composites of ``split`` (``training.composites``; their Debian packages
-    installed); ``mixed`` -> the two interleaved, a ``composite_fraction`` share composites;
+    installed); ``mixed`` -> the two interleaved, a ``composite_fraction`` share composites
+    (which ones: drawn from ``seed``);
     an HQSeg-44K root -> ``HQSegDataset`` (its ``hqseg_subsets``, default all); another folder
     -> ``MaskFolderDataset``. ``n`` > 0 keeps the first ``n`` images."""
     if data == "synthetic":
@@ -69,7 +71,7 @@ def load_dataset(
         composites = CompositeDataset(split, n)
         if data == "composites":
             return composites
-        return Mixture(SceneDataset(split, n), composites, composite_fraction)
+        return Mixture(SceneDataset(split, n), composites, composite_fraction, seed)
     folder = HQSegDataset(data, hqseg_subsets) if is_hqseg_root(data) else MaskFolderDataset(data)
     if n <= 0 or n >= len(folder):
         return folder
@@ -89,8 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "folder (images/, masks/)",
     )
     parser.add_argument(
-        "--composite-fraction", type=float, default=0.5, help="with --data mixed: composites' share"
-    )
+        "--composite-fraction", type=float, default=None,
+        help="with --data mixed: the composites' share (default 0.5)",
+    )  # fmt: skip
     # --images under torchrun, whose own parser takes "--n" for an abbreviation of its options.
     parser.add_argument(
         "--images", "--n", dest="n", type=int, default=1000, help="number of training images"
@@ -116,7 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--version", default=None, help="version string stored in the file")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.composite_fraction is not None and args.data != "mixed":
+        parser.error("--composite-fraction is for --data mixed")
+    return args
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
@@ -139,8 +145,9 @@ def _run(
 
     # Data.
     subsets = args.hqseg_subsets.split(",") if args.hqseg_subsets else None
+    fraction = 0.5 if args.composite_fraction is None else args.composite_fraction
     dataset = load_dataset(
-        args.data, args.n, hqseg_subsets=subsets, composite_fraction=args.composite_fraction
+        args.data, args.n, hqseg_subsets=subsets, composite_fraction=fraction, seed=args.seed
     )
     # Model: a frozen SAM, with fresh plugins (or, for DT-SAM, its decoder to fine-tune).
     model = variant.build_model(args.model_type, args.base, device, seed=args.seed)
