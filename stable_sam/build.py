@@ -281,6 +281,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # ``weights/PROVENANCE*.md``), each with its RTS-trained plugins: base file, plugin file.
 SHIPPED_FILES: dict[str, tuple[str, str]] = {
     "mini": ("sam_mini.safetensors", "stable_sam_mini_plugins.safetensors"),
+    "mini_512": ("sam_mini_512.safetensors", "stable_sam_mini_512_plugins.safetensors"),
 }
 DEFAULT_MODEL_TYPE = "mini"  # the embedded default: what a fresh install serves
 
