@@ -4,8 +4,8 @@ Every base of ``stable_sam.MODEL_TYPES``: SAM, MobileSAM (``vit_t``), the mini a
 sizes (``sam2.1_hiera_tiny`` ... ``sam2.1_hiera_large``, on ``StableSam2``). For each model
 type, random weights (time does not depend on what was learned), on this CPU:
 
-- ``encode``: the image encoder on one 480 x 640 image (``--image-hw``; resized to the model's input side,
-  normalised, padded; SAM 2 also computes its decoder's high-resolution features), median of
+- ``encode``: the image encoder on one 480 x 640 image (``--image-hw``; resized to the
+  model's input side, normalised, padded; SAM 2 also computes its decoder's high-resolution features), median of
   ``--encode-repeats`` after one warm-up;
 - ``click p50 / p95``: one positive click on the cached embedding through
   ``StableSamPredictor.predict`` as the backend serves it (Stable-SAM, the multimask policy,

@@ -258,7 +258,9 @@ def test_warm_start_names_what_does_not_fit() -> None:
         resized_state(small, target)
 
 
-def test_a_mini_512_run_starts_from_a_mini_file_and_exports_its_own_type(tmp_path) -> None:
+def one_step_mini_512_run(tmp_path: Path, **changes) -> tuple[Path, Path, Path, PretrainConfig]:
+    """A random mini file to start from, the run's export and state paths, and the config of a
+    one-step ``mini_512`` run warm-started from it (``changes`` override fields)."""
     init = tmp_path / "mini.safetensors"
     export_fp16(build_sam("mini"), init)
     out, state = tmp_path / "sam_mini_512.safetensors", tmp_path / "state.pt"
@@ -269,13 +271,17 @@ def test_a_mini_512_run_starts_from_a_mini_file_and_exports_its_own_type(tmp_pat
         minutes=None,
         batch_size=1,
         objects_per_image=1,
-        lr=0.0,
         warmup_steps=1,
         train_size_range=(512, 512),
         heldout_n=1,
         heldout_size_range=(256, 256),
         threads=1,
     )
+    return init, out, state, dataclasses.replace(cfg, **changes)
+
+
+def test_a_mini_512_run_starts_from_a_mini_file_and_exports_its_own_type(tmp_path) -> None:
+    init, out, state, cfg = one_step_mini_512_run(tmp_path, lr=0.0)
     summary = pretrain(cfg, out, state, progress=False, device=torch.device("cpu"))
     assert summary["steps"] == 1
     write_provenance(tmp_path / "PROVENANCE.md", [], cfg, summary, out, 1.0)
@@ -296,13 +302,7 @@ def test_a_mini_512_run_starts_from_a_mini_file_and_exports_its_own_type(tmp_pat
 
 
 def test_a_resume_keeps_the_runs_type_and_start(tmp_path) -> None:
-    init = tmp_path / "mini.safetensors"
-    export_fp16(build_sam("mini"), init)
-    out, state = tmp_path / "sam_mini_512.safetensors", tmp_path / "state.pt"
-    cfg = PretrainConfig(model_type="mini_512", init_from=str(init), steps=1, minutes=None,
-                         batch_size=1, objects_per_image=1, warmup_steps=1,
-                         train_size_range=(512, 512), heldout_n=1,
-                         heldout_size_range=(256, 256), threads=1)  # fmt: skip
+    init, out, state, cfg = one_step_mini_512_run(tmp_path)
     pretrain(cfg, out, state, progress=False, device=torch.device("cpu"))
     # The resume's command line names no start: it is the saved one, for the provenance.
     again = dataclasses.replace(cfg, init_from=None, steps=2)

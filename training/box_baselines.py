@@ -5,9 +5,10 @@ box (the floor).
   sure background, inside probably foreground), or in its click mode from seeds
   (``segment_clicks``: each click a disk of sure foreground or background, the box if any as
   its rectangle, the rest probably background; ``GC_INIT_WITH_MASK``),
-  ``GRABCUT_ITERATIONS`` (5) iterations, the probable and sure foreground as the mask. GrabCut's cost grows with the pixels (~1-2 s at
-  1024 px on this CPU), so it runs at most ``max_side`` px on the long side (the click loop's
-  GrabCut does the same) and its mask is scaled back with nearest-neighbour interpolation.
+  ``GRABCUT_ITERATIONS`` (5) iterations, the probable and sure foreground as the mask.
+  GrabCut's cost grows with the pixels (~1-2 s at 1024 px on this CPU), so it runs at most
+  ``max_side`` px on the long side (the click loop's GrabCut does the same) and its mask is
+  scaled back with nearest-neighbour interpolation.
 - ``filled_box``: the box itself as the mask, the score a method must beat to have used the
   pixels at all.
 

@@ -57,6 +57,7 @@ BOX_KINDS = ("gt_box", "noisy_box")
 # 3 and 5 clicks, for whether the routing weight alpha1 falls as points are added.
 KINDS = (*BOX_KINDS, "points_1")
 MODEL_KINDS = (*KINDS, "points_3", "points_5")
+BASELINE_KEYS = ("grabcut", "filled_box")  # the rows no model makes
 ROW_TITLES = {
     "grabcut": "GrabCut (box / click, 5 iterations)",
     "filled_box": "Filled box (floor)",
@@ -84,7 +85,7 @@ def evaluate_baselines(
     and the filled box on the box kinds among them, on the protocol's prompts:
     ``evaluation.image_prompts`` drawn for ``prompt_kinds``, the kinds the models are
     evaluated on with the same other arguments, so both see the same prompts."""
-    scores = {"grabcut": ModelScores(), "filled_box": ModelScores()}
+    scores = {key: ModelScores() for key in BASELINE_KEYS}
     for index in range(len(dataset)):
         sample = dataset[index]
         if sample.num_instances == 0:
@@ -154,7 +155,7 @@ def markdown_table(result: dict) -> str:
             "|---|" + "---|" * (len(more) + len(alpha_kinds)),
         ]  # fmt: skip
         for key, table in models.items():
-            if key in ("grabcut", "filled_box"):
+            if key in BASELINE_KEYS:
                 continue
             cells = [cell(table, k, "miou") for k in more]
             cells += [
@@ -234,7 +235,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-BASELINE_KEYS = ("grabcut", "filled_box")
 # What must agree for an earlier run's baseline rows to be this run's.
 SAME_RUN_KEYS = (
     "data", "images", "kinds", "prompts_per_object", "max_objects_per_image", "size_range", "seed",
