@@ -224,6 +224,21 @@ def test_the_project_fit_trains_on_the_first_images_and_scores_the_rest(fake, tm
     assert "| gain |" in (tmp_path / "project_fit.md").read_text()
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_project_fits_upper_bound_scores_the_training_images_themselves(fake, tmp_path) -> None:
+    from training.project_fit import main
+
+    _, catalogue = fake
+    argv = ["--n-fit", "2", "--n-score", "5", "--n-prompts", "1", "--max-objects", "2",
+            "--size-range", "256", "256", "--catalogue", str(catalogue), "--score-on-fit",
+            "--out", str(tmp_path)]  # fmt: skip
+    meta = main(argv)["meta"]
+    fit = CompositeDataset("heldout", 2, (256, 256), catalogue=catalogue)
+    assert meta["scored_on_fit_images"] and meta["score_images"] == 2  # not --n-score's 5
+    assert meta["score_objects"] == sum(min(2, len(fit[i].masks)) for i in range(2))
+    assert "scored on images 0-1" in (tmp_path / "project_fit.md").read_text()
+
+
 def test_a_composite_share_without_mixed_data_is_refused() -> None:
     from training.train import parse_args
 
