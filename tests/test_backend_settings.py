@@ -70,7 +70,13 @@ def test_official_format_checkpoint_loads_as_plain_sam(tmp_path):
     path = tmp_path / "sam_mini_official.pth"
     torch.save(build_sam("mini").state_dict(), path)
     server = ModelServer(
-        Settings(sam_checkpoint=path, sam_plugins="none", device="cpu", versions_dir=tmp_path)
+        Settings(
+            sam_model_type="mini",
+            sam_checkpoint=path,
+            sam_plugins="none",
+            device="cpu",
+            versions_dir=tmp_path,
+        )
     )
     assert server.spec.version == "sam-mini-sam_mini_official"
     predictor = server.predictor()

@@ -40,7 +40,17 @@ def trained(tmp_path_factory, random_mini_base):
 def test_quick_benchmark_writes_the_tables_and_json(trained, tmp_path):
     root, base, plugins = trained
     out = tmp_path / "bench"
-    argv = ["--out", str(out), "--base", str(base), "--plugins", str(plugins), "--quick"]
+    argv = [
+        "--out",
+        str(out),
+        "--base",
+        str(base),
+        "--model-type",
+        "mini",
+        "--plugins",
+        str(plugins),
+        "--quick",
+    ]
     argv += ["--cache-dir", str(root / "cache"), "--train-missing", "--models", "dsp_rts"]
     argv += ["--multimask-study", "--no-progress"]
     benchmark.main(argv)
@@ -68,7 +78,7 @@ def test_quick_benchmark_writes_the_tables_and_json(trained, tmp_path):
     md = (out / "benchmark.md").read_text()
     sam = data["models"]["sam"]
     row = " | ".join(f"{sam[k]['miou']:.1f}" for k in evaluation.PROMPT_KINDS)
-    assert f"| SAM (mini base) | {row} |" in md  # the mIoU table shows the JSON's numbers
+    assert f"| SAM (frozen base) | {row} |" in md  # the mIoU table shows the JSON's numbers
     assert "## mBIoU" in md and "α1" in md
 
     # The trained variant is cached: a second run does not train again.
@@ -83,7 +93,16 @@ def test_every_trained_comparison_row_trains_and_scores_in_seconds(trained, tmp_
     """``--train-missing`` from an empty cache: the smoke of each baseline trainer (one step)."""
     _root, base, plugins = trained
     rows = [k for k, (_title, variant) in benchmark.MODEL_ROWS.items() if variant is not None]
-    argv = ["--out", str(tmp_path / "b"), "--base", str(base), "--plugins", str(plugins)]
+    argv = [
+        "--out",
+        str(tmp_path / "b"),
+        "--base",
+        str(base),
+        "--model-type",
+        "mini",
+        "--plugins",
+        str(plugins),
+    ]
     argv += ["--quick", "--cache-dir", str(tmp_path / "cache"), "--train-missing", "--models"]
     result = benchmark.main([*argv, *rows, "--no-progress"])
     assert set(result["models"]) == {"sam", "stable_sam", *rows}
@@ -104,7 +123,16 @@ def test_the_comparison_bench_times_each_row_against_sam(capsys):
 
 def test_missing_variants_are_reported_not_trained(trained, tmp_path):
     _root, base, plugins = trained
-    argv = ["--out", str(tmp_path / "b"), "--base", str(base), "--plugins", str(plugins)]
+    argv = [
+        "--out",
+        str(tmp_path / "b"),
+        "--base",
+        str(base),
+        "--model-type",
+        "mini",
+        "--plugins",
+        str(plugins),
+    ]
     argv += ["--quick", "--cache-dir", str(tmp_path / "empty"), "--models", "dt_sam"]
     result = benchmark.main([*argv, "--no-progress"])
     assert set(result["models"]) == {"sam", "stable_sam"}
@@ -128,7 +156,16 @@ def _protocol_points_1(predictor: StableSamPredictor, images: int) -> tuple[floa
 def test_multimask_rows_are_the_predictors_own_answers(trained, tmp_path):
     _root, base, plugins = trained
     images = 4
-    argv = ["--out", str(tmp_path / "b"), "--base", str(base), "--plugins", str(plugins)]
+    argv = [
+        "--out",
+        str(tmp_path / "b"),
+        "--base",
+        str(base),
+        "--model-type",
+        "mini",
+        "--plugins",
+        str(plugins),
+    ]
     argv += ["--n-images", str(images), "--n-prompts", "1", "--max-objects", "1", "--models"]
     result = benchmark.main([*argv, "--multimask-study", "--no-progress"])
     study = result["multimask"]["sam"]

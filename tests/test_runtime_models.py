@@ -137,6 +137,8 @@ def test_an_official_format_checkpoint_is_the_base(tmp_path: Path):
     torch.manual_seed(0)
     path = tmp_path / "mini_official.pth"
     torch.save(build_sam("mini").state_dict(), path)
-    model = resolve_model(Settings(sam_checkpoint=path, device="cpu")).build()
+    model = resolve_model(
+        Settings(sam_model_type="mini", sam_checkpoint=path, device="cpu")
+    ).build()
     assert model.base_checkpoint_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert model.has_plugins  # freshly initialised: no default plugins for this base

@@ -7,10 +7,10 @@ Metrics at the original image size, in percent: mIoU, mBIoU (boundary IoU, HQ-SA
 and ST (stability over the prompts of one object). Every model sees the same prompts; all share
 the frozen base encoder, so each image is embedded once.
 
-Rows: SAM (the mini base), Stable-SAM (the shipped plugins), the ablations of paper Table 5
-(DSP without RTS, DSP + RTS, DSP + DRP + RTS), DT-SAM (decoder fine-tuned with RTS), PT-SAM,
-HQ-SAM and PA-SAM (``training.baselines``), all with the decoder's single-mask output; the mean routing weight α1 per prompt type (appendix
-Table 6); and a multimask study: SAM and Stable-SAM through predictors with each
+Rows: SAM (the frozen base, by default the embedded one), Stable-SAM (the shipped plugins), the
+ablations of paper Table 5 (DSP without RTS, DSP + RTS, DSP + DRP + RTS), DT-SAM (decoder
+fine-tuned with RTS), PT-SAM, HQ-SAM and PA-SAM (``training.baselines``), all with the decoder's
+single-mask output; the mean routing weight α1 per prompt type (appendix Table 6); and a multimask study: SAM and Stable-SAM through predictors with each
 ``multimask_policy`` (single output, best of 3, the served default ``auto``).
 
     python -m training.benchmark --out docs/benchmark --n-images 40 --train-missing
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 # JSON key -> (table title, training variant or None for models not trained here).
 MODEL_ROWS = {
-    "sam": ("SAM (mini base)", None),
+    "sam": ("SAM (frozen base)", None),
     "stable_sam": ("Stable-SAM (DSP+DRP+RTS, shipped plugins)", None),
     "dsp_no_rts": ("DSP w/o RTS (Table 5)", "dsp-no-rts"),
     "dsp_rts": ("DSP + RTS (Table 5)", "dsp"),
@@ -132,8 +132,9 @@ def _percent_table(scores: ModelScores) -> dict[str, dict[str, float]]:
 
 def markdown_report(result: dict, notes: Sequence[str] = ()) -> str:
     """The benchmark JSON as markdown tables (values in percent)."""
-    lines = ["# Benchmark: the Stable-SAM paper's protocol on the mini SAM", ""]
     meta = result["meta"]
+    on = f"the {meta['model_type']} SAM" if "model_type" in meta else "a frozen SAM base"
+    lines = [f"# Benchmark: the Stable-SAM paper's protocol on {on}", ""]
     lines.append(
         f"Held-out synthetic scenes: {meta['images']} images, {meta['objects']} objects; "
         f"{meta['prompts_per_object_and_type']} prompts per object and prompt type "
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         progress=not args.no_progress,
     )
     result["meta"]["base"] = Path(args.base).name
+    result["meta"]["model_type"] = args.model_type
     result["meta"]["command"] = "python -m training.benchmark " + " ".join(
         argv if argv is not None else _argv()
     )

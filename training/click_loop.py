@@ -321,7 +321,7 @@ def evaluate(
 
 TITLES = {"synthetic": "synthetic scenes", "composites": "real-picture composites"}
 ROW_TITLES = {
-    "sam": "SAM (mini base)",
+    "sam": "SAM (frozen base)",
     "sam+refine": "SAM, refining with the last mask",
     "stable_sam": "Stable-SAM (shipped plugins)",
     "stable_sam+refine": "Stable-SAM, refining with the last mask",

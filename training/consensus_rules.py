@@ -75,7 +75,7 @@ RULES = {
 CURRENT = "majority"
 ANNOTATORS = (2, 3, 5)
 TARGET_BOX_IOU = 0.753  # the paper's user study: annotators' mean box IoU with the GT box
-MODEL_TITLES = {"sam": "SAM (mini base, plugins off)", "stable-sam": "Stable-SAM (shipped plugins)"}
+MODEL_TITLES = {"sam": "SAM (base, plugins off)", "stable-sam": "Stable-SAM (shipped plugins)"}
 CLEAR_GAIN_POINTS = 1.0  # "clearly better": this much over majority at K = 2 ...
 
 
