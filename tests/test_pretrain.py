@@ -349,3 +349,52 @@ def test_correction_clicks_land_on_the_error_at_pixel_centres() -> None:
     assert labels.tolist() == [[1.0], [0.0]]
     (x0, y0), (x1, y1) = coords[0, 0], coords[1, 0]
     assert 2 < x0 < 4 and 2 < y0 < 6 and (x1, y1) == (0.5, 0.5)
+
+
+def _decoder_calls(monkeypatch, cfg: PretrainConfig) -> list[tuple[int, bool]]:
+    """(points per prompt, whether a mask prompt went in) of every decoder call of one step."""
+    import training.pretrain.loop as loop
+
+    calls: list[tuple[int, bool]] = []
+    real = loop.decode_batched
+
+    def recording(sam, embeddings, points, boxes, mask_input, multimask):
+        calls.append((0 if points is None else points[0].shape[1], mask_input is not None))
+        return real(sam, embeddings, points, boxes, mask_input, multimask)
+
+    monkeypatch.setattr(loop, "decode_batched", recording)
+    torch.manual_seed(0)
+    sample = SceneDataset("train", 1, (256, 256))[0]
+    batch = prepare_sample(sample, np.random.default_rng(0), cfg, 256)
+    train_step_loss(build_sam("mini"), batch, np.random.default_rng(1), cfg).backward()
+    return calls
+
+
+@pytest.mark.parametrize("mask_prob", [0.0, 1.0])
+def test_correction_rounds_add_one_click_each_with_the_mask_prompt_as_configured(
+    monkeypatch, mask_prob: float
+) -> None:
+    cfg = PretrainConfig(objects_per_image=2, correction_prob=1.0, box_points_prob=0.0,
+                         correction_rounds=3, correction_mask_prob=mask_prob)  # fmt: skip
+    box, points, *rounds = _decoder_calls(monkeypatch, cfg)
+    assert box == (0, False) and not points[1]
+    assert [n for n, _ in rounds] == [points[0] + 1, points[0] + 2, points[0] + 3]
+    assert all(has_mask == bool(mask_prob) for _, has_mask in rounds)
+
+
+def test_the_shipped_one_round_recipe_is_one_correction_with_the_mask_prompt(monkeypatch) -> None:
+    cfg = PretrainConfig(objects_per_image=2, correction_prob=1.0, box_points_prob=0.0)
+    _box, points, *rounds = _decoder_calls(monkeypatch, cfg)
+    assert rounds == [(points[0] + 1, True)]
+
+
+def test_a_frozen_encoder_gets_no_gradient_and_the_decoder_does() -> None:
+    torch.manual_seed(0)
+    sam = build_sam("mini")
+    sam.train()
+    cfg = PretrainConfig(objects_per_image=2, freeze_encoder=True)
+    sample = SceneDataset("train", 1, (256, 256))[0]
+    batch = prepare_sample(sample, np.random.default_rng(0), cfg, 256)
+    train_step_loss(sam, batch, np.random.default_rng(1), cfg).backward()
+    assert all(p.grad is None for p in sam.image_encoder.parameters())
+    assert all(p.grad is not None for p in sam.mask_decoder.parameters() if p.requires_grad)

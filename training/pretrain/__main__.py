@@ -57,6 +57,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="share of real-picture composites among the training images (needs "
              "python -m training.real_pictures --install)",
     )  # fmt: skip
+    p.add_argument("--correction-prob", type=float, default=PretrainConfig.correction_prob)
+    p.add_argument(
+        "--correction-rounds", type=int, default=PretrainConfig.correction_rounds,
+        help="error-region clicks added one after another (SAM: 8)",
+    )  # fmt: skip
+    p.add_argument(
+        "--correction-mask-prob", type=float, default=PretrainConfig.correction_mask_prob,
+        help="share of correction rounds that also get the previous logits as mask prompt",
+    )  # fmt: skip
+    p.add_argument(
+        "--freeze-encoder", action="store_true",
+        help="train the prompt encoder and mask decoder only",
+    )  # fmt: skip
     p.add_argument(
         "--provenance", type=Path, default=None,
         help="default: PROVENANCE.md (mini) or PROVENANCE_<model type>.md next to --out",
@@ -98,6 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         composite_fraction=args.composite_fraction,
         mask_loss=args.mask_loss,
         focal_ramp=args.focal_ramp,
+        correction_prob=args.correction_prob,
+        correction_rounds=args.correction_rounds,
+        correction_mask_prob=args.correction_mask_prob,
+        freeze_encoder=args.freeze_encoder,
     )
     t0 = time.time()
     summary = pretrain(

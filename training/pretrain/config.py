@@ -29,7 +29,17 @@ class PretrainConfig:
     min_lr_ratio: float = 0.05
     scale_range: tuple[float, float] = (0.6, 1.5)  # LSJ-style jitter of the input's long side
     train_size_range: tuple[int, int] = (256, 640)  # scene sides (px) before resizing
-    correction_prob: float = 0.3  # chance of a SAM-style correction round on point prompts
+    correction_prob: float = 0.3  # chance of SAM-style correction rounds on point prompts
+    # Rounds of one error-region click each (SAM: 8, plus 2 without a new click); 1 is the
+    # shipped bases' recipe.
+    correction_rounds: int = 1
+    # Chance, per round, that the previous logits go in as the mask prompt too (SAM: always).
+    # The served Stable-SAM decodes later clicks without them (REFINE_MASKS=auto), so a base
+    # meant for it sees both.
+    correction_mask_prob: float = 1.0
+    # Train the prompt encoder and mask decoder only, the image encoder frozen (a decoder
+    # fine-tune: about twice the images per second at 512 px on a CPU).
+    freeze_encoder: bool = False
     box_points_prob: float = 0.3  # chance of a box + points round
     grad_clip: float = 1.0
     mask_loss: str = "focal_dice"  # "focal_dice": 20 x focal + dice (SAM); "bce_dice": BCE + dice

@@ -90,10 +90,13 @@ def train_step_loss(
 ) -> torch.Tensor:
     """Loss of one batch. All prompts of a kind, over all images of the batch, go through the
     decoder in one call: the GT box; 1..k positive points (one k per step; a single point uses
-    the multimask outputs); a correction round for a ``correction_prob`` share of the objects;
-    box + 1..2 points for a ``box_points_prob`` share."""
+    the multimask outputs); ``correction_rounds`` correction rounds for a ``correction_prob``
+    share of the objects, each adding one error-region click to the points so far (with the
+    previous logits as the mask prompt for a ``correction_mask_prob`` share of the rounds); box
+    + 1..2 points for a ``box_points_prob`` share."""
     device = sam.pixel_mean.device
-    embeddings = sam.image_encoder(engine.preprocess(sam, batch.images, batch.valid_hw))
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.freeze_encoder):
+        embeddings = sam.image_encoder(engine.preprocess(sam, batch.images, batch.valid_hw))
     if len(batch.masks) == 0:
         return embeddings.sum() * 0.0
     emb = embeddings[torch.from_numpy(batch.image_index).to(device)]
@@ -121,16 +124,21 @@ def train_step_loss(
     labels = torch.ones(coords.shape[:2], device=device)
     loss, picked = loss_of(everyone, (coords, labels), False, None, k == 1)
     losses.append(loss)
-    # 3) SAM-style correction round: previous logits as mask prompt + an error-region click.
+    # 3) SAM-style correction rounds: an error-region click each, the previous logits as mask
+    # prompt (for a correction_mask_prob share of the rounds).
     sel = np.flatnonzero(rng.random(len(batch.masks)) < cfg.correction_prob)
     if len(sel):
         sel_t = torch.from_numpy(sel).to(device)
-        pred = (picked[sel_t] > 0).cpu().numpy()
-        c2, l2 = correction_points(pred, batch.masks[sel], rng)
-        coords2 = torch.cat([coords[sel_t], torch.from_numpy(c2).to(device)], dim=1)
-        labels2 = torch.cat([labels[sel_t], torch.from_numpy(l2).to(device)], dim=1)
-        mask_in = F.interpolate(picked[sel_t][:, None], scale_factor=0.25, mode="bilinear")
-        losses.append(loss_of(sel_t, (coords2, labels2), False, mask_in, False)[0])
+        previous, coords_r, labels_r = picked[sel_t], coords[sel_t], labels[sel_t]
+        for _ in range(cfg.correction_rounds):
+            c2, l2 = correction_points((previous > 0).cpu().numpy(), batch.masks[sel], rng)
+            coords_r = torch.cat([coords_r, torch.from_numpy(c2).to(device)], dim=1)
+            labels_r = torch.cat([labels_r, torch.from_numpy(l2).to(device)], dim=1)
+            mask_in = None  # a draw only when it is a choice: the 1-round recipe is unchanged
+            if cfg.correction_mask_prob >= 1.0 or rng.random() < cfg.correction_mask_prob:
+                mask_in = F.interpolate(previous[:, None], scale_factor=0.25, mode="bilinear")
+            loss, previous = loss_of(sel_t, (coords_r, labels_r), False, mask_in, False)
+            losses.append(loss)
     # 4) box + 1..2 positive points.
     sel = np.flatnonzero(rng.random(len(batch.masks)) < cfg.box_points_prob)
     if len(sel):
