@@ -239,6 +239,30 @@ def test_the_project_fits_upper_bound_scores_the_training_images_themselves(fake
     assert "scored on images 0-1" in (tmp_path / "project_fit.md").read_text()
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_project_fit_of_the_whole_decoder_starts_from_the_plain_base(fake, tmp_path) -> None:
+    from stable_sam import StableSamPredictor, build_stable_sam, default_model_paths
+    from training.evaluation import EvalModel, evaluate
+    from training.project_fit import main
+    from training.real_benchmark import KINDS, percent_table
+
+    _, catalogue = fake
+    argv = ["--n-fit", "2", "--n-score", "1", "--n-prompts", "1", "--max-objects", "2",
+            "--size-range", "256", "256", "--catalogue", str(catalogue), "--decoder",
+            "--out", str(tmp_path)]  # fmt: skip
+    result = main(argv)
+    assert result["meta"]["fitted"] == "SAM's mask decoder (DT-SAM)"
+    assert result["meta"]["plugins"] is None
+    paths = default_model_paths()
+    plain = build_stable_sam(paths.model_type, paths.base_checkpoint, plugins=False)
+    scored = CompositeDataset("heldout", 1, (256, 256), offset=2, catalogue=catalogue)
+    row = EvalModel("served", StableSamPredictor(plain, multimask_policy="single"))
+    scores = evaluate([row], [scored[0]], KINDS, 1, 2, 0)["served"]
+    assert result["models"]["served"] == percent_table(scores)  # the plain base, not plugins
+    assert result["models"]["fitted"] != result["models"]["served"]
+    assert "Decoder fitted on the project (DT-SAM)" in (tmp_path / "project_fit.md").read_text()
+
+
 def test_a_composite_share_without_mixed_data_is_refused() -> None:
     from training.train import parse_args
 

@@ -20,6 +20,9 @@ the fit images here, so fitted plugins are never scored there.
 ``--score-on-fit`` scores the fitted plugins on the very images they were trained on instead:
 the best case of any fit (every scored object was seen in training, with the same kinds of
 prompts), so an upper bound on what fitting, and the plugins themselves, can gain on this base.
+``--decoder`` fits SAM's whole mask decoder instead (DT-SAM: ``training.baselines``, RTS,
+50 times the plugins' parameters), scored against the plain base: whether a decoder of any
+kind on this frozen encoder could gain what the plugins do not.
 
 writes ``project_fit.json`` / ``.md`` in ``--out`` and prints the table.
 """
@@ -42,6 +45,7 @@ from runtime.settings import Settings
 from stable_sam import StableSamPredictor, build_stable_sam, default_model_paths
 from stable_sam.build import file_sha256
 from training import evaluation
+from training.baselines import VARIANTS
 from training.composites import CompositeDataset
 from training.engine import TrainConfig, train_plugins
 from training.evaluation import KIND_TITLES, EvalModel
@@ -51,6 +55,7 @@ from training.real_pictures import CATALOGUE_PATH
 logger = logging.getLogger(__name__)
 
 ROWS = {"served": "Plugins served before (start)", "fitted": "Plugins fitted on the project"}
+DECODER_ROWS = {"served": "Plain base (start)", "fitted": "Decoder fitted on the project (DT-SAM)"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-objects", type=int, default=5)
     p.add_argument("--size-range", type=int, nargs=2, default=(256, 1024))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--decoder", action="store_true",
+        help="fit SAM's mask decoder (DT-SAM) instead of plugins; scored against the plain base",
+    )  # fmt: skip
     p.add_argument("--catalogue", type=Path, default=CATALOGUE_PATH, help="the pictures' catalogue")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default=None)
@@ -92,19 +101,35 @@ def main(argv: list[str] | None = None) -> dict:
             "heldout", args.n_score, size_range, offset=args.n_fit, catalogue=args.catalogue
         )
         score = [rest[i] for i in range(args.n_score)]
-    model = build_stable_sam(
-        args.model_type, args.base, plugin_checkpoint=args.plugins, device=args.device
-    )
-    served = copy.deepcopy(model.plugins).eval()
     epochs = Settings().train_epochs if args.epochs is None else args.epochs
-    config = TrainConfig(epochs=epochs, seed=args.seed, device=str(model.device))
+    if args.decoder:
+        variant = VARIANTS["dt-sam"]
+        model = variant.build_model(args.model_type, args.base, args.device, seed=args.seed)
+        start_model = build_stable_sam(
+            args.model_type, args.base, plugins=False, device=args.device
+        )
+        plain = StableSamPredictor(start_model, multimask_policy="single")
+        config = variant.train_config(epochs=epochs, seed=args.seed, device=str(model.device))
+    else:
+        model = build_stable_sam(
+            args.model_type, args.base, plugin_checkpoint=args.plugins, device=args.device
+        )
+        served = copy.deepcopy(model.plugins).eval()
+        config = TrainConfig(epochs=epochs, seed=args.seed, device=str(model.device))
     start = time.perf_counter()
-    result = train_plugins(model, fit, config)
+    result = (VARIANTS["dt-sam"].train if args.decoder else train_plugins)(model, fit, config)
     train_s = time.perf_counter() - start
-    model.plugins.eval()
+    model.eval()
 
-    predictor = StableSamPredictor(model, multimask_policy="single")
-    rows = [EvalModel("served", predictor, served), EvalModel("fitted", predictor, model.plugins)]
+    if args.decoder:
+        fitted = StableSamPredictor(model, cache=plain.cache, multimask_policy="single")
+        rows = [EvalModel("served", plain), EvalModel("fitted", fitted)]
+    else:
+        predictor = StableSamPredictor(model, multimask_policy="single")
+        rows = [
+            EvalModel("served", predictor, served),
+            EvalModel("fitted", predictor, model.plugins),
+        ]
     scores = evaluation.evaluate(rows, score, KINDS, args.n_prompts, args.max_objects, args.seed)
     tables = {key: percent_table(s) for key, s in scores.items()}
     gain = {k: round(tables["fitted"][k]["miou"] - tables["served"][k]["miou"], 2) for k in KINDS}
@@ -124,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
             "model_type": args.model_type,
             "base": Path(args.base).name,
             "base_sha256": file_sha256(args.base),
-            "plugins": Path(args.plugins).name,
+            "fitted": "SAM's mask decoder (DT-SAM)" if args.decoder else "the plugins",
+            "plugins": None if args.decoder else Path(args.plugins).name,
             "prompts_per_object": args.n_prompts,
             "max_objects_per_image": args.max_objects,
             "command": "python -m training.project_fit "
@@ -144,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for key, table in tables.items():
         cells = [f"{table[k]['miou']:.1f}" for k in KINDS] + [f"{table['noisy_box']['st']:.1f}"]
-        lines.append(f"| {ROWS[key]} | " + " | ".join(cells) + " |")
+        title = (DECODER_ROWS if args.decoder else ROWS)[key]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
     lines.append("| gain | " + " | ".join(f"{gain[k]:+.1f}" for k in KINDS) + " | |")
     lines += ["", f"Command: `{result_json['meta']['command']}`"]
     report = "\n".join(lines)
