@@ -3,6 +3,8 @@ counted, and that each model row gets the prompts (and refinement) it claims."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from backend_support import scene
@@ -131,3 +133,19 @@ def test_sam_rows_refine_exactly_when_they_say(random_mini_base, one_torch_threa
     run_image(SamLoop("sam", predictor, refine=refine), sample_of(image, mask), [0], "click", 3)
     assert masks_passed[0] is None
     assert all((m is not None) == refine for m in masks_passed[1:])
+
+
+def test_a_shipped_model_type_without_files_uses_its_own_shipped_files():
+    from stable_sam import default_model_paths
+    from stable_sam.build import SHIPPED_FILES
+    from training.click_loop import model_files, parse_args
+
+    def files(paths):
+        return paths.model_type, paths.base_checkpoint, paths.plugin_checkpoint
+
+    for shipped_type in SHIPPED_FILES:  # one of them is not the default
+        picked = model_files(parse_args(["--out", "o", "--model-type", shipped_type]))
+        assert picked == files(default_model_paths(shipped_type))
+    assert model_files(parse_args(["--out", "o"])) == files(default_model_paths())
+    own = model_files(parse_args(["--out", "o", "--model-type", "vit_b", "--base", "b.pth"]))
+    assert own[:2] == ("vit_b", Path("b.pth"))

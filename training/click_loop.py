@@ -359,18 +359,27 @@ def markdown_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def model_files(args: argparse.Namespace) -> tuple[str, Path, Path]:
+    """The model type, base and plugin files the rows use: the arguments, else the shipped
+    files of ``--model-type`` (the embedded default without it)."""
+    from stable_sam import default_model_paths
+    from stable_sam.build import SHIPPED_FILES
+
+    model_type = args.model_type or default_model_paths().model_type
+    paths = default_model_paths(model_type if model_type in SHIPPED_FILES else None)
+    base = Path(args.base) if args.base else paths.base_checkpoint
+    plugins = Path(args.plugins) if args.plugins else paths.plugin_checkpoint
+    return model_type, base, plugins
+
+
 def build_models(args: argparse.Namespace) -> list[LoopModel]:
-    from stable_sam import StableSamPredictor, build_stable_sam, default_model_paths
+    from stable_sam import StableSamPredictor, build_stable_sam
     from stable_sam.checkpoint import read_plugins
 
-    paths = default_model_paths()
-    base = Path(args.base) if args.base else paths.base_checkpoint
-    model_type = args.model_type or paths.model_type
+    model_type, base, plugin_file = model_files(args)
     stable = build_stable_sam(model_type, base, plugins=True, device=args.device)
     predictor = StableSamPredictor(stable)  # the served multimask policy ("auto")
-    plugins, _ = read_plugins(
-        stable, Path(args.plugins) if args.plugins else paths.plugin_checkpoint
-    )
+    plugins, _ = read_plugins(stable, plugin_file)
     sam = build_stable_sam(model_type, base, plugins=False, device=args.device)
     sam_predictor = StableSamPredictor(sam, cache=predictor.cache)
     models: list[LoopModel] = []
@@ -391,7 +400,7 @@ def build_models(args: argparse.Namespace) -> list[LoopModel]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the .md and .json")
-    parser.add_argument("--base", default=None, help="SAM base (default: the embedded mini)")
+    parser.add_argument("--base", default=None, help="SAM base (default: the shipped one)")
     parser.add_argument("--model-type", default=None)
     parser.add_argument("--plugins", default=None, help="Stable-SAM plugins (default: shipped)")
     parser.add_argument("--data", choices=["synthetic", "composites"], default="synthetic",
@@ -436,8 +445,12 @@ def main(argv: list[str] | None = None) -> dict:
         progress=logger.info,
     )  # fmt: skip
     some_row = next(iter(next(iter(result["rows"].values())).values()))
+    model_type, base, plugin_file = model_files(args)
     result["meta"] = {
         "data": args.data,
+        "model_type": model_type,
+        "base": base.name,
+        "plugins": plugin_file.name,
         "images": len(dataset),
         "objects": some_row["objects"],
         "max_objects_per_image": args.max_objects,
