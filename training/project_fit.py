@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         + ("; the training images themselves: the fit's upper bound" if args.score_on_fit else "")
         + "); percent.",
         "",
-        "| plugins | " + " | ".join(header) + " |",
+        ("| decoder | " if args.decoder else "| plugins | ") + " | ".join(header) + " |",
         "|---|" + "---|" * len(header),
     ]
     for key, table in tables.items():
