@@ -287,6 +287,11 @@ def test_a_mini_512_run_starts_from_a_mini_file_and_exports_its_own_type(tmp_pat
     write_provenance(tmp_path / "PROVENANCE.md", [], cfg, summary, out, 1.0)
     text = (tmp_path / "PROVENANCE.md").read_text()
     assert "The `mini_512` SAM" in text and "from `mini.safetensors` (SHA-256 `" in text
+    assert "encoder frozen" not in text and "correction clicks" not in text
+    tuned = dataclasses.replace(cfg, freeze_encoder=True, correction_rounds=4)
+    write_provenance(tmp_path / "TUNED.md", [], tuned, summary, out, 1.0)
+    tuned_text = (tmp_path / "TUNED.md").read_text()
+    assert "the image encoder frozen" in tuned_text and "with 4 correction clicks" in tuned_text
     exported = build_sam("mini_512", out)  # strict, at 512 px
     assert exported.image_encoder.img_size == 512
     from safetensors import safe_open

@@ -74,7 +74,15 @@ def write_provenance(
         )
         start = (
             f"from `{init.name}` (SHA-256 `{sha}` when the run started; position tables "
-            "resized to the input by `training.pretrain.checkpoint.warm_start`)"
+            "resized to the input where its grid differs, by "
+            "`training.pretrain.checkpoint.warm_start`)"
+        )
+    if cfg.freeze_encoder:
+        start += ", the image encoder frozen (prompt encoder and mask decoder trained)"
+    if cfg.correction_rounds != 1:
+        start += (
+            f", with {cfg.correction_rounds} correction clicks per corrected prompt (the previous "
+            f"logits as mask prompt in {100 * cfg.correction_mask_prob:.0f} % of the rounds)"
         )
     data_line = "synthetic train scenes (even seeds)"
     if cfg.composite_fraction > 0:
