@@ -149,3 +149,14 @@ def test_a_shipped_model_type_without_files_uses_its_own_shipped_files():
     assert model_files(parse_args(["--out", "o"])) == files(default_model_paths())
     own = model_files(parse_args(["--out", "o", "--model-type", "vit_b", "--base", "b.pth"]))
     assert own[:2] == ("vit_b", Path("b.pth"))
+
+
+def test_sam_rows_need_no_plugins_of_the_base(random_mini_base, tmp_path):
+    from training.click_loop import build_models, parse_args
+
+    common = ["--out", "o", "--model-type", "mini", "--base", str(random_mini_base)]
+    missing = ["--plugins", str(tmp_path / "none.safetensors")]
+    rows = build_models(parse_args([*common, *missing, "--models", "sam", "sam+refine"]))
+    assert [r.key for r in rows] == ["sam", "sam+refine"]
+    with pytest.raises(FileNotFoundError):  # a Stable-SAM row still reads them
+        build_models(parse_args([*common, *missing, "--models", "stable_sam"]))

@@ -372,6 +372,10 @@ def model_files(args: argparse.Namespace) -> tuple[str, Path, Path]:
     return model_type, base, plugins
 
 
+def uses_plugins(args: argparse.Namespace) -> bool:
+    return any(key.partition("+")[0] == "stable_sam" for key in args.models)
+
+
 def build_models(args: argparse.Namespace) -> list[LoopModel]:
     from stable_sam import StableSamPredictor, build_stable_sam
     from stable_sam.checkpoint import read_plugins
@@ -379,7 +383,8 @@ def build_models(args: argparse.Namespace) -> list[LoopModel]:
     model_type, base, plugin_file = model_files(args)
     stable = build_stable_sam(model_type, base, plugins=True, device=args.device)
     predictor = StableSamPredictor(stable)  # the served multimask policy ("auto")
-    plugins, _ = read_plugins(stable, plugin_file)
+    # Read only when a row decodes with them: a base without plugins of its own has SAM rows.
+    plugins = read_plugins(stable, plugin_file)[0] if uses_plugins(args) else None
     sam = build_stable_sam(model_type, base, plugins=False, device=args.device)
     sam_predictor = StableSamPredictor(sam, cache=predictor.cache)
     models: list[LoopModel] = []
@@ -450,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": args.data,
         "model_type": model_type,
         "base": base.name,
-        "plugins": plugin_file.name,
+        "plugins": plugin_file.name if uses_plugins(args) else None,
         "images": len(dataset),
         "objects": some_row["objects"],
         "max_objects_per_image": args.max_objects,
