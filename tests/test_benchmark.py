@@ -37,6 +37,20 @@ def trained(tmp_path_factory, random_mini_base):
     return root, base, plugins
 
 
+def small_run(out, base, plugins) -> list[str]:
+    """The benchmark's arguments for the random mini base and its one-step plugins."""
+    return [
+        "--out",
+        str(out),
+        "--base",
+        str(base),
+        "--model-type",
+        "mini",
+        "--plugins",
+        str(plugins),
+    ]
+
+
 def test_quick_benchmark_writes_the_tables_and_json(trained, tmp_path):
     root, base, plugins = trained
     out = tmp_path / "bench"
@@ -93,16 +107,7 @@ def test_every_trained_comparison_row_trains_and_scores_in_seconds(trained, tmp_
     """``--train-missing`` from an empty cache: the smoke of each baseline trainer (one step)."""
     _root, base, plugins = trained
     rows = [k for k, (_title, variant) in benchmark.MODEL_ROWS.items() if variant is not None]
-    argv = [
-        "--out",
-        str(tmp_path / "b"),
-        "--base",
-        str(base),
-        "--model-type",
-        "mini",
-        "--plugins",
-        str(plugins),
-    ]
+    argv = small_run(tmp_path / "b", base, plugins)
     argv += ["--quick", "--cache-dir", str(tmp_path / "cache"), "--train-missing", "--models"]
     result = benchmark.main([*argv, *rows, "--no-progress"])
     assert set(result["models"]) == {"sam", "stable_sam", *rows}
@@ -123,16 +128,7 @@ def test_the_comparison_bench_times_each_row_against_sam(capsys):
 
 def test_missing_variants_are_reported_not_trained(trained, tmp_path):
     _root, base, plugins = trained
-    argv = [
-        "--out",
-        str(tmp_path / "b"),
-        "--base",
-        str(base),
-        "--model-type",
-        "mini",
-        "--plugins",
-        str(plugins),
-    ]
+    argv = small_run(tmp_path / "b", base, plugins)
     argv += ["--quick", "--cache-dir", str(tmp_path / "empty"), "--models", "dt_sam"]
     result = benchmark.main([*argv, "--no-progress"])
     assert set(result["models"]) == {"sam", "stable_sam"}
@@ -156,16 +152,7 @@ def _protocol_points_1(predictor: StableSamPredictor, images: int) -> tuple[floa
 def test_multimask_rows_are_the_predictors_own_answers(trained, tmp_path):
     _root, base, plugins = trained
     images = 4
-    argv = [
-        "--out",
-        str(tmp_path / "b"),
-        "--base",
-        str(base),
-        "--model-type",
-        "mini",
-        "--plugins",
-        str(plugins),
-    ]
+    argv = small_run(tmp_path / "b", base, plugins)
     argv += ["--n-images", str(images), "--n-prompts", "1", "--max-objects", "1", "--models"]
     result = benchmark.main([*argv, "--multimask-study", "--no-progress"])
     study = result["multimask"]["sam"]

@@ -202,14 +202,20 @@ def test_plugin_training_reads_composites_and_mixed_data() -> None:
     assert kinds == {"CompositeDataset", "SceneDataset"} and len(mixed) == 40
 
 
+def small_fit(catalogue: Path, out: Path, *extra: str) -> list[str]:
+    """project_fit's arguments for 2 fit images and 1 scored one, 256 px, one prompt each
+    (``extra`` after, so that it may override them)."""
+    return ["--n-fit", "2", "--n-score", "1", "--n-prompts", "1", "--max-objects", "2",
+            "--size-range", "256", "256", "--catalogue", str(catalogue), "--out", str(out),
+            *extra]  # fmt: skip
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_the_project_fit_trains_on_the_first_images_and_scores_the_rest(fake, tmp_path) -> None:
     from training.project_fit import main
 
     _, catalogue = fake
-    argv = ["--n-fit", "2", "--n-score", "1", "--n-prompts", "1", "--max-objects", "2",
-            "--size-range", "256", "256", "--catalogue", str(catalogue), "--out", str(tmp_path)]  # fmt: skip
-    result = main(argv)
+    result = main(small_fit(catalogue, tmp_path))
     meta = result["meta"]
     from runtime.settings import Settings
 
@@ -229,10 +235,7 @@ def test_the_project_fits_upper_bound_scores_the_training_images_themselves(fake
     from training.project_fit import main
 
     _, catalogue = fake
-    argv = ["--n-fit", "2", "--n-score", "5", "--n-prompts", "1", "--max-objects", "2",
-            "--size-range", "256", "256", "--catalogue", str(catalogue), "--score-on-fit",
-            "--out", str(tmp_path)]  # fmt: skip
-    meta = main(argv)["meta"]
+    meta = main(small_fit(catalogue, tmp_path, "--n-score", "5", "--score-on-fit"))["meta"]
     fit = CompositeDataset("heldout", 2, (256, 256), catalogue=catalogue)
     assert meta["scored_on_fit_images"] and meta["score_images"] == 2  # not --n-score's 5
     assert meta["score_objects"] == sum(min(2, len(fit[i].masks)) for i in range(2))
@@ -247,10 +250,7 @@ def test_the_project_fit_of_the_whole_decoder_starts_from_the_plain_base(fake, t
     from training.real_benchmark import KINDS, percent_table
 
     _, catalogue = fake
-    argv = ["--n-fit", "2", "--n-score", "1", "--n-prompts", "1", "--max-objects", "2",
-            "--size-range", "256", "256", "--catalogue", str(catalogue), "--decoder",
-            "--out", str(tmp_path)]  # fmt: skip
-    result = main(argv)
+    result = main(small_fit(catalogue, tmp_path, "--decoder"))
     assert result["meta"]["fitted"] == "SAM's mask decoder (DT-SAM)"
     assert result["meta"]["plugins"] is None
     paths = default_model_paths()
