@@ -39,32 +39,14 @@ def trained(tmp_path_factory, random_mini_base):
 
 def small_run(out, base, plugins) -> list[str]:
     """The benchmark's arguments for the random mini base and its one-step plugins."""
-    return [
-        "--out",
-        str(out),
-        "--base",
-        str(base),
-        "--model-type",
-        "mini",
-        "--plugins",
-        str(plugins),
-    ]
+    return ["--out", str(out), "--base", str(base), "--model-type", "mini",
+            "--plugins", str(plugins)]  # fmt: skip
 
 
 def test_quick_benchmark_writes_the_tables_and_json(trained, tmp_path):
     root, base, plugins = trained
     out = tmp_path / "bench"
-    argv = [
-        "--out",
-        str(out),
-        "--base",
-        str(base),
-        "--model-type",
-        "mini",
-        "--plugins",
-        str(plugins),
-        "--quick",
-    ]
+    argv = [*small_run(out, base, plugins), "--quick"]
     argv += ["--cache-dir", str(root / "cache"), "--train-missing", "--models", "dsp_rts"]
     argv += ["--multimask-study", "--no-progress"]
     benchmark.main(argv)
