@@ -10,8 +10,9 @@ the frozen base encoder, so each image is embedded once.
 Rows: SAM (the frozen base, by default the embedded one), Stable-SAM (the shipped plugins), the
 ablations of paper Table 5 (DSP without RTS, DSP + RTS, DSP + DRP + RTS), DT-SAM (decoder
 fine-tuned with RTS), PT-SAM, HQ-SAM and PA-SAM (``training.baselines``), all with the decoder's
-single-mask output; the mean routing weight α1 per prompt type (appendix Table 6); and a multimask study: SAM and Stable-SAM through predictors with each
-``multimask_policy`` (single output, best of 3, the served default ``auto``).
+single-mask output; the mean routing weight α1 per prompt type (appendix Table 6); and a
+multimask study: SAM and Stable-SAM through predictors with each ``multimask_policy`` (single
+output, best of 3, the served default ``auto``).
 
     python -m training.benchmark --out docs/benchmark --n-images 40 --train-missing
 

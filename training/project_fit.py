@@ -35,7 +35,6 @@ import json
 import logging
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -47,7 +46,7 @@ from stable_sam.build import file_sha256
 from training import evaluation
 from training.baselines import VARIANTS
 from training.composites import CompositeDataset
-from training.engine import TrainConfig, train_plugins
+from training.engine import TrainConfig, TrainResult, train_plugins
 from training.evaluation import KIND_TITLES, EvalModel
 from training.real_benchmark import KINDS, percent_table
 from training.real_pictures import CATALOGUE_PATH
@@ -86,6 +85,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def fit_plugins(
+    args: argparse.Namespace, fit: CompositeDataset, epochs: int
+) -> tuple[list[EvalModel], TrainResult]:
+    """The queue job's fit: the plugins from ``--plugins`` trained on ``fit``; the rows score
+    the plugins before and after, on one predictor."""
+    model = build_stable_sam(
+        args.model_type, args.base, plugin_checkpoint=args.plugins, device=args.device
+    )
+    served = copy.deepcopy(model.plugins).eval()
+    config = TrainConfig(epochs=epochs, seed=args.seed, device=str(model.device))
+    result = train_plugins(model, fit, config)
+    model.plugins.eval()
+    predictor = StableSamPredictor(model, multimask_policy="single")
+    rows = [EvalModel("served", predictor, served), EvalModel("fitted", predictor, model.plugins)]
+    return rows, result
+
+
+def fit_decoder(
+    args: argparse.Namespace, fit: CompositeDataset, epochs: int
+) -> tuple[list[EvalModel], TrainResult]:
+    """DT-SAM's fit: the whole mask decoder trained on ``fit``; the rows score the plain base
+    (a second model, since a ``StableSam`` cannot be copied) and the fitted one."""
+    variant = VARIANTS["dt-sam"]
+    model = variant.build_model(args.model_type, args.base, args.device, seed=args.seed)
+    config = variant.train_config(epochs=epochs, seed=args.seed, device=str(model.device))
+    result = variant.train(model, fit, config)
+    model.eval()
+    start = build_stable_sam(args.model_type, args.base, plugins=False, device=args.device)
+    plain = StableSamPredictor(start, multimask_policy="single")
+    fitted = StableSamPredictor(model, cache=plain.cache, multimask_policy="single")
+    return [EvalModel("served", plain), EvalModel("fitted", fitted)], result
+
+
 def main(argv: list[str] | None = None) -> dict:
     configure_logging("INFO")
     args = parse_args(argv)
@@ -102,34 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         score = [rest[i] for i in range(args.n_score)]
     epochs = Settings().train_epochs if args.epochs is None else args.epochs
-    if args.decoder:
-        variant = VARIANTS["dt-sam"]
-        model = variant.build_model(args.model_type, args.base, args.device, seed=args.seed)
-        start_model = build_stable_sam(
-            args.model_type, args.base, plugins=False, device=args.device
-        )
-        plain = StableSamPredictor(start_model, multimask_policy="single")
-        config = variant.train_config(epochs=epochs, seed=args.seed, device=str(model.device))
-    else:
-        model = build_stable_sam(
-            args.model_type, args.base, plugin_checkpoint=args.plugins, device=args.device
-        )
-        served = copy.deepcopy(model.plugins).eval()
-        config = TrainConfig(epochs=epochs, seed=args.seed, device=str(model.device))
-    start = time.perf_counter()
-    result = (VARIANTS["dt-sam"].train if args.decoder else train_plugins)(model, fit, config)
-    train_s = time.perf_counter() - start
-    model.eval()
-
-    if args.decoder:
-        fitted = StableSamPredictor(model, cache=plain.cache, multimask_policy="single")
-        rows = [EvalModel("served", plain), EvalModel("fitted", fitted)]
-    else:
-        predictor = StableSamPredictor(model, multimask_policy="single")
-        rows = [
-            EvalModel("served", predictor, served),
-            EvalModel("fitted", predictor, model.plugins),
-        ]
+    rows, result = (fit_decoder if args.decoder else fit_plugins)(args, fit, epochs)
+    train_s = result.wall_s  # the training's own clock, not the models' building
     scores = evaluation.evaluate(rows, score, KINDS, args.n_prompts, args.max_objects, args.seed)
     tables = {key: percent_table(s) for key, s in scores.items()}
     gain = {k: round(tables["fitted"][k]["miou"] - tables["served"][k]["miou"], 2) for k in KINDS}
