@@ -72,6 +72,16 @@ def test_noc_counts_interactions_until_the_threshold_and_caps_failures():
     assert row["miou@5"] == pytest.approx(100 * (0.91 + 0.95 + 0.2) / 3, abs=0.01)
 
 
+def test_worse_counts_the_clicks_answered_with_a_lower_iou_up_to_the_fifth():
+    curves = [
+        [0.5, 0.4, 0.6, 0.6, 0.55, 0.1],  # 2nd and 5th worse (equal is not); the 6th not counted
+        [0.95],  # stopped after one: no later interaction
+        [0.3, 0.35],  # stopped after two: 1 of 1 better
+    ]
+    assert summarize(curves)["worse"] == pytest.approx(100 * 2 / 5, abs=0.1)
+    assert summarize([[0.9]])["worse"] == 0.0
+
+
 class Scripted(LoopModel):
     """Answers with the object itself once it has had ``needed`` interactions."""
 

@@ -16,6 +16,9 @@ runs: click, look, click where the mask is wrong, until it is good enough. Per o
   ``MAX_CLICKS`` (20) when it never does (then it also counts in **NoF@t**, the fraction that
   fails); **mIoU@k**: the mean IoU after ``k`` interactions (1, 3, 5). An object stops once it
   reached every threshold and ``REPORT_AFTER``'s last count.
+- **Worse %**: of the 2nd to 5th interactions, the share whose mask has a lower IoU than the
+  one before it: how often the annotator's click is answered with a worse mask (the criterion
+  of the end-to-end test of three successive clicks).
 
 Models: SAM and Stable-SAM through ``StableSamPredictor`` with the served multimask policy,
 each **with refinement** (the previous answer's low-res logits as ``mask_input``, looked up
@@ -272,7 +275,15 @@ def summarize(curves: Sequence[Sequence[float]], max_clicks: int = MAX_CLICKS) -
         out[f"nof{round(t * 100)}"] = round(100 * float(np.mean(fails)), 1)
     for k in REPORT_AFTER:
         out[f"miou@{k}"] = round(100 * float(np.mean([_iou_after(c, k) for c in curves])), 2)
+    out["worse"] = worse_share(curves)
     return out
+
+
+def worse_share(curves: Sequence[Sequence[float]], upto: int = max(REPORT_AFTER)) -> float:
+    """Percent of the interactions 2..``upto`` (those that happened) whose IoU is below the
+    previous one's."""
+    worse = [c[i] < c[i - 1] for c in curves for i in range(1, min(len(c), upto))]
+    return round(100 * float(np.mean(worse)), 1) if worse else 0.0
 
 
 def _iou_after(curve: Sequence[float], k: int) -> float:
@@ -344,12 +355,14 @@ def markdown_report(result: dict) -> str:
     for fp, table in result["rows"].items():
         lines += [f"## First prompt: {fp}", ""]
         head = ["NoC@85", "NoC@90", "NoF@90 %"] + [f"mIoU@{k}" for k in REPORT_AFTER]
+        head.append(f"worse % (2-{max(REPORT_AFTER)})")
         lines.append("| model | " + " | ".join(head) + " |")
         lines.append("|---|" + "---|" * len(head))
         for key, row in table.items():
             cells = [row["noc85"], row["noc90"], row["nof90"]] + [
                 row[f"miou@{k}"] for k in REPORT_AFTER
             ]
+            cells.append(row.get("worse", "–"))  # absent from runs before it was measured
             lines.append(
                 f"| {ROW_TITLES.get(key, key)} | "
                 + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells)
