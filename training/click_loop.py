@@ -359,10 +359,11 @@ def markdown_report(result: dict) -> str:
         lines.append("| model | " + " | ".join(head) + " |")
         lines.append("|---|" + "---|" * len(head))
         for key, row in table.items():
-            cells = [row["noc85"], row["noc90"], row["nof90"]] + [
-                row[f"miou@{k}"] for k in REPORT_AFTER
-            ]
-            cells.append(row.get("worse", "–"))  # absent from runs before it was measured
+            cells = (
+                [row["noc85"], row["noc90"], row["nof90"]]
+                + [row[f"miou@{k}"] for k in REPORT_AFTER]
+                + [row["worse"]]
+            )
             lines.append(
                 f"| {ROW_TITLES.get(key, key)} | "
                 + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells)
